@@ -1,0 +1,56 @@
+# containerd-shim-kata-v2 (Python). Every target does its own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+# Guest artifacts (kernel, initrd, modules): see build/README.md.
+GUEST_DIR ?= $(CURDIR)/build/out
+CORE_PACKAGES := shim sandbox hypervisors agent_client network ttrpc agent
+
+.PHONY: all deps venv protos guest lint unit e2e test demo install uninstall clean
+
+all: venv
+
+# Host packages from Debian (QEMU, containerd, crun, ...); idempotent.
+deps:
+	build/host-deps.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Regenerate protocols/*_pb2.py from protocols/*.proto (tests fail when stale).
+protos: venv
+	$(PY) -m protocols.generate
+
+# Guest kernel + initrd with the frozen agent; rebuilt only when an input changed.
+guest: deps venv
+	$(MAKE) --no-print-directory -f build/guest.mk GUEST_DIR=$(GUEST_DIR) PY=$(PY) VENV=$(VENV)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(CORE_PACKAGES)
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+e2e: deps venv guest
+	$(PY) -m pytest -q tests/e2e
+
+test: deps venv guest lint
+	$(PY) -m pytest -q tests
+
+demo: deps venv guest
+	$(PY) -m tests.demo
+
+install: deps venv guest
+	build/install.sh $(VENV) $(GUEST_DIR)
+
+uninstall:
+	build/install.sh --uninstall
+
+clean:
+	rm -rf $(VENV) build/out build/work .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""ttrpc package."""
