@@ -1,1 +1,1 @@
-"""sandbox package."""
+"""One pod: VM + agent + storage + state on disk. See docs/contracts.md."""

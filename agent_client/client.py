@@ -1,0 +1,217 @@
+"""Typed host-side calls of the agent API (``kata.agent.v1.AgentService``) over ttrpc.
+
+Every call has a deadline from ``TIMEOUTS``; the long polls (WaitProcess, ReadStdout,
+ReadStderr) say ``None`` explicitly: they last as long as the process does. Protobuf types
+stop here: callers pass and get plain Python values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from agent_client.dial import open_stream
+from protocols import agent_pb2 as pb
+from ttrpc import Client, Code, TtrpcError
+
+SERVICE = "kata.agent.v1.AgentService"
+M = TypeVar("M", bound=Message)
+
+# Seconds per method; None = no deadline (long poll). Guests under TCG are ~20x slower.
+TIMEOUTS: Mapping[str, float | None] = {
+    "Check": 5.0,
+    "Version": 5.0,
+    "GetGuestDetails": 10.0,
+    "CreateSandbox": 60.0,
+    "DestroySandbox": 30.0,
+    "CreateContainer": 120.0,
+    "StartContainer": 60.0,
+    "ExecProcess": 60.0,
+    "SignalProcess": 10.0,
+    "ListProcesses": 10.0,
+    "RemoveContainer": 60.0,
+    "WriteStdin": 30.0,
+    "CloseStdin": 10.0,
+    "TtyWinResize": 10.0,
+    "WaitProcess": None,
+    "ReadStdout": None,
+    "ReadStderr": None,
+}
+READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A filesystem for the agent to mount in the guest."""
+
+    driver: str
+    source: str
+    fstype: str
+    mount_point: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuestDetails:
+    """What the guest says about itself."""
+
+    kernel_release: str
+    agent_version: str
+    agent_startup_seconds: float
+    agent_init_seconds: float
+
+
+class AgentClient:
+    """One connection to one sandbox's agent."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @classmethod
+    async def connect(cls, address: str, timeout: float) -> AgentClient:
+        """Connect and wait until the agent answers Check (the guest may still be booting)."""
+        reader, writer = await asyncio.wait_for(open_stream(address), timeout)
+        agent = cls(Client(reader, writer))
+        try:
+            await agent._call("Check", pb.CheckRequest(), pb.HealthCheckResponse, timeout)
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        await self._client.close()
+
+    async def _call(
+        self, method: str, request: Message, response_type: type[M], timeout: float | None = -1.0
+    ) -> M:
+        deadline = TIMEOUTS[method] if timeout == -1.0 else timeout
+        return await self._client.call(SERVICE, method, request, response_type, timeout=deadline)
+
+    # sandbox
+    async def create_sandbox(
+        self, sandbox_id: str, hostname: str, storages: Iterable[StorageSpec]
+    ) -> None:
+        """CreateSandbox: hostname and the shared filesystems."""
+        request = pb.CreateSandboxRequest(
+            sandbox_id=sandbox_id, hostname=hostname, storages=[_storage(s) for s in storages]
+        )
+        await self._call("CreateSandbox", request, Empty)
+
+    async def destroy_sandbox(self) -> None:
+        """DestroySandbox: the agent stops every container and unmounts."""
+        await self._call("DestroySandbox", pb.DestroySandboxRequest(), Empty)
+
+    async def guest_details(self) -> GuestDetails:
+        """GetGuestDetails."""
+        r = await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetailsResponse)
+        return GuestDetails(
+            kernel_release=r.kernel_release,
+            agent_version=r.agent_details.version,
+            agent_startup_seconds=r.agent_startup_seconds,
+            agent_init_seconds=r.agent_init_seconds,
+        )
+
+    # containers and processes
+    async def create_container(
+        self, container_id: str, spec: dict[str, Any], terminal: bool, stdin: bool
+    ) -> None:
+        """CreateContainer with the guest spec."""
+        request = pb.CreateContainerRequest(
+            container_id=container_id,
+            oci_spec_json=json.dumps(spec).encode(),
+            terminal=terminal,
+            stdin=stdin,
+        )
+        await self._call("CreateContainer", request, Empty)
+
+    async def start_container(self, container_id: str) -> int:
+        """StartContainer; returns the guest pid of the init process."""
+        request = pb.StartContainerRequest(container_id=container_id)
+        return (await self._call("StartContainer", request, pb.StartContainerResponse)).pid
+
+    async def exec_process(
+        self, container_id: str, exec_id: str, process: dict[str, Any], stdin: bool
+    ) -> int:
+        """ExecProcess; returns the guest pid."""
+        request = pb.ExecProcessRequest(
+            container_id=container_id,
+            exec_id=exec_id,
+            process_json=json.dumps(process).encode(),
+            stdin=stdin,
+        )
+        return (await self._call("ExecProcess", request, pb.ExecProcessResponse)).pid
+
+    async def signal_process(
+        self, container_id: str, exec_id: str, signal: int, all: bool = False
+    ) -> None:
+        """SignalProcess."""
+        request = pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal, all=all
+        )
+        await self._call("SignalProcess", request, Empty)
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        """WaitProcess (long poll): the exit status."""
+        request = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
+        return (await self._call("WaitProcess", request, pb.WaitProcessResponse)).status
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        """ListProcesses: guest pids of the container."""
+        request = pb.ListProcessesRequest(container_id=container_id)
+        return list((await self._call("ListProcesses", request, pb.ListProcessesResponse)).pids)
+
+    async def remove_container(self, container_id: str, timeout: int = 0) -> None:
+        """RemoveContainer: kill what is left and forget it."""
+        request = pb.RemoveContainerRequest(container_id=container_id, timeout=timeout)
+        await self._call("RemoveContainer", request, Empty)
+
+    # stdio
+    async def read_stdout(self, container_id: str, exec_id: str) -> bytes:
+        """ReadStdout (long poll); b"" at end of stream."""
+        request = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=READ_CHUNK)
+        return (await self._call("ReadStdout", request, pb.ReadStreamResponse)).data
+
+    async def read_stderr(self, container_id: str, exec_id: str) -> bytes:
+        """ReadStderr (long poll); b"" at end of stream."""
+        request = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=READ_CHUNK)
+        return (await self._call("ReadStderr", request, pb.ReadStreamResponse)).data
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        """WriteStdin; returns the bytes taken."""
+        request = pb.WriteStreamRequest(container_id=container_id, exec_id=exec_id, data=data)
+        return (await self._call("WriteStdin", request, pb.WriteStreamResponse)).len
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        """CloseStdin."""
+        request = pb.CloseStdinRequest(container_id=container_id, exec_id=exec_id)
+        await self._call("CloseStdin", request, Empty)
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        """TtyWinResize."""
+        request = pb.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, row=rows, column=cols
+        )
+        await self._call("TtyWinResize", request, Empty)
+
+
+def _storage(s: StorageSpec) -> pb.Storage:
+    return pb.Storage(
+        driver=s.driver,
+        source=s.source,
+        fstype=s.fstype,
+        mount_point=s.mount_point,
+        options=list(s.options),
+    )
+
+
+def is_gone(error: TtrpcError) -> bool:
+    """Whether an agent error means the connection (so the VM) is gone."""
+    return error.code in (Code.UNAVAILABLE, Code.CANCELLED)

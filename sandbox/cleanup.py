@@ -1,0 +1,32 @@
+"""Cleaning up after a shim that is gone, from the state on disk alone (`shim delete`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypervisors.qemu import ProcessRecord as VmProcess
+from hypervisors.qemu import kill_recorded
+from sandbox import storage
+from sandbox.state import read_record, sandbox_path
+from sandbox.types import validate_id
+
+
+def cleanup_after_crash(state_dir: Path, sandbox_id: str) -> bool:
+    """Kill the sandbox's recorded processes, unmount, remove its dir; True if any existed."""
+    path = sandbox_path(state_dir, validate_id("sandbox", sandbox_id))
+    if not path.exists():
+        return False
+    record = read_record(path)
+    if record is not None:
+        kill_recorded([VmProcess(p.pid, p.start_time, p.role) for p in record.processes])
+    storage.unmount_tree(path)
+    storage.remove_tree(path)
+    return True
+
+
+def unmount_container(state_dir: Path, sandbox_id: str, container_id: str) -> None:
+    """Unmount and remove one container's rootfs in the share (idempotent)."""
+    base = sandbox_path(state_dir, validate_id("sandbox", sandbox_id))
+    directory = base / "shared" / "containers" / validate_id("container", container_id)
+    storage.unmount_tree(directory)
+    storage.remove_tree(directory)

@@ -1,0 +1,79 @@
+"""The on-disk record of one sandbox: what a crashed shim's `delete` needs to clean up.
+
+Lives at ``<state_dir>/sbs/<sandbox-id>/state.json``, replaced atomically on every change.
+Nothing needed for cleanup is kept only in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.json"
+
+
+def sandbox_path(state_dir: Path, sandbox_id: str) -> Path:
+    """The directory holding everything of one sandbox."""
+    return state_dir / "sbs" / sandbox_id
+
+
+@dataclass
+class ProcessRecord:
+    """A host process of the sandbox (qemu, virtiofsd), identified by pid and start time."""
+
+    pid: int
+    start_time: int
+    role: str
+
+
+@dataclass
+class SandboxRecord:
+    """What is persisted about a sandbox."""
+
+    sandbox_id: str
+    shim_pid: int = 0
+    accelerator: str = ""
+    accelerator_reason: str = ""
+    guest_kernel_release: str = ""
+    processes: list[ProcessRecord] = field(default_factory=list)
+    containers: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> SandboxRecord:
+        """Parse what ``to_json`` wrote; unknown keys are ignored."""
+        procs = [ProcessRecord(**p) for p in doc.get("processes", [])]
+        return cls(
+            sandbox_id=str(doc["sandbox_id"]),
+            shim_pid=int(doc.get("shim_pid", 0)),
+            accelerator=str(doc.get("accelerator", "")),
+            accelerator_reason=str(doc.get("accelerator_reason", "")),
+            guest_kernel_release=str(doc.get("guest_kernel_release", "")),
+            processes=procs,
+            containers=[str(c) for c in doc.get("containers", [])],
+        )
+
+
+def write_record(path: Path, record: SandboxRecord) -> None:
+    """Atomically replace ``path/state.json``."""
+    tmp = path / (STATE_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record.to_json(), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / STATE_FILE)
+
+
+def read_record(path: Path) -> SandboxRecord | None:
+    """The record in ``path``, or None if there is none or it is unreadable."""
+    try:
+        with open(path / STATE_FILE, encoding="utf-8") as f:
+            return SandboxRecord.from_json(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

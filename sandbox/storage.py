@@ -1,0 +1,154 @@
+"""Host-side storage of a sandbox: the shared directory and the container rootfs mounts.
+
+Theory of operation: ``<sandbox>/shared`` is bind-mounted onto itself with shared
+propagation before virtiofsd starts. virtiofsd later makes its own mount namespace a slave
+of it, so a rootfs mounted under ``shared/containers/<id>/rootfs`` after the VM booted still
+appears in the guest. Unmounting reads /proc/self/mountinfo and goes deepest-first, so a
+crashed shim's leftovers can be found without any in-memory record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from sandbox import syscalls
+from sandbox.types import Mount
+
+# mount(8)-style option words that are flags, not fs data: word -> (set, clear).
+_FLAG_OPTIONS: dict[str, tuple[int, int]] = {
+    "ro": (syscalls.MS_RDONLY, 0),
+    "rw": (0, syscalls.MS_RDONLY),
+    "nosuid": (syscalls.MS_NOSUID, 0),
+    "suid": (0, syscalls.MS_NOSUID),
+    "nodev": (syscalls.MS_NODEV, 0),
+    "dev": (0, syscalls.MS_NODEV),
+    "noexec": (syscalls.MS_NOEXEC, 0),
+    "exec": (0, syscalls.MS_NOEXEC),
+    "noatime": (syscalls.MS_NOATIME, 0),
+    "nodiratime": (syscalls.MS_NODIRATIME, 0),
+    "relatime": (syscalls.MS_RELATIME, 0),
+    "bind": (syscalls.MS_BIND, 0),
+    "rbind": (syscalls.MS_BIND | syscalls.MS_REC, 0),
+    "defaults": (0, 0),
+}
+
+
+def parse_options(options: Iterable[str]) -> tuple[int, str]:
+    """Split mount options into mount(2) flags and the fs-specific data string."""
+    flags = 0
+    data: list[str] = []
+    for option in options:
+        if option in _FLAG_OPTIONS:
+            set_bits, clear_bits = _FLAG_OPTIONS[option]
+            flags = (flags | set_bits) & ~clear_bits
+        else:
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def prepare_shared_dir(shared: Path) -> None:
+    """Create ``shared`` as a shared-propagation bind mount of itself (idempotent)."""
+    shared.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not is_mountpoint(shared):
+        syscalls.mount(str(shared), str(shared), None, syscalls.MS_BIND)
+    syscalls.mount("none", str(shared), None, syscalls.MS_SHARED)
+
+
+def mount_rootfs(mounts: Iterable[Mount], target: Path) -> None:
+    """Mount containerd's rootfs mounts onto ``target`` in order; undo all on failure."""
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    done = False
+    try:
+        for m in mounts:
+            _mount_one(m, target)
+        done = True
+    finally:
+        if not done:
+            unmount_tree(target)
+
+
+def _mount_one(m: Mount, target: Path) -> None:
+    flags, data = parse_options(m.options)
+    where = str(target / m.target.lstrip("/")) if m.target else str(target)
+    try:
+        syscalls.mount(m.source, where, m.type, flags, data)
+        if flags & syscalls.MS_BIND and flags & syscalls.MS_RDONLY:
+            # A bind mount ignores MS_RDONLY until remounted.
+            syscalls.mount("none", where, None, flags | syscalls.MS_REMOUNT)
+    except OSError as e:
+        raise OSError(e.errno, f"failed to mount {m.type} {m.source} on {where}: {e.strerror}")
+
+
+def bind_dir(source: Path, target: Path, readonly: bool = False) -> None:
+    """Bind-mount a host directory (a rootfs prepared without mounts) onto ``target``."""
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    flags = syscalls.MS_BIND | syscalls.MS_REC
+    syscalls.mount(str(source), str(target), None, flags)
+    if readonly:
+        syscalls.mount("none", str(target), None, flags | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace, in mount order."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [_unescape(line.split(" ", 5)[4]) for line in f if line.strip()]
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first (the order to unmount them)."""
+    root = str(path).rstrip("/")
+    found = [p for p in mount_points() if p == root or p.startswith(root + "/")]
+    return sorted(set(found), key=lambda p: (p.count("/"), p), reverse=True)
+
+
+def is_mountpoint(path: Path) -> bool:
+    """Whether ``path`` itself is a mount point."""
+    return str(path).rstrip("/") in mount_points()
+
+
+def unmount_tree(path: Path) -> None:
+    """Unmount everything at or below ``path`` (stacked mounts included); idempotent."""
+    for _ in range(16):  # stacked mounts on one point need one pass each
+        points = mounts_under(path)
+        if not points:
+            return
+        for point in points:
+            try:
+                syscalls.umount(point)
+            except OSError:
+                syscalls.umount(point, syscalls.MNT_DETACH)
+    if mounts_under(path):
+        raise OSError(f"failed to unmount everything under {path}: {mounts_under(path)}")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree, but never through a mount point (which would delete data)."""
+    if not path.exists():
+        return
+    if mounts_under(path):
+        raise OSError(f"refusing to remove {path}: still mounted: {mounts_under(path)}")
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                os.unlink(full)
+            else:
+                os.rmdir(full)
+    os.rmdir(path)

@@ -1,0 +1,115 @@
+"""Unit tests of sandbox/: config loading, spec rewrite, mount options, state record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox import storage, syscalls
+from sandbox.config import load_config
+from sandbox.errors import InvalidArgumentError
+from sandbox.oci import guest_rootfs, spec_for_guest
+from sandbox.state import ProcessRecord, SandboxRecord, read_record, write_record
+from sandbox.types import validate_id
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_configuration_loads() -> None:
+    config = load_config(str(REPO / "configuration.toml"))
+    assert config.qemu.machine_type == "q35"
+    assert config.state_dir == Path("/run/kata-py")
+    assert config.agent.dial_timeout == 90
+
+
+def test_config_lookup_uses_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[runtime]\nstate_dir = "/tmp/x"\n')
+    monkeypatch.setenv("KATA_CONF_FILE", str(conf))
+    assert load_config().state_dir == Path("/tmp/x")
+    assert load_config(str(REPO / "configuration.toml")).state_dir == Path("/run/kata-py")
+
+
+def test_config_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[hypervisor.qemu]\ndefault_memory = 'lots'\n")
+    with pytest.raises(InvalidArgumentError, match="default_memory"):
+        load_config(str(bad))
+    with pytest.raises(InvalidArgumentError, match="failed to read configuration"):
+        load_config(str(tmp_path / "missing.toml"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[runtime\n")
+    with pytest.raises(InvalidArgumentError, match="failed to parse"):
+        load_config(str(broken))
+
+
+@pytest.mark.parametrize("good", ["a", "t1", "abc.def-1_x", "A" * 76])
+def test_valid_ids(good: str) -> None:
+    assert validate_id("container", good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-a", "a..b", "A" * 77, "a b", "."])
+def test_invalid_ids(bad: str) -> None:
+    with pytest.raises(InvalidArgumentError):
+        validate_id("container", bad)
+
+
+def test_spec_for_guest_rewrites_host_only_parts() -> None:
+    spec = {
+        "root": {"path": "rootfs", "readonly": True},
+        "hooks": {"prestart": [{"path": "/usr/bin/x"}]},
+        "process": {"args": ["sh"], "apparmorProfile": "p"},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/h", "options": ["rbind"]},
+            {"destination": "/data", "source": "/d", "options": ["rbind", "ro"]},
+        ],
+        "linux": {
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/x"},
+                {"type": "ipc", "path": "/proc/1/ns/ipc"},
+                {"type": "mount"},
+            ],
+            "devices": [{"path": "/dev/kvm"}],
+        },
+    }
+    out, dropped = spec_for_guest(spec, "c1")
+    assert out["root"] == {"path": guest_rootfs("c1"), "readonly": True}
+    assert "hooks" not in out and "apparmorProfile" not in out["process"]
+    assert [m["destination"] for m in out["mounts"]] == ["/proc"]
+    assert dropped == ["/etc/hosts", "/data"]
+    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
+    assert "devices" not in out["linux"]
+    assert spec["root"]["path"] == "rootfs"  # the input is left alone
+
+
+def test_parse_options() -> None:
+    flags, data = storage.parse_options(["ro", "rbind", "lowerdir=/a:/b", "index=off"])
+    assert flags == syscalls.MS_RDONLY | syscalls.MS_BIND | syscalls.MS_REC
+    assert data == "lowerdir=/a:/b,index=off"
+    assert storage.parse_options(["ro", "rw"]) == (0, "")
+
+
+def test_state_record_round_trip(tmp_path: Path) -> None:
+    record = SandboxRecord("s1", shim_pid=5, processes=[ProcessRecord(1, 2, "qemu")])
+    record.containers = ["a", "b"]
+    write_record(tmp_path, record)
+    assert read_record(tmp_path) == record
+    (tmp_path / "state.json").write_text("{not json")
+    assert read_record(tmp_path) is None
+
+
+def test_mounts_and_remove_tree(tmp_path: Path) -> None:
+    target = tmp_path / "share" / "x"
+    target.mkdir(parents=True)
+    syscalls.mount("none", str(target), "tmpfs", 0, "size=1m")
+    (target / "f").write_text("data")
+    with pytest.raises(OSError, match="still mounted"):
+        storage.remove_tree(tmp_path / "share")
+    assert storage.mounts_under(tmp_path / "share") == [str(target)]
+    storage.unmount_tree(tmp_path / "share")
+    assert storage.mounts_under(tmp_path) == []
+    storage.remove_tree(tmp_path / "share")
+    assert not (tmp_path / "share").exists()
