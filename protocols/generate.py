@@ -1,7 +1,11 @@
 """Generate protocols/*_pb2.py(i) from protocols/*.proto with grpcio-tools.
 
-Run from the repository root: ``python -m protocols.generate [OUT_DIR]``. Protos import one
-another as ``protocols/<name>.proto`` so generated modules import ``protocols.<name>_pb2``.
+Usage (from any directory): ``python -m protocols.generate [OUT_DIR]``; OUT_DIR defaults to the
+repository root, so the modules land next to the protos. Protos import one another as
+``protocols/<name>.proto`` and are passed to protoc by absolute path under ``-I<repo root>``,
+so the generated modules import ``protocols.<name>_pb2`` whatever the working directory, and
+the output is byte-for-byte reproducible (tests/unit/test_protocols.py checks that the
+committed modules are not stale).
 """
 
 from __future__ import annotations
@@ -11,35 +15,41 @@ from importlib import resources
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "protocols"
 
 
 def proto_files() -> list[Path]:
     """Every .proto source of the project, sorted."""
-    return sorted((ROOT / "protocols").glob("*.proto"))
+    return sorted(PROTO_DIR.glob("*.proto"))
 
 
-def generate(out_dir: Path) -> None:
-    """Write the generated modules for every proto under ``out_dir/protocols``."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
-
+def protoc_args(out_dir: Path) -> list[str]:
+    """The protoc argv that writes every proto's modules under ``out_dir/protocols``."""
     well_known = resources.files("grpc_tools") / "_proto"
-    (out_dir / "protocols").mkdir(parents=True, exist_ok=True)
-    args = [
+    return [
         "protoc",
         f"-I{ROOT}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
-        *(str(p.relative_to(ROOT)) for p in proto_files()),
+        *(str(p) for p in proto_files()),
     ]
-    if protoc.main(args) != 0:
+
+
+def generate(out_dir: Path) -> None:
+    """Write the generated modules for every proto under ``out_dir/protocols``."""
+    from grpc_tools import protoc  # type: ignore[import-untyped]  # dev-only dependency
+
+    out_dir = out_dir.resolve()
+    (out_dir / "protocols").mkdir(parents=True, exist_ok=True)
+    if protoc.main(protoc_args(out_dir)) != 0:
         raise SystemExit("protoc failed; see the messages above")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: generate into OUT_DIR (default: the repository root)."""
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT
-    generate(out)
+    args = sys.argv[1:] if argv is None else argv
+    generate(Path(args[0]) if args else ROOT)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypervisors.qemu import ProcessRecord as VmProcess
-from hypervisors.qemu import kill_recorded
+from hypervisors.procs import ProcessRecord as VmProcess
+from hypervisors.procs import kill_recorded
 from sandbox import storage
 from sandbox.state import read_record, sandbox_path
 from sandbox.types import validate_id

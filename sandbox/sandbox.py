@@ -88,7 +88,8 @@ class Sandbox:
     @property
     def accelerator(self) -> str:
         """kvm or tcg."""
-        return self._vm.accelerator if self._vm else ""
+        accel = self._vm.accelerator if self._vm else None
+        return str(accel) if accel else ""
 
     @property
     def accelerator_reason(self) -> str:
@@ -149,7 +150,7 @@ class Sandbox:
             await vm.start()
         except HypervisorError as e:
             raise UnavailableError(f"failed to start the VM of sandbox {self.id}: {e}") from e
-        self._record.accelerator = vm.accelerator
+        self._record.accelerator = self.accelerator
         self._record.accelerator_reason = vm.accelerator_reason
         self._record.processes = [
             ProcessRecord(pid=r.pid, start_time=r.start_time, role=r.role)
