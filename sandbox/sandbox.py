@@ -24,6 +24,7 @@ from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
 from hypervisors.qemu import Qemu
 from sandbox import storage
+from sandbox.config import RuntimeConfig
 from sandbox.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -33,7 +34,6 @@ from sandbox.errors import (
     SandboxError,
     UnavailableError,
 )
-from sandbox.config import RuntimeConfig
 from sandbox.oci import GUEST_SHARED_DIR, SHARED_FS_TAG, spec_for_guest
 from sandbox.state import ProcessRecord, SandboxRecord, sandbox_path, write_record
 from sandbox.types import ContainerConfig, ExecConfig, validate_id
@@ -181,7 +181,7 @@ class Sandbox:
             )
         try:
             agent = connect.result()
-        except (TtrpcError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, TtrpcError, OSError) as e:
             raise UnavailableError(
                 f"failed to connect to the agent of sandbox {self.id} within {timeout:.0f}s "
                 f"({e}); see {self.console_log}{self._console_tail()}"

@@ -78,7 +78,8 @@ def _mount_one(m: Mount, target: Path) -> None:
             # A bind mount ignores MS_RDONLY until remounted.
             syscalls.mount("none", where, None, flags | syscalls.MS_REMOUNT)
     except OSError as e:
-        raise OSError(e.errno, f"failed to mount {m.type} {m.source} on {where}: {e.strerror}")
+        what = f"failed to mount {m.type} {m.source} on {where}: {e.strerror}"
+        raise OSError(e.errno, what) from e
 
 
 def bind_dir(source: Path, target: Path, readonly: bool = False) -> None:
