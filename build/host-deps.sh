@@ -3,7 +3,8 @@
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
 pkgs=(qemu-system-x86 containerd runc crun busybox-static containernetworking-plugins
-      iproute2 cpio python3-venv zstd)
+      iproute2 cpio python3-venv zstd
+      kmod)  # kmod: depmod for the guest kernel modules (build/extract-debs.sh)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

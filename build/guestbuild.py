@@ -1,0 +1,567 @@
+#!/usr/bin/env python3
+"""Guest image helpers for ``make guest`` (see build/README.md).
+
+Subcommands:
+  initrd    assemble the initrd tree (busybox, crun + libraries, kernel modules, the frozen
+            agent, /init) and write it as a newc cpio, optionally compressed
+  manifest  write MANIFEST: package versions, sizes and sha256 of the inputs and outputs
+  list      list the entries of a (possibly compressed) newc cpio
+
+Only the standard library is used, so the host python3 runs this as well as the venv's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+# Modules the agent needs; their dependency closure comes from modules.dep.
+DEFAULT_MODULES: tuple[str, ...] = (
+    "virtio_pci",
+    "virtio_console",
+    "fuse",
+    "virtiofs",
+    "overlay",
+    "vmw_vsock_virtio_transport",
+    "virtio_net",
+    "virtio_blk",
+)
+LIB_DIR = "lib/x86_64-linux-gnu"
+LOADER = "lib64/ld-linux-x86-64.so.2"
+AGENT_DIR = "opt/kata-agent"
+MODULES_LIST = "etc/kata-agent/modules.list"
+KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+class BuildError(Exception):
+    """A build input is missing or inconsistent."""
+
+
+# --------------------------------------------------------------------------- kernel modules
+
+
+def module_name(path: str) -> str:
+    """``kernel/fs/fuse/virtiofs.ko.xz`` -> ``virtiofs`` (dashes normalised to underscores)."""
+    base = path.rsplit("/", 1)[-1]
+    for suffix in KO_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, list[str]]:
+    """modules.dep (``path: dep dep ...``) -> {path: [dep paths]}."""
+    deps: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, rest = line.partition(":")
+        deps[path.strip()] = rest.split()
+    return deps
+
+
+def parse_modules_builtin(text: str) -> set[str]:
+    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+def module_closure(
+    wanted: Iterable[str], deps: dict[str, list[str]], builtin: set[str]
+) -> tuple[list[str], list[str]]:
+    """Paths of ``wanted`` and everything they need, each after its dependencies.
+
+    Returns (load order, names skipped because they are built in)."""
+    by_name = {module_name(p): p for p in deps}
+    order: list[str] = []
+    done: set[str] = set()
+    skipped: list[str] = []
+
+    def visit(path: str, stack: tuple[str, ...]) -> None:
+        if path in done:
+            return
+        if path in stack:
+            raise BuildError(f"module dependency cycle: {' -> '.join((*stack, path))}")
+        for dep in deps.get(path, []):
+            visit(dep, (*stack, path))
+        done.add(path)
+        order.append(path)
+
+    for raw in wanted:
+        name = raw.replace("-", "_")
+        if name in by_name:
+            visit(by_name[name], ())
+        elif name in builtin:
+            skipped.append(name)
+        else:
+            raise BuildError(f"kernel module {name!r} is neither in modules.dep nor built in")
+    return order, skipped
+
+
+def decompressed_name(path: str) -> str:
+    for suffix in (".xz", ".zst", ".gz"):
+        if path.endswith(".ko" + suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def read_module(path: Path) -> bytes:
+    """A module's ELF bytes, decompressed when the package ships .ko.xz/.zst/.gz
+    (finit_module on a compressed module needs kernel support we do not rely on)."""
+    name = path.name
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(path.read_bytes())
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(path.read_bytes())
+    if name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], check=True, stdout=subprocess.PIPE).stdout
+    return path.read_bytes()
+
+
+# --------------------------------------------------------------------------- shared libraries
+
+
+def is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def parse_ldd(text: str, what: str) -> dict[str, str]:
+    """ldd output -> {name: resolved path}; the loader appears under its absolute path."""
+    libs: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or "statically linked" in line or "not a dynamic executable" in line:
+            continue
+        if "=>" in line:
+            name, _, rest = line.partition("=>")
+            target = rest.strip().split(" (", 1)[0].strip()
+            if target == "not found" or not target:
+                raise BuildError(f"{what}: library {name.strip()} not found by ldd")
+            libs[name.strip()] = target
+        else:
+            first = line.split(" (", 1)[0].strip()
+            if first.startswith("/"):
+                libs[first] = first  # the dynamic loader
+            # linux-vdso.so.1 and friends have no file
+    return libs
+
+
+def ldd(path: Path) -> dict[str, str]:
+    proc = subprocess.run(
+        ["ldd", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if proc.returncode != 0:
+        if "not a dynamic executable" in proc.stdout:
+            return {}
+        raise BuildError(f"ldd {path} failed: {proc.stdout.strip()}")
+    return parse_ldd(proc.stdout, str(path))
+
+
+# --------------------------------------------------------------------------- cpio (newc)
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    name: str  # without leading slash
+    mode: int  # full st_mode (type | permissions)
+    data: bytes = b""  # file contents, or symlink target
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _pad4(n: int) -> bytes:
+    return b"\0" * ((4 - n % 4) % 4)
+
+
+def write_cpio(out: BinaryIO, entries: Iterable[CpioEntry], mtime: int = 0) -> None:
+    """A deterministic newc archive: owner root, fixed mtime, inode = index."""
+    trailer = CpioEntry("TRAILER!!!", 0)
+    for index, e in enumerate([*entries, trailer], start=1):
+        name = e.name.encode() + b"\0"
+        ino = 0 if e is trailer else index
+        nlink = 2 if stat.S_ISDIR(e.mode) else 1
+        fields = (
+            ino, e.mode, 0, 0, nlink, mtime, len(e.data),
+            0, 0, e.rdev[0], e.rdev[1], len(name), 0,
+        )  # fmt: skip
+        header = b"070701" + b"".join(b"%08X" % v for v in fields)
+        out.write(header + name + _pad4(len(header) + len(name)))
+        out.write(e.data + _pad4(len(e.data)))
+
+
+def read_cpio(data: bytes) -> Iterator[CpioEntry]:
+    """Parse a newc archive (uncompressed bytes)."""
+    pos = 0
+    while pos < len(data):
+        if data[pos : pos + 6] != b"070701":
+            raise BuildError(f"bad cpio magic at {pos}")
+        f = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rmaj, rmin, namesize = f[1], f[6], f[9], f[10], f[11]
+        pos += 110
+        name = data[pos : pos + namesize - 1].decode()
+        pos += namesize
+        pos += (4 - pos % 4) % 4
+        body = data[pos : pos + size]
+        pos += size
+        pos += (4 - pos % 4) % 4
+        if name == "TRAILER!!!":
+            return
+        yield CpioEntry(name, mode, body, (rmaj, rmin))
+
+
+def decompress_any(data: bytes) -> bytes:
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        return subprocess.run(
+            ["zstd", "-dc"], input=data, check=True, stdout=subprocess.PIPE
+        ).stdout
+    if data[:4] == b"\x02\x21\x4c\x18":  # lz4 legacy (what the kernel reads)
+        return subprocess.run(["lz4", "-dc"], input=data, check=True, stdout=subprocess.PIPE).stdout
+    return data
+
+
+def tree_entries(root: Path) -> Iterator[CpioEntry]:
+    """Entries for everything under ``root``, parents before children, sorted."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted([*dirnames, *filenames]):
+            p = base / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                yield CpioEntry(rel, stat.S_IFLNK | 0o777, os.readlink(p).encode())
+            elif stat.S_ISDIR(st.st_mode):
+                yield CpioEntry(rel, stat.S_IFDIR | stat.S_IMODE(st.st_mode))
+            elif stat.S_ISREG(st.st_mode):
+                yield CpioEntry(rel, stat.S_IFREG | stat.S_IMODE(st.st_mode), p.read_bytes())
+            else:
+                raise BuildError(f"unsupported file type in the initrd tree: {p}")
+
+
+# --------------------------------------------------------------------------- initrd tree
+
+INIT_DEVICES = (  # created in the archive so no mknod is needed at build time
+    CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+    CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
+)
+
+
+@dataclass
+class TreeInfo:
+    kernel_release: str
+    modules: list[str] = field(default_factory=list)
+    builtin_skipped: list[str] = field(default_factory=list)
+    libraries: dict[str, str] = field(default_factory=dict)  # guest path -> host source
+    agent_bytes: int = 0
+    tree_bytes: int = 0
+
+
+def _copy(src: Path, dst: Path, mode: int | None = None) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, mode if mode is not None else stat.S_IMODE(src.stat().st_mode))
+
+
+def kernel_release(kernel_root: Path) -> str:
+    rels = sorted(p.name for p in (kernel_root / "lib/modules").iterdir() if p.is_dir())
+    if len(rels) != 1:
+        raise BuildError(f"expected one kernel release in {kernel_root}/lib/modules, got {rels}")
+    return rels[0]
+
+
+def add_modules(tree: Path, kernel_root: Path, wanted: Sequence[str], info: TreeInfo) -> None:
+    rel = info.kernel_release
+    src_dir = kernel_root / "lib/modules" / rel
+    dep_file = src_dir / "modules.dep"
+    if not dep_file.is_file():
+        raise BuildError(f"{dep_file} missing: run depmod -b {kernel_root} {rel}")
+    deps = parse_modules_dep(dep_file.read_text())
+    builtin_file = src_dir / "modules.builtin"
+    builtin = parse_modules_builtin(builtin_file.read_text()) if builtin_file.is_file() else set()
+    order, skipped = module_closure(wanted, deps, builtin)
+    dst_dir = tree / "lib/modules" / rel
+    guest_paths: list[str] = []
+    for path in order:
+        out_rel = decompressed_name(path)
+        out = dst_dir / out_rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(read_module(src_dir / path))
+        out.chmod(0o644)
+        guest_paths.append(f"/lib/modules/{rel}/{out_rel}")
+    # A modules.dep for the chosen set, so busybox modprobe works for debugging.
+    lines = [
+        f"{decompressed_name(p)}: {' '.join(decompressed_name(d) for d in deps.get(p, []))}"
+        for p in order
+    ]
+    (dst_dir / "modules.dep").write_text("\n".join(lines) + "\n")
+    ml = tree / MODULES_LIST
+    ml.parent.mkdir(parents=True, exist_ok=True)
+    ml.write_text("".join(p + "\n" for p in guest_paths))
+    info.modules = guest_paths
+    info.builtin_skipped = skipped
+
+
+def add_libraries(
+    tree: Path, elves: Sequence[Path], executables: int, bundled: set[str], info: TreeInfo
+) -> None:
+    """Copy the shared libraries ``elves`` need (per ldd) to /lib/x86_64-linux-gnu, and link
+    the loader from /lib64. The first ``executables`` of ``elves`` get all their libraries;
+    for the others (the agent bundle's extension modules and libraries) those the bundle
+    carries itself are left out."""
+    needed: dict[str, str] = {}
+    for i, elf in enumerate(elves):
+        for name, path in ldd(elf).items():
+            if name.startswith("/"):
+                needed["ld-linux-x86-64.so.2"] = path
+            elif i < executables or Path(name).name not in bundled:
+                # An executable's own DT_NEEDED libraries are resolved by ld.so before the
+                # bundle's directory is known: those must be in the system directory.
+                needed[Path(name).name] = path
+    for name, src in sorted(needed.items()):
+        real = Path(os.path.realpath(src))
+        dst = tree / LIB_DIR / name
+        _copy(real, dst, 0o755)
+        info.libraries[f"/{LIB_DIR}/{name}"] = str(real)
+    if "ld-linux-x86-64.so.2" in needed:
+        loader = tree / LOADER
+        loader.parent.mkdir(parents=True, exist_ok=True)
+        loader.symlink_to(f"../{LIB_DIR}/ld-linux-x86-64.so.2")
+
+
+def add_busybox(tree: Path, busybox: Path) -> None:
+    _copy(busybox, tree / "bin/busybox", 0o755)
+    listing = subprocess.run(
+        [str(busybox), "--list-full"], check=True, stdout=subprocess.PIPE, text=True
+    ).stdout
+    for applet in listing.split():
+        link = tree / applet
+        if applet == "bin/busybox" or link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        depth = applet.count("/")
+        link.symlink_to("../" * depth + "bin/busybox")
+
+
+def build_tree(
+    tree: Path,
+    kernel_root: Path,
+    busybox: Path,
+    crun: Path,
+    agent: Path,
+    init: Path,
+    modules: Sequence[str],
+) -> TreeInfo:
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    for d in ("proc", "sys", "dev", "run", "tmp", "etc/kata-agent", "root", "mnt"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    (tree / "tmp").chmod(0o1777)
+    (tree / "root").chmod(0o700)
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (tree / "etc/group").write_text("root:x:0:\n")
+    (tree / "etc/hostname").write_text("kata\n")
+    _copy(init, tree / "init", 0o755)
+
+    info = TreeInfo(kernel_release=kernel_release(kernel_root))
+    add_busybox(tree, busybox)
+    _copy(crun, tree / "usr/bin/crun", 0o755)
+
+    exe = agent / "kata-agent"
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        raise BuildError(f"{exe}: no frozen agent (freeze-agent.sh)")
+    shutil.copytree(agent, tree / AGENT_DIR, symlinks=True)
+    bundle_files = [p for p in (tree / AGENT_DIR).rglob("*") if p.is_file() and not p.is_symlink()]
+    info.agent_bytes = sum(p.stat().st_size for p in bundle_files)
+    bundled = {p.name for p in bundle_files}
+    elves = [
+        tree / "usr/bin/crun",
+        tree / AGENT_DIR / "kata-agent",
+        *(p for p in bundle_files if is_elf(p) and p.name != "kata-agent"),
+    ]
+    add_libraries(tree, elves, 2, bundled, info)
+    add_modules(tree, kernel_root, modules, info)
+    info.tree_bytes = sum(
+        st.st_size for st in (p.lstat() for p in tree.rglob("*")) if stat.S_ISREG(st.st_mode)
+    )
+    return info
+
+
+def write_initrd(tree: Path, out: Path, compression: str) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    raw = out.with_name(out.name + ".cpio")
+    with raw.open("wb") as f:
+        write_cpio(f, [*tree_entries(tree), *INIT_DEVICES])
+    if compression == "none":
+        raw.replace(tmp)
+    elif compression == "gzip":
+        with raw.open("rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    elif compression == "zstd":
+        subprocess.run(["zstd", "-q", "-f", "-19", str(raw), "-o", str(tmp)], check=True)
+        raw.unlink()
+    elif compression == "lz4":
+        subprocess.run(["lz4", "-q", "-f", "-l", "-9", str(raw), str(tmp)], check=True)
+        raw.unlink()
+    else:
+        raise BuildError(f"unknown initrd compression {compression!r}")
+    tmp.replace(out)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def debian_package_of(path: str) -> str:
+    """``dpkg -S`` owner and version of a host file (``?`` when dpkg does not know it)."""
+    candidates = [path, os.path.realpath(path)]
+    real = os.path.realpath(path)
+    if real.startswith("/usr/lib/"):
+        candidates.append(real.removeprefix("/usr"))
+    for cand in candidates:
+        proc = subprocess.run(
+            ["dpkg", "-S", cand], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        if proc.returncode == 0 and proc.stdout:
+            pkg = proc.stdout.split(":", 1)[0].split(",")[0].strip()
+            ver = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Version}", pkg],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            ).stdout.strip()
+            return f"{pkg} {ver}"
+    return "?"
+
+
+def write_manifest(args: argparse.Namespace) -> None:
+    info = json.loads(Path(args.info).read_text())
+    out_dir = Path(args.out_dir)
+    lines = ["# kata-py guest image (make guest); see build/README.md", ""]
+    lines.append("[debian packages]  package version sha256(.deb)")
+    for raw in Path(args.debs_lock).read_text().splitlines():
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        pkg, ver, fname = raw.split()[:3]
+        deb = Path(args.debs_lock).parent / fname
+        lines.append(f"{pkg} {ver} {sha256(deb)}")
+    lines += ["", "[agent]"]
+    lines.append(f"entry {args.agent_entry}")
+    lines.append(f"python {args.python_version}")
+    h = hashlib.sha256()
+    for src in sorted(args.agent_sources):
+        h.update(src.encode() + b"\0" + Path(src).read_bytes())
+    lines.append(f"sources_sha256 {h.hexdigest()} ({len(args.agent_sources)} files)")
+    lines.append(f"bundle_bytes {info['agent_bytes']}")
+    lines += ["", "[libraries]  guest path <- host file (debian package)"]
+    for guest, host in sorted(info["libraries"].items()):
+        lines.append(f"{guest} <- {host} ({debian_package_of(host)})")
+    lines += ["", f"[modules]  kernel {info['kernel_release']}, load order"]
+    lines += info["modules"]
+    if info["builtin_skipped"]:
+        lines.append(f"# built in, skipped: {' '.join(info['builtin_skipped'])}")
+    lines += ["", "[outputs]  file bytes sha256"]
+    for name in ("vmlinuz", "initrd.img", "kernel-release"):
+        p = out_dir / name
+        lines.append(f"{name} {p.stat().st_size} {sha256(p)}")
+    lines.append(f"# initrd compression: {args.compression}; tree bytes {info['tree_bytes']}")
+    tmp = out_dir / "MANIFEST.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out_dir / "MANIFEST")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cmd_initrd(args: argparse.Namespace) -> None:
+    modules = args.modules.split(",") if args.modules else list(DEFAULT_MODULES)
+    info = build_tree(
+        tree=Path(args.tree),
+        kernel_root=Path(args.kernel_root),
+        busybox=Path(args.busybox),
+        crun=Path(args.crun),
+        agent=Path(args.agent),
+        init=Path(args.init),
+        modules=[m for m in modules if m],
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_initrd(Path(args.tree), out, args.compression)
+    Path(args.info).write_text(json.dumps(info.__dict__, indent=1, sort_keys=True) + "\n")
+    print(
+        f"guestbuild: {out} {out.stat().st_size / 2**20:.1f} MiB ({args.compression}); "
+        f"agent {info.agent_bytes / 2**20:.1f} MiB, {len(info.modules)} modules, "
+        f"{len(info.libraries)} libraries"
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    for e in read_cpio(decompress_any(Path(args.initrd).read_bytes())):
+        kind = stat.filemode(e.mode)
+        extra = f" -> {e.data.decode()}" if stat.S_ISLNK(e.mode) else ""
+        print(f"{kind} {len(e.data):>10} /{e.name}{extra}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="guestbuild", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("initrd")
+    p.add_argument("--tree", required=True, help="staging directory (recreated)")
+    p.add_argument("--kernel-root", required=True, help="extracted kernel package (depmod run)")
+    p.add_argument("--busybox", required=True)
+    p.add_argument("--crun", required=True)
+    p.add_argument("--agent", required=True, help="PyInstaller onedir bundle directory")
+    p.add_argument("--init", required=True)
+    p.add_argument("--modules", default="", help="comma separated (default: %(default)s)")
+    p.add_argument("--compression", choices=("none", "gzip", "zstd", "lz4"), default="none")
+    p.add_argument("--out", required=True)
+    p.add_argument("--info", required=True, help="JSON summary for the manifest")
+    p.set_defaults(func=cmd_initrd)
+    m = sub.add_parser("manifest")
+    m.add_argument("--info", required=True)
+    m.add_argument("--debs-lock", required=True)
+    m.add_argument("--out-dir", required=True)
+    m.add_argument("--agent-entry", required=True)
+    m.add_argument("--python-version", required=True)
+    m.add_argument("--compression", required=True)
+    m.add_argument("agent_sources", nargs="*")
+    m.set_defaults(func=write_manifest)
+    ls = sub.add_parser("list")
+    ls.add_argument("initrd")
+    ls.set_defaults(func=cmd_list)
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except (BuildError, subprocess.CalledProcessError, OSError) as exc:
+        print(f"guestbuild: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Guest image: build helpers (pure logic) and checks on the built artifacts.
+
+The artifact checks read $KATA_GUEST_DIR (default build/out), made by `make guest`; they fail
+(with a message saying so) when the artifacts are missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import stat
+import struct
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(os.environ.get("KATA_GUEST_DIR", ROOT / "build" / "out"))
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "build" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gb = _load("guestbuild")
+Entry = Any  # guestbuild.CpioEntry (loaded from a path, so no static type)
+
+
+# --------------------------------------------------------------------------- pure logic
+
+DEP = """
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko \
+kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko \
+kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/fs/fuse/virtiofs.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko \
+kernel/fs/fuse/fuse.ko
+kernel/fs/fuse/fuse.ko:
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko.xz: \
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
+kernel/net/vmw_vsock/vsock.ko:
+""".replace("\\\n", "")
+
+
+def test_module_closure_orders_dependencies_first() -> None:
+    deps = gb.parse_modules_dep(DEP)
+    order, skipped = gb.module_closure(
+        ["virtio_pci", "virtiofs", "vmw-vsock-virtio-transport", "overlay"], deps, {"overlay"}
+    )
+    assert skipped == ["overlay"]
+    assert len(order) == len(set(order)) == 10
+    for i, path in enumerate(order):
+        for dep in deps[path]:
+            assert order.index(dep) < i, f"{dep} must load before {path}"
+    assert order[-1].endswith("vmw_vsock_virtio_transport.ko.xz")
+
+
+def test_module_closure_rejects_unknown_and_cycles() -> None:
+    deps = gb.parse_modules_dep(DEP)
+    with pytest.raises(gb.BuildError, match="nosuch"):
+        gb.module_closure(["nosuch"], deps, set())
+    cyc = gb.parse_modules_dep("a.ko: b.ko\nb.ko: a.ko\n")
+    with pytest.raises(gb.BuildError, match="cycle"):
+        gb.module_closure(["a"], cyc, set())
+
+
+def test_module_names_and_decompressed_names() -> None:
+    assert gb.module_name("kernel/fs/fuse/virtiofs.ko.zst") == "virtiofs"
+    assert gb.module_name("kernel/x/foo-bar.ko") == "foo_bar"
+    assert gb.decompressed_name("a/b.ko.xz") == "a/b.ko"
+    assert gb.decompressed_name("a/b.ko") == "a/b.ko"
+
+
+def test_parse_ldd() -> None:
+    out = """\tlinux-vdso.so.1 (0x00007ffd)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f)
+"""
+    assert gb.parse_ldd(out, "x") == {
+        "libc.so.6": "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2": "/lib64/ld-linux-x86-64.so.2",
+    }
+    with pytest.raises(gb.BuildError, match="libfoo"):
+        gb.parse_ldd("\tlibfoo.so.1 => not found\n", "x")
+
+
+def test_cpio_round_trip() -> None:
+    entries = [
+        gb.CpioEntry("bin", stat.S_IFDIR | 0o755),
+        gb.CpioEntry("bin/busybox", stat.S_IFREG | 0o755, b"\x7fELF" + b"x" * 13),
+        gb.CpioEntry("bin/sh", stat.S_IFLNK | 0o777, b"busybox"),
+        gb.CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+    ]
+    buf = io.BytesIO()
+    gb.write_cpio(buf, entries)
+    data = buf.getvalue()
+    assert len(data) % 4 == 0
+    assert list(gb.read_cpio(data)) == entries
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} missing: build the guest first (make guest)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def initrd() -> dict[str, Entry]:
+    data = gb.decompress_any(_need(GUEST_DIR / "initrd.img").read_bytes())
+    return {"/" + e.name: e for e in gb.read_cpio(data)}
+
+
+@pytest.fixture(scope="module")
+def release() -> str:
+    return _need(GUEST_DIR / "kernel-release").read_text().strip()
+
+
+def _resolve(files: dict[str, Entry], path: str, depth: int = 0) -> Entry:
+    """Follow symlinks inside the archive."""
+    assert depth < 10, f"symlink loop at {path}"
+    assert path in files, f"{path} not in the initrd"
+    e = files[path]
+    if stat.S_ISLNK(e.mode):
+        target = e.data.decode()
+        full = (
+            target
+            if target.startswith("/")
+            else os.path.normpath(os.path.join(os.path.dirname(path), target))
+        )
+        return _resolve(files, full, depth + 1)
+    return e
+
+
+def _elf_sections(data: bytes) -> dict[str, bytes]:
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "64-bit ELF expected"
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    hdrs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = hdrs[shstrndx]
+    names = data[strtab[4] : strtab[4] + strtab[5]]
+    out: dict[str, bytes] = {}
+    for h in hdrs:
+        name = names[h[0] : names.index(b"\0", h[0])].decode()
+        out[name] = data[h[4] : h[4] + h[5]]
+    return out
+
+
+def _needed(data: bytes) -> tuple[list[str], str | None]:
+    """DT_NEEDED names and PT_INTERP of an ELF file."""
+    sec = _elf_sections(data)
+    dynstr = sec.get(".dynstr", b"")
+    needed = []
+    dyn = sec.get(".dynamic", b"")
+    for off in range(0, len(dyn), 16):
+        tag, val = struct.unpack_from("<qQ", dyn, off)
+        if tag == 0:
+            break
+        if tag == 1:  # DT_NEEDED
+            needed.append(dynstr[val : dynstr.index(b"\0", val)].decode())
+    interp = sec.get(".interp")
+    return needed, interp.rstrip(b"\0").decode() if interp else None
+
+
+def _check_libs(files: dict[str, Entry], exe: str, extra_dirs: tuple[str, ...]) -> None:
+    todo = [exe]
+    seen: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        needed, interp = _needed(_resolve(files, path).data)
+        if interp:
+            _resolve(files, interp)
+        for lib in needed:
+            cands = [f"{d}/{lib}" for d in ("/lib/x86_64-linux-gnu", *extra_dirs)]
+            found = [c for c in cands if c in files]
+            assert found, f"{lib} needed by {path} is not in {cands}"
+            todo.append(found[0])
+
+
+def test_init_script(initrd: dict[str, Entry]) -> None:
+    init = initrd["/init"]
+    assert stat.S_ISREG(init.mode) and init.mode & 0o111
+    text = init.data.decode()
+    assert text.startswith("#!/bin/sh\n")
+    for fs in ("proc", "sysfs", "devtmpfs"):
+        assert f"-t {fs}" in text
+    assert "kata-init:" in text
+    assert text.rstrip().splitlines()[-1] == "exec /opt/kata-agent/kata-agent"
+
+
+def test_layout(initrd: dict[str, Entry]) -> None:
+    for d in ("/proc", "/sys", "/dev", "/run", "/tmp", "/etc"):
+        assert stat.S_ISDIR(initrd[d].mode), d
+    console = initrd["/dev/console"]
+    assert stat.S_ISCHR(console.mode) and console.rdev == (5, 1)
+    assert initrd["/etc/passwd"].data.startswith(b"root:x:0:0:")
+    assert initrd["/etc/group"].data.startswith(b"root:x:0:")
+    assert stat.S_ISREG(initrd["/bin/busybox"].mode)
+    for applet in ("/bin/sh", "/bin/mount", "/sbin/poweroff", "/sbin/insmod"):
+        assert stat.S_ISREG(_resolve(initrd, applet).mode), applet
+        assert _resolve(initrd, applet) is initrd["/bin/busybox"]
+
+
+def test_crun_and_its_libraries(initrd: dict[str, Entry]) -> None:
+    crun = initrd["/usr/bin/crun"]
+    assert stat.S_ISREG(crun.mode) and crun.mode & 0o111
+    _check_libs(initrd, "/usr/bin/crun", ())
+
+
+def test_agent_bundle_and_its_libraries(initrd: dict[str, Entry]) -> None:
+    exe = initrd["/opt/kata-agent/kata-agent"]
+    assert stat.S_ISREG(exe.mode) and exe.mode & 0o111
+    _check_libs(initrd, "/opt/kata-agent/kata-agent", ())
+    internal = "/opt/kata-agent/_internal"
+    libpython = [p for p in initrd if p.startswith(f"{internal}/libpython3")]
+    assert libpython, "libpython missing from the agent bundle"
+    for lib in libpython:
+        _check_libs(initrd, lib, (internal,))
+    size = sum(len(e.data) for p, e in initrd.items() if p.startswith("/opt/kata-agent/"))
+    assert size < 40 * 2**20, f"agent bundle grew to {size / 2**20:.1f} MiB"
+    for dead in ("tkinter", "unittest", "pydoc_data", "grpc_tools", "libcrypto", "libssl"):
+        hits = [p for p in initrd if p.startswith("/opt/kata-agent/") and dead in p]
+        assert not hits, f"pruned module {dead} is in the bundle: {hits[:3]}"
+
+
+def test_modules_list(initrd: dict[str, Entry], release: str) -> None:
+    listing = initrd["/etc/kata-agent/modules.list"].data.decode().splitlines()
+    assert listing, "modules.list is empty"
+    names = [gb.module_name(p) for p in listing]
+    for want in gb.DEFAULT_MODULES:
+        assert want in names, f"{want} missing from modules.list"
+    for i, path in enumerate(listing):
+        assert path.startswith(f"/lib/modules/{release}/") and path.endswith(".ko"), path
+        mod = initrd[path]
+        assert mod.data[:4] == b"\x7fELF", f"{path} is not an uncompressed module"
+        modinfo = _elf_sections(mod.data)[".modinfo"].split(b"\0")
+        deps = [f.split(b"=", 1)[1].decode() for f in modinfo if f.startswith(b"depends=")]
+        for dep in deps[0].split(",") if deps and deps[0] else []:
+            dep = dep.replace("-", "_")
+            assert dep in names[:i], f"{names[i]} needs {dep}, which is not listed before it"
+
+
+def test_kernel_release_matches(initrd: dict[str, Entry], release: str) -> None:
+    mod_dirs = {
+        p.split("/")[3] for p in initrd if p.startswith("/lib/modules/") and p.count("/") > 3
+    }
+    assert mod_dirs == {release}
+    kernel = _need(GUEST_DIR / "vmlinuz").read_bytes()
+    assert kernel[0x202:0x206] == b"HdrS", "vmlinuz is not a bzImage"
+    (ver_off,) = struct.unpack_from("<H", kernel, 0x20E)
+    version = kernel[0x200 + ver_off : 0x200 + ver_off + 256].split(b"\0")[0].decode()
+    assert version.split()[0] == release, f"vmlinuz is {version!r}, modules are {release}"
+
+
+def test_manifest(release: str) -> None:
+    text = _need(GUEST_DIR / "MANIFEST").read_text()
+    assert f"linux-image-{release} " in text
+    for want in ("busybox-static ", "crun ", "initrd.img ", "vmlinuz ", "[libraries]"):
+        assert want in text, want
