@@ -1,0 +1,68 @@
+"""Accelerator decision logic, with fake probes and /proc/cpuinfo texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hypervisors.accel import KvmProbe, cpu_virt_flag, decide, probe_kvm
+from hypervisors.errors import HypervisorError
+
+INTEL = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme vmx sse2 hypervisor\n"
+AMD = "processor\t: 0\nflags\t\t: fpu svm sse2\n"
+PVM = "processor\t: 0\nflags\t\t: fpu sse2 hypervisor\n"
+
+WORKS = KvmProbe(True, True, "vmx")
+PARAVIRT = KvmProbe(True, True, None)
+NO_DEVICE = KvmProbe(False, False, "vmx", "cannot open /dev/kvm: No such file or directory")
+NO_VM = KvmProbe(True, False, "svm", "KVM_CREATE_VM failed: Device or resource busy")
+
+
+@pytest.mark.parametrize(("text", "flag"), [(INTEL, "vmx"), (AMD, "svm"), (PVM, None), ("", None)])
+def test_cpu_virt_flag(text: str, flag: str | None) -> None:
+    assert cpu_virt_flag(text) == flag
+
+
+@pytest.mark.parametrize(
+    ("requested", "probe", "accel", "words"),
+    [
+        ("auto", WORKS, "kvm", "CPU has vmx"),
+        ("auto", PARAVIRT, "tcg", "no vmx/svm flag"),
+        ("auto", NO_DEVICE, "tcg", "cannot open /dev/kvm"),
+        ("auto", NO_VM, "tcg", "KVM_CREATE_VM failed"),
+        ("tcg", WORKS, "tcg", "requested by configuration"),
+        ("kvm", WORKS, "kvm", "requested by configuration"),
+        ("kvm", PARAVIRT, "kvm", "warning"),
+    ],
+)
+def test_decide(requested: str, probe: KvmProbe, accel: str, words: str) -> None:
+    choice = decide(requested, probe)
+    assert choice.accelerator == accel
+    assert words in choice.reason
+
+
+@pytest.mark.parametrize("probe", [NO_DEVICE, NO_VM])
+def test_explicit_kvm_without_kvm_fails(probe: KvmProbe) -> None:
+    with pytest.raises(HypervisorError, match="failed to use accelerator kvm"):
+        decide("kvm", probe)
+
+
+def test_unknown_request() -> None:
+    with pytest.raises(HypervisorError, match="unknown value"):
+        decide("hvf", WORKS)
+
+
+def test_probe_missing_device(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(AMD)
+    probe = probe_kvm(str(tmp_path / "kvm"), str(cpuinfo))
+    assert probe == KvmProbe(False, False, "svm", probe.problem)
+    assert "cannot open" in probe.problem
+
+
+def test_probe_not_a_kvm_device(tmp_path: Path) -> None:
+    probe = probe_kvm("/dev/null", str(tmp_path / "nope"))
+    assert not probe.device_usable
+    assert probe.cpu_virt_flag is None
+    assert "ioctl" in probe.problem
