@@ -1,0 +1,128 @@
+"""The shim daemon: serves the Task API for one pod until Shutdown or SIGTERM.
+
+Theory of operation
+-------------------
+``start`` re-executes this program with ``-daemon``, the listening socket on fd 3, /dev/null
+as stdio, in a new session, with cwd = the bundle of the pod's first container. The daemon:
+
+1. logs to ``<bundle>/log`` (the FIFO containerd copies into its own log);
+2. loads configuration.toml (the path ``start`` resolved), builds the publisher (events to
+   ``$TTRPC_ADDRESS``), the :class:`~shim.pod.Pod` and the Task service;
+3. runs one asyncio loop serving ttrpc on fd 3 (``Server.serve_listener``). Children (QEMU,
+   virtiofsd, binary loggers) are waited for by pid or pidfd; there is no ``waitpid(-1)``
+   reaper and the daemon is not a subreaper;
+4. ends when Shutdown finds no container left (after a short grace so the reply is sent),
+   or on SIGTERM/SIGINT (the VM is stopped and running processes get their exit published);
+5. then stops serving, removes its socket file, flushes queued events and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from sandbox.config import load_config
+from sandbox.errors import SandboxError
+from sandbox.sandbox import Sandbox
+from shim import log as shimlog
+from shim.events import Publisher, TaskEvents
+from shim.flags import Flags
+from shim.log import kv
+from shim.pod import Pod
+from shim.service import TASK_SERVICE, TaskService
+from ttrpc import Server
+
+log = logging.getLogger("shim")
+
+LISTENER_FD = 3
+REPLY_GRACE = 0.2
+
+
+def inherited_listener(fd: int = LISTENER_FD) -> socket.socket:
+    """The listening unix socket ``start`` passed on ``fd``."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SandboxError(f"failed to adopt the shim socket on fd {fd}: {e}") from e
+    if sock.family != socket.AF_UNIX or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.detach()
+        raise SandboxError(f"failed to adopt the shim socket on fd {fd}: not a listening socket")
+    sock.set_inheritable(False)
+    return sock
+
+
+def run(flags: Flags) -> int:
+    """Run the daemon to completion; the process exit code."""
+    shimlog.setup_daemon(Path.cwd(), flags.debug, sandbox=flags.sandbox_id or flags.id,
+                         namespace=flags.namespace)  # fmt: skip
+    try:
+        listener = inherited_listener()
+    except SandboxError as e:
+        log.error("%s (the daemon is started by `start`)", e)
+        return 1
+    path = str(listener.getsockname())
+    _use_pidfd_child_watcher()
+    try:
+        return asyncio.run(_serve(flags, listener))
+    except SandboxError as e:
+        log.error("shim daemon failed: %s", e)
+        return 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        log.info("shim daemon exited", extra=kv(socket=path))
+
+
+def _use_pidfd_child_watcher() -> None:
+    """Python 3.11: wait for QEMU and virtiofsd through pidfds, not a thread per child.
+
+    (3.12 and later pick pidfds by themselves and deprecate setting a watcher.)
+    """
+    if sys.version_info < (3, 12):
+        asyncio.get_event_loop_policy().set_child_watcher(asyncio.PidfdChildWatcher())
+
+
+async def _serve(flags: Flags, listener: socket.socket) -> int:
+    config = load_config(flags.config_path or None)
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    pod = Pod(flags.sandbox_id or flags.id, config, flags.namespace, TaskEvents(publisher),
+              Sandbox)  # fmt: skip
+    shutdown, terminate = asyncio.Event(), asyncio.Event()
+    server = Server()
+    server.register(TASK_SERVICE, TaskService(pod, shutdown.set).methods())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, terminate.set)
+    log.info("shim daemon serving", extra=kv(pid=os.getpid(), config=config.path))
+    serving = asyncio.ensure_future(server.serve_listener(listener))
+    ended = [asyncio.ensure_future(e.wait()) for e in (shutdown, terminate)]
+    await asyncio.wait([serving, *ended], return_when=asyncio.FIRST_COMPLETED)
+    code = await _finish(pod, serving, terminate.is_set())
+    for task in (serving, *ended):
+        task.cancel()
+    await asyncio.wait([serving, *ended])
+    await publisher.close()
+    return code
+
+
+async def _finish(pod: Pod, serving: asyncio.Task[None], terminated: bool) -> int:
+    """Stop what must be stopped before the daemon exits; the exit code."""
+    if serving.done():
+        error = serving.exception() if not serving.cancelled() else None
+        log.error("failed to serve the task API: %s", error)
+        await pod.terminate()
+        return 1
+    if terminated:
+        log.info("signalled: stopping the sandbox")
+        await pod.terminate()
+    else:
+        await asyncio.sleep(REPLY_GRACE)  # let the Shutdown reply reach containerd
+    return 0

@@ -1,0 +1,250 @@
+"""The ``start`` and ``delete`` actions: what containerd runs before and after a shim daemon.
+
+Theory of operation
+-------------------
+``start`` (cwd = the container's bundle, stdin = the runtime options Any):
+
+1. resolve configuration.toml (runtime options' ``config_path``, or ``config_body`` written
+   to the bundle, then ``$KATA_CONF_FILE`` and the default paths) and load it, so a broken
+   configuration fails the task with a readable message; record the resolved path in
+   ``<bundle>/kata-config-path`` for ``delete``;
+2. group id = annotation ``io.kubernetes.cri.sandbox-id``, else ``io.containerd.runc.v2.group``,
+   else the container id; one daemon (one VM) serves a group;
+3. address = ``unix:///run/containerd/s/<sha256("<address>/<ns>/<group>")>``. If a daemon
+   answers there, this container joins it. Otherwise bind and listen here (socket 0600,
+   directory 0711), re-execute this program detached as the daemon with the listener on fd 3
+   and /dev/null as stdio (containerd reads our output with CombinedOutput, which would wait
+   for any inherited stdout), and write ``shim.pid``;
+4. write ``address`` atomically (no newline) and return the address for ``main`` to print.
+
+``delete`` (cwd = the bundle) runs after every task deletion and after a shim crash. It
+touches only its own id: the pod's sandbox (group id == id) is cleaned from its state dir with
+``cleanup_after_crash`` when no daemon answers any more (a live daemon cleans up itself);
+another container only has its rootfs unmounted. It returns a ``DeleteResponse`` (exit 137,
+now) even when nothing was left; real failures raise and make the action exit non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import any_pb2, timestamp_pb2
+
+from protocols import runtimeoptions_pb2, task_pb2
+from sandbox.cleanup import cleanup_after_crash, unmount_container
+from sandbox.config import RuntimeConfig, load_config
+from sandbox.errors import FailedPreconditionError, InvalidArgumentError
+from shim.flags import Flags, daemon_argv
+from shim.stdio import spawn
+
+log = logging.getLogger("shim")
+
+SOCKET_DIR = Path("/run/containerd/s")
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+GROUP_ANNOTATION = "io.containerd.runc.v2.group"
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+CONFIG_PATH_FILE = "kata-config-path"
+CONFIG_BODY_FILE = "kata-configuration.toml"
+RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
+DEFAULT_STATE_DIR = Path("/run/kata-py")  # sandbox.config's default, for unloadable configs
+EXIT_STATUS_KILLED = 137
+MAX_SOCKET_PATH = 106
+
+
+def read_spec(bundle: Path) -> dict[str, Any]:
+    """The OCI spec of a bundle; InvalidArgumentError if it is missing or malformed."""
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"failed to read {bundle}/config.json: {e}") from e
+    if not isinstance(spec, dict):
+        raise InvalidArgumentError(f"failed to read {bundle}/config.json: not a JSON object")
+    return spec
+
+
+def spec_annotations(spec: dict[str, Any]) -> dict[str, str]:
+    """The spec's annotations (empty if there are none)."""
+    value = spec.get("annotations") or {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def group_id(spec: dict[str, Any], container_id: str) -> str:
+    """The id of the pod (one daemon, one VM) a container belongs to."""
+    notes = spec_annotations(spec)
+    return notes.get(SANDBOX_ID_ANNOTATION) or notes.get(GROUP_ANNOTATION) or container_id
+
+
+def socket_path(address: str, namespace: str, group: str, socket_dir: Path = SOCKET_DIR) -> Path:
+    """Where the daemon of ``group`` listens (runc's hashing, so paths stay short)."""
+    digest = hashlib.sha256(f"{address}/{namespace}/{group}".encode()).hexdigest()
+    return socket_dir / digest
+
+
+def socket_address(path: Path) -> str:
+    """The address containerd dials for a socket path."""
+    return f"unix://{path}"
+
+
+def is_listening(path: Path, timeout: float = 1.0) -> bool:
+    """True if something accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def config_path_from_options(options: bytes, bundle: Path) -> str:
+    """The configuration.toml named by the runtime options Any ('' when none)."""
+    if not options:
+        return ""
+    envelope = any_pb2.Any()
+    try:
+        envelope.ParseFromString(options)
+    except Exception as e:
+        raise InvalidArgumentError(f"failed to parse the runtime options: {e}") from e
+    if not envelope.type_url.endswith(RUNTIME_OPTIONS_TYPE):
+        log.debug("ignoring runtime options of type %s", envelope.type_url)
+        return ""
+    opts = runtimeoptions_pb2.Options.FromString(envelope.value)
+    if opts.config_path:
+        return opts.config_path
+    if opts.config_body:
+        body = bundle / CONFIG_BODY_FILE
+        body.write_bytes(opts.config_body)
+        return str(body)
+    return ""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (no newline added) in one rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def self_command() -> list[str]:
+    """How to execute this program again (frozen binary or ``python -m shim``)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable]
+    return [sys.executable, "-P", "-m", "shim"]
+
+
+def start(
+    flags: Flags,
+    options: bytes,
+    *,
+    socket_dir: Path = SOCKET_DIR,
+    command: list[str] | None = None,
+) -> str:
+    """Run the ``start`` action in the bundle (cwd); return the address to print."""
+    bundle = Path.cwd()
+    config = load_config(config_path_from_options(options, bundle) or None)
+    write_atomic(bundle / CONFIG_PATH_FILE, str(config.path))
+    spec = read_spec(bundle)
+    group = group_id(spec, flags.id)
+    path = socket_path(flags.address, flags.namespace, group, socket_dir)
+    if len(str(path)) >= MAX_SOCKET_PATH:
+        raise InvalidArgumentError(f"failed to start shim: socket path {path} is too long")
+    if not is_listening(path):
+        if spec_annotations(spec).get(CONTAINER_TYPE_ANNOTATION) == "container":
+            raise FailedPreconditionError(
+                f"failed to start shim: the daemon of sandbox {group} is not running"
+            )
+        listener = _listen(path)
+        try:
+            pid = _spawn_daemon(command or self_command(), flags, group, config, listener)
+        finally:
+            listener.close()
+        write_atomic(bundle / "shim.pid", str(pid))
+    address = socket_address(path)
+    write_atomic(bundle / "address", address)
+    return address
+
+
+def _listen(path: Path) -> socket.socket:
+    """Bind and listen on ``path``, replacing a stale socket (0600 in a 0711 directory)."""
+    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for attempt in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE or attempt == 1 or is_listening(path):
+                raise FailedPreconditionError(f"failed to bind shim socket {path}: {e}") from e
+            path.unlink(missing_ok=True)  # stale: nobody accepts there
+            continue
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        return sock
+    raise AssertionError("unreachable")
+
+
+def _spawn_daemon(
+    command: list[str], flags: Flags, group: str, config: RuntimeConfig, listener: socket.socket
+) -> int:
+    """Start the detached daemon with ``listener`` as fd 3; return its pid."""
+    argv = [*command, *daemon_argv(flags, group, str(config.path))]
+    try:
+        return spawn(argv, os.environ, {3: listener.fileno()}, setsid=True)
+    except OSError as e:
+        raise FailedPreconditionError(f"failed to start shim daemon {argv[0]}: {e}") from e
+
+
+def _delete_config(bundle: Path) -> Path:
+    """The state dir ``delete`` cleans: from the config ``start`` recorded, else the default."""
+    recorded = bundle / CONFIG_PATH_FILE
+    config_path = recorded.read_text().strip() if recorded.is_file() else None
+    try:
+        return load_config(config_path).state_dir
+    except InvalidArgumentError as e:
+        log.warning("using state dir %s: %s", DEFAULT_STATE_DIR, e)
+        return DEFAULT_STATE_DIR
+
+
+def delete(flags: Flags, *, socket_dir: Path = SOCKET_DIR) -> bytes:
+    """Run the ``delete`` action; return the serialized DeleteResponse to print."""
+    bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
+    try:
+        spec = read_spec(bundle)
+    except InvalidArgumentError:
+        spec = {}  # bundle already gone or never written: nothing names a group
+    group = group_id(spec, flags.id)
+    state_dir = _delete_config(bundle)
+    if group != flags.id:
+        unmount_container(state_dir, group, flags.id)
+    else:
+        _delete_sandbox(flags, state_dir, socket_dir)
+    return delete_response(time.time_ns())
+
+
+def _delete_sandbox(flags: Flags, state_dir: Path, socket_dir: Path) -> None:
+    path = socket_path(flags.address, flags.namespace, flags.id, socket_dir)
+    if is_listening(path):
+        log.info("shim daemon still serves sandbox %s: it cleans up itself", flags.id)
+        return
+    if cleanup_after_crash(state_dir, flags.id):
+        log.warning("cleaned up sandbox %s left by a dead shim daemon", flags.id)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def delete_response(now_ns: int) -> bytes:
+    """A serialized DeleteResponse: no pid, killed (137), exited now."""
+    exited = timestamp_pb2.Timestamp()
+    exited.FromNanoseconds(now_ns)
+    response = task_pb2.DeleteResponse(pid=0, exit_status=EXIT_STATUS_KILLED, exited_at=exited)
+    return response.SerializeToString()

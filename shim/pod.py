@@ -1,0 +1,340 @@
+"""The pod a shim daemon serves: its sandbox (VM), containers and their processes.
+
+Theory of operation
+-------------------
+One daemon serves one pod (group id). :class:`Pod` is the Task API's domain logic without
+protobuf: ``service.py`` translates requests into these calls and results back.
+
+- The first Create boots the sandbox (``Sandbox(sandbox_id, config).start()``) under the boot
+  lock; that Create is the pod's sandbox container for CRI or a plain ``ctr`` container that
+  is its own pod. Later Creates add containers to the running VM.
+- Ids are reserved before any await, so a concurrent duplicate Create gets ALREADY_EXISTS.
+- Each container has one lock (rule 2 of ``process.py``): Start holds it across
+  ``start_process`` and the /tasks/start event, the exit watcher takes it to record the exit
+  and publish /tasks/exit, Delete holds it while it removes the container.
+- The init's exit is published after its execs' exits (``before_exit`` waits for them, at
+  most :data:`EXEC_EXIT_GRACE` seconds).
+- The VM stops when the last container is deleted or the sandbox container itself is
+  (Delete has no short deadline in containerd, Shutdown only 3 s), and again, idempotently,
+  on Shutdown and SIGTERM. Processes still running then see ``wait_process`` fail and exit
+  with 255.
+
+Task pid: guest pids mean nothing on the host (and may name an unrelated host process), so,
+as Kata does, every task and exec reports the pid of the pod's QEMU process (the host process
+that runs it), captured at boot; the shim's own pid if the sandbox cannot tell. Guest pids
+are visible through Pids (``ctr task ps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sandbox.config import RuntimeConfig
+from sandbox.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+)
+from sandbox.types import ContainerConfig, ExecConfig
+from shim.log import kv
+from shim.process import Op, Process, ProcessSandbox, State, StdioPaths
+from shim.stdio import Stdio, open_stdio
+
+log = logging.getLogger("shim")
+
+EXEC_EXIT_GRACE = 2.0
+TERMINATE_GRACE = 5.0
+
+
+class PodSandbox(ProcessSandbox, Protocol):
+    """What the pod needs from ``sandbox.Sandbox`` beyond a process's needs."""
+
+    # lifecycle
+    async def start(self, hostname: str = "") -> None: ...
+    async def stop(self) -> None: ...
+
+    # containers and execs
+    async def create_container(self, c: ContainerConfig) -> None: ...
+    async def remove_container(self, container_id: str) -> None: ...
+    def add_exec(self, e: ExecConfig) -> None: ...
+    async def remove_process(self, container_id: str, exec_id: str) -> None: ...
+    async def list_pids(self, container_id: str) -> list[int]: ...
+
+    # evidence for logs
+    @property
+    def qemu_pid(self) -> int | None: ...
+    @property
+    def accelerator(self) -> str: ...
+    @property
+    def guest_kernel_release(self) -> str: ...
+
+
+class SandboxFactory(Protocol):
+    """``sandbox.Sandbox`` itself, or a fake in tests."""
+
+    def __call__(self, sandbox_id: str, config: RuntimeConfig) -> PodSandbox: ...
+
+
+class PodEvents(Protocol):
+    """Where the pod reports task events (``events.TaskEvents``)."""
+
+    def created(self, c: ContainerConfig, paths: StdioPaths, pid: int) -> None: ...
+    def started(self, container_id: str, pid: int) -> None: ...
+    def exec_added(self, container_id: str, exec_id: str) -> None: ...
+    def exec_started(self, container_id: str, exec_id: str, pid: int) -> None: ...
+    def exited(self, p: Process, pid: int) -> None: ...
+    def deleted(self, p: Process, pid: int) -> None: ...
+
+
+@dataclass
+class Container:
+    """A container of the pod: its init process and execs, guarded by ``lock``."""
+
+    config: ContainerConfig
+    init: Process
+    lock: asyncio.Lock
+    execs: dict[str, Process] = field(default_factory=dict)  # guarded by lock
+
+    def process(self, exec_id: str) -> Process:
+        """The init ("") or the exec ``exec_id``."""
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise NotFoundError(f"exec {exec_id} not found in {self.config.container_id}") from None
+
+    async def wait_execs(self) -> None:
+        """Wait (bounded) until every started exec has recorded its exit."""
+        running = [p.wait() for p in self.execs.values() if p.state is State.RUNNING]
+        if running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*running), EXEC_EXIT_GRACE)
+
+
+class Pod:
+    """The sandbox and containers of one daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        config: RuntimeConfig,
+        namespace: str,
+        events: PodEvents,
+        factory: SandboxFactory,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.namespace = namespace
+        self.task_pid = 0
+        self._config = config
+        self._events = events
+        self._factory = factory
+        self._sandbox: PodSandbox | None = None
+        self._boot_lock = asyncio.Lock()  # guards _sandbox
+        self._containers: dict[str, Container] = {}
+        self._reserved: set[str] = set()  # ids whose Create is in progress
+
+    # lookups
+    def container(self, container_id: str) -> Container:
+        """A container of the pod (NOT_FOUND otherwise)."""
+        try:
+            return self._containers[container_id]
+        except KeyError:
+            raise NotFoundError(f"container {container_id} not found") from None
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        """A process of the pod (NOT_FOUND otherwise)."""
+        return self.container(container_id).process(exec_id)
+
+    def connect_pid(self, container_id: str) -> int:
+        """The task pid for Connect: 0 for an id this daemon does not know (as runc)."""
+        return self.task_pid if container_id in self._containers else 0
+
+    @property
+    def empty(self) -> bool:
+        """No container exists or is being created."""
+        return not self._containers and not self._reserved
+
+    def _running_sandbox(self) -> PodSandbox:
+        if self._sandbox is None:
+            raise UnavailableError(f"failed to reach sandbox {self.sandbox_id}: it is not running")
+        return self._sandbox
+
+    # containers
+    async def create(self, c: ContainerConfig, paths: StdioPaths) -> int:
+        """Create a container (booting the VM first if needed); return the task pid."""
+        cid = c.container_id
+        if cid in self._containers or cid in self._reserved:
+            raise AlreadyExistsError(f"failed to create container {cid}: id already exists")
+        self._reserved.add(cid)
+        try:
+            io = await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
+                                  cid, self.namespace)  # fmt: skip
+            try:
+                sandbox = await self._boot(str(c.spec.get("hostname") or ""))
+                await sandbox.create_container(c)
+            except BaseException:
+                await io.close()
+                raise
+            self._containers[cid] = self._new_container(sandbox, c, paths, io)
+        finally:
+            self._reserved.discard(cid)
+        self._events.created(c, paths, self.task_pid)
+        log.info("container created", extra=kv(container=cid, bundle=c.bundle))
+        return self.task_pid
+
+    def _new_container(
+        self, sandbox: PodSandbox, c: ContainerConfig, paths: StdioPaths, io: Stdio
+    ) -> Container:
+        lock = asyncio.Lock()
+        init = Process(sandbox, c.container_id, "", paths, lock, self._on_exit, io)
+        container = Container(c, init, lock)
+        init.before_exit = container.wait_execs
+        return container
+
+    async def _boot(self, hostname: str) -> PodSandbox:
+        async with self._boot_lock:
+            if self._sandbox is not None:
+                return self._sandbox
+            sandbox = self._factory(self.sandbox_id, self._config)
+            started = time.monotonic()
+            await sandbox.start(hostname)
+            self._sandbox = sandbox
+            self.task_pid = sandbox.qemu_pid or os.getpid()
+            log.info("sandbox started", extra=kv(
+                accelerator=sandbox.accelerator, qemu_pid=sandbox.qemu_pid,
+                guest_kernel=sandbox.guest_kernel_release,
+                boot_seconds=f"{time.monotonic() - started:.2f}"))  # fmt: skip
+            return sandbox
+
+    async def start(self, container_id: str, exec_id: str) -> int:
+        """Start the init or an exec; publish start / exec-started under the lock."""
+        container = self.container(container_id)
+        async with container.lock:
+            process = container.process(exec_id)
+            guest_pid = await process.start()
+            if exec_id:
+                self._events.exec_started(container_id, exec_id, self.task_pid)
+            else:
+                self._events.started(container_id, self.task_pid)
+        log.info("process started", extra=kv(container=container_id, exec=exec_id,
+                                             guest_pid=guest_pid))  # fmt: skip
+        return self.task_pid
+
+    def _on_exit(self, process: Process) -> None:
+        self._events.exited(process, self.task_pid)
+
+    async def kill(self, container_id: str, exec_id: str, signal: int, all: bool) -> None:
+        """Signal a process (``all``: every process of the container)."""
+        container = self.container(container_id)
+        async with container.lock:
+            await container.process(exec_id).kill(signal, all)
+
+    async def exec(self, container_id: str, exec_id: str, paths: StdioPaths,
+                   spec: dict[str, Any]) -> None:  # fmt: skip
+        """Register an exec process (started later by Start)."""
+        container = self.container(container_id)
+        async with container.lock:
+            if exec_id in container.execs:
+                raise AlreadyExistsError(f"failed to add exec {exec_id}: id already exists")
+            if container.init.state is not State.RUNNING:
+                raise FailedPreconditionError(
+                    f"failed to add exec {exec_id}: container {container_id} is not running"
+                )
+            sandbox = self._running_sandbox()
+            io = await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
+                                  container_id, self.namespace)  # fmt: skip
+            try:
+                sandbox.add_exec(ExecConfig(container_id, exec_id, spec, paths.terminal,
+                                            bool(paths.stdin)))  # fmt: skip
+            except BaseException:
+                await io.close()
+                raise
+            container.execs[exec_id] = Process(sandbox, container_id, exec_id, paths,
+                                               container.lock, self._on_exit, io)  # fmt: skip
+            self._events.exec_added(container_id, exec_id)
+
+    async def delete(self, container_id: str, exec_id: str) -> Process:
+        """Delete a stopped (or never started) process; the init takes its container along."""
+        container = self.container(container_id)
+        async with container.lock:
+            process = container.process(exec_id)
+            process.ensure(Op.DELETE)
+            if exec_id:
+                if self._sandbox is not None:
+                    await self._forget(self._sandbox.remove_process, container_id, exec_id)
+                await process.delete()
+                del container.execs[exec_id]
+            else:
+                await self._delete_container(container)
+            self._events.deleted(process, self.task_pid)
+        log.info("process deleted", extra=kv(container=container_id, exec=exec_id))
+        if not exec_id and (not self._containers or container_id == self.sandbox_id):
+            await self.stop_sandbox()
+        return process
+
+    async def _delete_container(self, container: Container) -> None:
+        cid = container.config.container_id
+        if self._sandbox is not None:
+            await self._forget(self._sandbox.remove_container, cid)
+        for process in [*container.execs.values(), container.init]:
+            await process.delete(force=True)
+        del self._containers[cid]
+
+    @staticmethod
+    async def _forget(remove: Callable[..., Awaitable[None]], *ids: str) -> None:
+        """Call a sandbox remove; a VM that is already gone or forgot the id is no error."""
+        try:
+            await remove(*ids)
+        except (UnavailableError, NotFoundError) as e:
+            log.info("nothing to remove: %s", e, extra=kv(container=ids[0]))
+
+    async def pids(self, container_id: str) -> list[int]:
+        """Guest pids of a container's processes."""
+        self.container(container_id)
+        return await self._running_sandbox().list_pids(container_id)
+
+    async def resize(self, container_id: str, exec_id: str, width: int, height: int) -> None:
+        """Resize a process's pty."""
+        container = self.container(container_id)
+        async with container.lock:
+            await container.process(exec_id).resize(width, height)
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        """Close a process's stdin after what is buffered has been forwarded."""
+        container = self.container(container_id)
+        async with container.lock:
+            container.process(exec_id).close_stdin()
+
+    # whole pod
+    async def stop_sandbox(self) -> None:
+        """Stop the VM (idempotent); processes still running exit with 255."""
+        async with self._boot_lock:
+            sandbox, self._sandbox = self._sandbox, None
+            if sandbox is not None:
+                await sandbox.stop()
+                log.info("sandbox stopped")
+
+    async def shutdown(self) -> bool:
+        """Shutdown: stop the VM and return True if no container is left, else False."""
+        if not self.empty:
+            return False
+        await self.stop_sandbox()
+        return True
+
+    async def terminate(self) -> None:
+        """SIGTERM: stop the VM, then give exit watchers time to publish the exits."""
+        waits = [p.wait() for c in self._containers.values()
+                 for p in (c.init, *c.execs.values()) if p.state is State.RUNNING]  # fmt: skip
+        await self.stop_sandbox()
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), TERMINATE_GRACE)

@@ -1,0 +1,189 @@
+"""The process lifecycle table (every cell) and a process's pumps and exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import FailedPreconditionError, NotFoundError
+from shim.process import (
+    TRANSITIONS,
+    InvalidTransition,
+    Op,
+    Process,
+    ProcessGone,
+    Refusal,
+    State,
+    StdioPaths,
+    transition,
+)
+from shim.stdio import open_stdio
+from tests.unit.test_shim_fakes import FakeSandbox
+from ttrpc import Code
+
+ALLOWED = {
+    (State.CREATED, Op.START): State.RUNNING,
+    (State.CREATED, Op.KILL): State.STOPPED,
+    (State.CREATED, Op.DELETE): State.DELETED,
+    (State.CREATED, Op.RESIZE_PTY): State.CREATED,
+    (State.CREATED, Op.CLOSE_STDIN): State.CREATED,
+    (State.RUNNING, Op.KILL): State.RUNNING,
+    (State.RUNNING, Op.EXIT): State.STOPPED,
+    (State.RUNNING, Op.RESIZE_PTY): State.RUNNING,
+    (State.RUNNING, Op.CLOSE_STDIN): State.RUNNING,
+    (State.STOPPED, Op.DELETE): State.DELETED,
+    (State.STOPPED, Op.CLOSE_STDIN): State.STOPPED,
+}
+NOT_FOUND = {(State.STOPPED, Op.KILL)} | {(State.DELETED, op) for op in Op}
+
+
+def test_every_cell_is_listed_explicitly() -> None:
+    assert set(TRANSITIONS) == {(s, o) for s in State for o in Op}
+
+
+@pytest.mark.parametrize(("state", "op"), [(s, o) for s in State for o in Op])
+def test_cell(state: State, op: Op) -> None:
+    if (state, op) in ALLOWED:
+        assert transition(state, op, "process p") is ALLOWED[(state, op)]
+        return
+    cell = TRANSITIONS[(state, op)]
+    assert isinstance(cell, Refusal)
+    expected = ProcessGone if (state, op) in NOT_FOUND else InvalidTransition
+    with pytest.raises(expected) as info:
+        transition(state, op, "process p")
+    assert str(info.value).startswith(f"failed to {op.value} process p: ")
+    code = Code.NOT_FOUND if expected is ProcessGone else Code.FAILED_PRECONDITION
+    assert info.value.code == code
+
+
+def new_process(sandbox: FakeSandbox, exits: list[Process], exec_id: str = "",
+                paths: StdioPaths | None = None) -> Process:  # fmt: skip
+    return Process(sandbox, "c1", exec_id, paths or StdioPaths(), asyncio.Lock(), exits.append)
+
+
+async def started(exec_id: str = "", paths: StdioPaths | None = None,
+                  stdio: bool = False) -> tuple[FakeSandbox, Process, list[Process]]:  # fmt: skip
+    sandbox, exits = FakeSandbox("pod"), []
+    sandbox.running = True
+    process = new_process(sandbox, exits, exec_id, paths)
+    if stdio and paths is not None:
+        process.io = await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
+                                      "c1", "default")  # fmt: skip
+    assert await process.start() == 101
+    return sandbox, process, exits
+
+
+def test_exit_is_recorded_once_output_is_drained(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    os.mkfifo(out)
+
+    async def run() -> None:
+        reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+        sandbox, process, exits = await started(paths=StdioPaths(stdout=out), stdio=True)
+        sandbox.proc("c1").finish(3, out=b"last words")
+        await asyncio.wait_for(process.wait(), 5)
+        assert (process.state, process.exit_status, exits) == (State.STOPPED, 3, [process])
+        assert process.exited_at_ns is not None
+        assert os.read(reader, 100) == b"last words"
+        assert os.read(reader, 100) == b""  # outputs closed at exit: the client sees EOF
+        os.close(reader)
+
+    asyncio.run(run())
+
+
+def test_wait_works_before_start_and_kill_of_created_gives_137() -> None:
+    async def run() -> None:
+        exits: list[Process] = []
+        process = new_process(FakeSandbox("pod"), exits)
+        waiter = asyncio.ensure_future(process.wait())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await process.kill(9)
+        await asyncio.wait_for(waiter, 1)
+        assert (process.state, process.exit_status, exits) == (State.STOPPED, 137, [process])
+
+    asyncio.run(run())
+
+
+def test_signal_zero_on_created_changes_nothing() -> None:
+    async def run() -> None:
+        process = new_process(FakeSandbox("pod"), [])
+        await process.kill(0)
+        assert process.state is State.CREATED
+
+    asyncio.run(run())
+
+
+def test_lost_vm_becomes_exit_255() -> None:
+    async def run() -> None:
+        sandbox, process, exits = await started()
+        await sandbox.stop()
+        await asyncio.wait_for(process.wait(), 5)
+        assert (process.exit_status, exits) == (255, [process])
+
+    asyncio.run(run())
+
+
+def test_running_process_refuses_delete_then_deletes_after_exit() -> None:
+    async def run() -> None:
+        _, process, _ = await started()
+        with pytest.raises(FailedPreconditionError, match="still running"):
+            await process.delete()
+        await process.kill(15)
+        await asyncio.wait_for(process.wait(), 5)
+        assert process.exit_status == 143
+        with pytest.raises(NotFoundError):
+            await process.kill(9)
+        await process.delete()
+        assert process.state is State.DELETED
+
+    asyncio.run(run())
+
+
+def test_stdin_is_forwarded_then_closed_on_eof(tmp_path: Path) -> None:
+    path = str(tmp_path / "in")
+    os.mkfifo(path)
+
+    async def run() -> None:
+        sandbox, _, _ = await started(paths=StdioPaths(stdin=path), stdio=True)
+        writer = await asyncio.to_thread(os.open, path, os.O_WRONLY)
+        os.write(writer, b"input")
+        os.close(writer)
+        proc = sandbox.proc("c1")
+        await asyncio.wait_for(proc.stdin_closed.wait(), 5)
+        assert bytes(proc.stdin) == b"input"
+
+    asyncio.run(run())
+
+
+def test_close_io_closes_stdin_after_buffered_data(tmp_path: Path) -> None:
+    path = str(tmp_path / "in")
+    os.mkfifo(path)
+
+    async def run() -> None:
+        sandbox, process, _ = await started(paths=StdioPaths(stdin=path), stdio=True)
+        writer = await asyncio.to_thread(os.open, path, os.O_WRONLY)  # the client stays
+        os.write(writer, b"buffered")
+        await asyncio.sleep(0.05)
+        process.close_stdin()
+        proc = sandbox.proc("c1")
+        await asyncio.wait_for(proc.stdin_closed.wait(), 5)
+        assert bytes(proc.stdin) == b"buffered"
+        os.close(writer)
+
+    asyncio.run(run())
+
+
+def test_resize_only_with_a_terminal() -> None:
+    async def run() -> None:
+        sandbox, process, _ = await started(paths=StdioPaths(terminal=True))
+        await process.resize(80, 24)
+        assert sandbox.calls[-1] == ("resize_pty", "c1", "", "80", "24")
+        plain_sandbox, plain, _ = await started()
+        await plain.resize(80, 24)
+        assert not [c for c in plain_sandbox.calls if c[0] == "resize_pty"]
+
+    asyncio.run(run())
