@@ -1,0 +1,117 @@
+"""PID-1 duties in the guest: the mounts, modules and device links busybox /init left out.
+
+Theory of operation
+-------------------
+busybox ``/init`` mounts /proc, /sys and /dev (devtmpfs) and execs the agent. Everything
+else a container host needs is done here with direct syscalls (no fork: every fork+exec
+costs ~20x under TCG):
+
+1. kernel modules from ``/etc/kata-agent/modules.list`` (absolute .ko paths, in
+   dependency order) via finit_module(2); EEXIST means built in or loaded: fine;
+2. mounts: /dev/pts (a new devpts instance, ptmx usable by all), /dev/shm, /run, /tmp,
+   and cgroup2 on /sys/fs/cgroup with the container controllers (cpu, memory, pids, io,
+   where present) enabled in the root's ``cgroup.subtree_control`` so crun can use them;
+3. ``/dev/virtio-ports/<name>`` symlinks (there is no udev).
+
+Each step reports failure on the console and goes on: a half-initialised guest that still
+serves the agent API is far easier to debug than a kernel panic from a dead PID 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from agent import syscalls
+
+MODULES_LIST = "/etc/kata-agent/modules.list"
+CGROUP_CONTROLLERS = ("cpu", "memory", "pids", "io")
+
+# (fstype, source, target, flags, data)
+_MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
+    ("devpts", "devpts", "/dev/pts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+     "newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    ("tmpfs", "shm", "/dev/shm", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777"),
+    ("tmpfs", "tmpfs", "/run", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755"),
+    ("tmpfs", "tmpfs", "/tmp", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777"),
+    ("cgroup2", "cgroup2", "/sys/fs/cgroup",
+     syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, "nsdelegate"),
+)
+
+
+def warn(message: str) -> None:
+    print(f"kata-agent: {message}", file=sys.stderr, flush=True)
+
+
+def setup() -> None:
+    """Everything PID 1 must do before serving (see module docstring)."""
+    load_modules(MODULES_LIST)
+    mount_basics()
+    enable_cgroup_controllers("/sys/fs/cgroup")
+    link_virtio_ports()
+
+
+def load_modules(list_path: str) -> None:
+    try:
+        with open(list_path) as f:
+            paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        return
+    for path in paths:
+        try:
+            syscalls.finit_module(path)
+        except OSError as exc:
+            warn(f"cannot load module {path}: {exc}")
+
+
+def mounted_targets() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1] for line in f if len(line.split()) > 1}
+
+
+def mount_basics() -> None:
+    done = mounted_targets()
+    for fstype, source, target, flags, data in _MOUNTS:
+        if target in done:
+            continue
+        try:
+            os.makedirs(target, exist_ok=True)
+            syscalls.mount(source, target, fstype, flags, data)
+        except OSError as exc:
+            warn(f"cannot mount {fstype} on {target}: {exc}")
+    if not os.path.exists("/dev/ptmx"):
+        os.symlink("pts/ptmx", "/dev/ptmx")
+
+
+def enable_cgroup_controllers(root: str) -> None:
+    try:
+        with open(os.path.join(root, "cgroup.controllers")) as f:
+            available = set(f.read().split())
+    except OSError as exc:
+        warn(f"no cgroup2 at {root}: {exc}")
+        return
+    wanted = [c for c in CGROUP_CONTROLLERS if c in available]
+    try:
+        with open(os.path.join(root, "cgroup.subtree_control"), "w") as f:
+            f.write(" ".join(f"+{c}" for c in wanted))
+    except OSError as exc:
+        warn(f"cannot enable cgroup controllers {wanted}: {exc}")
+
+
+def link_virtio_ports(sys_dir: str = "/sys/class/virtio-ports",
+                      dev_dir: str = "/dev/virtio-ports") -> None:
+    """``/dev/virtio-ports/<name>`` -> ``../vportNpM``, as udev would make them."""
+    try:
+        entries = os.listdir(sys_dir)
+    except FileNotFoundError:
+        return
+    os.makedirs(dev_dir, exist_ok=True)
+    for entry in entries:
+        try:
+            with open(os.path.join(sys_dir, entry, "name")) as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        link = os.path.join(dev_dir, name)
+        if name and "/" not in name and not os.path.lexists(link):
+            os.symlink(f"../{entry}", link)

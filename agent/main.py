@@ -1,0 +1,178 @@
+"""kata-agent main: parse flags, do PID-1 duties, serve the agent API until killed.
+
+Theory of operation
+-------------------
+Two modes, one code path:
+
+* guest (default, no ``--listen``): the agent is PID 1, exec'd by busybox ``/init``. It
+  runs :func:`agent.init.setup` (modules, mounts, cgroup2, device links), then serves on
+  vsock or the virtio-serial port. PID 1 reaps every orphan in the VM: :mod:`agent.reaper`.
+* host (``--listen unix:PATH``): for tests. No init duties (they would clobber the host);
+  the agent makes itself a child subreaper so container processes still come to it, and
+  ``--crun-root``/``--run-dir``/``--cgroup-parent`` keep its state private.
+
+Start-up is what the guest pays for under TCG, so imports are few and late: this module
+imports only the standard library at first; protobuf, ttrpc and the service arrive in
+:func:`_serve`. When serving begins one line goes to the console (stderr), e.g.
+``kata-agent: serving on /dev/vport1p1 after 0.93s (guest uptime 3.41s)``; the same
+numbers are kept for GetGuestDetails. "after" counts from the agent's exec when /init
+exported ``KATA_AGENT_EXEC_UPTIME`` (its /proc/uptime reading before ``exec``), else from
+the process start time in /proc/self/stat (host mode), else from the first agent import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import agent
+
+if TYPE_CHECKING:
+    from agent.container import Containers
+
+USAGE = """\
+usage: kata-agent [--listen unix:PATH | vsock:PORT | serial:DEV] [--run-dir DIR]
+                  [--crun PATH] [--crun-root DIR] [--cgroup-parent PATH] [--cgroup-root DIR]
+
+Without --listen: guest mode (PID 1): init duties, then serve on vsock port 1024 or the
+virtio-serial port agent.channel.0. With --listen: host/test mode (a child subreaper).
+--cgroup-parent "" runs crun without cgroups (hosts with cgroup v1).
+"""
+
+
+@dataclass
+class Options:
+    listen: str | None = None
+    run_dir: str = "/run/kata-containers"
+    crun: str = "/usr/bin/crun"
+    crun_root: str = "/run/crun"
+    cgroup_parent: str = "/kata"
+    cgroup_root: str = "/sys/fs/cgroup"
+
+
+_FLAGS = {
+    "--listen": "listen", "--run-dir": "run_dir", "--crun": "crun", "--crun-root": "crun_root",
+    "--cgroup-parent": "cgroup_parent", "--cgroup-root": "cgroup_root",
+}
+
+
+def parse_args(argv: list[str]) -> Options | None:
+    """Flags as ``--name value`` or ``--name=value``; None means --help. (No argparse:
+    it is a measurable import under TCG.)"""
+    opts = Options()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            return None
+        name, eq, value = arg.partition("=")
+        if name not in _FLAGS:
+            raise SystemExit(f"kata-agent: unknown argument {arg!r}\n{USAGE}")
+        if not eq:
+            if not args:
+                raise SystemExit(f"kata-agent: {name} needs a value")
+            value = args.pop(0)
+        setattr(opts, _FLAGS[name], value)
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts is None:
+        print(USAGE, end="")
+        return 0
+    guest = opts.listen is None
+    import asyncio  # not before --help: asyncio alone is ~50 ms of imports on the host
+
+    from agent import init, syscalls
+
+    if guest and os.getpid() == 1:
+        init.setup()
+    elif guest:
+        init.warn("not PID 1: skipping init duties")
+    else:
+        syscalls.set_child_subreaper()
+    # SIGTERM/SIGINT in host mode cancel the serve task; containers are removed on the way out.
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(_serve(opts, guest))
+    return 0
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def seconds_since_exec(now_uptime: float) -> float:
+    """Time from the agent's exec (best available estimate, see module docstring)."""
+    exported = os.environ.get("KATA_AGENT_EXEC_UPTIME")
+    if exported:
+        try:
+            return now_uptime - float(exported)
+        except ValueError:
+            pass
+    if os.getpid() != 1:
+        try:
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return now_uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return time.monotonic() - agent.STARTED_MONOTONIC
+
+
+async def _serve(opts: Options, guest: bool) -> None:
+    import asyncio
+    import signal
+
+    from agent import channel, init
+    from agent.container import Containers, RuntimeConfig
+    from agent.crun import CrunConfig
+    from agent.reaper import Reaper
+    from agent.service import SERVICE, AgentService, StartupInfo
+    from agent.storage import Storages
+    from ttrpc import Server
+
+    loop = asyncio.get_running_loop()
+    reaper = Reaper()
+    reaper.install(loop)
+    config = RuntimeConfig(
+        run_dir=opts.run_dir, cgroup_root=opts.cgroup_root, cgroup_parent=opts.cgroup_parent,
+        crun=CrunConfig(binary=opts.crun, root=opts.crun_root, cgroups=bool(opts.cgroup_parent)),
+    )
+    os.makedirs(config.run_dir, mode=0o711, exist_ok=True)
+    containers = Containers(config, reaper)
+    startup = StartupInfo()
+    service = AgentService(containers, Storages(config.run_dir), startup, set_hostname=guest)
+    server = Server()
+    server.register(SERVICE, service.methods())
+
+    def on_ready(where: str) -> None:
+        startup.uptime_seconds = now = uptime()
+        startup.init_seconds = seconds_since_exec(now)
+        init.warn(f"serving on {where} after {startup.init_seconds:.2f}s "
+                  f"(guest uptime {now:.2f}s)")
+        if guest:
+            init.link_virtio_ports()  # ports appear asynchronously after module load
+
+    task = asyncio.current_task()
+    assert task is not None
+    if not guest:  # host mode: a clean stop that leaves no container behind
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        await channel.serve(server.serve_connection, opts.listen, on_ready)
+    finally:
+        await asyncio.shield(_teardown(containers))
+        reaper.uninstall()
+
+
+async def _teardown(containers: Containers) -> None:
+    try:
+        await containers.remove_all()
+    except Exception as exc:  # teardown goes on: report, never mask the original exit
+        print(f"kata-agent: teardown: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,191 @@
+"""The ``kata.agent.v1.AgentService`` ttrpc handlers.
+
+Theory of operation
+-------------------
+A thin adapter: each handler validates and unpacks its protobuf request, calls
+:class:`~agent.container.Containers` / :class:`~agent.storage.Storages`, and packs the
+reply. The core raises :class:`agent.errors.AgentError` (wire-free); :func:`_api` turns
+that into ``TtrpcError`` with the same status code, and an ``OSError`` into INTERNAL, so
+the host always gets a code it can act on (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION,
+INVALID_ARGUMENT). Handlers run concurrently (ttrpc serves each request in its own task):
+WaitProcess and ReadStdout are long polls that park on futures/fds, never on the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+
+from agent import validate
+from agent.container import Containers
+from agent.errors import AgentError, InvalidArgument
+from agent.storage import StorageRequest, Storages
+from protocols import agent_pb2 as pb
+from ttrpc import Code, TtrpcError
+
+SERVICE = "kata.agent.v1.AgentService"
+AGENT_VERSION = "0.1.0"
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})")
+
+Req = TypeVar("Req", bound=Message)
+Handler = Callable[[Any], Awaitable[Message]]
+
+
+@dataclass
+class StartupInfo:
+    """Measured by main when serving began; reported by GetGuestDetails."""
+
+    init_seconds: float = 0.0     # agent exec (interpreter start) -> serving
+    uptime_seconds: float = 0.0   # guest uptime when serving began
+
+
+def _api(fn: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[Message]]:
+    async def handler(request: Req) -> Message:
+        try:
+            return await fn(request)
+        except AgentError as exc:
+            raise TtrpcError(Code(exc.code), str(exc)) from exc
+        except OSError as exc:
+            raise TtrpcError(Code.INTERNAL, str(exc)) from exc
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+class AgentService:
+    def __init__(self, containers: Containers, storages: Storages, startup: StartupInfo,
+                 set_hostname: bool) -> None:
+        self._containers = containers
+        self._storages = storages
+        self._startup = startup
+        self._set_hostname = set_hostname
+        self.hostname = ""
+
+    def methods(self) -> dict[str, tuple[type[Message], Handler]]:
+        """The method table for ``ttrpc.Server.register(SERVICE, ...)``."""
+        table: dict[str, tuple[type[Message], Handler]] = {
+            "CreateSandbox": (pb.CreateSandboxRequest, self.create_sandbox),
+            "DestroySandbox": (pb.DestroySandboxRequest, self.destroy_sandbox),
+            "GetGuestDetails": (pb.GuestDetailsRequest, self.get_guest_details),
+            "CreateContainer": (pb.CreateContainerRequest, self.create_container),
+            "StartContainer": (pb.StartContainerRequest, self.start_container),
+            "RemoveContainer": (pb.RemoveContainerRequest, self.remove_container),
+            "ExecProcess": (pb.ExecProcessRequest, self.exec_process),
+            "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
+            "WaitProcess": (pb.WaitProcessRequest, self.wait_process),
+            "ListProcesses": (pb.ListProcessesRequest, self.list_processes),
+            "WriteStdin": (pb.WriteStreamRequest, self.write_stdin),
+            "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
+            "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
+            "CloseStdin": (pb.CloseStdinRequest, self.close_stdin),
+            "TtyWinResize": (pb.TtyWinResizeRequest, self.tty_win_resize),
+            "Check": (pb.CheckRequest, self.check),
+            "Version": (pb.CheckRequest, self.version),
+        }
+        return {name: (req, _api(fn)) for name, (req, fn) in table.items()}
+
+    # -- sandbox ----------------------------------------------------------------------
+
+    async def create_sandbox(self, req: pb.CreateSandboxRequest) -> Message:
+        if req.hostname:
+            if not _HOSTNAME.fullmatch(req.hostname):
+                raise InvalidArgument(f"invalid hostname {req.hostname!r}")
+            if self._set_hostname:  # never on the host (test mode): it is not ours
+                socket.sethostname(req.hostname)
+            self.hostname = req.hostname
+        for st in req.storages:
+            self._storages.add(StorageRequest(st.driver, st.source, st.fstype,
+                                              tuple(st.options), st.mount_point))
+        return empty_pb2.Empty()
+
+    async def destroy_sandbox(self, req: pb.DestroySandboxRequest) -> Message:
+        await self._containers.remove_all()
+        errors = self._storages.remove_all()
+        if errors:
+            raise TtrpcError(Code.INTERNAL, "; ".join(errors))
+        return empty_pb2.Empty()
+
+    async def get_guest_details(self, req: pb.GuestDetailsRequest) -> Message:
+        return pb.GuestDetailsResponse(
+            agent_details=pb.AgentDetails(
+                version=AGENT_VERSION, init_daemon=os.getpid() == 1,
+                storage_handlers=["virtio-fs", "9p", "local"],
+            ),
+            kernel_release=os.uname().release,
+            agent_startup_seconds=self._startup.uptime_seconds,
+            agent_init_seconds=self._startup.init_seconds,
+        )
+
+    async def check(self, req: pb.CheckRequest) -> Message:
+        return pb.HealthCheckResponse(status=pb.HealthCheckResponse.SERVING)
+
+    async def version(self, req: pb.CheckRequest) -> Message:
+        return pb.VersionCheckResponse(grpc_version="ttrpc", agent_version=AGENT_VERSION)
+
+    # -- containers and processes -----------------------------------------------------
+
+    async def create_container(self, req: pb.CreateContainerRequest) -> Message:
+        if req.exec_id:
+            validate.check_exec_id(req.exec_id)  # informational only, like Kata's
+        await self._containers.create(req.container_id, req.oci_spec_json,
+                                      req.terminal, req.stdin)
+        return empty_pb2.Empty()
+
+    async def start_container(self, req: pb.StartContainerRequest) -> Message:
+        return pb.StartContainerResponse(pid=await self._containers.start(req.container_id))
+
+    async def remove_container(self, req: pb.RemoveContainerRequest) -> Message:
+        await self._containers.remove(req.container_id, float(req.timeout) or None)
+        return empty_pb2.Empty()
+
+    async def exec_process(self, req: pb.ExecProcessRequest) -> Message:
+        pid = await self._containers.exec(req.container_id, req.exec_id, req.process_json,
+                                          req.stdin)
+        return pb.ExecProcessResponse(pid=pid)
+
+    async def signal_process(self, req: pb.SignalProcessRequest) -> Message:
+        self._containers.signal(req.container_id, req.exec_id, req.signal, req.all)
+        return empty_pb2.Empty()
+
+    async def wait_process(self, req: pb.WaitProcessRequest) -> Message:
+        process = self._containers.process(req.container_id, req.exec_id)
+        return pb.WaitProcessResponse(status=await process.wait())
+
+    async def list_processes(self, req: pb.ListProcessesRequest) -> Message:
+        return pb.ListProcessesResponse(pids=self._containers.pids(req.container_id))
+
+    # -- stdio ------------------------------------------------------------------------
+
+    async def write_stdin(self, req: pb.WriteStreamRequest) -> Message:
+        validate.check_size("data", len(req.data), validate.MAX_WRITE)
+        process = self._containers.process(req.container_id, req.exec_id)
+        return pb.WriteStreamResponse(len=await process.stdin.write(req.data))
+
+    async def read_stdout(self, req: pb.ReadStreamRequest) -> Message:
+        process = self._containers.process(req.container_id, req.exec_id)
+        return pb.ReadStreamResponse(data=await process.stdout.read(validate.read_len(req.len)))
+
+    async def read_stderr(self, req: pb.ReadStreamRequest) -> Message:
+        process = self._containers.process(req.container_id, req.exec_id)
+        return pb.ReadStreamResponse(data=await process.stderr.read(validate.read_len(req.len)))
+
+    async def close_stdin(self, req: pb.CloseStdinRequest) -> Message:
+        await self._containers.process(req.container_id, req.exec_id).stdin.close()
+        return empty_pb2.Empty()
+
+    async def tty_win_resize(self, req: pb.TtyWinResizeRequest) -> Message:
+        process = self._containers.process(req.container_id, req.exec_id)
+        if not process.terminal:
+            raise InvalidArgument("the process has no terminal")
+        if not (0 < req.row <= 0xFFFF and 0 < req.column <= 0xFFFF):
+            raise InvalidArgument(f"invalid window size {req.row}x{req.column}")
+        process.resize(req.row, req.column)
+        return empty_pb2.Empty()

@@ -1,0 +1,123 @@
+"""Process stdio ends owned by the agent: pipes and pty masters, read and written on demand.
+
+Theory of operation
+-------------------
+Each process has up to three ends on our side: stdin (we write), stdout and stderr (we
+read). They are plain non-blocking fds driven by ``loop.add_reader``/``add_writer``; no
+pump task copies data in the background. A ReadStdout request performs one ``os.read`` as
+soon as the fd is readable, so output produced before the host asks simply waits in the
+kernel's pipe buffer (and the writer blocks when it is full: back-pressure, nothing lost).
+
+End of stream is ``b""``: a pipe read returning 0 bytes, or EIO on a pty master (the slave
+side hung up). Once EOF was seen the fd is closed and every later read returns ``b""``.
+Closing an end wakes a reader or writer parked on it, so RemoveContainer never hangs.
+A terminal process has one pty master; the reader and the writer each own a ``dup`` of it
+so that they can be closed independently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+
+from agent.errors import FailedPrecondition
+
+
+class _FdEnd:
+    """A non-blocking fd with an awaitable readiness wait that ``close`` interrupts."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+        self._lock = asyncio.Lock()
+        self._ready: asyncio.Future[None] | None = None
+
+    async def _wait(self, fd: int, writable: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._ready = fut = loop.create_future()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        (loop.add_writer if writable else loop.add_reader)(fd, wake)
+        try:
+            await fut
+        finally:
+            # After close_now the number may already belong to another fd: leave it alone.
+            if self.fd == fd:
+                (loop.remove_writer if writable else loop.remove_reader)(fd)
+            self._ready = None
+
+    def close_now(self) -> None:
+        """Close the fd, waking anyone parked on it (they then see it closed)."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+        os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd is None
+
+
+class StreamReader(_FdEnd):
+    """Our read end of a process's stdout/stderr (a pipe or a pty master)."""
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes as soon as any are available; ``b""`` at end of stream."""
+        async with self._lock:
+            while self.fd is not None:
+                try:
+                    data = os.read(self.fd, n)
+                except BlockingIOError:
+                    await self._wait(self.fd, writable=False)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EIO:  # EIO: pty slave closed, i.e. EOF
+                        raise
+                    data = b""
+                if not data:
+                    self.close_now()
+                return data
+            return b""
+
+
+class StreamWriter(_FdEnd):
+    """Our write end of a process's stdin (a pipe or a pty master)."""
+
+    def __init__(self, fd: int | None, eof_byte: bytes = b"") -> None:
+        super().__init__(fd)
+        # A pty has no "close the write end" EOF: send the terminal's EOF char (^D) instead.
+        self._eof_byte = eof_byte
+
+    async def write(self, data: bytes) -> int:
+        """Write all of ``data`` (waiting while the pipe is full); returns its length."""
+        async with self._lock:
+            view = memoryview(data)
+            while view:
+                if self.fd is None:
+                    raise FailedPrecondition("stdin is closed")
+                try:
+                    view = view[os.write(self.fd, view) :]
+                except BlockingIOError:
+                    await self._wait(self.fd, writable=True)
+                except BrokenPipeError as exc:
+                    raise FailedPrecondition("the process closed its stdin") from exc
+            return len(data)
+
+    async def close(self) -> None:
+        """Close after pending writes went out (they hold the lock)."""
+        async with self._lock:
+            if self.fd is not None and self._eof_byte:
+                with contextlib.suppress(OSError):  # a gone terminal needs no EOF
+                    os.write(self.fd, self._eof_byte)
+            self.close_now()

@@ -1,0 +1,89 @@
+"""agent.streams: on-demand reads, EOF, pty EIO, close wakes parked readers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pty
+
+import pytest
+
+from agent.errors import FailedPrecondition
+from agent.streams import StreamReader, StreamWriter
+
+
+def test_pipe_data_then_eof() -> None:
+    async def main() -> None:
+        r, w = os.pipe()
+        reader = StreamReader(r)
+        os.write(w, b"early")               # written before anyone reads: kept in the pipe
+        assert await reader.read(100) == b"early"
+        later = asyncio.ensure_future(reader.read(100))
+        await asyncio.sleep(0.01)
+        assert not later.done()              # a long poll
+        os.write(w, b"late")
+        assert await later == b"late"
+        os.close(w)
+        assert await reader.read(100) == b""
+        assert await reader.read(100) == b""  # EOF is sticky
+        assert reader.closed
+
+    asyncio.run(main())
+
+
+def test_close_wakes_parked_reader() -> None:
+    async def main() -> None:
+        r, w = os.pipe()
+        reader = StreamReader(r)
+        parked = asyncio.ensure_future(reader.read(10))
+        await asyncio.sleep(0.01)
+        reader.close_now()
+        assert await asyncio.wait_for(parked, 1) == b""
+        os.close(w)
+
+    asyncio.run(main())
+
+
+def test_writer_blocks_until_drained_then_closes() -> None:
+    async def main() -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)            # the test drains it between loop iterations
+        writer = StreamWriter(w)
+        big = b"x" * (1 << 20)               # far more than a pipe buffer
+        writing = asyncio.ensure_future(writer.write(big))
+        got = b""
+        while len(got) < len(big):
+            await asyncio.sleep(0)
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(r, 1 << 16)
+        assert await writing == len(big)
+        await writer.close()
+        assert os.read(r, 10) == b""         # EOF reached the reader
+        with pytest.raises(FailedPrecondition):
+            await writer.write(b"more")
+        os.close(r)
+
+    asyncio.run(main())
+
+
+def test_broken_pipe_is_failed_precondition() -> None:
+    async def main() -> None:
+        r, w = os.pipe()
+        os.close(r)
+        with pytest.raises(FailedPrecondition):
+            await StreamWriter(w).write(b"x")
+
+    asyncio.run(main())
+
+
+def test_pty_hangup_is_eof() -> None:
+    async def main() -> None:
+        master, slave = pty.openpty()
+        reader = StreamReader(master)
+        os.write(slave, b"hi\n")
+        assert b"hi" in await reader.read(100)
+        os.close(slave)                      # the process side hung up: EIO on the master
+        assert await reader.read(100) == b""
+
+    asyncio.run(main())

@@ -1,0 +1,103 @@
+"""agent.validate and agent.spec: what the host may and may not send."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.errors import InvalidArgument
+from agent.spec import check_process, parse_json_object, rewrite_spec
+from agent.validate import MAX_READ, check_exec_id, check_guest_path, check_id, read_len
+
+RUN = "/run/kata-containers"
+
+
+@pytest.mark.parametrize("good", ["a", "c1", "A.b-c_d", "0" * 128])
+def test_ids_accepted(good: str) -> None:
+    assert check_id("container_id", good) == good
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "-x", "a/b", "../x", "a b", "x\n", "0" * 129])
+def test_ids_rejected(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match="container_id"):
+        check_id("container_id", bad)
+
+
+def test_exec_id_empty_means_init() -> None:
+    assert check_exec_id("") == ""
+    with pytest.raises(InvalidArgument):
+        check_exec_id("../e")
+
+
+@pytest.mark.parametrize("path", [RUN, f"{RUN}/shared/x", f"{RUN}//a/./b"])
+def test_guest_paths_under_root(path: str) -> None:
+    assert check_guest_path("p", path, RUN).startswith(RUN)
+
+
+@pytest.mark.parametrize("path", ["relative", "/etc", f"{RUN}/../../etc", f"{RUN}-other/x",
+                                  f"{RUN}/a\0b"])
+def test_guest_paths_escaping(path: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_guest_path("p", path, RUN)
+
+
+def test_read_len_is_capped() -> None:
+    assert read_len(0) == MAX_READ
+    assert read_len(10) == 10
+    assert read_len(1 << 30) == MAX_READ
+
+
+def _spec(**overrides: object) -> dict[str, object]:
+    spec: dict[str, object] = {
+        "root": {"path": f"{RUN}/shared/containers/c1/rootfs"},
+        "process": {"args": ["sh"], "terminal": False},
+        "hooks": {"prestart": [{"path": "/host/hook"}]},
+        "linux": {
+            "cgroupsPath": "/host/slice:cri:c1",
+            "namespaces": [
+                {"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"},
+                {"type": "network"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "mount"},
+            ],
+        },
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_spec_rewrite() -> None:
+    original = _spec()
+    spec = rewrite_spec(original, "c1", RUN, "/kata", terminal=True)
+    assert spec["linux"]["cgroupsPath"] == "/kata/c1"
+    assert spec["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
+    assert "hooks" not in spec
+    assert spec["process"]["terminal"] is True
+    assert original["hooks"]  # the input is not modified
+
+
+def test_spec_rewrite_without_cgroups() -> None:
+    spec = rewrite_spec(_spec(), "c1", RUN, None, terminal=False)
+    assert "cgroupsPath" not in spec["linux"]
+
+
+@pytest.mark.parametrize("override", [
+    {"root": {"path": "/etc"}}, {"root": {"path": f"{RUN}/../x"}}, {"root": None},
+    {"process": {"args": []}}, {"process": None}, {"linux": []},
+])
+def test_spec_rejected(override: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        rewrite_spec(_spec(**override), "c1", RUN, "/kata", terminal=False)
+
+
+def test_parse_json_object() -> None:
+    assert parse_json_object("x", json.dumps({"a": 1}).encode()) == {"a": 1}
+    for bad in (b"[1]", b"{", b"\xff"):
+        with pytest.raises(InvalidArgument):
+            parse_json_object("x", bad)
+
+
+def test_check_process() -> None:
+    assert check_process({"args": ["ls"]})["cwd"] == "/"
+    for bad in ({}, {"args": []}, {"args": "ls"}, {"args": [1]}):
+        with pytest.raises(InvalidArgument):
+            check_process(bad)
