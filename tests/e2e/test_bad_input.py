@@ -1,0 +1,49 @@
+"""Bad input gets a clear error naming its cause, and leaves nothing behind (the `kata`
+fixture checks for leftover QEMU/virtiofsd/shim processes, mounts, sockets, state dirs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from tests.harness import procs, scenarios
+from tests.harness.kata import Kata
+from tests.harness.scenarios import KATA, explain, run_detached, run_rm
+
+MISSING_KERNEL = "/no/such/dir/vmlinuz-ktest"
+
+
+def test_missing_kernel_is_named(kata: Kata) -> None:
+    kata.write_config({"hypervisor.qemu": {"kernel": MISSING_KERNEL}})
+    res = run_rm(kata.cd, KATA, "t1", "true")
+    assert res.returncode != 0, explain(res)
+    assert MISSING_KERNEL in res.stderr, explain(res)
+    assert "t1" not in kata.cd.containers(), "ctr run --rm left its container"
+
+
+def test_missing_command_is_named(kata: Kata) -> None:
+    scenarios.check_missing_command(kata.cd, KATA)
+
+
+def test_duplicate_id_is_refused(kata: Kata) -> None:
+    scenarios.check_duplicate_id(kata.cd, KATA)
+
+
+def test_shim_killed_leaves_nothing(kata: Kata) -> None:
+    """SIGKILL the shim daemon: containerd notices, runs `shim delete`, and that must take
+    down QEMU and virtiofsd and remove the sandbox's state."""
+    cd, cid = kata.cd, "t1"
+    run_detached(cd, KATA, cid, "sleep", "300")
+    daemons = kata.shim_daemons()
+    assert len(daemons) == 1, f"expected one shim daemon, found {daemons}"
+    assert kata.qemu_processes(), "no QEMU for the running container"
+    os.kill(daemons[0].pid, signal.SIGKILL)
+
+    gone = procs.wait_until(lambda: not procs.matching(
+        ("qemu-system", "virtiofsd", "containerd-shim-kata-v2"), scope=[str(cd.dir)]), 30)
+    assert gone, f"left 30 s after the shim was killed: {kata.qemu_processes()}"
+    assert procs.wait_until(lambda: not kata.sandbox_dirs(), 30), kata.sandbox_dirs()
+    assert procs.wait_until(lambda: cd.tasks().get(cid) != "RUNNING", 30), cd.tasks()
+    cd.ctr("task", "delete", cid)
+    res = cd.ctr("container", "delete", cid)
+    assert res.returncode == 0, explain(res)

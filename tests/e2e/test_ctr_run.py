@@ -1,0 +1,55 @@
+"""Kata acceptance tests: `ctr` driving containerd-shim-kata-v2 (one QEMU VM per pod).
+
+The runtime-independent checks are the ones test_harness_runc.py proves with runc; here
+they run with io.containerd.kata.v2, plus what only a VM can show (the guest's kernel, the
+QEMU process). The `kata` fixture asserts after every test that no QEMU, virtiofsd, shim,
+mount, socket or sandbox state dir is left.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.harness import scenarios
+from tests.harness.kata import Kata
+from tests.harness.scenarios import KATA, detached, explain, run_rm
+
+
+def test_uname_prints_the_guest_kernel(kata: Kata) -> None:
+    host = os.uname().release
+    assert kata.guest_release != host, (
+        f"guest kernel release {kata.guest_release!r} equals the host's: this test could "
+        "not tell a VM from a plain container")
+    res = run_rm(kata.cd, KATA, "t1", "uname", "-r")
+    assert res.returncode == 0, explain(res)
+    assert res.stdout.strip() == kata.guest_release, explain(res)
+
+
+def test_a_qemu_vm_runs_the_sandbox(kata: Kata) -> None:
+    cid = "ktest-sleeper"
+    with detached(kata.cd, KATA, cid, "sleep", "30"):
+        qemus = kata.qemu_processes()
+        assert any(cid in p.cmdline for p in qemus), (
+            f"no qemu-system process naming sandbox {cid}; ours: {qemus}")
+        assert any(d.name == cid for d in kata.sandbox_dirs()), kata.sandbox_dirs()
+        assert len(kata.shim_daemons()) == 1, kata.shim_daemons()
+        res = kata.cd.ctr("task", "exec", "--exec-id", "e1", cid, "uname", "-r")
+        assert res.stdout.strip() == kata.guest_release, explain(res)
+
+
+@pytest.mark.parametrize("check", [
+    scenarios.check_echo,
+    scenarios.check_exit_code,
+    scenarios.check_stdout_stderr_apart,
+    scenarios.check_stdin,
+    scenarios.check_tty_size,
+    scenarios.check_tty_resize,
+    scenarios.check_exec,
+    scenarios.check_ps,
+    scenarios.check_kill_term,
+    scenarios.check_kill_all,
+], ids=lambda c: c.__name__.removeprefix("check_"))
+def test_kata(kata: Kata, check: scenarios.Check) -> None:
+    check(kata.cd, KATA)
