@@ -7,10 +7,11 @@ Theory of operation
 * ``unix:/path`` - a listening unix socket (host tests, non-PID-1 mode);
 * ``vsock:PORT`` - AF_VSOCK listening on any CID;
 * ``serial:/dev/vportNpM`` - that virtio-serial port;
-* ``None`` (the guest default) - vsock port 1024 when ``/dev/vsock`` exists and an
-  AF_VSOCK socket can be bound, else the virtio-serial port named ``agent.channel.0``
-  (found through ``/sys/class/virtio-ports/*/name``; the port appears asynchronously after
-  virtio_console loads, so it is polled for).
+* ``None`` (the guest default) - vsock port 1024 when the VM has a virtio-vsock device
+  (``/dev/vsock`` alone proves nothing: it exists once the module loads), else the
+  virtio-serial port named ``agent.channel.0`` (found through
+  ``/sys/class/virtio-ports/*/name``; the port appears asynchronously after virtio_console
+  loads, so it is polled for).
 
 A serial port is one byte stream, one host at a time. While no host client is connected
 the port polls HUP and a read returns EOF at once, so the loop is: open the char device,
@@ -71,8 +72,31 @@ async def serve_unix(handler: ServeFn, path: str, on_ready: ReadyFn) -> None:
         await server.serve_forever()
 
 
+VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+VIRTIO_ID_VSOCK = 0x13
+
+
+def has_virtio_vsock(devices_dir: str = VIRTIO_DEVICES) -> bool:
+    """Whether the VM has a virtio-vsock device (``/dev/vsock`` exists without one)."""
+    try:
+        names = os.listdir(devices_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            with open(os.path.join(devices_dir, name, "device"), encoding="ascii") as f:
+                if int(f.read().strip(), 16) == VIRTIO_ID_VSOCK:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def vsock_available() -> bool:
+    """vsock is used only when the VM has a vsock device and the transport is loaded."""
     if not os.path.exists("/dev/vsock") or not hasattr(socket, "AF_VSOCK"):
+        return False
+    if not has_virtio_vsock():
         return False
     try:
         socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()

@@ -371,7 +371,7 @@ def build_tree(
     if tree.exists():
         shutil.rmtree(tree)
     tree.mkdir(parents=True)
-    for d in ("proc", "sys", "dev", "run", "tmp", "etc/kata-agent", "root", "mnt"):
+    for d in ("proc", "sys", "dev", "run", "tmp", "etc/kata-agent", "root", "mnt", "newroot"):
         (tree / d).mkdir(parents=True, exist_ok=True)
     (tree / "tmp").chmod(0o1777)
     (tree / "root").chmod(0o700)

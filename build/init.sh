@@ -1,7 +1,15 @@
 #!/bin/sh
-# kata-py guest /init (busybox sh): mount the API filesystems, then hand PID 1 to the agent.
-# Keep it short: every command costs ~20x its host time under QEMU TCG.
+# kata-py guest /init (busybox sh): make the root pivotable, mount the API filesystems,
+# then hand PID 1 to the agent. Keep it short: every command costs ~20x under QEMU TCG.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+if [ "$1" != "stage2" ]; then
+    # The initramfs root cannot be pivot_root'ed (crun needs that for every container).
+    # Put a bind mount of it on top of / and chroot into that: same files, no copying.
+    mount -o bind / /newroot
+    cd /newroot
+    mount -o move . /
+    exec chroot . /init stage2
+fi
 mount -t proc -o nosuid,nodev,noexec proc /proc
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from sandbox.config import load_config
 from sandbox.errors import SandboxError
@@ -101,6 +102,7 @@ async def _serve(flags: Flags, listener: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, terminate.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     log.info("shim daemon serving", extra=kv(pid=os.getpid(), config=config.path))
     serving = asyncio.ensure_future(server.serve_listener(listener))
     ended = [asyncio.ensure_future(e.wait()) for e in (shutdown, terminate)]
@@ -111,6 +113,19 @@ async def _serve(flags: Flags, listener: socket.socket) -> int:
     await asyncio.wait([serving, *ended])
     await publisher.close()
     return code
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task's await chain (containerd's shims dump goroutines)."""
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(chain) < 32:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        log.info("task %s: %s", task.get_name(), " -> ".join(chain) or "(no frames)")
 
 
 async def _finish(pod: Pod, serving: asyncio.Task[None], terminated: bool) -> int:

@@ -135,10 +135,20 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+BINARY_NAME = "containerd-shim-kata-v2"
+
+
 def self_command() -> list[str]:
-    """How to execute this program again (frozen binary or ``python -m shim``)."""
+    """How to execute this program again: frozen binary, launcher script, or ``-m shim``.
+
+    The launcher is preferred so that the daemon's command line names
+    containerd-shim-kata-v2, as operators (and `ps`-based tooling) expect.
+    """
     if getattr(sys, "frozen", False):
         return [sys.executable]
+    launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if launcher is not None and launcher.name == BINARY_NAME and launcher.is_file():
+        return [sys.executable, str(launcher)]
     return [sys.executable, "-P", "-m", "shim"]
 
 

@@ -31,6 +31,7 @@ calls ``on_exit`` (which publishes /tasks/exit).
 from __future__ import annotations
 
 import asyncio
+import functools
 import enum
 import logging
 import time
@@ -249,7 +250,15 @@ class Process:
 
     # internals
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:
-        self._tasks[name] = asyncio.ensure_future(coro)
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(functools.partial(self._task_done, name))
+        self._tasks[name] = task
+
+    def _task_done(self, name: str, task: asyncio.Future[None]) -> None:
+        if task.cancelled():
+            log.debug("%s task of %s cancelled", name, self.name)
+        elif task.exception() is not None:
+            log.error("%s task of %s failed: %r", name, self.name, task.exception())
 
     async def _stop_tasks_and_io(self) -> None:
         current = asyncio.current_task()

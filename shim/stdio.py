@@ -195,14 +195,16 @@ class FifoSource:
             await asyncio.wait({self._opener}, timeout=0.01)
 
     async def close(self) -> None:
-        """Close stdin; a still-blocked open is released by briefly opening the write end."""
+        """Close stdin (idempotent); a still-blocked open is released by opening the write end."""
+        if self._closed:
+            return
         self._closed = True
         await self._release_opener()
         opener = self._opener
         if not opener.done():
             opener.cancel()  # its thread closes the fd if the open ever completes
-        elif not opener.cancelled() and opener.exception() is None and opener.result() != self.fd:
-            os.close(opener.result())
+        elif not opener.cancelled() and opener.exception() is None and self.fd is None:
+            os.close(opener.result())  # opened but never adopted by read()
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)

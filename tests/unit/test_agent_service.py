@@ -106,3 +106,17 @@ def test_storage_rejects_unknown_driver(tmp_path: Path) -> None:
         storages.add(StorageRequest("nfs", "x", "", (), f"{tmp_path}/m"))
     with pytest.raises(InvalidArgument):
         storages.add(StorageRequest("virtio-fs", "x", "ext4", (), f"{tmp_path}/m"))
+
+
+def test_vsock_needs_a_virtio_vsock_device(tmp_path: Path) -> None:
+    from agent.channel import has_virtio_vsock
+
+    console = tmp_path / "virtio0"
+    console.mkdir()
+    (console / "device").write_text("0x0003\n")
+    assert not has_virtio_vsock(str(tmp_path))
+    vsock = tmp_path / "virtio1"
+    vsock.mkdir()
+    (vsock / "device").write_text("0x0013\n")
+    assert has_virtio_vsock(str(tmp_path))
+    assert not has_virtio_vsock(str(tmp_path / "missing"))

@@ -179,3 +179,26 @@ def test_unknown_scheme_is_invalid(tmp_path: Path) -> None:
             await open_stdio("", "tcp://x", "", False, "c1", "default")
 
     asyncio.run(run())
+
+
+def test_closing_stdin_twice_closes_its_fd_once(tmp_path: Path) -> None:
+    stdin, _, _ = fifos(tmp_path)
+
+    async def run() -> None:
+        io = await open_stdio(stdin, "", "", False, "c1", "default")
+        assert io.stdin is not None
+        writer = await asyncio.to_thread(os.open, stdin, os.O_WRONLY)
+        os.write(writer, b"x")
+        assert await io.stdin.read() == b"x"
+        # A later fd may reuse the number: a second close must not touch it.
+        await io.stdin.close()
+        bystander = os.open(os.devnull, os.O_RDONLY)
+        try:
+            await io.stdin.close()
+            await io.close()
+            os.fstat(bystander)  # still open
+        finally:
+            os.close(bystander)
+            os.close(writer)
+
+    asyncio.run(run())
