@@ -31,8 +31,8 @@ calls ``on_exit`` (which publishes /tasks/exit).
 from __future__ import annotations
 
 import asyncio
-import functools
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
