@@ -1,46 +1,107 @@
-"""kata-runtime: the operator CLI (check, list, env, exec, metrics).
+"""kata-runtime: the operator CLI (check, list, env; exec and metrics are not implemented yet).
 
-Not implemented yet: every command says so and exits 1, rather than pretending to work.
-``--version`` works; no command or an unknown one is a usage error (exit 2).
+This module only parses arguments and dispatches: `shim.cli_check` holds the host checks,
+`shim.cli_info` the sandbox listing and the configuration dump. ``--config PATH`` is
+accepted before or after the command; without it the configuration is looked up as the shim
+does (``$KATA_CONF_FILE``, then /etc, then /usr/share/defaults). Exit codes: 0 success,
+1 failure (including "not implemented yet"), 2 usage error (missing or unknown command).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 
-from shim import VERSION
+from sandbox.config import RuntimeConfig, load_config
+from sandbox.errors import SandboxError
+from shim import VERSION, cli_check, cli_info
 
+PROG = "kata-runtime"
 COMMANDS = {
     "check": "check that this host can run VM-isolated containers",
     "list": "list sandboxes and their VMs",
     "env": "show the configuration in use",
-    "exec": "run a command in a sandbox's VM",
-    "metrics": "show a sandbox's metrics",
+    "exec": "run a command in a sandbox's VM (not implemented yet)",
+    "metrics": "show a sandbox's metrics (not implemented yet)",
 }
 
 
+def _load(args: argparse.Namespace) -> RuntimeConfig | None:
+    try:
+        return load_config(args.config)
+    except SandboxError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    return cli_check.run(args.config)
+
+
+def _list(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return 1 if config is None else cli_info.run_list(config, args.json)
+
+
+def _env(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return 1 if config is None else cli_info.run_env(config, args.json)
+
+
+def _not_implemented(args: argparse.Namespace) -> int:
+    sys.stderr.write(f"{PROG}: failed to run {args.command}: not implemented yet\n")
+    return 1
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": _check,
+    "list": _list,
+    "env": _env,
+    "exec": _not_implemented,
+    "metrics": _not_implemented,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: global options, then one sub-command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Operator CLI of containerd-shim-kata-v2 (VM-isolated containers).",
+    )
+    parser.add_argument("-v", "--version", action="version", version=f"{PROG} {VERSION}")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="configuration.toml to use (default: $KATA_CONF_FILE, "
+                             "/etc/kata-containers/, /usr/share/defaults/kata-containers/)")
+    # Sub-commands accept --config too; SUPPRESS keeps them from overwriting the global one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    subs = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, text in COMMANDS.items():
+        sub = subs.add_parser(name, help=text, description=text, parents=[common])
+        if name in ("list", "env"):
+            sub.add_argument("--json", action="store_true", help="print JSON")
+        elif name in ("exec", "metrics"):
+            sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
 def usage() -> str:
-    """The usage text."""
-    lines = ["usage: kata-runtime [--version] <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
-    return "\n".join(lines)
+    """The full help text."""
+    return build_parser().format_help()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; the process exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-v", "--version", "version"):
-        print(f"kata-runtime {VERSION}")
-        return 0
-    if args and args[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    if not args or args[0] not in COMMANDS:
-        problem = "missing command" if not args else f"unknown command {args[0]!r}"
-        sys.stderr.write(f"kata-runtime: {problem}\n{usage()}\n")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help/--version (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        sys.stderr.write(f"{PROG}: missing command\n{parser.format_usage()}")
         return 2
-    sys.stderr.write(f"kata-runtime: failed to run {args[0]}: not implemented yet\n")
-    return 1
+    return HANDLERS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,10 @@ def test_main_without_action_or_daemon_is_a_usage_error() -> None:
     assert main(START) == 2
 
 
-def test_kata_runtime_stub_says_not_implemented(capsys: pytest.CaptureFixture[str]) -> None:
+def test_kata_runtime_unfinished_commands_say_so(capsys: pytest.CaptureFixture[str]) -> None:
     from shim.cli import main as cli
 
-    assert cli(["check"]) == 1
+    assert cli(["exec"]) == 1
     assert "not implemented yet" in capsys.readouterr().err
     assert cli([]) == 2
     assert cli(["--version"]) == 0

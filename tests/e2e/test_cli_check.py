@@ -1,0 +1,32 @@
+"""The installed `kata-runtime check` on this host, with the guest from `make guest`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require, require_root
+from tests.harness import kataconfig
+
+pytestmark = pytest.mark.e2e
+
+KATA_RUNTIME = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kata-runtime"
+
+
+def test_check_passes_with_the_built_guest(tmp_path: Path) -> None:
+    require_root()
+    require(KATA_RUNTIME.is_file(), f"{KATA_RUNTIME} (run `make venv`)")
+    for name in ("vmlinuz", "initrd.img"):
+        require((kataconfig.GUEST_DIR / name).is_file(), f"{name} (run `make guest`)")
+    config = kataconfig.write(tmp_path / "configuration.toml",
+                              kataconfig.overrides_for_tests(tmp_path / "state"))
+    done = subprocess.run([str(KATA_RUNTIME), "--config", str(config), "check"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ok    configuration: {config}" in done.stdout
+    assert f"guest kernel (kernel): {kataconfig.GUEST_DIR / 'vmlinuz'} present" in done.stdout
+    assert re.search(r"^ok    accelerator: (tcg|kvm) \((tcg|kvm): \S.*\)$", done.stdout, re.M), \
+        done.stdout
