@@ -122,6 +122,11 @@ class Sandbox:
             agent = await self._connect_agent(vm, stack)
             async with _agent_errors("get guest details"):
                 self.guest = await agent.guest_details()
+            log.info(
+                "agent ready: started in %.2fs, serving at guest uptime %.2fs, %.2fs after "
+                "the sandbox start began", self.guest.agent_init_seconds,
+                self.guest.agent_startup_seconds, time.monotonic() - started,
+            )
             storages = [StorageSpec("virtio-fs", SHARED_FS_TAG, "virtiofs", GUEST_SHARED_DIR)]
             async with _agent_errors("create the sandbox in the guest"):
                 await agent.create_sandbox(self.id, hostname or self.id[:63], storages)
