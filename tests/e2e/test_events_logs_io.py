@@ -111,3 +111,16 @@ def _cmdline(pid: str) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_exec_with_a_tty_of_its_own(kata: Kata) -> None:
+    from tests.harness.pty import PtyProcess
+    from tests.harness.scenarios import WAIT_FOR_SIZE
+
+    with detached(kata.cd, KATA, "t1", "sleep", "300"):
+        argv = kata.cd.ctr_argv("task", "exec", "-t", "--exec-id", "e1", "t1",
+                                "sh", "-c", f"tty; {WAIT_FOR_SIZE}; exit 5")
+        with PtyProcess(argv, kata.cd.env, rows=33, cols=77) as term:
+            term.expect(r"/dev/pts/\d+", timeout=BOOT_TIMEOUT)
+            term.expect(r"size=33 77\r", timeout=BOOT_TIMEOUT)
+            assert term.wait(BOOT_TIMEOUT) == 5, term.output
