@@ -7,6 +7,7 @@ no process or socket behind:
 1. create the state directory (undo: remove the sockets and pid file; logs stay);
 2. choose the accelerator (`hypervisors.accel`) and log the reason;
 3. for virtio-fs, start virtiofsd and wait for its socket (undo: stop it);
+3b. listen for the guest console (`hypervisors.console`: a size-capped console.log);
 4. spawn QEMU with stderr to ``<state>/qemu.stderr`` and PR_SET_PDEATHSIG (undo: SIGKILL and
    wait);
 5. connect QMP, racing QEMU's exit: a QEMU that dies during start-up (bad kernel path, ...)
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from hypervisors.accel import AccelChoice, Accelerator, choose_accelerator
 from hypervisors.config import QemuConfig
+from hypervisors.console import ConsoleLog
 from hypervisors.errors import HypervisorError, QmpError
 from hypervisors.procs import ProcessRecord, kill_recorded, record, spawn, wait_process
 from hypervisors.qemu_args import (
@@ -152,6 +154,9 @@ class Qemu:
                 log.info("VM %s: accelerator %s", self.sandbox_id, self._accel.reason)
                 if self.config.shared_fs == "virtio-fs":
                     await self._start_virtiofsd(stack)
+                console = ConsoleLog(self.paths.console_socket, self.paths.console_log)
+                await console.start()
+                stack.push_async_callback(console.stop)  # after QEMU is gone (LIFO)
                 await self._spawn_qemu(stack)
                 self._qmp = await self._connect_qmp()
                 stack.push_async_callback(self._close_qmp)

@@ -62,6 +62,11 @@ class StatePaths:
         return self.state_dir / "console.log"
 
     @property
+    def console_socket(self) -> Path:
+        """Where QEMU's serial chardev connects (we listen and copy to console_log)."""
+        return self.state_dir / "console.sock"
+
+    @property
     def qemu_pidfile(self) -> Path:
         """QEMU's -pidfile."""
         return self.state_dir / "qemu.pid"
@@ -78,7 +83,7 @@ class StatePaths:
 
     def sockets(self) -> tuple[Path, ...]:
         """Every socket path a VM may create (removed on stop)."""
-        return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket)
+        return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket, self.console_socket)
 
 
 @dataclass(frozen=True)
@@ -196,13 +201,14 @@ class Headless:
 
 @dataclass(frozen=True)
 class SerialConsole:
-    """First serial port (the guest's ttyS0) appended to a file."""
+    """First serial port (the guest's ttyS0) to our socket (hypervisors.console caps it)."""
 
     path: Path
 
     def to_argv(self) -> list[str]:
         """Render."""
-        return ["-chardev", f"file,id=console,path={self.path}", "-serial", "chardev:console"]
+        return ["-chardev", f"socket,id=console,path={self.path},server=off",
+                "-serial", "chardev:console"]
 
 
 @dataclass(frozen=True)
@@ -301,7 +307,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         Memory(config.default_memory, shared=config.shared_fs == "virtio-fs"),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
-        SerialConsole(vm.paths.console_log),
+        SerialConsole(vm.paths.console_socket),
         QmpSocket(vm.paths.qmp_socket),
         PidFile(vm.paths.qemu_pidfile),
         _agent_param(vm),

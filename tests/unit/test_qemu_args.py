@@ -48,7 +48,7 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-initrd", "/k/initrd.img",
         "-append", "console=ttyS0 panic=1 quiet loglevel=3 agent.debug=1",
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
-        "-chardev", f"file,id=console,path={STATE}/console.log",
+        "-chardev", f"socket,id=console,path={STATE}/console.sock,server=off",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={STATE}/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

@@ -1,0 +1,41 @@
+"""The guest console copier: everything arrives, and the files on disk stay bounded."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from hypervisors.console import ConsoleLog
+
+
+async def _feed(console: ConsoleLog, chunks: list[bytes]) -> None:
+    await console.start()
+    _, writer = await asyncio.open_unix_connection(str(console.socket_path))
+    for chunk in chunks:
+        writer.write(chunk)
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):  # the copy ends when it sees our EOF
+        if console._copy is not None and console._copy.done():
+            break
+        await asyncio.sleep(0.01)
+    await console.stop()
+
+
+def test_console_is_copied_and_socket_removed(tmp_path: Path) -> None:
+    console = ConsoleLog(tmp_path / "c.sock", tmp_path / "console.log")
+    asyncio.run(_feed(console, [b"Linux version 6.1\n", b"kata-agent: serving\n"]))
+    assert (tmp_path / "console.log").read_bytes() == b"Linux version 6.1\nkata-agent: serving\n"
+    assert not (tmp_path / "c.sock").exists()
+
+
+def test_a_flooding_guest_cannot_fill_the_disk(tmp_path: Path) -> None:
+    console = ConsoleLog(tmp_path / "c.sock", tmp_path / "console.log", max_bytes=4096)
+    chunks = [b"%05d" % i + b"x" * 995 for i in range(100)]  # 100 kB, 1000 bytes each
+    asyncio.run(_feed(console, chunks))
+    current = (tmp_path / "console.log").read_bytes()
+    previous = (tmp_path / "console.log.1").read_bytes()
+    assert len(current) <= 4096 and len(previous) <= 4096
+    assert current.endswith(chunks[-1])  # the latest output is always kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "console.log.1"]
