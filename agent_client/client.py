@@ -112,9 +112,10 @@ class AgentClient:
     async def guest_details(self) -> GuestDetails:
         """GetGuestDetails."""
         r = await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetailsResponse)
+        # Untrusted values that end up in logs and state.json: keep them short and plain.
         return GuestDetails(
-            kernel_release=r.kernel_release,
-            agent_version=r.agent_details.version,
+            kernel_release=_printable(r.kernel_release, 64),
+            agent_version=_printable(r.agent_details.version, 64),
             agent_startup_seconds=r.agent_startup_seconds,
             agent_init_seconds=r.agent_init_seconds,
         )
@@ -200,6 +201,11 @@ class AgentClient:
             container_id=container_id, exec_id=exec_id, row=rows, column=cols
         )
         await self._call("TtyWinResize", request, Empty)
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` chars, with anything but plain ASCII replaced by '?'."""
+    return "".join(c if " " < c < "\x7f" else "?" for c in text[:limit])
 
 
 def _storage(s: StorageSpec) -> pb.Storage:

@@ -41,6 +41,9 @@ from ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)
 
+# The guest is untrusted: its error texts reach containerd's errors and logs, so cap them.
+MAX_GUEST_MESSAGE = 2048
+
 _ERRORS_BY_CODE: dict[Code, type[SandboxError]] = {
     Code.NOT_FOUND: NotFoundError,
     Code.ALREADY_EXISTS: AlreadyExistsError,
@@ -59,7 +62,12 @@ async def _agent_errors(what: str) -> AsyncIterator[None]:
         yield
     except TtrpcError as e:
         kind = _ERRORS_BY_CODE.get(e.code, SandboxError)
-        raise kind(f"failed to {what}: {e.message or e.code.name}") from e
+        raise kind(f"failed to {what}: {_bounded(e.message) or e.code.name}") from e
+
+
+def _bounded(text: str, limit: int = MAX_GUEST_MESSAGE) -> str:
+    """A guest-supplied message, cut to a size fit for containerd's errors and logs."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 class Sandbox:

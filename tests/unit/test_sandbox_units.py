@@ -113,3 +113,14 @@ def test_mounts_and_remove_tree(tmp_path: Path) -> None:
     assert storage.mounts_under(tmp_path) == []
     storage.remove_tree(tmp_path / "share")
     assert not (tmp_path / "share").exists()
+
+
+def test_guest_texts_are_bounded() -> None:
+    from agent_client.client import _printable
+    from sandbox.sandbox import MAX_GUEST_MESSAGE, _bounded
+
+    assert _printable("6.1.0-56-cloud-amd64", 64) == "6.1.0-56-cloud-amd64"
+    assert _printable("a\nb\x1b[2Jc" + "x" * 100, 64) == "a?b?[2Jc" + "x" * 56
+    huge = "e" * (MAX_GUEST_MESSAGE * 10)
+    assert len(_bounded(huge)) < MAX_GUEST_MESSAGE + 40
+    assert _bounded("short") == "short"
