@@ -80,7 +80,15 @@ def parse_args(argv: list[str]) -> Options | None:
     return opts
 
 
+def trace(what: str) -> None:
+    """With ``KATA_AGENT_TRACE`` set (e.g. ``KATA_AGENT_TRACE=1`` on the kernel command line,
+    which the kernel passes to /init's environment), print the uptime at start-up steps."""
+    if os.environ.get("KATA_AGENT_TRACE"):
+        print(f"kata-agent: trace {what} uptime={uptime():.3f}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    trace("main")
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     if opts is None:
         print(USAGE, end="")
@@ -90,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from agent import init, syscalls
 
+    trace("imported asyncio")
     if guest and os.getpid() == 1:
         init.setup()
+        trace("init done")
     elif guest:
         init.warn("not PID 1: skipping init duties")
     else:
@@ -137,6 +147,7 @@ async def _serve(opts: Options, guest: bool) -> None:
     from agent.storage import Storages
     from ttrpc import Server
 
+    trace("imported service")
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install(loop)

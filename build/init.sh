@@ -16,5 +16,11 @@ mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 read -r up _ </proc/uptime
 # The agent reports its start-up time from here (see agent/main.py).
 export KATA_AGENT_EXEC_UPTIME="$up"
+# The PyInstaller (onedir) launcher re-execs itself once to put its _internal/ on
+# LD_LIBRARY_PATH (dlopen'ed libpython and the extensions need it); an exec costs ~20x under
+# TCG. Giving it the environment of that second run (what the bootloader itself would set)
+# makes the first run the final one. Values must match the bundle's layout.
+export LD_LIBRARY_PATH=/opt/kata-agent/_internal _PYI_ARCHIVE_FILE=/opt/kata-agent/kata-agent \
+    _PYI_PARENT_PROCESS_LEVEL=-1
 echo "kata-init: exec /opt/kata-agent/kata-agent (uptime ${up}s)"
 exec /opt/kata-agent/kata-agent
