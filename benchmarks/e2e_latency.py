@@ -23,6 +23,7 @@ from tests.harness.kata import Kata, kata_containerd
 from tests.harness.scenarios import KATA, RUNC, explain, run_rm
 
 RUNTIMES = {"runc": RUNC, "kata": KATA}
+ANSI = re.compile(rb"\x1b(?:\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 KERNEL_TS = re.compile(rb"^\[\s*(\d+\.\d+)\]", re.M)
 UPTIME = re.compile(rb"([\w-]+)[^\n|]*?uptime (\d+\.\d+)s")
 # The shim's own measure of the VM boot: QEMU spawned -> agent answering -> sandbox created.
@@ -47,6 +48,7 @@ class ConsoleWatcher(threading.Thread):
 def boot_times(console: bytes) -> dict[str, float]:
     """Guest-side milestones (seconds of guest uptime) found in a console log."""
     found: dict[str, float] = {}
+    console = ANSI.sub(b"", console)  # SeaBIOS clears the screen with escape sequences
     kernel = [float(t) for t in KERNEL_TS.findall(console)]
     if kernel:
         found["last kernel message"] = kernel[-1]
