@@ -47,3 +47,21 @@ def test_shim_killed_leaves_nothing(kata: Kata) -> None:
     cd.ctr("task", "delete", cid)
     res = cd.ctr("container", "delete", cid)
     assert res.returncode == 0, explain(res)
+
+
+def test_vm_killed_stops_the_task_and_leaves_nothing(kata: Kata) -> None:
+    """SIGKILL QEMU under a running container: the task must stop (no Wait hangs), and
+    deleting it must clean up virtiofsd, mounts and state like a normal end."""
+    cd, cid = kata.cd, "t1"
+    run_detached(cd, KATA, cid, "sleep", "300")
+    qemus = kata.qemu_processes()
+    assert len(qemus) == 1, f"expected one QEMU, found {qemus}"
+    os.kill(qemus[0].pid, signal.SIGKILL)
+    assert procs.wait_until(lambda: cd.tasks().get(cid) == "STOPPED", 30), cd.tasks()
+    res = cd.ctr("task", "delete", cid)
+    assert res.returncode == 0, explain(res)
+    res = cd.ctr("container", "delete", cid)
+    assert res.returncode == 0, explain(res)
+    gone = procs.wait_until(lambda: not procs.matching(
+        ("qemu-system", "virtiofsd", "containerd-shim-kata-v2"), scope=[str(cd.dir)]), 30)
+    assert gone, "QEMU, virtiofsd or the shim outlived the deleted task"
