@@ -34,7 +34,13 @@ from typing import Any
 
 from agent import validate
 from agent.crun import Crun, CrunConfig, CrunError
-from agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from agent.errors import (
+    AgentError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from agent.process import Process, State, StdioSetup
 from agent.reaper import Reaper
 from agent.spec import check_process, parse_json_object, rewrite_spec
@@ -257,12 +263,19 @@ class Containers:
             except TimeoutError:
                 raise FailedPrecondition(
                     f"container {container_id!r} did not exit within {timeout}s") from None
-        del self._containers[container_id]
-        await self._discard(container)
+        if self._containers.pop(container_id, None) is not None:  # a concurrent remove won
+            await self._discard(container)
 
     async def remove_all(self) -> None:
+        """Remove every container; one that fails does not keep the others alive."""
+        failures: list[str] = []
         for container_id in self.ids():
-            await self.remove(container_id, timeout=10.0)
+            try:
+                await self.remove(container_id, timeout=10.0)
+            except AgentError as e:
+                failures.append(f"{container_id}: {e}")
+        if failures:
+            raise FailedPrecondition("failed to remove containers: " + "; ".join(failures))
 
     async def _discard(self, container: Container) -> None:
         """Forget a container's crun state, streams and bundle (best effort, idempotent)."""

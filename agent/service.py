@@ -107,8 +107,12 @@ class AgentService:
         return empty_pb2.Empty()
 
     async def destroy_sandbox(self, req: pb.DestroySandboxRequest) -> Message:
-        await self._containers.remove_all()
-        errors = self._storages.remove_all()
+        errors: list[str] = []
+        try:
+            await self._containers.remove_all()
+        except AgentError as e:  # unmount the storages all the same
+            errors.append(str(e))
+        errors += self._storages.remove_all()
         if errors:
             raise TtrpcError(Code.INTERNAL, "; ".join(errors))
         return empty_pb2.Empty()

@@ -36,9 +36,10 @@ TIMEOUTS: Mapping[str, float | None] = {
     "SignalProcess": 10.0,
     "ListProcesses": 10.0,
     "RemoveContainer": 60.0,
-    "WriteStdin": 30.0,
     "CloseStdin": 10.0,
     "TtyWinResize": 10.0,
+    # WriteStdin waits while the process does not read its stdin: no deadline either.
+    "WriteStdin": None,
     "WaitProcess": None,
     "ReadStdout": None,
     "ReadStderr": None,

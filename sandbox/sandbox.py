@@ -123,6 +123,13 @@ class Sandbox:
             self.config.qemu.check_files(str(self.config.path))
         except ConfigError as e:
             raise InvalidArgumentError(f"failed to start sandbox {self.id}: {e}") from e
+        try:
+            await self._start(hostname)
+        except (OSError, HypervisorError) as e:
+            # Everything was undone; say what failed with a status containerd understands.
+            raise UnavailableError(f"failed to start sandbox {self.id}: {e}") from e
+
+    async def _start(self, hostname: str) -> None:
         started = time.monotonic()
         async with AsyncExitStack() as stack:
             await self._make_state_dir(stack)
@@ -149,8 +156,9 @@ class Sandbox:
                 f"failed to create sandbox {self.id}: {self.state_path} already exists"
             )
         self.state_path.mkdir(mode=0o700, parents=True)
-        stack.callback(storage.remove_tree, self.state_path)
-        stack.callback(storage.unmount_tree, self.state_path)
+        # umount can block on a sync: keep it off the event loop.
+        stack.push_async_callback(asyncio.to_thread, storage.remove_tree, self.state_path)
+        stack.push_async_callback(asyncio.to_thread, storage.unmount_tree, self.state_path)
         await asyncio.to_thread(storage.prepare_shared_dir, self.shared_dir)
         self._save()
 
@@ -197,7 +205,7 @@ class Sandbox:
         except (TimeoutError, TtrpcError, OSError) as e:
             raise UnavailableError(
                 f"failed to connect to the agent of sandbox {self.id} within {timeout:.0f}s "
-                f"({e}); see {self.console_log}{self._console_tail()}"
+                f"({_bounded(str(e))}); see {self.console_log}{self._console_tail()}"
             ) from e
         stack.push_async_callback(agent.close)
         self._agent = agent
@@ -209,7 +217,8 @@ class Sandbox:
             text = self.console_log.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        return (": ..." + " | ".join(text[-lines:])) if text else ""
+        # Guest output: untrusted, so bounded like any other guest text.
+        return (": ..." + _bounded(" | ".join(text[-lines:]), 1024)) if text else ""
 
     def _save(self) -> None:
         self._record.containers = sorted(self._containers)
@@ -225,7 +234,10 @@ class Sandbox:
                 await self._agent.destroy_sandbox()
         self._containers.clear()
         self._execs.clear()
-        await undo.aclose()
+        try:
+            await undo.aclose()
+        except (OSError, HypervisorError) as e:
+            raise UnavailableError(f"failed to stop sandbox {self.id} cleanly: {e}") from e
 
     def _agent_or_raise(self) -> AgentClient:
         if self._agent is None:

@@ -9,6 +9,7 @@ crashed shim's leftovers can be found without any in-memory record.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,7 +72,7 @@ def mount_rootfs(mounts: Iterable[Mount], target: Path) -> None:
 
 def _mount_one(m: Mount, target: Path) -> None:
     flags, data = parse_options(m.options)
-    where = str(target / m.target.lstrip("/")) if m.target else str(target)
+    where = str(_inside(target, m.target))
     try:
         syscalls.mount(m.source, where, m.type, flags, data)
         if flags & syscalls.MS_BIND and flags & syscalls.MS_RDONLY:
@@ -80,6 +81,15 @@ def _mount_one(m: Mount, target: Path) -> None:
     except OSError as e:
         what = f"failed to mount {m.type} {m.source} on {where}: {e.strerror}"
         raise OSError(e.errno, what) from e
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root/relative``, refusing anything that would land outside ``root``."""
+    base = root.resolve()
+    where = (base / relative.lstrip("/")).resolve() if relative else base
+    if where != base and base not in where.parents:
+        raise OSError(errno.EINVAL, f"mount target {relative!r} leaves {root}")
+    return where
 
 
 def bind_dir(source: Path, target: Path, readonly: bool = False) -> None:

@@ -107,12 +107,16 @@ async def _serve(flags: Flags, listener: socket.socket) -> int:
     serving = asyncio.ensure_future(server.serve_listener(listener))
     ended = [asyncio.ensure_future(e.wait()) for e in (shutdown, terminate)]
     await asyncio.wait([serving, *ended], return_when=asyncio.FIRST_COMPLETED)
-    code = await _finish(pod, serving, terminate.is_set())
-    for task in (serving, *ended):
-        task.cancel()
-    await asyncio.wait([serving, *ended])
-    await publisher.close()
-    return code
+    try:
+        return await _finish(pod, serving, terminate.is_set())
+    except SandboxError as e:
+        log.error("failed to stop the sandbox: %s", e)
+        return 1
+    finally:
+        for task in (serving, *ended):
+            task.cancel()
+        await asyncio.wait([serving, *ended])
+        await publisher.close()  # the last exit events still go out
 
 
 def _dump_tasks() -> None:

@@ -235,7 +235,10 @@ def delete(flags: Flags, *, socket_dir: Path = SOCKET_DIR) -> bytes:
     group = group_id(spec, flags.id)
     state_dir = _delete_config(bundle)
     if group != flags.id:
-        unmount_container(state_dir, group, flags.id)
+        if is_listening(socket_path(flags.address, flags.namespace, group, socket_dir)):
+            log.info("shim daemon of pod %s is alive: it owns %s's rootfs", group, flags.id)
+        else:
+            unmount_container(state_dir, group, flags.id)
     else:
         _delete_sandbox(flags, state_dir, socket_dir)
     return delete_response(time.time_ns())

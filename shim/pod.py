@@ -277,7 +277,7 @@ class Pod:
                 await self._delete_container(container)
             self._events.deleted(process, self.task_pid)
         log.info("process deleted", extra=kv(container=container_id, exec=exec_id))
-        if not exec_id and (not self._containers or container_id == self.sandbox_id):
+        if not exec_id and (self.empty or container_id == self.sandbox_id):
             await self.stop_sandbox()
         return process
 

@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from sandbox.errors import (
     FailedPreconditionError,
@@ -282,9 +282,12 @@ class Process:
         except Exception as e:
             log.warning("failed to wait for process %s: %s", self.name, e)
             status = EXIT_STATUS_LOST
-        await self._drain_outputs()
-        if self.before_exit is not None:
-            await self.before_exit()
+        try:
+            await self._drain_outputs()
+            if self.before_exit is not None:
+                await self.before_exit()
+        except Exception as e:  # the exit must be recorded whatever happens to the IO
+            log.error("failed to finish the IO of %s: %s", self.name, e)
         async with self._lock:
             if self.state is State.RUNNING:
                 self._record_exit(self.ensure(Op.EXIT), status)
@@ -319,25 +322,34 @@ class Process:
     async def _pump_stdin(self, source: FifoSource) -> None:
         closer = asyncio.ensure_future(self._close_stdin.wait())
         try:
-            while True:
-                reader = asyncio.ensure_future(source.read())
-                await asyncio.wait({reader, closer}, return_when=asyncio.FIRST_COMPLETED)
-                if not reader.done():
-                    reader.cancel()
-                    await asyncio.wait({reader})
-                    while data := source.try_read():
-                        await self._write_stdin(data)
-                    break
-                data = reader.result()
-                if not data:
-                    break
-                await self._write_stdin(data)
-            await self._sandbox.close_stdin(self.container_id, self.exec_id)
-        except Exception as e:
-            log.debug("stopped copying stdin of %s: %s", self.name, e)
+            try:
+                await self._copy_stdin(source, closer)
+            except Exception as e:
+                log.warning("stopped copying stdin of %s: %s", self.name, e)
+            try:
+                # Also after a failure: the process must see EOF rather than wait forever.
+                await self._sandbox.close_stdin(self.container_id, self.exec_id)
+            except Exception as e:
+                log.debug("failed to close stdin of %s: %s", self.name, e)
         finally:
             closer.cancel()
             await source.close()
+
+    async def _copy_stdin(self, source: FifoSource, closer: asyncio.Task[Literal[True]]) -> None:
+        """Forward stdin until EOF, or until CloseIO (then what is already there)."""
+        while True:
+            reader = asyncio.ensure_future(source.read())
+            await asyncio.wait([reader, closer], return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                reader.cancel()
+                await asyncio.wait([reader])
+                while data := source.try_read():
+                    await self._write_stdin(data)
+                return
+            data = reader.result()
+            if not data:
+                return
+            await self._write_stdin(data)
 
     async def _write_stdin(self, data: bytes) -> None:
         while data:

@@ -241,9 +241,11 @@ class BinaryLogger:
         logger = cls(pid, Sink(out_w, "stdout"), Sink(err_w, "stderr"), os.pidfd_open(pid))
         try:
             await asyncio.wait_for(_read_to_eof(ready_r), LOGGER_READY_TIMEOUT)
-        except TimeoutError as e:
+        except BaseException as e:  # a timeout, or the Create call was cancelled
             await logger.stop()
-            raise UnavailableError(f"failed to start logger {argv[0]}: not ready") from e
+            if isinstance(e, TimeoutError):
+                raise UnavailableError(f"failed to start logger {argv[0]}: not ready") from e
+            raise
         finally:
             os.close(ready_r)
         return logger

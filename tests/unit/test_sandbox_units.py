@@ -124,3 +124,12 @@ def test_guest_texts_are_bounded() -> None:
     huge = "e" * (MAX_GUEST_MESSAGE * 10)
     assert len(_bounded(huge)) < MAX_GUEST_MESSAGE + 40
     assert _bounded("short") == "short"
+
+
+def test_mount_targets_stay_inside_the_rootfs(tmp_path: Path) -> None:
+    from sandbox.types import Mount
+
+    bad = Mount("tmpfs", "none", "../../escape", ())
+    with pytest.raises(OSError, match="leaves"):
+        storage.mount_rootfs([bad], tmp_path / "rootfs")
+    assert storage.mounts_under(tmp_path) == []

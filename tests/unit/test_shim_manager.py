@@ -201,3 +201,13 @@ def test_delete_of_a_pod_container_unmounts_only_its_rootfs(env: dict[str, Path]
     (containers / "c3").mkdir()
     run_delete(bundle, "c2", env["sockets"])
     assert not (containers / "c2").exists() and (containers / "c3").exists()
+
+
+def test_delete_of_a_pod_container_leaves_a_live_pod_daemon_alone(env: dict[str, Path]) -> None:
+    pod = write_bundle(env["tmp"] / "pod1")
+    run_start(pod, "pod1", env["sockets"])  # the pod's daemon listens
+    bundle = write_bundle(env["tmp"] / "c2", {manager.SANDBOX_ID_ANNOTATION: "pod1"})
+    rootfs = env["state"] / "sbs" / "pod1" / "shared" / "containers" / "c2" / "rootfs"
+    rootfs.mkdir(parents=True)
+    run_delete(bundle, "c2", env["sockets"])
+    assert rootfs.exists(), "the live daemon owns c2's rootfs; delete must not touch it"
