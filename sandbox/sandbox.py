@@ -70,6 +70,18 @@ def _bounded(text: str, limit: int = MAX_GUEST_MESSAGE) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
+def shared_storage(shared_fs: str) -> StorageSpec:
+    """How the guest mounts the share, for the configured ``shared_fs``."""
+    if shared_fs == "virtio-fs":
+        return StorageSpec("virtio-fs", SHARED_FS_TAG, "virtiofs", GUEST_SHARED_DIR)
+    if shared_fs == "virtio-9p":
+        return StorageSpec("9p", SHARED_FS_TAG, "9p", GUEST_SHARED_DIR)
+    raise InvalidArgumentError(
+        f"hypervisor.qemu.shared_fs = {shared_fs!r} cannot carry container rootfs: "
+        "use \"virtio-fs\" (or \"virtio-9p\" with a guest kernel that has 9p)"
+    )
+
+
 class Sandbox:
     """A running pod VM and its containers (see the module docstring)."""
 
@@ -123,6 +135,7 @@ class Sandbox:
             self.config.qemu.check_files(str(self.config.path))
         except ConfigError as e:
             raise InvalidArgumentError(f"failed to start sandbox {self.id}: {e}") from e
+        shared_storage(self.config.qemu.shared_fs)  # refuse a share we cannot use, early
         try:
             await self._start(hostname)
         except (OSError, HypervisorError) as e:
@@ -142,7 +155,7 @@ class Sandbox:
                 "the sandbox start began", self.guest.agent_init_seconds,
                 self.guest.agent_startup_seconds, time.monotonic() - started,
             )
-            storages = [StorageSpec("virtio-fs", SHARED_FS_TAG, "virtiofs", GUEST_SHARED_DIR)]
+            storages = [shared_storage(self.config.qemu.shared_fs)]
             async with _agent_errors("create the sandbox in the guest"):
                 await agent.create_sandbox(self.id, hostname or self.id[:63], storages)
             self._record.guest_kernel_release = self.guest.kernel_release

@@ -65,3 +65,12 @@ def test_vm_killed_stops_the_task_and_leaves_nothing(kata: Kata) -> None:
     gone = procs.wait_until(lambda: not procs.matching(
         ("qemu-system", "virtiofsd", "containerd-shim-kata-v2"), scope=[str(cd.dir)]), 30)
     assert gone, "QEMU, virtiofsd or the shim outlived the deleted task"
+
+
+def test_9p_share_on_a_kernel_without_9p_is_named(kata: Kata) -> None:
+    """The cloud guest kernel has no 9p: asking for it must fail clearly, not hang."""
+    kata.write_config({"hypervisor.qemu": {"shared_fs": "virtio-9p"}})
+    res = run_rm(kata.cd, KATA, "t1", "true")
+    assert res.returncode != 0, explain(res)
+    assert "9p" in res.stderr, explain(res)
+    assert "t1" not in kata.cd.containers(), "ctr run --rm left its container"

@@ -133,3 +133,13 @@ def test_mount_targets_stay_inside_the_rootfs(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="leaves"):
         storage.mount_rootfs([bad], tmp_path / "rootfs")
     assert storage.mounts_under(tmp_path) == []
+
+
+def test_shared_storage_follows_the_configuration() -> None:
+    from sandbox.sandbox import shared_storage
+
+    assert shared_storage("virtio-fs").fstype == "virtiofs"
+    nine = shared_storage("virtio-9p")
+    assert (nine.driver, nine.fstype, nine.source) == ("9p", "9p", "kataShared")
+    with pytest.raises(InvalidArgumentError, match="shared_fs"):
+        shared_storage("none")
