@@ -29,14 +29,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 
@@ -44,44 +42,24 @@ from protocols import runtimeoptions_pb2, task_pb2
 from sandbox.cleanup import cleanup_after_crash, unmount_container
 from sandbox.config import RuntimeConfig, load_config
 from sandbox.errors import FailedPreconditionError, InvalidArgumentError
+from shim.bundle import (
+    CONTAINER_TYPE_ANNOTATION,
+    group_id,
+    read_spec,
+    spec_annotations,
+)
 from shim.flags import Flags, daemon_argv
 from shim.stdio import spawn
 
 log = logging.getLogger("shim")
 
 SOCKET_DIR = Path("/run/containerd/s")
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-GROUP_ANNOTATION = "io.containerd.runc.v2.group"
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 CONFIG_PATH_FILE = "kata-config-path"
 CONFIG_BODY_FILE = "kata-configuration.toml"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 DEFAULT_STATE_DIR = Path("/run/kata-py")  # sandbox.config's default, for unloadable configs
 EXIT_STATUS_KILLED = 137
 MAX_SOCKET_PATH = 106
-
-
-def read_spec(bundle: Path) -> dict[str, Any]:
-    """The OCI spec of a bundle; InvalidArgumentError if it is missing or malformed."""
-    try:
-        spec = json.loads((bundle / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidArgumentError(f"failed to read {bundle}/config.json: {e}") from e
-    if not isinstance(spec, dict):
-        raise InvalidArgumentError(f"failed to read {bundle}/config.json: not a JSON object")
-    return spec
-
-
-def spec_annotations(spec: dict[str, Any]) -> dict[str, str]:
-    """The spec's annotations (empty if there are none)."""
-    value = spec.get("annotations") or {}
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def group_id(spec: dict[str, Any], container_id: str) -> str:
-    """The id of the pod (one daemon, one VM) a container belongs to."""
-    notes = spec_annotations(spec)
-    return notes.get(SANDBOX_ID_ANNOTATION) or notes.get(GROUP_ANNOTATION) or container_id
 
 
 def socket_path(address: str, namespace: str, group: str, socket_dir: Path = SOCKET_DIR) -> Path:

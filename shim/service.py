@@ -34,8 +34,8 @@ from protocols import task_pb2, task_types_pb2
 from sandbox.errors import InvalidArgumentError, SandboxError
 from sandbox.types import ContainerConfig, Mount
 from shim import VERSION
+from shim.bundle import read_spec
 from shim.events import exit_timestamp
-from shim.manager import read_spec
 from shim.pod import Pod
 from shim.process import Process, State, StdioPaths
 from ttrpc import Code, TtrpcError

@@ -20,6 +20,7 @@ from google.protobuf import any_pb2
 
 from protocols import runtimeoptions_pb2, task_pb2
 from sandbox.errors import FailedPreconditionError
+from shim import bundle as B
 from shim import manager
 from shim.flags import parse
 from tests.unit.test_shim_fakes import write_bundle, write_config
@@ -77,10 +78,10 @@ def test_address_is_runc_hashing() -> None:
 
 
 def test_group_id_precedence() -> None:
-    both = {"annotations": {manager.SANDBOX_ID_ANNOTATION: "pod", manager.GROUP_ANNOTATION: "g"}}
-    assert manager.group_id(both, "c") == "pod"
-    assert manager.group_id({"annotations": {manager.GROUP_ANNOTATION: "g"}}, "c") == "g"
-    assert manager.group_id({}, "c") == "c"
+    both = {"annotations": {B.SANDBOX_ID_ANNOTATION: "pod", B.GROUP_ANNOTATION: "g"}}
+    assert B.group_id(both, "c") == "pod"
+    assert B.group_id({"annotations": {B.GROUP_ANNOTATION: "g"}}, "c") == "g"
+    assert B.group_id({}, "c") == "c"
 
 
 def test_start_spawns_a_listening_daemon(env: dict[str, Path]) -> None:
@@ -115,10 +116,10 @@ def _wait_json(path: Path) -> dict[str, object]:
 
 
 def test_second_start_of_the_pod_joins_the_live_daemon(env: dict[str, Path]) -> None:
-    pod = {manager.SANDBOX_ID_ANNOTATION: "pod1"}
+    pod = {B.SANDBOX_ID_ANNOTATION: "pod1"}
     sandbox = write_bundle(env["tmp"] / "pod1", pod)
     first = run_start(sandbox, "pod1", env["sockets"])
-    container = write_bundle(env["tmp"] / "c2", {**pod, manager.CONTAINER_TYPE_ANNOTATION:
+    container = write_bundle(env["tmp"] / "c2", {**pod, B.CONTAINER_TYPE_ANNOTATION:
                                                   "container"})  # fmt: skip
     second = run_start(container, "c2", env["sockets"], command=["/nonexistent"])
     assert second == first
@@ -137,7 +138,7 @@ def test_stale_socket_is_replaced(env: dict[str, Path]) -> None:
 
 
 def test_container_of_a_dead_pod_is_refused(env: dict[str, Path]) -> None:
-    notes = {manager.SANDBOX_ID_ANNOTATION: "gone", manager.CONTAINER_TYPE_ANNOTATION: "container"}
+    notes = {B.SANDBOX_ID_ANNOTATION: "gone", B.CONTAINER_TYPE_ANNOTATION: "container"}
     with pytest.raises(FailedPreconditionError, match="daemon of sandbox gone is not running"):
         run_start(write_bundle(env["tmp"] / "c9", notes), "c9", env["sockets"])
 
@@ -195,7 +196,7 @@ def test_delete_leaves_a_live_daemon_alone(env: dict[str, Path]) -> None:
 
 
 def test_delete_of_a_pod_container_unmounts_only_its_rootfs(env: dict[str, Path]) -> None:
-    bundle = write_bundle(env["tmp"] / "c2", {manager.SANDBOX_ID_ANNOTATION: "pod1"})
+    bundle = write_bundle(env["tmp"] / "c2", {B.SANDBOX_ID_ANNOTATION: "pod1"})
     containers = env["state"] / "sbs" / "pod1" / "shared" / "containers"
     (containers / "c2" / "rootfs").mkdir(parents=True)
     (containers / "c3").mkdir()
@@ -206,7 +207,7 @@ def test_delete_of_a_pod_container_unmounts_only_its_rootfs(env: dict[str, Path]
 def test_delete_of_a_pod_container_leaves_a_live_pod_daemon_alone(env: dict[str, Path]) -> None:
     pod = write_bundle(env["tmp"] / "pod1")
     run_start(pod, "pod1", env["sockets"])  # the pod's daemon listens
-    bundle = write_bundle(env["tmp"] / "c2", {manager.SANDBOX_ID_ANNOTATION: "pod1"})
+    bundle = write_bundle(env["tmp"] / "c2", {B.SANDBOX_ID_ANNOTATION: "pod1"})
     rootfs = env["state"] / "sbs" / "pod1" / "shared" / "containers" / "c2" / "rootfs"
     rootfs.mkdir(parents=True)
     run_delete(bundle, "c2", env["sockets"])
