@@ -1,0 +1,57 @@
+"""`make install` (build/install.sh) under DESTDIR: what it puts where, that the installed
+entry points and configuration work together, and that --uninstall removes exactly that."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from sandbox.config import load_config
+from tests.harness import kataconfig
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = REPO / ".venv"
+
+
+def install(dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "build" / "install.sh"), *args], capture_output=True,
+                          text=True, env={**os.environ, "DESTDIR": str(dest)}, timeout=60)
+
+
+def test_install_then_uninstall(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    res = install(dest, str(VENV), str(kataconfig.GUEST_DIR))
+    assert res.returncode == 0, res.stderr
+    share = dest / "usr/share/kata-containers"
+    kernel, initrd = share / "vmlinuz.container", share / "kata-containers-initrd.img"
+    assert kernel.read_bytes() == (kataconfig.GUEST_DIR / "vmlinuz").read_bytes()
+    assert initrd.stat().st_size == (kataconfig.GUEST_DIR / "initrd.img").stat().st_size
+    config_path = dest / "usr/share/defaults/kata-containers/configuration.toml"
+    config = load_config(str(config_path))
+    # The installed configuration names the installed guest (relative to DESTDIR here).
+    assert Path(config.qemu.kernel) == Path("/") / kernel.relative_to(dest)
+    assert Path(config.qemu.initrd) == Path("/") / initrd.relative_to(dest)
+    for name in ("containerd-shim-kata-v2", "kata-runtime"):
+        link = dest / "usr/local/bin" / name
+        assert link.is_symlink() and link.resolve() == (VENV / "bin" / name).resolve()
+
+    # The installed CLI accepts the installed configuration (guest paths moved under DESTDIR).
+    moved = tmp_path / "moved.toml"
+    kataconfig.write(moved, {"hypervisor.qemu": {"kernel": str(kernel), "initrd": str(initrd)}},
+                     base=config_path)
+    check = subprocess.run([str(dest / "usr/local/bin/kata-runtime"), "--config", str(moved),
+                            "check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    res = install(dest, "--uninstall")
+    assert res.returncode == 0, res.stderr
+    left = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir())
+    assert left == [], f"left after --uninstall: {left}"
+
+
+def test_install_refuses_a_missing_guest(tmp_path: Path) -> None:
+    res = install(tmp_path / "root", str(VENV), str(tmp_path / "no-guest"))
+    assert res.returncode != 0
+    assert "make guest" in res.stderr, res.stderr
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*.img"))
