@@ -17,8 +17,9 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from agent_client.dial import open_stream
+from agent_client.errors import AgentCallError
 from protocols import agent_pb2 as pb
-from ttrpc import Client, Code, TtrpcError
+from ttrpc import Client, TtrpcError
 
 SERVICE = "kata.agent.v1.AgentService"
 M = TypeVar("M", bound=Message)
@@ -94,7 +95,12 @@ class AgentClient:
         self, method: str, request: Message, response_type: type[M], timeout: float | None = -1.0
     ) -> M:
         deadline = TIMEOUTS[method] if timeout == -1.0 else timeout
-        return await self._client.call(SERVICE, method, request, response_type, timeout=deadline)
+        try:
+            return await self._client.call(
+                SERVICE, method, request, response_type, timeout=deadline
+            )
+        except TtrpcError as e:
+            raise AgentCallError(method, e.code, e.message) from e
 
     # sandbox
     async def create_sandbox(
@@ -217,8 +223,3 @@ def _storage(s: StorageSpec) -> pb.Storage:
         mount_point=s.mount_point,
         options=list(s.options),
     )
-
-
-def is_gone(error: TtrpcError) -> bool:
-    """Whether an agent error means the connection (so the VM) is gone."""
-    return error.code in (Code.UNAVAILABLE, Code.CANCELLED)

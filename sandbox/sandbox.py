@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from agent_client import AgentClient, GuestDetails, StorageSpec
+from agent_client import AgentCallError, AgentClient, GuestDetails, StorageSpec, bounded
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
 from hypervisors.qemu import Qemu
@@ -37,12 +37,9 @@ from sandbox.errors import (
 from sandbox.oci import GUEST_SHARED_DIR, SHARED_FS_TAG, spec_for_guest
 from sandbox.state import ProcessRecord, SandboxRecord, sandbox_path, write_record
 from sandbox.types import ContainerConfig, ExecConfig, validate_id
-from ttrpc import Code, TtrpcError
+from ttrpc import Code
 
 log = logging.getLogger(__name__)
-
-# The guest is untrusted: its error texts reach containerd's errors and logs, so cap them.
-MAX_GUEST_MESSAGE = 2048
 
 _ERRORS_BY_CODE: dict[Code, type[SandboxError]] = {
     Code.NOT_FOUND: NotFoundError,
@@ -60,14 +57,9 @@ async def _agent_errors(what: str) -> AsyncIterator[None]:
     """Turn an agent's ttrpc error into the runtime's hierarchy, keeping its code."""
     try:
         yield
-    except TtrpcError as e:
+    except AgentCallError as e:  # its message is already bounded (untrusted guest text)
         kind = _ERRORS_BY_CODE.get(e.code, SandboxError)
-        raise kind(f"failed to {what}: {_bounded(e.message) or e.code.name}") from e
-
-
-def _bounded(text: str, limit: int = MAX_GUEST_MESSAGE) -> str:
-    """A guest-supplied message, cut to a size fit for containerd's errors and logs."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+        raise kind(f"failed to {what}: {e.message or e.code.name}") from e
 
 
 def shared_storage(shared_fs: str) -> StorageSpec:
@@ -215,10 +207,10 @@ class Sandbox:
             )
         try:
             agent = connect.result()
-        except (TimeoutError, TtrpcError, OSError) as e:
+        except (TimeoutError, AgentCallError, OSError) as e:
             raise UnavailableError(
                 f"failed to connect to the agent of sandbox {self.id} within {timeout:.0f}s "
-                f"({_bounded(str(e))}); see {self.console_log}{self._console_tail()}"
+                f"({bounded(str(e))}); see {self.console_log}{self._console_tail()}"
             ) from e
         stack.push_async_callback(agent.close)
         self._agent = agent
@@ -231,7 +223,7 @@ class Sandbox:
         except OSError:
             return ""
         # Guest output: untrusted, so bounded like any other guest text.
-        return (": ..." + _bounded(" | ".join(text[-lines:]), 1024)) if text else ""
+        return (": ..." + bounded(" | ".join(text[-lines:]), 1024)) if text else ""
 
     def _save(self) -> None:
         self._record.containers = sorted(self._containers)
@@ -243,7 +235,7 @@ class Sandbox:
         if undo is None:
             return
         if self._agent is not None:
-            with contextlib.suppress(TtrpcError, OSError, asyncio.TimeoutError):
+            with contextlib.suppress(AgentCallError, OSError, asyncio.TimeoutError):
                 await self._agent.destroy_sandbox()
         self._containers.clear()
         self._execs.clear()

@@ -117,13 +117,16 @@ def test_mounts_and_remove_tree(tmp_path: Path) -> None:
 
 def test_guest_texts_are_bounded() -> None:
     from agent_client.client import _printable
-    from sandbox.sandbox import MAX_GUEST_MESSAGE, _bounded
+    from agent_client.errors import MAX_GUEST_MESSAGE, AgentCallError, bounded
+    from ttrpc import Code
 
     assert _printable("6.1.0-56-cloud-amd64", 64) == "6.1.0-56-cloud-amd64"
     assert _printable("a\nb\x1b[2Jc" + "x" * 100, 64) == "a?b?[2Jc" + "x" * 56
     huge = "e" * (MAX_GUEST_MESSAGE * 10)
-    assert len(_bounded(huge)) < MAX_GUEST_MESSAGE + 40
-    assert _bounded("short") == "short"
+    assert len(bounded(huge)) < MAX_GUEST_MESSAGE + 40
+    assert bounded("short") == "short"
+    error = AgentCallError("CreateContainer", Code.INVALID_ARGUMENT, huge)
+    assert len(str(error)) < MAX_GUEST_MESSAGE + 80
 
 
 def test_mount_targets_stay_inside_the_rootfs(tmp_path: Path) -> None:
