@@ -193,7 +193,7 @@ def boot_once(args: argparse.Namespace) -> dict[str, float]:
     share = Path(args.virtiofs) if args.virtiofs else None
     with Guest(
         Path(args.kernel), Path(args.initrd), params, memory_mib=args.memory,
-        accel=args.accel, share_dir=share,
+        accel=args.accel, share_dir=share, extra_args=args.qemu_arg,
     ) as g:  # fmt: skip
         init = g.wait_for(re.escape(INIT_MARKER), args.timeout)
         after = None
@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--virtiofs", default="", help="share this directory as tag kataShared")
     ap.add_argument("--memory", type=int, default=2048)
     ap.add_argument("--accel", default="tcg")
+    ap.add_argument("--qemu-arg", action="append", default=[],
+                    help="extra QEMU argument (repeat), e.g. --qemu-arg=-bios --qemu-arg=FILE")
     ap.add_argument(
         "--until", default=r".", help="regex of the line to time after /init (default: the first)"
     )

@@ -53,3 +53,32 @@ def test_a_qemu_vm_runs_the_sandbox(kata: Kata) -> None:
 ], ids=lambda c: c.__name__.removeprefix("check_"))
 def test_kata(kata: Kata, check: scenarios.Check) -> None:
     check(kata.cd, KATA)
+
+
+def test_three_pods_at_once_each_in_its_own_vm(kata: Kata) -> None:
+    import subprocess
+    import time
+
+    from tests.harness.images import IMAGE_REF
+    from tests.harness.scenarios import BOOT_TIMEOUT
+
+    argvs = [kata.cd.ctr_argv("run", "--rm", "--runtime", KATA, IMAGE_REF, f"p{i}",
+                              "sh", "-c", f"echo hello-{i}") for i in range(3)]
+    runs = [subprocess.Popen(a, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for a in argvs]
+    seen_vms = 0
+    try:
+        while any(r.poll() is None for r in runs):
+            seen_vms = max(seen_vms, len(kata.qemu_processes()))
+            if seen_vms == 3:
+                break
+            time.sleep(0.1)
+        outputs = [r.communicate(timeout=BOOT_TIMEOUT) for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+    for i, (r, (out, err)) in enumerate(zip(runs, outputs, strict=True)):
+        assert (r.returncode, out) == (0, f"hello-{i}\n"), err
+    assert seen_vms == 3, f"expected three VMs running at once, saw at most {seen_vms}"
