@@ -1,0 +1,39 @@
+"""Kata e2e: containers of one pod (CRI's sandbox-id annotation) share one shim and one VM;
+deleting a container leaves the pod running; deleting the sandbox ends the VM."""
+
+from __future__ import annotations
+
+from tests.harness.images import IMAGE_REF
+from tests.harness.kata import Kata
+from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain, remove, wait_task_status
+
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+
+def run_in_pod(kata: Kata, cid: str, kind: str) -> None:
+    res = kata.cd.ctr("run", "-d", "--runtime", KATA, "--annotation", f"{SANDBOX_ID}=pod1",
+                      "--annotation", f"{CONTAINER_TYPE}={kind}", IMAGE_REF, cid,
+                      "sleep", "300", timeout=BOOT_TIMEOUT)
+    assert res.returncode == 0, explain(res)
+    assert wait_task_status(kata.cd, cid, ["RUNNING"], timeout=30) == "RUNNING"
+
+
+def boot_id(kata: Kata, cid: str) -> str:
+    res = kata.cd.ctr("task", "exec", "--exec-id", "boot", cid,
+                      "cat", "/proc/sys/kernel/random/boot_id")
+    assert res.returncode == 0, explain(res)
+    return res.stdout.strip()
+
+
+def test_a_pod_shares_one_vm(kata: Kata) -> None:
+    run_in_pod(kata, "pod1", "sandbox")
+    run_in_pod(kata, "c2", "container")
+    assert len(kata.qemu_processes()) == 1, kata.qemu_processes()
+    assert len(kata.shim_daemons()) == 1, kata.shim_daemons()
+    assert boot_id(kata, "pod1") == boot_id(kata, "c2"), "the containers run in different VMs"
+
+    remove(kata.cd, "c2")
+    assert kata.cd.tasks().get("pod1") == "RUNNING", "deleting a container stopped the pod"
+    assert len(kata.qemu_processes()) == 1
+    remove(kata.cd, "pod1")  # the kata fixture then checks that nothing is left
