@@ -77,7 +77,8 @@ class AgentClient:
 
     @classmethod
     async def connect(cls, address: str, timeout: float) -> AgentClient:
-        """Connect and wait until the agent answers Check (the guest may still be booting)."""
+        """Connect and wait until the agent answers Check (the guest may still be booting):
+        the whole boot fits in ``timeout``, not the table's Check deadline."""
         reader, writer = await asyncio.wait_for(open_stream(address), timeout)
         agent = cls(Client(reader, writer))
         try:
@@ -92,9 +93,10 @@ class AgentClient:
         await self._client.close()
 
     async def _call(
-        self, method: str, request: Message, response_type: type[M], timeout: float | None = -1.0
+        self, method: str, request: Message, response_type: type[M], timeout: float | None = None
     ) -> M:
-        deadline = TIMEOUTS[method] if timeout == -1.0 else timeout
+        """One call, with ``timeout`` or else the method's deadline from ``TIMEOUTS``."""
+        deadline = timeout if timeout is not None else TIMEOUTS[method]
         try:
             return await self._client.call(
                 SERVICE, method, request, response_type, timeout=deadline
