@@ -6,13 +6,15 @@ What changes, and why:
   ``network`` namespace is dropped so containers use the VM's network (the pod's);
 - hooks would run host binaries; AppArmor/SELinux labels and host devices mean nothing in
   the guest;
-- bind mounts of host paths are not shared into the guest yet, so they are dropped (and
-  reported) rather than failing the container.
+- bind mounts of host paths (volumes, CRI's /etc/hosts and resolv.conf, ...) become
+  `SharedBind`s: the host bind-mounts each source into the container's share, and the guest
+  spec binds it from there.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 GUEST_SHARED_DIR = "/run/kata-containers/shared"
@@ -24,8 +26,30 @@ def guest_rootfs(container_id: str) -> str:
     return f"{GUEST_SHARED_DIR}/containers/{container_id}/rootfs"
 
 
-def spec_for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, Any], list[str]]:
-    """Return the guest spec and the host bind-mount destinations that were left out."""
+@dataclass(frozen=True)
+class SharedBind:
+    """A host path a container binds: shared as ``containers/<id>/mounts/<name>``."""
+
+    source: str
+    name: str
+    readonly: bool
+
+
+def guest_mounts_dir(container_id: str) -> str:
+    """Where the guest sees a container's shared bind-mount sources."""
+    return f"{GUEST_SHARED_DIR}/containers/{container_id}/mounts"
+
+
+def is_bind(mount: dict[str, Any]) -> bool:
+    """Whether an OCI mount binds a host path."""
+    options = mount.get("options") or []
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def spec_for_guest(
+    spec: dict[str, Any], container_id: str
+) -> tuple[dict[str, Any], list[SharedBind]]:
+    """Return the guest spec and the host paths to share for its bind mounts."""
     out = copy.deepcopy(spec)
     root = out.setdefault("root", {})
     root["path"] = guest_rootfs(container_id)
@@ -46,14 +70,10 @@ def spec_for_guest(spec: dict[str, Any], container_id: str) -> tuple[dict[str, A
         resources = linux.get("resources")
         if isinstance(resources, dict):
             resources.pop("devices", None)
-    dropped: list[str] = []
-    mounts = []
+    binds: list[SharedBind] = []
     for m in out.get("mounts", []):
-        if m.get("type") == "bind" or "bind" in m.get("options", []) or "rbind" in m.get(
-            "options", []
-        ):
-            dropped.append(str(m.get("destination", "")))
-            continue
-        mounts.append(m)
-    out["mounts"] = mounts
-    return out, dropped
+        if is_bind(m):
+            name = str(len(binds))
+            binds.append(SharedBind(str(m.get("source", "")), name, "ro" in m.get("options", [])))
+            m["source"] = f"{guest_mounts_dir(container_id)}/{name}"
+    return out, binds

@@ -34,7 +34,7 @@ from sandbox.errors import (
     SandboxError,
     UnavailableError,
 )
-from sandbox.oci import GUEST_SHARED_DIR, SHARED_FS_TAG, spec_for_guest
+from sandbox.oci import GUEST_SHARED_DIR, SHARED_FS_TAG, SharedBind, spec_for_guest
 from sandbox.state import ProcessRecord, SandboxRecord, sandbox_path, write_record
 from sandbox.types import ContainerConfig, ExecConfig, validate_id
 from ttrpc import Code
@@ -264,12 +264,10 @@ class Sandbox:
         if cid in self._containers:
             raise AlreadyExistsError(f"container {cid} already exists in sandbox {self.id}")
         rootfs = self._container_rootfs(cid)
-        await asyncio.to_thread(self._mount_rootfs, c, rootfs)
+        spec, binds = spec_for_guest(c.spec, cid)
+        await asyncio.to_thread(self._mount_rootfs, c, rootfs, binds)
         self._containers.add(cid)
         self._save()
-        spec, dropped = spec_for_guest(c.spec, cid)
-        if dropped:
-            log.warning("bind mounts not shared into the guest yet container=%s %s", cid, dropped)
         try:
             async with _agent_errors(f"create container {cid}"):
                 await agent.create_container(cid, spec, c.terminal, c.stdin)
@@ -277,7 +275,9 @@ class Sandbox:
             await self._forget_container(cid)
             raise
 
-    def _mount_rootfs(self, c: ContainerConfig, rootfs: Path) -> None:
+    def _mount_rootfs(self, c: ContainerConfig, rootfs: Path, binds: list[SharedBind]) -> None:
+        """The rootfs and the bind-mount sources, under the container's share (or nothing)."""
+        what = "the rootfs"
         try:
             if c.rootfs:
                 storage.mount_rootfs(c.rootfs, rootfs)
@@ -285,11 +285,15 @@ class Sandbox:
                 root = c.spec.get("root", {}).get("path", "rootfs")
                 source = Path(root) if Path(root).is_absolute() else c.bundle / root
                 storage.bind_dir(source, rootfs)
+            for bind in binds:
+                what = f"bind mount source {bind.source}"
+                storage.bind_path(Path(bind.source), rootfs.parent / "mounts" / bind.name,
+                                  bind.readonly)
         except OSError as e:
             storage.unmount_tree(rootfs.parent)
             storage.remove_tree(rootfs.parent)
             raise InvalidArgumentError(
-                f"failed to mount the rootfs of container {c.container_id}: {e}"
+                f"failed to share {what} of container {c.container_id}: {e}"
             ) from e
 
     async def _forget_container(self, container_id: str) -> None:

@@ -95,6 +95,22 @@ def _inside(root: Path, relative: str) -> Path:
 def bind_dir(source: Path, target: Path, readonly: bool = False) -> None:
     """Bind-mount a host directory (a rootfs prepared without mounts) onto ``target``."""
     target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _bind(source, target, readonly)
+
+
+def bind_path(source: Path, target: Path, readonly: bool) -> None:
+    """Bind-mount a host file or directory onto ``target`` (created to match)."""
+    if not source.exists():
+        raise OSError(errno.ENOENT, "no such file or directory", str(source))
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if source.is_dir():
+        target.mkdir(mode=0o755, exist_ok=True)
+    else:
+        target.touch(mode=0o644, exist_ok=True)
+    _bind(source, target, readonly)
+
+
+def _bind(source: Path, target: Path, readonly: bool) -> None:
     flags = syscalls.MS_BIND | syscalls.MS_REC
     syscalls.mount(str(source), str(target), None, flags)
     if readonly:

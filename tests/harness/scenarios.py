@@ -33,6 +33,13 @@ def run_rm(cd: Containerd, runtime: str, cid: str, *cmd: str,
                   timeout=BOOT_TIMEOUT)
 
 
+def run_rm_args(cd: Containerd, runtime: str, options: list[str], cid: str,
+                *cmd: str) -> subprocess.CompletedProcess[str]:
+    """`ctr run --rm --runtime R OPTIONS busybox CID CMD...` (e.g. --mount, --annotation)."""
+    return cd.ctr("run", "--rm", "--runtime", runtime, *options, IMAGE_REF, cid, *cmd,
+                  timeout=BOOT_TIMEOUT)
+
+
 def run_detached(cd: Containerd, runtime: str, cid: str, *cmd: str) -> None:
     res = cd.ctr("run", "-d", "--runtime", runtime, IMAGE_REF, cid, *cmd,
                  timeout=BOOT_TIMEOUT)

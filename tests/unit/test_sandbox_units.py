@@ -9,7 +9,7 @@ import pytest
 from sandbox import storage, syscalls
 from sandbox.config import load_config
 from sandbox.errors import InvalidArgumentError
-from sandbox.oci import guest_rootfs, spec_for_guest
+from sandbox.oci import SharedBind, guest_mounts_dir, guest_rootfs, spec_for_guest
 from sandbox.state import ProcessRecord, SandboxRecord, read_record, write_record
 from sandbox.types import validate_id
 
@@ -75,11 +75,13 @@ def test_spec_for_guest_rewrites_host_only_parts() -> None:
             "devices": [{"path": "/dev/kvm"}],
         },
     }
-    out, dropped = spec_for_guest(spec, "c1")
+    out, binds = spec_for_guest(spec, "c1")
     assert out["root"] == {"path": guest_rootfs("c1"), "readonly": True}
     assert "hooks" not in out and "apparmorProfile" not in out["process"]
-    assert [m["destination"] for m in out["mounts"]] == ["/proc"]
-    assert dropped == ["/etc/hosts", "/data"]
+    # Host binds are shared: the guest binds from the share, the host mounts the sources.
+    assert [m["source"] for m in out["mounts"]] == [
+        "proc", f"{guest_mounts_dir('c1')}/0", f"{guest_mounts_dir('c1')}/1"]
+    assert binds == [SharedBind("/h", "0", False), SharedBind("/d", "1", True)]
     assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
     assert "devices" not in out["linux"]
     assert spec["root"]["path"] == "rootfs"  # the input is left alone
@@ -146,3 +148,23 @@ def test_shared_storage_follows_the_configuration() -> None:
     assert (nine.driver, nine.fstype, nine.source) == ("9p", "9p", "kataShared")
     with pytest.raises(InvalidArgumentError, match="shared_fs"):
         shared_storage("none")
+
+
+def test_bind_path_shares_files_and_dirs_read_only_when_asked(tmp_path: Path) -> None:
+    src_dir, src_file = tmp_path / "vol", tmp_path / "hosts"
+    src_dir.mkdir()
+    (src_dir / "a").write_text("A")
+    src_file.write_text("127.0.0.1 localhost\n")
+    share = tmp_path / "share"
+    try:
+        storage.bind_path(src_dir, share / "0", readonly=True)
+        storage.bind_path(src_file, share / "1", readonly=False)
+        assert (share / "0" / "a").read_text() == "A"
+        assert (share / "1").read_text() == "127.0.0.1 localhost\n"
+        with pytest.raises(OSError):
+            (share / "0" / "b").write_text("no")  # read-only bind
+        with pytest.raises(OSError, match="no such file"):
+            storage.bind_path(tmp_path / "missing", share / "2", readonly=False)
+    finally:
+        storage.unmount_tree(share)
+    assert storage.mounts_under(tmp_path) == []

@@ -1,0 +1,37 @@
+"""Kata e2e: host bind mounts (`ctr run --mount`) reach the container through the share,
+read-write or read-only, files and directories; nothing stays mounted afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.harness.kata import Kata
+from tests.harness.scenarios import KATA, explain, run_rm_args
+
+
+def test_bind_mounts_reach_the_container(kata: Kata, tmp_path: Path) -> None:
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "hello").write_text("from the host\n")
+    note = tmp_path / "note.txt"
+    note.write_text("a single file\n")
+    script = ("cat /ro/hello /note.txt; echo from-guest > /rw/out; "
+              "if echo x > /ro/denied 2>/dev/null; then echo RO-WRITABLE; fi")
+    res = run_rm_args(kata.cd, KATA, [
+        "--mount", f"type=bind,src={rw},dst=/rw,options=rbind:rw",
+        "--mount", f"type=bind,src={ro},dst=/ro,options=rbind:ro",
+        "--mount", f"type=bind,src={note},dst=/note.txt,options=rbind:ro",
+    ], "t1", "sh", "-c", script)
+    assert res.returncode == 0, explain(res)
+    assert res.stdout == "from the host\na single file\n", explain(res)
+    assert (rw / "out").read_text() == "from-guest\n"
+    assert not (ro / "denied").exists()
+
+
+def test_missing_bind_source_is_named(kata: Kata, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    res = run_rm_args(kata.cd, KATA, ["--mount", f"type=bind,src={missing},dst=/x,options=rbind"],
+                      "t1", "true")
+    assert res.returncode != 0, explain(res)
+    assert str(missing) in res.stderr, explain(res)
