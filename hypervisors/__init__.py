@@ -12,28 +12,6 @@ Modules, one job each:
 * `timeouts`: the one table of deadlines.
 
 This package knows nothing of the agent protocol; it only reports where the agent channel
-is (`Qemu.agent_address`).
+is (`Qemu.agent_address`). Import the submodules themselves: this file loads nothing, so
+that `shim delete` (which needs only `procs`) starts fast.
 """
-
-from hypervisors.accel import AccelChoice, choose_accelerator
-from hypervisors.config import ConfigError, QemuConfig, load_qemu_config
-from hypervisors.errors import HypervisorError, HypervisorTimeout, QmpCommandError, QmpError
-from hypervisors.procs import ProcessRecord, kill_recorded
-from hypervisors.qemu import Qemu
-from hypervisors.qemu_args import AgentChannel
-
-__all__ = [
-    "AccelChoice",
-    "AgentChannel",
-    "ConfigError",
-    "HypervisorError",
-    "HypervisorTimeout",
-    "ProcessRecord",
-    "Qemu",
-    "QemuConfig",
-    "QmpCommandError",
-    "QmpError",
-    "choose_accelerator",
-    "kill_recorded",
-    "load_qemu_config",
-]

@@ -17,7 +17,6 @@ Theory of operation:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -26,10 +25,13 @@ import signal
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from hypervisors.errors import HypervisorTimeout
 from hypervisors.timeouts import TIMEOUTS
+
+if TYPE_CHECKING:  # asyncio is imported where used: `shim delete` needs none of it
+    import asyncio
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -54,6 +56,8 @@ def _set_pdeathsig(parent_pid: int) -> None:
 
 async def spawn(argv: Sequence[str], stderr_path: Path) -> asyncio.subprocess.Process:
     """Start ``argv`` as our child with stderr written to ``stderr_path`` (truncated)."""
+    import asyncio
+
     parent = os.getpid()
     with stderr_path.open("wb") as err:
         return await asyncio.create_subprocess_exec(
@@ -116,6 +120,8 @@ def kill_recorded(records: Iterable[ProcessRecord], timeout: float = TIMEOUTS.ki
 
 async def wait_process(proc: asyncio.subprocess.Process, timeout: float) -> int | None:
     """Wait up to ``timeout`` for ``proc`` to exit; its return code, or None if still running."""
+    import asyncio
+
     try:
         async with asyncio.timeout(timeout):
             return await proc.wait()

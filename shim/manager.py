@@ -49,7 +49,6 @@ from shim.bundle import (
     spec_annotations,
 )
 from shim.flags import Flags, daemon_argv
-from shim.stdio import spawn
 
 log = logging.getLogger("shim")
 
@@ -185,6 +184,8 @@ def _spawn_daemon(
     command: list[str], flags: Flags, group: str, config: RuntimeConfig, listener: socket.socket
 ) -> int:
     """Start the detached daemon with ``listener`` as fd 3; return its pid."""
+    from shim.stdio import spawn  # brings asyncio in: only `start` needs it
+
     argv = [*command, *daemon_argv(flags, group, str(config.path))]
     try:
         return spawn(argv, os.environ, {3: listener.fileno()}, setsid=True)

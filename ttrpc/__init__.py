@@ -7,8 +7,26 @@
 - :mod:`ttrpc.errors`: :class:`Code` and :class:`TtrpcError`.
 """
 
-from ttrpc.client import Client
+from typing import TYPE_CHECKING, Any
+
 from ttrpc.errors import Code, TtrpcError
-from ttrpc.server import Server
+
+if TYPE_CHECKING:
+    from ttrpc.client import Client
+    from ttrpc.server import Server
 
 __all__ = ["Client", "Code", "Server", "TtrpcError"]
+
+
+def __getattr__(name: str) -> Any:
+    """Client and Server bring asyncio in: load them on first use, so that a process that
+    only needs the error codes (`shim start`/`delete`, every ~100 ms there counts) does not."""
+    if name == "Client":
+        from ttrpc.client import Client
+
+        return Client
+    if name == "Server":
+        from ttrpc.server import Server
+
+        return Server
+    raise AttributeError(f"module 'ttrpc' has no attribute {name!r}")
