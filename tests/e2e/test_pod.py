@@ -37,3 +37,15 @@ def test_a_pod_shares_one_vm(kata: Kata) -> None:
     assert kata.cd.tasks().get("pod1") == "RUNNING", "deleting a container stopped the pod"
     assert len(kata.qemu_processes()) == 1
     remove(kata.cd, "pod1")  # the kata fixture then checks that nothing is left
+
+
+def test_a_running_pod_survives_a_containerd_restart(kata: Kata) -> None:
+    from tests.harness.scenarios import run_detached
+
+    run_detached(kata.cd, KATA, "t1", "sleep", "300")
+    qemu_before = [p.pid for p in kata.qemu_processes()]
+    kata.cd.restart()
+    assert kata.cd.tasks().get("t1") == "RUNNING", kata.cd.tasks()
+    assert [p.pid for p in kata.qemu_processes()] == qemu_before, "the VM was replaced"
+    assert boot_id(kata, "t1"), "exec after the restart failed"
+    remove(kata.cd, "t1")

@@ -134,6 +134,14 @@ class Containerd:
         self._events = self.ctr_popen("events", stdout=self._open(self.events_path),
                                       stderr=subprocess.STDOUT)
 
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop containerd (SIGTERM, as a service manager would) and start it again on the
+        same root and state: running shims must survive and be adopted again."""
+        for p in (self._events, self.proc):
+            if p is not None:
+                _stop(p)
+        self.start(timeout)
+
     def _open(self, path: Path) -> IO[bytes]:
         f = open(path, "ab")  # noqa: SIM115 - closed in close()
         self._files.append(f)
