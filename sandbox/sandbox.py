@@ -22,8 +22,11 @@ from pathlib import Path
 from agent_client import AgentCallError, AgentClient, GuestDetails, StorageSpec, bounded
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
+from hypervisors.procs import ProcessRecord as VmProcessRecord
+from hypervisors.procs import is_alive, start_time
 from hypervisors.qemu import Qemu
 from sandbox import storage
+from sandbox.cleanup import cleanup_after_crash
 from sandbox.config import RuntimeConfig
 from sandbox.errors import (
     AlreadyExistsError,
@@ -35,7 +38,13 @@ from sandbox.errors import (
     UnavailableError,
 )
 from sandbox.oci import GUEST_SHARED_DIR, SHARED_FS_TAG, SharedBind, spec_for_guest
-from sandbox.state import ProcessRecord, SandboxRecord, sandbox_path, write_record
+from sandbox.state import (
+    ProcessRecord,
+    SandboxRecord,
+    read_record,
+    sandbox_path,
+    write_record,
+)
 from sandbox.types import ContainerConfig, ExecConfig, validate_id
 from ttrpc import Code
 
@@ -87,7 +96,9 @@ class Sandbox:
         self._vm: Qemu | None = None
         self._agent: AgentClient | None = None
         self._undo: AsyncExitStack | None = None
-        self._record = SandboxRecord(sandbox_id=self.id, shim_pid=os.getpid())
+        self._record = SandboxRecord(
+            sandbox_id=self.id, shim_pid=os.getpid(), shim_start_time=start_time(os.getpid()) or 0
+        )
         self._containers: set[str] = set()
         self._execs: dict[tuple[str, str], ExecConfig] = {}
 
@@ -157,15 +168,26 @@ class Sandbox:
 
     async def _make_state_dir(self, stack: AsyncExitStack) -> None:
         if self.state_path.exists():
-            raise AlreadyExistsError(
-                f"failed to create sandbox {self.id}: {self.state_path} already exists"
-            )
+            await asyncio.to_thread(self._clear_stale_state)
         self.state_path.mkdir(mode=0o700, parents=True)
         # umount can block on a sync: keep it off the event loop.
         stack.push_async_callback(asyncio.to_thread, storage.remove_tree, self.state_path)
         stack.push_async_callback(asyncio.to_thread, storage.unmount_tree, self.state_path)
         await asyncio.to_thread(storage.prepare_shared_dir, self.shared_dir)
         self._save()
+
+    def _clear_stale_state(self) -> None:
+        """A state dir for our id: refuse if its shim lives, else clean up what it left."""
+        record = read_record(self.state_path)
+        if record is not None and is_alive(
+            VmProcessRecord(record.shim_pid, record.shim_start_time, "shim")
+        ):
+            raise AlreadyExistsError(
+                f"failed to create sandbox {self.id}: shim pid {record.shim_pid} still runs it"
+            )
+        log.warning("sandbox %s: cleaning up what a dead shim left in %s", self.id,
+                    self.state_path)
+        cleanup_after_crash(self.config.state_dir, self.id)
 
     async def _start_vm(self, stack: AsyncExitStack) -> Qemu:
         vm = Qemu(self.config.qemu, self.id, self.state_path, self.shared_dir)

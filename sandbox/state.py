@@ -35,6 +35,8 @@ class SandboxRecord:
 
     sandbox_id: str
     shim_pid: int = 0
+    #: With shim_pid: tells a live shim from a reused pid.
+    shim_start_time: int = 0
     accelerator: str = ""
     accelerator_reason: str = ""
     guest_kernel_release: str = ""
@@ -52,6 +54,7 @@ class SandboxRecord:
         return cls(
             sandbox_id=str(doc["sandbox_id"]),
             shim_pid=int(doc.get("shim_pid", 0)),
+            shim_start_time=int(doc.get("shim_start_time", 0)),
             accelerator=str(doc.get("accelerator", "")),
             accelerator_reason=str(doc.get("accelerator_reason", "")),
             guest_kernel_release=str(doc.get("guest_kernel_release", "")),

@@ -168,3 +168,40 @@ def test_bind_path_shares_files_and_dirs_read_only_when_asked(tmp_path: Path) ->
     finally:
         storage.unmount_tree(share)
     assert storage.mounts_under(tmp_path) == []
+
+
+def _sandbox_with_state(tmp_path: Path, record: SandboxRecord | None) -> tuple[object, Path]:
+    from dataclasses import replace
+
+    from sandbox.sandbox import Sandbox
+
+    config = replace(load_config(str(REPO / "configuration.toml")), state_dir=tmp_path)
+    sb = Sandbox("pod1", config)
+    sb.state_path.mkdir(parents=True)
+    (sb.state_path / "shared").mkdir()
+    if record is not None:
+        write_record(sb.state_path, record)
+    return sb, sb.state_path
+
+
+def test_state_left_by_a_dead_shim_is_cleaned_before_a_new_start(tmp_path: Path) -> None:
+    dead = SandboxRecord("pod1", shim_pid=4194303, shim_start_time=1)  # no such process
+    sb, path = _sandbox_with_state(tmp_path, dead)
+    sb._clear_stale_state()  # type: ignore[attr-defined]
+    assert not path.exists()
+    sb, path = _sandbox_with_state(tmp_path, None)  # partial: no state.json at all
+    sb._clear_stale_state()  # type: ignore[attr-defined]
+    assert not path.exists()
+
+
+def test_state_of_a_live_shim_is_left_alone(tmp_path: Path) -> None:
+    import os
+
+    from hypervisors.procs import start_time
+    from sandbox.errors import AlreadyExistsError
+
+    me = SandboxRecord("pod1", shim_pid=os.getpid(), shim_start_time=start_time(os.getpid()) or 0)
+    sb, path = _sandbox_with_state(tmp_path, me)
+    with pytest.raises(AlreadyExistsError, match="still runs it"):
+        sb._clear_stale_state()  # type: ignore[attr-defined]
+    assert (path / "state.json").exists()
