@@ -5,7 +5,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 # Guest artifacts (kernel, initrd, modules): see build/README.md.
 GUEST_DIR ?= $(CURDIR)/build/out
-CORE_PACKAGES := shim sandbox hypervisors agent_client network ttrpc agent
+CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
 .PHONY: all deps venv protos guest lint unit e2e test demo install uninstall clean
 

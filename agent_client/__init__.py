@@ -1,6 +1,17 @@
-"""Host side of the agent API."""
+"""Host side of the agent API: `AgentApi` (what the sandbox calls), `AgentClient` (ttrpc)."""
 
-from agent_client.client import AgentClient, GuestDetails, StorageSpec
+from agent_client.api import AgentApi, AgentConnector
+from agent_client.client import AgentClient, connect_agent
 from agent_client.errors import AgentCallError, bounded
+from agent_client.types import GuestDetails, StorageSpec
 
-__all__ = ["AgentCallError", "AgentClient", "GuestDetails", "StorageSpec", "bounded"]
+__all__ = [
+    "AgentApi",
+    "AgentCallError",
+    "AgentClient",
+    "AgentConnector",
+    "GuestDetails",
+    "StorageSpec",
+    "bounded",
+    "connect_agent",
+]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
@@ -18,6 +17,7 @@ from google.protobuf.message import Message
 
 from agent_client.dial import open_stream
 from agent_client.errors import AgentCallError
+from agent_client.types import GuestDetails, StorageSpec
 from protocols import agent_pb2 as pb
 from ttrpc import Client, TtrpcError
 
@@ -48,29 +48,8 @@ TIMEOUTS: Mapping[str, float | None] = {
 READ_CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class StorageSpec:
-    """A filesystem for the agent to mount in the guest."""
-
-    driver: str
-    source: str
-    fstype: str
-    mount_point: str
-    options: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class GuestDetails:
-    """What the guest says about itself."""
-
-    kernel_release: str
-    agent_version: str
-    agent_startup_seconds: float
-    agent_init_seconds: float
-
-
 class AgentClient:
-    """One connection to one sandbox's agent."""
+    """One connection to one sandbox's agent (implements `agent_client.api.AgentApi`)."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -225,3 +204,8 @@ def _storage(s: StorageSpec) -> pb.Storage:
         mount_point=s.mount_point,
         options=list(s.options),
     )
+
+
+async def connect_agent(address: str, timeout: float) -> AgentClient:
+    """`AgentClient.connect` as an `agent_client.api.AgentConnector`."""
+    return await AgentClient.connect(address, timeout)

@@ -1,17 +1,19 @@
-"""hypervisors: QEMU VMs for sandboxes (below sandbox/, above nothing but the OS).
+"""hypervisors: VMs for sandboxes behind one interface (below sandbox/, above hostos/).
 
-Modules, one job each:
+Shared modules, one job each:
 
-* `config`: ``[hypervisor.qemu]`` -> frozen `QemuConfig` (+ `ConfigError`).
-* `accel`: KVM-or-TCG decision with a reason (pure `decide` + cached host probe).
-* `qemu_args`: pure argv builder, one small class per option group; `StatePaths`.
-* `qmp_core`: sans-IO QMP state machine; `qmp`: thin asyncio client over it.
-* `virtiofsd`: the shared-directory daemon.
-* `procs`: spawning with PDEATHSIG, (pid, start time) records, `kill_recorded`.
-* `qemu`: the `Qemu` facade the sandbox layer uses.
-* `timeouts`: the one table of deadlines.
+* `base`: the interface the sandbox layer sees (`Hypervisor`, `HypervisorConfig`,
+  `HypervisorDriver`, devices, `VmSpec`);
+* `factory`: ``[hypervisor.<name>]`` -> the package ``hypervisors.<name>`` and its driver;
+* `config`: typed parsing of a section (+ `ConfigError`);
+* `accel`: KVM-or-TCG decision with a reason (pure `decide` + cached host probe);
+* `statepaths`: the files a VM keeps in its state directory;
+* `qmp_core`: sans-IO QMP state machine; `qmp`: asyncio client over it (fd passing,
+  bounded event log);
+* `virtiofsd`: the shared-directory daemon; `console`: the size-capped guest console;
+* `timeouts`: the one table of deadlines; `errors`: the error types.
 
-This package knows nothing of the agent protocol; it only reports where the agent channel
-is (`Qemu.agent_address`). Import the submodules themselves: this file loads nothing, so
-that `shim delete` (which needs only `procs`) starts fast.
+One package per hypervisor: `qemu` today. This package knows nothing of the agent
+protocol; a VM only reports where the agent channel is (``agent_address``). Import the
+submodules themselves: this file loads nothing, so that ``shim delete`` starts fast.
 """

@@ -30,3 +30,7 @@ class QmpCommandError(QmpError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+class HypervisorUnsupported(HypervisorError):
+    """The hypervisor (or this version's driver for it) cannot do what was asked."""

@@ -1,21 +1,30 @@
 """Thin asyncio QMP client over the sans-IO core in `hypervisors.qmp_core`.
 
-Theory of operation: `QmpClient.connect` dials QEMU's unix socket, retrying while the socket
-does not exist or refuses (QEMU creates it early but accepts only once its main loop runs),
-then starts one reader task and does the ``qmp_capabilities`` handshake. The reader task
-feeds every chunk to the core and routes what comes out: replies resolve the future waiting
-on their id, events are appended to `QmpClient.events`, end of file fails every waiter with
-`QmpError`. Every call has a deadline (default from `hypervisors.timeouts.TIMEOUTS`).
+Theory of operation: `QmpClient.connect` dials the VMM's unix socket, retrying while the
+socket does not exist or refuses (QEMU creates it early but accepts only once its main loop
+runs), then starts one reader task and does the ``qmp_capabilities`` handshake. The client
+owns the raw non-blocking socket (not an asyncio stream) so that a command can carry file
+descriptors: `execute(..., fds=[...])` sends the command bytes and the fds in one
+``sendmsg`` with ``SCM_RIGHTS``, which is how QEMU's ``getfd``/``add-fd`` receive them. Writes
+are serialised by one lock, so command bytes never interleave.
 
-A command that times out leaves its id pending in the core; a late reply is dropped.
+The reader task feeds every chunk to the core and routes what comes out: replies resolve the
+future waiting on their id; events go to `QmpClient.events`, a bounded `EventLog` callers can
+wait on (the oldest events are dropped past its capacity, and counted); end of file fails
+every waiter with `QmpError`. Every call has a deadline (default from
+`hypervisors.timeouts.TIMEOUTS`). A command that times out leaves its id pending in the core;
+a late reply is dropped.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +43,84 @@ from hypervisors.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Event", "QmpClient"]
+__all__ = ["Event", "EventLog", "QmpClient"]
+
+READ_SIZE = 65536
+EVENT_CAPACITY = 256
+
+
+class EventLog:
+    """The most recent QMP events (bounded), numbered, and waiters for the next ones."""
+
+    def __init__(self, capacity: int = EVENT_CAPACITY) -> None:
+        self._ring: collections.deque[tuple[int, Event]] = collections.deque(maxlen=capacity)
+        self._seq = 0
+        self._waiters: list[tuple[Callable[[Event], bool], asyncio.Future[Event]]] = []
+        #: Events that fell out of the ring before anyone read them.
+        self.dropped = 0
+
+    def mark(self) -> int:
+        """The sequence number of the latest event; pass it to `wait_for` as ``after``."""
+        return self._seq
+
+    def recent(self) -> list[Event]:
+        """What the ring holds, oldest first."""
+        return [event for _, event in self._ring]
+
+    def append(self, event: Event) -> None:
+        """Record an event and wake the waiters it satisfies."""
+        if len(self._ring) == self._ring.maxlen:
+            self.dropped += 1
+        self._seq += 1
+        self._ring.append((self._seq, event))
+        for match, future in list(self._waiters):
+            if not future.done() and match(event):
+                future.set_result(event)
+
+    def fail(self, cause: BaseException) -> None:
+        """The connection ended: every waiter gets ``cause``."""
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(cause)
+
+    async def wait_for(
+        self, names: Iterable[str], timeout: float, after: int | None = None
+    ) -> Event:
+        """The first event named in ``names`` numbered above ``after`` (default: from now)."""
+        wanted = frozenset(names)
+        start = self._seq if after is None else after
+        for seq, event in self._ring:
+            if seq > start and event.name in wanted:
+                return event
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        entry = (lambda e: e.name in wanted, future)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError as exc:
+            raise HypervisorTimeout(
+                f"failed to wait for QMP event {'/'.join(sorted(wanted))}: none in {timeout:g}s"
+            ) from exc
+        finally:
+            self._waiters.remove(entry)
 
 
 class QmpClient:
     """One QMP connection. Create it with `QmpClient.connect`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Wrap an open stream; `connect` is the usual way in."""
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, sock: socket.socket) -> None:
+        """Wrap a connected socket; `connect` is the usual way in."""
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
         self._conn = QmpConnection()
+        self._write_lock = asyncio.Lock()
         self._waiters: dict[str, asyncio.Future[Return | ErrorReply]] = {}
-        self._greeting: asyncio.Future[Greeting] = asyncio.get_running_loop().create_future()
+        self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
         self._closed = asyncio.Event()
-        self._close_cause: BaseException | None = None
-        #: Asynchronous events received so far, oldest first.
-        self.events: list[Event] = []
+        #: Asynchronous events (bounded).
+        self.events = EventLog()
         self._task = asyncio.create_task(self._read_loop(), name="qmp-reader")
 
     @classmethod
@@ -58,8 +128,7 @@ class QmpClient:
         """Connect to ``path`` and finish the capabilities handshake within ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await _dial(path)
-                client = cls(reader, writer)
+                client = cls(await _dial(path))
                 try:
                     await client._handshake()
                 except BaseException:
@@ -82,24 +151,23 @@ class QmpClient:
 
     async def execute(
         self, command: str, arguments: Mapping[str, Any] | None = None,
-        timeout: float = TIMEOUTS.qmp_command,
+        timeout: float = TIMEOUTS.qmp_command, fds: Sequence[int] = (),
     ) -> Any:
-        """Run ``command`` and return its ``return`` value; `QmpCommandError` on error."""
+        """Run ``command`` (sending ``fds`` with it) and return its ``return`` value."""
         if self.closed:
             raise QmpError(f"failed to execute QMP command {command}: connection closed")
         cmd_id, data = self._conn.send_command(command, arguments)
-        waiter: asyncio.Future[Return | ErrorReply] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Return | ErrorReply] = self._loop.create_future()
         self._waiters[cmd_id] = waiter
         try:
             async with asyncio.timeout(timeout):
-                self._writer.write(data)
-                await self._writer.drain()
+                await self._send(data, fds)
                 reply = await waiter
         except TimeoutError as exc:
             raise HypervisorTimeout(
                 f"failed to execute QMP command {command}: no reply within {timeout:g}s"
             ) from exc
-        except (OSError, ConnectionError, QmpError) as exc:
+        except (OSError, QmpError) as exc:
             raise QmpError(f"failed to execute QMP command {command}: {exc}") from exc
         finally:
             self._waiters.pop(cmd_id, None)
@@ -107,13 +175,17 @@ class QmpClient:
             raise QmpCommandError(command, reply.error_class, reply.desc)
         return reply.value
 
+    async def get_fd(self, name: str, fd: int, timeout: float = TIMEOUTS.qmp_command) -> None:
+        """Hand ``fd`` to the VMM under ``name`` (``getfd``); our copy stays ours to close."""
+        await self.execute("getfd", {"fdname": name}, timeout=timeout, fds=[fd])
+
     async def query_status(self, timeout: float = TIMEOUTS.qmp_command) -> str:
         """Return the VM run state, e.g. "running", "paused", "shutdown"."""
         result = await self.execute("query-status", timeout=timeout)
         return str(result["status"])
 
     async def quit(self, timeout: float = TIMEOUTS.qmp_command) -> None:
-        """Ask QEMU to exit; the connection closing before the reply counts as success."""
+        """Ask the VMM to exit; the connection closing before the reply counts as success."""
         with contextlib.suppress(QmpError):
             await self.execute("quit", timeout=timeout)
             return
@@ -121,7 +193,7 @@ class QmpClient:
             raise QmpError("failed to execute QMP command quit: connection still open")
 
     async def wait_closed(self, timeout: float) -> None:
-        """Wait until QEMU closes the connection."""
+        """Wait until the VMM closes the connection."""
         async with asyncio.timeout(timeout):
             await self._closed.wait()
 
@@ -130,17 +202,44 @@ class QmpClient:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        self._writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self._writer.wait_closed()
+        self._sock.close()
         self._finish(QmpError("failed to use QMP: connection closed by us"))
+
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        async with self._write_lock:
+            view = memoryview(data)
+            if fds:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                while True:
+                    try:
+                        sent = self._sock.sendmsg([view], ancillary)
+                        break
+                    except BlockingIOError:
+                        await self._writable()
+                view = view[sent:]
+            if view:
+                await self._loop.sock_sendall(self._sock, view)
+
+    async def _writable(self) -> None:
+        ready: asyncio.Future[None] = self._loop.create_future()
+        fd = self._sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.add_writer(fd, wake)
+        try:
+            await ready
+        finally:
+            self._loop.remove_writer(fd)
 
     async def _read_loop(self) -> None:
         try:
             while True:
                 try:
-                    chunk = await self._reader.read(65536)
-                except (OSError, ConnectionError):
+                    chunk = await self._loop.sock_recv(self._sock, READ_SIZE)
+                except OSError:
                     chunk = b""
                 self._conn.receive_data(chunk)
                 if self._drain_core():
@@ -157,7 +256,7 @@ class QmpClient:
             elif isinstance(msg, Event):
                 self.events.append(msg)
             elif isinstance(msg, Closed):
-                self._finish(QmpError("failed to read QMP: connection closed by QEMU"))
+                self._finish(QmpError("failed to read QMP: connection closed by the VMM"))
                 return True
             elif isinstance(msg, Return | ErrorReply):
                 waiter = self._waiters.get(msg.id)
@@ -168,22 +267,30 @@ class QmpClient:
     def _finish(self, cause: QmpError) -> None:
         if self._closed.is_set():
             return
-        self._close_cause = cause
         self._closed.set()
         if not self._greeting.done():
             self._greeting.set_exception(cause)
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(cause)
+        self.events.fail(cause)
         # Nobody may be waiting on the greeting; mark its exception as retrieved.
         if self._greeting.done() and not self._greeting.cancelled():
             self._greeting.exception()
 
 
-async def _dial(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _dial(path: Path) -> socket.socket:
     """Connect to a unix socket, retrying while it is missing or refusing (caller bounds it)."""
+    loop = asyncio.get_running_loop()
     while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
         try:
-            return await asyncio.open_unix_connection(str(path))
+            await loop.sock_connect(sock, str(path))
+            return sock
         except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
             await asyncio.sleep(TIMEOUTS.poll_interval)
+        except BaseException:
+            sock.close()
+            raise

@@ -2,7 +2,7 @@
 
 Theory of operation: `Virtiofsd.start` spawns the C virtiofsd shipped with QEMU
 (``/usr/lib/qemu/virtiofsd --socket-path=S -o source=DIR -o cache=MODE [extra]``) as our
-child (with the parent-death signal, see `hypervisors.procs`), then polls until its socket
+child (behind the parent-death wrapper, see `hostos.procs`), then polls until its socket
 appears. If the daemon exits first, the error quotes the tail of its stderr file. QEMU must
 connect only after the socket exists. One daemon serves one VM boot: it exits by itself when
 QEMU disconnects. `Virtiofsd.stop` is idempotent: SIGTERM, SIGKILL after a grace period,
@@ -18,8 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hostos.procs import spawn, terminate
 from hypervisors.errors import HypervisorError, HypervisorTimeout
-from hypervisors.procs import spawn, terminate
 from hypervisors.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypervisors.procs import ProcessRecord as VmProcess
-from hypervisors.procs import kill_recorded
+from hostos.procs import ProcessRecord, kill_recorded
 from sandbox import storage
 from sandbox.state import read_record, sandbox_path
 from sandbox.types import validate_id
@@ -18,7 +17,7 @@ def cleanup_after_crash(state_dir: Path, sandbox_id: str) -> bool:
         return False
     record = read_record(path)
     if record is not None:
-        kill_recorded([VmProcess(p.pid, p.start_time, p.role) for p in record.processes])
+        kill_recorded([ProcessRecord(p.pid, p.start_time, p.role) for p in record.processes])
     storage.unmount_tree(path)
     storage.remove_tree(path)
     return True

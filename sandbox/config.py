@@ -3,20 +3,31 @@
 Lookup order, first hit wins: the runtime options' ``ConfigPath`` (containerd passes it to
 the shim), ``$KATA_CONF_FILE``, ``/etc/kata-containers/configuration.toml``,
 ``/usr/share/defaults/kata-containers/configuration.toml``. Loading checks types only; file
-paths (kernel, initrd, QEMU) are checked when a sandbox starts, so that ``shim delete`` can
+paths (kernel, initrd, VMM) are checked when a sandbox starts, so that ``shim delete`` can
 always read ``state_dir`` and clean up, even under a broken configuration.
+
+The hypervisor is whichever single ``[hypervisor.<name>]`` section the file has
+(`hypervisors.factory`). Keys this version does not know, and keys it parses but does not
+act on while they are set, are not fatal: they become `RuntimeConfig.warnings`, each naming
+the key, the file and its line, which the shim logs at start-up and ``kata-runtime check``
+shows. A security setting is never silently ignored that way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypervisors.config import ConfigError, QemuConfig
+from common.constants import DEFAULT_STATE_DIR
+from hypervisors.base import HypervisorConfig
+from hypervisors.config import ConfigError
+from hypervisors.factory import parse_hypervisor
 from sandbox.errors import InvalidArgumentError
 
 DEFAULT_PATHS = (
@@ -24,6 +35,15 @@ DEFAULT_PATHS = (
     Path("/usr/share/defaults/kata-containers/configuration.toml"),
 )
 CONFIG_ENV = "KATA_CONF_FILE"
+#: Tables this version reads, with the keys it knows in each.
+AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules"})
+RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model"})
+TOP_TABLES = frozenset({"hypervisor", "agent", "runtime"})
+INTERNETWORKING_MODELS = ("tcfilter", "macvtap", "none")
+
+
+class ConfigNotFoundError(InvalidArgumentError):
+    """No configuration file was given and none exists at the default paths."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +59,13 @@ class RuntimeConfig:
     """The whole configuration a sandbox runs with."""
 
     path: Path
-    qemu: QemuConfig
+    hypervisor: HypervisorConfig
     agent: AgentConfig
-    state_dir: Path = Path("/run/kata-py")
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
     enable_debug: bool = False
+    internetworking_model: str = "tcfilter"
+    #: Unknown keys and set-but-unsupported keys, one message each (file and line).
+    warnings: tuple[str, ...] = ()
 
 
 def find_config(config_path: str | None = None) -> Path:
@@ -56,7 +79,7 @@ def find_config(config_path: str | None = None) -> Path:
         if candidate.is_file():
             return candidate
     tried = ", ".join(str(p) for p in DEFAULT_PATHS)
-    raise InvalidArgumentError(
+    raise ConfigNotFoundError(
         f"failed to find configuration.toml: tried {tried}; set ConfigPath in the runtime "
         f"options, set ${CONFIG_ENV}, or run `make install`"
     )
@@ -66,33 +89,84 @@ def load_config(config_path: str | None = None) -> RuntimeConfig:
     """Read and parse the configuration; raise InvalidArgumentError naming file and key."""
     path = find_config(config_path)
     try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
+        text = path.read_text(encoding="utf-8")
+        doc = tomllib.loads(text)
     except OSError as e:
         raise InvalidArgumentError(f"failed to read configuration {path}: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgumentError(f"failed to parse configuration {path}: {e}") from e
     try:
-        return _parse(path, doc)
+        return _parse(path, doc, text)
     except ConfigError as e:
         raise InvalidArgumentError(str(e)) from e
 
 
-def _parse(path: Path, doc: Mapping[str, Any]) -> RuntimeConfig:
-    hypervisor = _table(doc, "hypervisor", path)
-    qemu = QemuConfig.from_table(_table(hypervisor, "qemu", path), str(path), check_files=False)
+def _parse(path: Path, doc: Mapping[str, Any], text: str) -> RuntimeConfig:
+    source = str(path)
+    hypervisor = parse_hypervisor(_table(doc, "hypervisor", path), source)
     agent_table = _table(_table(doc, "agent", path), "kata", path)
     runtime = _table(doc, "runtime", path)
-    return RuntimeConfig(
+    config = RuntimeConfig(
         path=path,
-        qemu=qemu,
+        hypervisor=hypervisor,
         agent=AgentConfig(
             dial_timeout=float(_typed(agent_table, "dial_timeout", (int, float), 90.0, path)),
             kernel_modules=tuple(_typed(agent_table, "kernel_modules", list, [], path)),
         ),
-        state_dir=Path(_typed(runtime, "state_dir", str, "/run/kata-py", path)),
+        state_dir=Path(_typed(runtime, "state_dir", str, DEFAULT_STATE_DIR, path)),
         enable_debug=bool(_typed(runtime, "enable_debug", bool, False, path)),
+        internetworking_model=_choice(
+            runtime, "internetworking_model", INTERNETWORKING_MODELS, path
+        ),
     )
+    return _with_warnings(config, doc, text, agent_table, runtime)
+
+
+def _with_warnings(
+    config: RuntimeConfig, doc: Mapping[str, Any], text: str,
+    agent: Mapping[str, Any], runtime: Mapping[str, Any],
+) -> RuntimeConfig:
+    section = f"hypervisor.{config.hypervisor.name}"
+    unknown: list[tuple[str, str | None]] = [(t, None) for t in sorted(doc.keys() - TOP_TABLES)]
+    unknown += [("agent", t) for t in sorted(_table(doc, "agent", config.path).keys() - {"kata"})]
+    unknown += [(section, k) for k in config.hypervisor.unknown_keys]
+    unknown += [("agent.kata", k) for k in sorted(agent.keys() - AGENT_KEYS)]
+    unknown += [("runtime", k) for k in sorted(runtime.keys() - RUNTIME_KEYS)]
+    unsupported = [(section, k, "annotations are never honoured by this version, so it has "
+                    "no effect") for k in config.hypervisor.unsupported_keys]  # fmt: skip
+    if config.agent.kernel_modules:
+        unsupported.append(("agent.kata", "kernel_modules", "the guest loads only the modules "
+                            "built into its image"))  # fmt: skip
+    if "internetworking_model" in runtime and config.internetworking_model != "none":
+        unsupported.append(("runtime", "internetworking_model", "the VM has no network "
+                            "device yet, whatever the model"))  # fmt: skip
+    where = config.path
+    warnings = [f"unknown {_name(t, k)} in {where}{_line(text, t, k)}: ignored; check the "
+                "spelling against configuration.toml's documentation" for t, k in unknown]
+    warnings += [f"{t}.{k} in {where}{_line(text, t, k)} is set but not supported: {why}"
+                 for t, k, why in unsupported]  # fmt: skip
+    return dataclasses.replace(config, warnings=tuple(warnings))
+
+
+def _name(table: str, key: str | None) -> str:
+    return f"table [{table}]" if key is None else f"key {table}.{key}"
+
+
+def _line(text: str, table: str, key: str | None) -> str:
+    """``:<n>``, the line where ``key`` of ``[table]`` (or the table itself) is written."""
+    current = ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1).replace(" ", "").replace('"', "")
+            if key is None and (current == table or current.startswith(table + ".")):
+                return f":{number}"
+        elif key is not None and current == table and re.match(
+            rf"^\"?{re.escape(key)}\"?\s*=", line
+        ):
+            return f":{number}"
+    return ""
 
 
 def _table(doc: Mapping[str, Any], key: str, path: Path) -> Mapping[str, Any]:
@@ -109,3 +183,12 @@ def _typed(
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise InvalidArgumentError(f"{key} in {path} has the wrong type: {value!r}")
     return value
+
+
+def _choice(table: Mapping[str, Any], key: str, choices: tuple[str, ...], path: Path) -> str:
+    value = _typed(table, key, str, choices[0], path)
+    if value not in choices:
+        raise InvalidArgumentError(
+            f"{key} in {path} is {value!r}: use one of {', '.join(choices)}"
+        )
+    return str(value)

@@ -14,11 +14,17 @@ What changes, and why:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-GUEST_SHARED_DIR = "/run/kata-containers/shared"
-SHARED_FS_TAG = "kataShared"
+from common.constants import GUEST_SHARED_DIR
+from sandbox.types import PodResources, SandboxSpec
+
+#: containerd's CRI plugin (1.7+) writes the pod's limits on the sandbox container here.
+SANDBOX_CPU_QUOTA_ANNOTATION = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD_ANNOTATION = "io.kubernetes.cri.sandbox-cpu-period"
+SANDBOX_MEMORY_ANNOTATION = "io.kubernetes.cri.sandbox-memory"
 
 
 def guest_rootfs(container_id: str) -> str:
@@ -77,3 +83,50 @@ def spec_for_guest(
             binds.append(SharedBind(str(m.get("source", "")), name, "ro" in m.get("options", [])))
             m["source"] = f"{guest_mounts_dir(container_id)}/{name}"
     return out, binds
+
+
+def spec_annotations(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The spec's annotations (empty if there are none)."""
+    value = spec.get("annotations") or {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _positive(value: object) -> int | None:
+    try:
+        number = int(str(value))
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _resources(spec: Mapping[str, Any], notes: Mapping[str, str]) -> PodResources:
+    res = _table(_table(spec, "linux"), "resources")
+    cpu, memory = _table(res, "cpu"), _table(res, "memory")
+    return PodResources(
+        cpu_quota=_positive(notes.get(SANDBOX_CPU_QUOTA_ANNOTATION, cpu.get("quota"))),
+        cpu_period=_positive(notes.get(SANDBOX_CPU_PERIOD_ANNOTATION, cpu.get("period"))),
+        memory_limit_bytes=_positive(notes.get(SANDBOX_MEMORY_ANNOTATION, memory.get("limit"))),
+    )
+
+
+def _netns_path(spec: Mapping[str, Any]) -> str:
+    for ns in _table(spec, "linux").get("namespaces") or []:
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            return str(ns.get("path") or "")
+    return ""
+
+
+def sandbox_spec(spec: Mapping[str, Any]) -> SandboxSpec:
+    """The `SandboxSpec` of a pod, from its sandbox container's OCI spec."""
+    notes = spec_annotations(spec)
+    return SandboxSpec(
+        hostname=str(spec.get("hostname") or ""),
+        netns_path=_netns_path(spec),
+        annotations=notes,
+        resources=_resources(spec, notes),
+    )

@@ -1,118 +1,180 @@
-"""One pod: a VM, the agent inside it, the shared rootfs storage and the state on disk.
+"""One pod's VM, the agent inside it, the shared rootfs storage and the state on disk.
 
-Theory of operation: ``start`` builds the sandbox step by step on an AsyncExitStack (state
-dir, shared mount, VM, agent connection, CreateSandbox); each step registers its undo right
-away, so a failure at any step unwinds everything already done and ``stop`` is that same
-unwinding. Container and process calls are forwarded to the agent; agent errors are turned
-into the runtime's error hierarchy (same status code, a ``failed to <verb>`` message).
+Theory of operation
+-------------------
+A `Sandbox` is built with its hypervisor and agent factories (the real ones by default,
+fakes in unit tests), so it never names a hypervisor: it asks the factory for a
+`hypervisors.base.Hypervisor` and the connector for an `agent_client.AgentApi`.
+
+Its lifecycle is the `TRANSITIONS` table (`sandbox.lifecycle`)::
+
+    NEW --start--> STARTING --started--> RUNNING --stop--> STOPPING --stopped--> STOPPED
+                       |                                                    |
+                       +--start failed--> NEW          STOPPED --start--> STARTING
+
+``start`` builds the sandbox step by step on an AsyncExitStack: state dir and shared
+mount, VM (with the share cold-plugged), agent connection (racing the VM's exit), guest
+details, CreateSandbox. Each step registers its undo right away, so a failure at any step
+unwinds everything already done, and ``stop`` is that same unwinding after DestroySandbox.
 What a crashed shim's ``delete`` needs is written to ``state.json`` as soon as it exists.
+``_lock`` serialises start and stop.
+
+The sandbox shares container rootfs into the guest (`create_container` /
+`remove_container`) and keeps the set of shares it mounted; it does not own containers or
+processes: `sandbox.pod.Pod` does, and drives processes through `guest` (`Guest`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from agent_client import AgentCallError, AgentClient, GuestDetails, StorageSpec, bounded
+from agent_client import AgentApi, AgentCallError, AgentConnector, StorageSpec, bounded
+from agent_client import connect_agent as default_connector
+from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
+from hostos.procs import ProcessRecord as HostProcess
+from hostos.procs import is_alive, start_time
+from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, SharedFsKind, VmSpec
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
-from hypervisors.procs import ProcessRecord as VmProcessRecord
-from hypervisors.procs import is_alive, start_time
-from hypervisors.qemu import Qemu
+from hypervisors.factory import create_hypervisor
 from sandbox import storage
 from sandbox.cleanup import cleanup_after_crash
 from sandbox.config import RuntimeConfig
 from sandbox.errors import (
     AlreadyExistsError,
-    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    SandboxError,
     UnavailableError,
 )
-from sandbox.oci import GUEST_SHARED_DIR, SHARED_FS_TAG, SharedBind, spec_for_guest
-from sandbox.state import (
-    ProcessRecord,
-    SandboxRecord,
-    read_record,
-    sandbox_path,
-    write_record,
-)
-from sandbox.types import ContainerConfig, ExecConfig, validate_id
-from ttrpc import Code
+from sandbox.guest import Guest, agent_errors
+from sandbox.lifecycle import Refusal, transition
+from sandbox.oci import SharedBind, spec_for_guest
+from sandbox.state import ProcessRecord, SandboxRecord, read_record, sandbox_path, write_record
+from sandbox.types import ContainerConfig, SandboxSpec, validate_id
 
 log = logging.getLogger(__name__)
 
-_ERRORS_BY_CODE: dict[Code, type[SandboxError]] = {
-    Code.NOT_FOUND: NotFoundError,
-    Code.ALREADY_EXISTS: AlreadyExistsError,
-    Code.FAILED_PRECONDITION: FailedPreconditionError,
-    Code.INVALID_ARGUMENT: InvalidArgumentError,
-    Code.UNAVAILABLE: UnavailableError,
-    Code.CANCELLED: UnavailableError,
-    Code.DEADLINE_EXCEEDED: DeadlineExceededError,
+HypervisorFactory = Callable[[HypervisorConfig, VmSpec], Hypervisor]
+
+
+class SandboxState(enum.Enum):
+    """Where a sandbox is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class SandboxOp(enum.Enum):
+    """What can happen to a sandbox (the value reads in ``failed to <op> sandbox``)."""
+
+    START = "start"
+    STARTED = "finish starting"
+    START_FAILED = "abandon starting"
+    STOP = "stop"
+    STOPPED = "finish stopping"
+    USE = "use"
+
+
+_S, _O = SandboxState, SandboxOp
+_NOT_RUNNING = Refusal(UnavailableError, "it is not running")
+_INTERNAL = Refusal(FailedPreconditionError, "not in this state")
+TRANSITIONS: dict[tuple[SandboxState, SandboxOp], SandboxState | Refusal] = {
+    (_S.NEW, _O.START): _S.STARTING,
+    (_S.NEW, _O.STARTED): _INTERNAL,
+    (_S.NEW, _O.START_FAILED): _INTERNAL,
+    (_S.NEW, _O.STOP): _S.STOPPED,  # nothing was started: nothing to undo
+    (_S.NEW, _O.STOPPED): _INTERNAL,
+    (_S.NEW, _O.USE): _NOT_RUNNING,
+    (_S.STARTING, _O.START): Refusal(FailedPreconditionError, "it is starting"),
+    (_S.STARTING, _O.STARTED): _S.RUNNING,
+    (_S.STARTING, _O.START_FAILED): _S.NEW,  # everything was undone: may start again
+    (_S.STARTING, _O.STOP): Refusal(FailedPreconditionError, "it is starting"),
+    (_S.STARTING, _O.STOPPED): _INTERNAL,
+    (_S.STARTING, _O.USE): Refusal(UnavailableError, "it is still starting"),
+    (_S.RUNNING, _O.START): Refusal(AlreadyExistsError, "it is already running"),
+    (_S.RUNNING, _O.STARTED): _INTERNAL,
+    (_S.RUNNING, _O.START_FAILED): _INTERNAL,
+    (_S.RUNNING, _O.STOP): _S.STOPPING,
+    (_S.RUNNING, _O.STOPPED): _INTERNAL,
+    (_S.RUNNING, _O.USE): _S.RUNNING,
+    (_S.STOPPING, _O.START): Refusal(FailedPreconditionError, "it is stopping"),
+    (_S.STOPPING, _O.STARTED): _INTERNAL,
+    (_S.STOPPING, _O.START_FAILED): _INTERNAL,
+    (_S.STOPPING, _O.STOP): Refusal(FailedPreconditionError, "it is already stopping"),
+    (_S.STOPPING, _O.STOPPED): _S.STOPPED,
+    (_S.STOPPING, _O.USE): Refusal(UnavailableError, "it is stopping"),
+    (_S.STOPPED, _O.START): _S.STARTING,  # a new VM for the same pod (same daemon)
+    (_S.STOPPED, _O.STARTED): _INTERNAL,
+    (_S.STOPPED, _O.START_FAILED): _INTERNAL,
+    (_S.STOPPED, _O.STOP): _S.STOPPED,  # idempotent
+    (_S.STOPPED, _O.STOPPED): _INTERNAL,
+    (_S.STOPPED, _O.USE): _NOT_RUNNING,
 }
 
 
-@contextlib.asynccontextmanager
-async def _agent_errors(what: str) -> AsyncIterator[None]:
-    """Turn an agent's ttrpc error into the runtime's hierarchy, keeping its code."""
-    try:
-        yield
-    except AgentCallError as e:  # its message is already bounded (untrusted guest text)
-        kind = _ERRORS_BY_CODE.get(e.code, SandboxError)
-        raise kind(f"failed to {what}: {e.message or e.code.name}") from e
-
-
-def shared_storage(shared_fs: str) -> StorageSpec:
-    """How the guest mounts the share, for the configured ``shared_fs``."""
-    if shared_fs == "virtio-fs":
-        return StorageSpec("virtio-fs", SHARED_FS_TAG, "virtiofs", GUEST_SHARED_DIR)
-    if shared_fs == "virtio-9p":
-        return StorageSpec("9p", SHARED_FS_TAG, "9p", GUEST_SHARED_DIR)
+def shared_storage(config: HypervisorConfig) -> tuple[SharedFsKind, StorageSpec]:
+    """The share's device kind and how the guest mounts it, for ``shared_fs``."""
+    if config.shared_fs == "virtio-fs":
+        return "virtio-fs", StorageSpec("virtio-fs", SHARED_FS_TAG, "virtiofs", GUEST_SHARED_DIR)
+    if config.shared_fs == "virtio-9p":
+        return "virtio-9p", StorageSpec("9p", SHARED_FS_TAG, "9p", GUEST_SHARED_DIR)
     raise InvalidArgumentError(
-        f"hypervisor.qemu.shared_fs = {shared_fs!r} cannot carry container rootfs: "
-        "use \"virtio-fs\" (or \"virtio-9p\" with a guest kernel that has 9p)"
+        f"hypervisor.{config.name}.shared_fs = {config.shared_fs!r} cannot carry container "
+        "rootfs: use \"virtio-fs\" (or \"virtio-9p\" with a guest kernel that has 9p)"
     )
 
 
 class Sandbox:
-    """A running pod VM and its containers (see the module docstring)."""
+    """A pod's VM, agent and storage (see the module docstring)."""
 
-    def __init__(self, sandbox_id: str, config: RuntimeConfig) -> None:
+    def __init__(
+        self, sandbox_id: str, config: RuntimeConfig, *,
+        hypervisor_factory: HypervisorFactory = create_hypervisor,
+        agent_connector: AgentConnector = default_connector,
+    ) -> None:
         self.id = validate_id("sandbox", sandbox_id)
         self.config = config
+        self.state = SandboxState.NEW
+        self.spec = SandboxSpec()
         self.state_path = sandbox_path(config.state_dir, self.id)
         self.shared_dir = self.state_path / "shared"
-        self.guest: GuestDetails | None = None
         self.boot_seconds = 0.0
-        self._vm: Qemu | None = None
-        self._agent: AgentClient | None = None
+        #: Process calls on the current agent connection (UNAVAILABLE unless running).
+        self.guest = Guest(self._agent_or_raise)
+        self._hypervisor_factory = hypervisor_factory
+        self._agent_connector = agent_connector
+        self._lock = asyncio.Lock()  # serialises start and stop
+        self._vm: Hypervisor | None = None
+        self._agent: AgentApi | None = None
         self._undo: AsyncExitStack | None = None
+        self._shares: set[str] = set()  # container ids whose rootfs this sandbox mounted
         self._record = SandboxRecord(
-            sandbox_id=self.id, shim_pid=os.getpid(), shim_start_time=start_time(os.getpid()) or 0
+            sandbox_id=self.id, hypervisor=config.hypervisor.name, shim_pid=os.getpid(),
+            shim_start_time=start_time(os.getpid()) or 0,
         )
-        self._containers: set[str] = set()
-        self._execs: dict[tuple[str, str], ExecConfig] = {}
 
     # evidence for logs and the demo
     @property
-    def qemu_pid(self) -> int | None:
-        """Pid of the QEMU process, while it runs."""
+    def vmm_pid(self) -> int | None:
+        """Host pid of the VMM, while it runs."""
         return self._vm.pid if self._vm else None
 
     @property
     def accelerator(self) -> str:
         """kvm or tcg."""
-        accel = self._vm.accelerator if self._vm else None
-        return str(accel) if accel else ""
+        return self._vm.accelerator if self._vm else ""
 
     @property
     def accelerator_reason(self) -> str:
@@ -122,46 +184,54 @@ class Sandbox:
     @property
     def guest_kernel_release(self) -> str:
         """``uname -r`` inside the guest."""
-        return self.guest.kernel_release if self.guest else ""
+        return self._record.guest_kernel_release
 
     @property
     def console_log(self) -> Path:
         """The guest console, saved in the state dir."""
         return self.state_path / "console.log"
 
-    # lifecycle
-    async def start(self, hostname: str = "") -> None:
-        """Boot the VM and prepare the agent; on failure leave nothing behind."""
-        if self._undo is not None:
-            raise FailedPreconditionError(f"sandbox {self.id} is already started")
-        try:
-            self.config.qemu.check_files(str(self.config.path))
-        except ConfigError as e:
-            raise InvalidArgumentError(f"failed to start sandbox {self.id}: {e}") from e
-        shared_storage(self.config.qemu.shared_fs)  # refuse a share we cannot use, early
-        try:
-            await self._start(hostname)
-        except (OSError, HypervisorError) as e:
-            # Everything was undone; say what failed with a status containerd understands.
-            raise UnavailableError(f"failed to start sandbox {self.id}: {e}") from e
+    def _step(self, op: SandboxOp) -> SandboxState:
+        return transition(TRANSITIONS, self.state, op, f"sandbox {self.id}")
 
-    async def _start(self, hostname: str) -> None:
+    # lifecycle
+    async def start(self, spec: SandboxSpec) -> None:
+        """Boot the VM and prepare the agent; on failure leave nothing behind."""
+        async with self._lock:
+            after = self._step(SandboxOp.START)
+            try:
+                self.config.hypervisor.check_files(str(self.config.path))
+            except ConfigError as e:
+                raise InvalidArgumentError(f"failed to start sandbox {self.id}: {e}") from e
+            shared_storage(self.config.hypervisor)  # refuse a share we cannot use, early
+            self.state, self.spec = after, spec
+            try:
+                await self._start(spec)
+            except BaseException as e:
+                self.state = self._step(SandboxOp.START_FAILED)
+                if isinstance(e, OSError | HypervisorError):
+                    # Everything was undone; say what failed with a status containerd knows.
+                    raise UnavailableError(f"failed to start sandbox {self.id}: {e}") from e
+                raise
+            self.state = self._step(SandboxOp.STARTED)
+
+    async def _start(self, spec: SandboxSpec) -> None:
         started = time.monotonic()
         async with AsyncExitStack() as stack:
             await self._make_state_dir(stack)
             vm = await self._start_vm(stack)
             agent = await self._connect_agent(vm, stack)
-            async with _agent_errors("get guest details"):
-                self.guest = await agent.guest_details()
+            async with agent_errors("get guest details"):
+                guest = await agent.guest_details()
             log.info(
                 "agent ready: started in %.2fs, serving at guest uptime %.2fs, %.2fs after "
-                "the sandbox start began", self.guest.agent_init_seconds,
-                self.guest.agent_startup_seconds, time.monotonic() - started,
+                "the sandbox start began", guest.agent_init_seconds,
+                guest.agent_startup_seconds, time.monotonic() - started,
             )
-            storages = [shared_storage(self.config.qemu.shared_fs)]
-            async with _agent_errors("create the sandbox in the guest"):
-                await agent.create_sandbox(self.id, hostname or self.id[:63], storages)
-            self._record.guest_kernel_release = self.guest.kernel_release
+            _kind, share = shared_storage(self.config.hypervisor)
+            async with agent_errors("create the sandbox in the guest"):
+                await agent.create_sandbox(self.id, spec.hostname or self.id[:63], [share])
+            self._record.guest_kernel_release = guest.kernel_release
             self._save()
             self._undo = stack.pop_all()
         self.boot_seconds = time.monotonic() - started
@@ -180,7 +250,7 @@ class Sandbox:
         """A state dir for our id: refuse if its shim lives, else clean up what it left."""
         record = read_record(self.state_path)
         if record is not None and is_alive(
-            VmProcessRecord(record.shim_pid, record.shim_start_time, "shim")
+            HostProcess(record.shim_pid, record.shim_start_time, "shim")
         ):
             raise AlreadyExistsError(
                 f"failed to create sandbox {self.id}: shim pid {record.shim_pid} still runs it"
@@ -189,8 +259,10 @@ class Sandbox:
                     self.state_path)
         cleanup_after_crash(self.config.state_dir, self.id)
 
-    async def _start_vm(self, stack: AsyncExitStack) -> Qemu:
-        vm = Qemu(self.config.qemu, self.id, self.state_path, self.shared_dir)
+    async def _start_vm(self, stack: AsyncExitStack) -> Hypervisor:
+        kind, _share = shared_storage(self.config.hypervisor)
+        vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(self.id, self.state_path))
+        await vm.add_device(SharedFsDevice(self.shared_dir, kind, SHARED_FS_TAG))
         stack.push_async_callback(vm.stop)
         self._vm = vm
         stack.callback(setattr, self, "_vm", None)
@@ -198,7 +270,7 @@ class Sandbox:
             await vm.start()
         except HypervisorError as e:
             raise UnavailableError(f"failed to start the VM of sandbox {self.id}: {e}") from e
-        self._record.accelerator = self.accelerator
+        self._record.accelerator = vm.accelerator
         self._record.accelerator_reason = vm.accelerator_reason
         self._record.processes = [
             ProcessRecord(pid=r.pid, start_time=r.start_time, role=r.role)
@@ -206,14 +278,15 @@ class Sandbox:
         ]
         self._save()
         log.info(
-            "vm started sandbox=%s qemu_pid=%s accelerator=%s reason=%r",
-            self.id, vm.pid, vm.accelerator, vm.accelerator_reason,
+            "vm started sandbox=%s hypervisor=%s vmm_pid=%s accelerator=%s reason=%r",
+            self.id, self.config.hypervisor.name, vm.pid, vm.accelerator,
+            vm.accelerator_reason,
         )
         return vm
 
-    async def _connect_agent(self, vm: Qemu, stack: AsyncExitStack) -> AgentClient:
+    async def _connect_agent(self, vm: Hypervisor, stack: AsyncExitStack) -> AgentApi:
         timeout = self.config.agent.dial_timeout
-        connect = asyncio.ensure_future(AgentClient.connect(vm.agent_address, timeout))
+        connect = asyncio.ensure_future(self._agent_connector(vm.agent_address, timeout))
         died = asyncio.ensure_future(vm.wait_exited())
         try:
             await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
@@ -248,53 +321,55 @@ class Sandbox:
         return (": ..." + bounded(" | ".join(text[-lines:]), 1024)) if text else ""
 
     def _save(self) -> None:
-        self._record.containers = sorted(self._containers)
+        self._record.containers = sorted(self._shares)
         write_record(self.state_path, self._record)
 
     async def stop(self) -> None:
-        """Stop everything (idempotent): containers, agent, VM, mounts, state dir."""
-        undo, self._undo = self._undo, None
-        if undo is None:
-            return
-        if self._agent is not None:
-            with contextlib.suppress(AgentCallError, OSError, asyncio.TimeoutError):
-                await self._agent.destroy_sandbox()
-        self._containers.clear()
-        self._execs.clear()
-        try:
-            await undo.aclose()
-        except (OSError, HypervisorError) as e:
-            raise UnavailableError(f"failed to stop sandbox {self.id} cleanly: {e}") from e
+        """Stop everything (idempotent): agent, VM, mounts, state dir."""
+        async with self._lock:
+            after = self._step(SandboxOp.STOP)
+            undo, self._undo = self._undo, None
+            if undo is None:
+                self.state = after
+                return
+            self.state = after
+            try:
+                if self._agent is not None:
+                    with contextlib.suppress(AgentCallError, OSError, asyncio.TimeoutError):
+                        await self._agent.destroy_sandbox()
+                self._shares.clear()
+                await undo.aclose()
+            except (OSError, HypervisorError) as e:
+                raise UnavailableError(f"failed to stop sandbox {self.id} cleanly: {e}") from e
+            finally:
+                self.state = self._step(SandboxOp.STOPPED)
 
-    def _agent_or_raise(self) -> AgentClient:
+    def _agent_or_raise(self) -> AgentApi:
+        self._step(SandboxOp.USE)
         if self._agent is None:
-            raise UnavailableError(f"sandbox {self.id} is not running")
+            raise UnavailableError(f"sandbox {self.id} has no agent connection")
         return self._agent
 
-    # containers
+    # container storage
     def _container_rootfs(self, container_id: str) -> Path:
         return self.shared_dir / "containers" / container_id / "rootfs"
-
-    def _known(self, container_id: str) -> None:
-        if container_id not in self._containers:
-            raise NotFoundError(f"container {container_id} not found in sandbox {self.id}")
 
     async def create_container(self, c: ContainerConfig) -> None:
         """Mount the rootfs into the share and create the container in the guest."""
         cid = validate_id("container", c.container_id)
         agent = self._agent_or_raise()
-        if cid in self._containers:
+        if cid in self._shares:
             raise AlreadyExistsError(f"container {cid} already exists in sandbox {self.id}")
         rootfs = self._container_rootfs(cid)
         spec, binds = spec_for_guest(c.spec, cid)
         await asyncio.to_thread(self._mount_rootfs, c, rootfs, binds)
-        self._containers.add(cid)
+        self._shares.add(cid)
         self._save()
         try:
-            async with _agent_errors(f"create container {cid}"):
+            async with agent_errors(f"create container {cid}"):
                 await agent.create_container(cid, spec, c.terminal, c.stdin)
         except BaseException:
-            await self._forget_container(cid)
+            await self._unshare(cid)
             raise
 
     def _mount_rootfs(self, c: ContainerConfig, rootfs: Path, binds: list[SharedBind]) -> None:
@@ -318,99 +393,22 @@ class Sandbox:
                 f"failed to share {what} of container {c.container_id}: {e}"
             ) from e
 
-    async def _forget_container(self, container_id: str) -> None:
+    async def _unshare(self, container_id: str) -> None:
         directory = self._container_rootfs(container_id).parent
         await asyncio.to_thread(storage.unmount_tree, directory)
         await asyncio.to_thread(storage.remove_tree, directory)
-        self._containers.discard(container_id)
-        for key in [k for k in self._execs if k[0] == container_id]:
-            del self._execs[key]
-        self._save()
+        self._shares.discard(container_id)
+        if self.state_path.exists():
+            self._save()
 
     async def remove_container(self, container_id: str) -> None:
         """Stop what is left of the container in the guest and unmount its rootfs."""
-        self._known(container_id)
-        agent = self._agent_or_raise()
+        if container_id not in self._shares:
+            raise NotFoundError(f"container {container_id} not found in sandbox {self.id}")
         try:
-            async with _agent_errors(f"remove container {container_id}"):
-                await agent.remove_container(container_id)
+            async with agent_errors(f"remove container {container_id}"):
+                await self._agent_or_raise().remove_container(container_id)
         except NotFoundError:
             pass  # the guest never had it or already forgot it
         finally:
-            await self._forget_container(container_id)
-
-    # processes
-    def add_exec(self, e: ExecConfig) -> None:
-        """Remember an exec; the guest sees it when it is started."""
-        self._known(e.container_id)
-        validate_id("exec", e.exec_id)
-        key = (e.container_id, e.exec_id)
-        if key in self._execs:
-            raise AlreadyExistsError(f"exec {e.exec_id} already exists in {e.container_id}")
-        self._execs[key] = e
-
-    async def start_process(self, container_id: str, exec_id: str) -> int:
-        """Start the init process ("") or an exec; return its guest pid."""
-        self._known(container_id)
-        agent = self._agent_or_raise()
-        if not exec_id:
-            async with _agent_errors(f"start container {container_id}"):
-                return await agent.start_container(container_id)
-        e = self._exec(container_id, exec_id)
-        async with _agent_errors(f"start exec {exec_id} in {container_id}"):
-            return await agent.exec_process(container_id, exec_id, e.process, e.stdin)
-
-    def _exec(self, container_id: str, exec_id: str) -> ExecConfig:
-        try:
-            return self._execs[(container_id, exec_id)]
-        except KeyError:
-            raise NotFoundError(f"exec {exec_id} not found in {container_id}") from None
-
-    async def remove_process(self, container_id: str, exec_id: str) -> None:
-        """Forget an exec that has exited."""
-        self._exec(container_id, exec_id)
-        del self._execs[(container_id, exec_id)]
-
-    async def wait_process(self, container_id: str, exec_id: str) -> int:
-        """Wait for the process to exit; its status (code, or 128+signal)."""
-        async with _agent_errors(f"wait for {container_id}/{exec_id or 'init'}"):
-            return await self._agent_or_raise().wait_process(container_id, exec_id)
-
-    async def signal_process(
-        self, container_id: str, exec_id: str, signal: int, all: bool = False
-    ) -> None:
-        """Send a signal to a process (or, with ``all``, to every process of the container)."""
-        async with _agent_errors(f"signal {container_id}/{exec_id or 'init'}"):
-            await self._agent_or_raise().signal_process(container_id, exec_id, signal, all)
-
-    async def list_pids(self, container_id: str) -> list[int]:
-        """Guest pids of the container's processes."""
-        self._known(container_id)
-        async with _agent_errors(f"list the processes of {container_id}"):
-            return await self._agent_or_raise().list_processes(container_id)
-
-    # stdio
-    async def read_stdout(self, container_id: str, exec_id: str) -> bytes:
-        """Next stdout bytes (long poll); b"" at end of stream."""
-        async with _agent_errors(f"read stdout of {container_id}/{exec_id or 'init'}"):
-            return await self._agent_or_raise().read_stdout(container_id, exec_id)
-
-    async def read_stderr(self, container_id: str, exec_id: str) -> bytes:
-        """Next stderr bytes (long poll); b"" at end of stream."""
-        async with _agent_errors(f"read stderr of {container_id}/{exec_id or 'init'}"):
-            return await self._agent_or_raise().read_stderr(container_id, exec_id)
-
-    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
-        """Write to the process's stdin."""
-        async with _agent_errors(f"write stdin of {container_id}/{exec_id or 'init'}"):
-            return await self._agent_or_raise().write_stdin(container_id, exec_id, data)
-
-    async def close_stdin(self, container_id: str, exec_id: str) -> None:
-        """Close the process's stdin."""
-        async with _agent_errors(f"close stdin of {container_id}/{exec_id or 'init'}"):
-            await self._agent_or_raise().close_stdin(container_id, exec_id)
-
-    async def resize_pty(self, container_id: str, exec_id: str, width: int, height: int) -> None:
-        """Set the terminal size of the process."""
-        async with _agent_errors(f"resize the pty of {container_id}/{exec_id or 'init'}"):
-            await self._agent_or_raise().tty_win_resize(container_id, exec_id, height, width)
+            await self._unshare(container_id)

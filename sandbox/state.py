@@ -2,6 +2,10 @@
 
 Lives at ``<state_dir>/sbs/<sandbox-id>/state.json``, replaced atomically on every change.
 Nothing needed for cleanup is kept only in memory.
+
+Format versions: 2 names the hypervisor and calls the VMM's process role ``vmm``. A record
+without a version (written before hypervisors were pluggable) is read as QEMU's, its
+``qemu`` role as ``vmm``, so a shim upgraded under running pods still cleans them up.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "state.json"
+FORMAT_VERSION = 2
+VMM_ROLE = "vmm"
+_LEGACY_ROLES = {"qemu": VMM_ROLE}
 
 
 def sandbox_path(state_dir: Path, sandbox_id: str) -> Path:
@@ -22,7 +29,7 @@ def sandbox_path(state_dir: Path, sandbox_id: str) -> Path:
 
 @dataclass
 class ProcessRecord:
-    """A host process of the sandbox (qemu, virtiofsd), identified by pid and start time."""
+    """A host process of the sandbox (vmm, virtiofsd), identified by pid and start time."""
 
     pid: int
     start_time: int
@@ -34,6 +41,8 @@ class SandboxRecord:
     """What is persisted about a sandbox."""
 
     sandbox_id: str
+    version: int = FORMAT_VERSION
+    hypervisor: str = ""
     shim_pid: int = 0
     #: With shim_pid: tells a live shim from a reused pid.
     shim_start_time: int = 0
@@ -43,6 +52,11 @@ class SandboxRecord:
     processes: list[ProcessRecord] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
 
+    @property
+    def vmm(self) -> ProcessRecord | None:
+        """The VMM's record, if it was started."""
+        return next((p for p in self.processes if p.role == VMM_ROLE), None)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
@@ -50,9 +64,17 @@ class SandboxRecord:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SandboxRecord:
         """Parse what ``to_json`` wrote; unknown keys are ignored."""
-        procs = [ProcessRecord(**p) for p in doc.get("processes", [])]
+        legacy = "version" not in doc
+        roles = _LEGACY_ROLES if legacy else {}
+        procs = [
+            ProcessRecord(int(p["pid"]), int(p["start_time"]),
+                          roles.get(str(p["role"]), str(p["role"])))
+            for p in doc.get("processes", [])
+        ]  # fmt: skip
         return cls(
             sandbox_id=str(doc["sandbox_id"]),
+            version=FORMAT_VERSION,
+            hypervisor=str(doc.get("hypervisor", "qemu" if legacy else "")),
             shim_pid=int(doc.get("shim_pid", 0)),
             shim_start_time=int(doc.get("shim_start_time", 0)),
             accelerator=str(doc.get("accelerator", "")),

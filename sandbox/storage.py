@@ -14,47 +14,17 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from sandbox import syscalls
+from common.mountopts import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REMOUNT, MS_SHARED, parse_options
+from hostos import syscalls
 from sandbox.types import Mount
-
-# mount(8)-style option words that are flags, not fs data: word -> (set, clear).
-_FLAG_OPTIONS: dict[str, tuple[int, int]] = {
-    "ro": (syscalls.MS_RDONLY, 0),
-    "rw": (0, syscalls.MS_RDONLY),
-    "nosuid": (syscalls.MS_NOSUID, 0),
-    "suid": (0, syscalls.MS_NOSUID),
-    "nodev": (syscalls.MS_NODEV, 0),
-    "dev": (0, syscalls.MS_NODEV),
-    "noexec": (syscalls.MS_NOEXEC, 0),
-    "exec": (0, syscalls.MS_NOEXEC),
-    "noatime": (syscalls.MS_NOATIME, 0),
-    "nodiratime": (syscalls.MS_NODIRATIME, 0),
-    "relatime": (syscalls.MS_RELATIME, 0),
-    "bind": (syscalls.MS_BIND, 0),
-    "rbind": (syscalls.MS_BIND | syscalls.MS_REC, 0),
-    "defaults": (0, 0),
-}
-
-
-def parse_options(options: Iterable[str]) -> tuple[int, str]:
-    """Split mount options into mount(2) flags and the fs-specific data string."""
-    flags = 0
-    data: list[str] = []
-    for option in options:
-        if option in _FLAG_OPTIONS:
-            set_bits, clear_bits = _FLAG_OPTIONS[option]
-            flags = (flags | set_bits) & ~clear_bits
-        else:
-            data.append(option)
-    return flags, ",".join(data)
 
 
 def prepare_shared_dir(shared: Path) -> None:
     """Create ``shared`` as a shared-propagation bind mount of itself (idempotent)."""
     shared.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not is_mountpoint(shared):
-        syscalls.mount(str(shared), str(shared), None, syscalls.MS_BIND)
-    syscalls.mount("none", str(shared), None, syscalls.MS_SHARED)
+        syscalls.mount(str(shared), str(shared), None, MS_BIND)
+    syscalls.mount("none", str(shared), None, MS_SHARED)
 
 
 def mount_rootfs(mounts: Iterable[Mount], target: Path) -> None:
@@ -75,9 +45,9 @@ def _mount_one(m: Mount, target: Path) -> None:
     where = str(_inside(target, m.target))
     try:
         syscalls.mount(m.source, where, m.type, flags, data)
-        if flags & syscalls.MS_BIND and flags & syscalls.MS_RDONLY:
+        if flags & MS_BIND and flags & MS_RDONLY:
             # A bind mount ignores MS_RDONLY until remounted.
-            syscalls.mount("none", where, None, flags | syscalls.MS_REMOUNT)
+            syscalls.mount("none", where, None, flags | MS_REMOUNT)
     except OSError as e:
         what = f"failed to mount {m.type} {m.source} on {where}: {e.strerror}"
         raise OSError(e.errno, what) from e
@@ -111,10 +81,7 @@ def bind_path(source: Path, target: Path, readonly: bool) -> None:
 
 
 def _bind(source: Path, target: Path, readonly: bool) -> None:
-    flags = syscalls.MS_BIND | syscalls.MS_REC
-    syscalls.mount(str(source), str(target), None, flags)
-    if readonly:
-        syscalls.mount("none", str(target), None, flags | syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+    syscalls.bind(str(source), str(target), readonly)
 
 
 def _unescape(field: str) -> str:
@@ -158,7 +125,7 @@ def unmount_tree(path: Path) -> None:
             try:
                 syscalls.umount(point)
             except OSError:
-                syscalls.umount(point, syscalls.MNT_DETACH)
+                syscalls.umount(point, MNT_DETACH)
     if mounts_under(path):
         raise OSError(f"failed to unmount everything under {path}: {mounts_under(path)}")
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sandbox.errors import InvalidArgumentError
 
@@ -55,3 +56,80 @@ class ExecConfig:
     process: dict[str, Any]
     terminal: bool
     stdin: bool
+
+
+@dataclass(frozen=True)
+class PodResources:
+    """What the pod may use, as its sandbox container's OCI spec says (None: unlimited)."""
+
+    cpu_quota: int | None = None
+    cpu_period: int | None = None
+    memory_limit_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """How to start a sandbox: read once from the OCI spec of its sandbox container."""
+
+    hostname: str = ""
+    #: The pod's network namespace ("" when the spec names none: the host's).
+    netns_path: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    resources: PodResources = PodResources()
+
+
+@dataclass(frozen=True)
+class StdioPaths:
+    """The stream names containerd gave for a process (kept for State and events)."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+class OutputSink(Protocol):
+    """Where a process's stdout or stderr goes (the shim's FIFO, file or logger)."""
+
+    async def write(self, data: bytes) -> None:
+        """Write all of ``data`` (or drop it once the reader is gone for good)."""
+
+    def close(self) -> None:
+        """Close: the reader sees EOF."""
+
+
+class InputSource(Protocol):
+    """Where a process's stdin comes from."""
+
+    async def read(self) -> bytes:
+        """The next bytes; ``b""`` at EOF."""
+
+    def try_read(self) -> bytes | None:
+        """Bytes available now, ``b""`` at EOF, None when nothing is pending."""
+
+    async def close(self) -> None:
+        """Stop reading (idempotent)."""
+
+
+class ProcessIO(Protocol):
+    """The opened endpoints of one process; None means that stream is not wanted."""
+
+    @property
+    def stdin(self) -> InputSource | None:
+        """The stdin source."""
+
+    @property
+    def stdout(self) -> OutputSink | None:
+        """The stdout sink."""
+
+    @property
+    def stderr(self) -> OutputSink | None:
+        """The stderr sink."""
+
+    async def close(self) -> None:
+        """Close every endpoint (idempotent)."""
+
+
+#: Opens a process's endpoints; the pod calls it once its checks passed and then owns the
+#: result (it closes it on any failure).
+IoOpener = Callable[[], Awaitable[ProcessIO]]

@@ -1,3 +1,5 @@
 """containerd-shim-kata-v2: the containerd-facing layer (start/delete, daemon, Task API)."""
 
-VERSION = "0.1.0"
+from common.constants import RUNTIME_VERSION as VERSION
+
+__all__ = ["VERSION"]

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import InvalidArgumentError
+from sandbox.oci import spec_annotations
+
+__all__ = ["group_id", "read_spec", "spec_annotations"]
 
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 GROUP_ANNOTATION = "io.containerd.runc.v2.group"
@@ -22,12 +25,6 @@ def read_spec(bundle: Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise InvalidArgumentError(f"failed to read {bundle}/config.json: not a JSON object")
     return spec
-
-
-def spec_annotations(spec: dict[str, Any]) -> dict[str, str]:
-    """The spec's annotations (empty if there are none)."""
-    value = spec.get("annotations") or {}
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def group_id(spec: dict[str, Any], container_id: str) -> str:

@@ -6,11 +6,13 @@ Theory of operation
 as stdio, in a new session, with cwd = the bundle of the pod's first container. The daemon:
 
 1. logs to ``<bundle>/log`` (the FIFO containerd copies into its own log);
-2. loads configuration.toml (the path ``start`` resolved), builds the publisher (events to
-   ``$TTRPC_ADDRESS``), the :class:`~shim.pod.Pod` and the Task service;
-3. runs one asyncio loop serving ttrpc on fd 3 (``Server.serve_listener``). Children (QEMU,
-   virtiofsd, binary loggers) are waited for by pid or pidfd; there is no ``waitpid(-1)``
-   reaper and the daemon is not a subreaper;
+2. loads configuration.toml (the path ``start`` resolved; its warnings are logged, and
+   ``[runtime] enable_debug`` turns on debug lines as ``-debug`` does), builds the publisher
+   (events to ``$TTRPC_ADDRESS``), the `sandbox.pod.Pod` with its `sandbox.Sandbox`, and
+   the Task service;
+3. runs one asyncio loop serving ttrpc on fd 3 (``Server.serve_listener``). Children (the
+   VMM, virtiofsd, binary loggers) are waited for by pid or pidfd; there is no
+   ``waitpid(-1)`` reaper and the daemon is not a subreaper;
 4. ends when Shutdown finds no container left (after a short grace so the reply is sent),
    or on SIGTERM/SIGINT (the VM is stopped and running processes get their exit published);
 5. then stops serving, removes its socket file, flushes queued events and exits 0.
@@ -30,12 +32,12 @@ from typing import Any
 
 from sandbox.config import load_config
 from sandbox.errors import SandboxError
+from sandbox.pod import Pod
 from sandbox.sandbox import Sandbox
 from shim import log as shimlog
 from shim.events import Publisher, TaskEvents
 from shim.flags import Flags
 from shim.log import kv
-from shim.pod import Pod
 from shim.service import TASK_SERVICE, TaskService
 from ttrpc import Server
 
@@ -93,12 +95,16 @@ def _use_pidfd_child_watcher() -> None:
 
 async def _serve(flags: Flags, listener: socket.socket) -> int:
     config = load_config(flags.config_path or None)
+    if config.enable_debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    for warning in config.warnings:
+        log.warning("configuration: %s", warning)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    pod = Pod(flags.sandbox_id or flags.id, config, flags.namespace, TaskEvents(publisher),
-              Sandbox)  # fmt: skip
+    sandbox = Sandbox(flags.sandbox_id or flags.id, config)
+    pod = Pod(sandbox, TaskEvents(publisher))
     shutdown, terminate = asyncio.Event(), asyncio.Event()
     server = Server()
-    server.register(TASK_SERVICE, TaskService(pod, shutdown.set).methods())
+    server.register(TASK_SERVICE, TaskService(pod, flags.namespace, shutdown.set).methods())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, terminate.set)

@@ -30,9 +30,9 @@ from google.protobuf import any_pb2, empty_pb2, text_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from protocols import events_forward_pb2, events_pb2, mount_pb2
-from sandbox.types import ContainerConfig
+from sandbox.process import Process
+from sandbox.types import ContainerConfig, StdioPaths
 from shim.log import kv
-from shim.process import Process, StdioPaths
 from ttrpc import Client, TtrpcError
 
 log = logging.getLogger("shim")
@@ -180,7 +180,8 @@ def exit_timestamp(ns: int | None) -> timestamp_pb2.Timestamp:
 
 
 class TaskEvents:
-    """The pod's events, built as containerd.events messages and published in call order."""
+    """The pod's events (`sandbox.pod.PodEvents`) as containerd.events messages, published
+    in call order."""
 
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher

@@ -29,15 +29,12 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-_FIELDS = "kv"
+from sandbox.logfields import FIELDS_ATTR, kv
+
+__all__ = ["FifoHandler", "LogfmtFormatter", "kv", "setup_daemon", "setup_stderr"]
+
 _RESERVED = ("time", "level", "msg")
-
-
-def kv(**fields: object) -> dict[str, Any]:
-    """The ``extra=`` argument that attaches ``fields`` to one log line."""
-    return {_FIELDS: fields}
 
 
 def _quote(value: object) -> str:
@@ -65,11 +62,11 @@ class LogfmtFormatter(logging.Formatter):
             f"msg={_quote(record.getMessage())}",
         ]
         fields: dict[str, object] = dict(self._static)
-        fields.update(getattr(record, _FIELDS, None) or {})
+        fields.update(getattr(record, FIELDS_ATTR, None) or {})
         if record.exc_info and record.exc_info[1] is not None:
             fields["error"] = record.exc_info[1]
         parts += [f"{k}={_quote(v)}" for k, v in fields.items() if k not in _RESERVED]
-        if record.name not in ("root", "shim"):
+        if record.name not in ("root", "shim", "sandbox"):
             parts.append(f"logger={record.name}")
         return " ".join(parts)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from google.protobuf import any_pb2, timestamp_pb2
 
+from common import constants
 from protocols import runtimeoptions_pb2, task_pb2
 from sandbox.cleanup import cleanup_after_crash, unmount_container
 from sandbox.config import RuntimeConfig, load_config
@@ -56,8 +57,7 @@ SOCKET_DIR = Path("/run/containerd/s")
 CONFIG_PATH_FILE = "kata-config-path"
 CONFIG_BODY_FILE = "kata-configuration.toml"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
-DEFAULT_STATE_DIR = Path("/run/kata-py")  # sandbox.config's default, for unloadable configs
-EXIT_STATUS_KILLED = 137
+DEFAULT_STATE_DIR = Path(constants.DEFAULT_STATE_DIR)  # for configurations that fail to load
 MAX_SOCKET_PATH = 106
 
 
@@ -238,5 +238,6 @@ def delete_response(now_ns: int) -> bytes:
     """A serialized DeleteResponse: no pid, killed (137), exited now."""
     exited = timestamp_pb2.Timestamp()
     exited.FromNanoseconds(now_ns)
-    response = task_pb2.DeleteResponse(pid=0, exit_status=EXIT_STATUS_KILLED, exited_at=exited)
+    response = task_pb2.DeleteResponse(pid=0, exit_status=constants.EXIT_STATUS_KILLED,
+                                      exited_at=exited)
     return response.SerializeToString()

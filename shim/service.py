@@ -1,9 +1,10 @@
-"""The ``containerd.task.v2.Task`` ttrpc service: a thin translator onto :class:`Pod`.
+"""The ``containerd.task.v2.Task`` ttrpc service: a thin translator onto `sandbox.pod.Pod`.
 
 Theory of operation
 -------------------
-Each handler turns a protobuf request into plain values, calls the pod, and builds the
-protobuf response; protobuf types stop here (``pod.py`` and below never see them).
+Each handler turns a protobuf request into plain values (and stdio names into an opener of
+endpoints, `shim.stdio`), calls the pod, and builds the protobuf response; protobuf types
+stop here (``sandbox/`` never sees them).
 Runtime errors are ``sandbox.errors.SandboxError``s carrying their ttrpc code; they become a
 ``TtrpcError(e.code, str(e))`` in exactly one place, :func:`_translate`, which wraps every
 handler. RPCs we do not implement (Pause, Resume, Checkpoint, Update, Stats) answer
@@ -12,8 +13,8 @@ UNIMPLEMENTED: never a success that did nothing.
 Conventions containerd relies on (see the protocol brief):
 
 - "not exited" timestamps are Go's zero time (seconds=-62135596800), never 0/0;
-- ``pid`` is the pod's task pid (the QEMU pid, see ``pod.py``) everywhere; guest pids only
-  in Pids;
+- ``pid`` is the pod's task pid (the VMM's pid, see `sandbox.pod`) everywhere; guest pids
+  only in Pids;
 - Connect answers for any id (task_pid 0 for an unknown one, as runc does);
 - Shutdown with containers left is a no-op; otherwise the VM is stopped, the reply sent and
   then the daemon exits (``on_shutdown``).
@@ -32,12 +33,13 @@ from google.protobuf.message import Message
 
 from protocols import task_pb2, task_types_pb2
 from sandbox.errors import InvalidArgumentError, SandboxError
-from sandbox.types import ContainerConfig, Mount
+from sandbox.pod import Pod, exec_config
+from sandbox.process import Process, State
+from sandbox.types import ContainerConfig, IoOpener, Mount, ProcessIO, StdioPaths
 from shim import VERSION
 from shim.bundle import read_spec
 from shim.events import exit_timestamp
-from shim.pod import Pod
-from shim.process import Process, State, StdioPaths
+from shim.stdio import open_stdio
 from ttrpc import Code, TtrpcError
 
 TASK_SERVICE = "containerd.task.v2.Task"
@@ -77,6 +79,16 @@ def _paths(stdin: str, stdout: str, stderr: str, terminal: bool) -> StdioPaths:
     return StdioPaths(stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal)
 
 
+def _opener(paths: StdioPaths, container_id: str, namespace: str) -> IoOpener:
+    """Opens containerd's endpoints of one process when the pod asks for them."""
+
+    async def open_io() -> ProcessIO:
+        return await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
+                                container_id, namespace)  # fmt: skip
+
+    return open_io
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(data or b"{}")
@@ -90,8 +102,9 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
 class TaskService:
     """Handlers of the Task API for one pod."""
 
-    def __init__(self, pod: Pod, on_shutdown: Callable[[], None]) -> None:
+    def __init__(self, pod: Pod, namespace: str, on_shutdown: Callable[[], None]) -> None:
         self.pod = pod
+        self.namespace = namespace
         self._on_shutdown = on_shutdown
 
     def methods(self) -> dict[str, tuple[type[Message], Handler]]:
@@ -133,7 +146,8 @@ class TaskService:
             terminal=r.terminal,
             stdin=bool(r.stdin),
         )
-        pid = await self.pod.create(config, _paths(r.stdin, r.stdout, r.stderr, r.terminal))
+        paths = _paths(r.stdin, r.stdout, r.stderr, r.terminal)
+        pid = await self.pod.create(config, paths, _opener(paths, r.id, self.namespace))
         return task_pb2.CreateTaskResponse(pid=pid)
 
     async def start(self, r: task_pb2.StartRequest) -> task_pb2.StartResponse:
@@ -180,7 +194,8 @@ class TaskService:
         """Register an exec process; its spec is an OCI Process as JSON."""
         spec = _json_object(r.spec.value, f"the process spec of exec {r.exec_id}")
         paths = _paths(r.stdin, r.stdout, r.stderr, r.terminal)
-        await self.pod.exec(r.id, r.exec_id, paths, spec)
+        opener = _opener(paths, r.id, self.namespace)
+        await self.pod.exec(exec_config(r.id, r.exec_id, spec, paths), paths, opener)
         return empty_pb2.Empty()
 
     async def resize_pty(self, r: task_pb2.ResizePtyRequest) -> empty_pb2.Empty:

@@ -1,4 +1,4 @@
-"""kata-runtime (shim.cli): check, list, env, version/usage, and the unimplemented commands."""
+"""kata-runtime (cli/): check, list, env, version/usage, and the unimplemented commands."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from typing import Any
 
 import pytest
 
-from hypervisors.config import QemuConfig
-from hypervisors.procs import start_time
+from cli import check as cli_check
+from cli import info as cli_info
+from cli import main as cli
+from common.constants import RUNTIME_VERSION as VERSION
+from hostos.procs import start_time
+from hypervisors.qemu.checks import check_version
+from hypervisors.qemu.config import QemuConfig
 from sandbox.config import load_config
 from sandbox.state import ProcessRecord, SandboxRecord, sandbox_path, write_record
-from shim import VERSION, cli, cli_check, cli_info
 
 NO_SUCH_PID = 4_194_305  # above the largest possible pid_max (2**22)
 
@@ -105,7 +109,7 @@ def test_check_reports_a_broken_qemu(tmp_path: Path) -> None:
     qemu = tmp_path / "qemu"
     qemu.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")
     qemu.chmod(0o755)
-    check = cli_check.check_qemu_version(str(qemu))
+    check = check_version(str(qemu))
     assert not check.ok and "broken" in check.detail
 
 
@@ -119,16 +123,25 @@ def make_state(tmp_path: Path) -> Path:
     live = sandbox_path(state_dir, "live")
     live.mkdir(parents=True)
     write_record(live, SandboxRecord(
-        "live", shim_pid=me, accelerator="tcg", accelerator_reason="tcg: test",
+        "live", hypervisor="qemu", shim_pid=me, shim_start_time=my_start, accelerator="tcg",
+        accelerator_reason="tcg: test",
         guest_kernel_release="6.1.0-test",
-        processes=[ProcessRecord(me, my_start, "qemu"), ProcessRecord(me, my_start, "virtiofsd")],
+        processes=[ProcessRecord(me, my_start, "vmm"), ProcessRecord(me, my_start, "virtiofsd")],
         containers=["c1", "c2"]))
     stale = sandbox_path(state_dir, "stale")
     stale.mkdir()
     write_record(stale, SandboxRecord(
         "stale", shim_pid=NO_SUCH_PID, accelerator="kvm",
-        processes=[ProcessRecord(me, my_start + 1, "qemu"),
+        processes=[ProcessRecord(me, my_start + 1, "vmm"),
                    ProcessRecord(NO_SUCH_PID, 1, "virtiofsd")]))
+    # Written by the walking skeleton: no version, no hypervisor, the VMM's role is "qemu".
+    legacy = sandbox_path(state_dir, "legacy")
+    legacy.mkdir()
+    (legacy / "state.json").write_text(json.dumps({
+        "sandbox_id": "legacy", "shim_pid": NO_SUCH_PID, "shim_start_time": 1,
+        "accelerator": "tcg", "accelerator_reason": "", "guest_kernel_release": "6.1",
+        "processes": [{"pid": me, "start_time": my_start, "role": "qemu"}],
+        "containers": ["legacy"]}))
     (sandbox_path(state_dir, "partial")).mkdir()
     (sandbox_path(state_dir, "unreadable") / "state.json").mkdir(parents=True)
     (sandbox_path(state_dir, "garbage")).mkdir()
@@ -142,18 +155,22 @@ def test_list_json_reports_liveness_and_broken_dirs(
     code, out, _ = run(capsys, "--config", str(write_config(tmp_path)), "list", "--json")
     assert code == 0
     entries = {e["id"]: e for e in json.loads(out)}
-    assert sorted(entries) == ["garbage", "live", "partial", "stale", "unreadable"]
+    assert sorted(entries) == ["garbage", "legacy", "live", "partial", "stale", "unreadable"]
     live = entries["live"]
     assert live["problem"] == ""
     assert live["shim"] == {"pid": os.getpid(), "state": "alive"}
-    assert live["qemu"]["state"] == "alive" and live["qemu"]["pid"] == os.getpid()
+    assert live["vmm"]["state"] == "alive" and live["vmm"]["pid"] == os.getpid()
+    assert live["hypervisor"] == "qemu"
     assert [p["state"] for p in live["processes"]] == ["alive", "alive"]
     assert (live["accelerator"], live["guest_kernel"]) == ("tcg", "6.1.0-test")
     assert live["containers"] == ["c1", "c2"]
     stale = entries["stale"]
     assert stale["shim"]["state"] == "dead"
-    assert stale["qemu"]["state"] == "pid reused"  # same pid, other start time
+    assert stale["vmm"]["state"] == "pid reused"  # same pid, other start time
     assert stale["processes"][1]["state"] == "dead"
+    legacy = entries["legacy"]
+    assert (legacy["hypervisor"], legacy["vmm"]["state"]) == ("qemu", "alive")
+    assert legacy["problem"] == ""
     assert entries["partial"]["problem"].startswith("partial: no state.json")
     assert entries["unreadable"]["problem"].startswith("unreadable:")
     assert entries["garbage"]["problem"].startswith("invalid state.json")
@@ -192,6 +209,7 @@ def test_env_json_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert doc == cli_info.env_doc(load_config(str(path)))
     assert doc["meta"]["version"] == VERSION and doc["meta"]["config_path"] == str(path)
     assert set(doc["hypervisor.qemu"]) == {f.name for f in dataclasses.fields(QemuConfig)}
+    assert doc["meta"]["warnings"] == []
     assert doc["hypervisor.qemu"]["accelerator"] == "tcg"
     assert doc["agent.kata"]["dial_timeout"] == 5.0
     assert doc["runtime"]["state_dir"] == str(tmp_path / "state")

@@ -1,5 +1,6 @@
-"""The layers of docs/contracts.md, checked from the source: imports point down only, and
-generated protobuf types stay at the edges (shim's Task service, agent_client, agent, ttrpc).
+"""The layers of docs/contracts.md, checked from the source: imports point down only,
+generated protobuf types stay at the edges (shim's Task service, agent_client, agent,
+ttrpc), and the sandbox layer names no hypervisor.
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PROJECT = {"shim", "sandbox", "hypervisors", "agent_client", "network", "ttrpc", "protocols",
-           "agent"}
-# package -> project packages it may import (besides itself)
+PROJECT = {"cli", "shim", "sandbox", "hypervisors", "agent_client", "network", "hostos",
+           "ttrpc", "protocols", "agent", "common"}
+# package -> project packages it may import (besides itself). `common` (shared constants,
+# pure) is the bottom of both sides.
 ALLOWED: dict[str, set[str]] = {
-    "shim": {"sandbox", "hypervisors", "agent_client", "network", "ttrpc", "protocols"},
-    "sandbox": {"hypervisors", "agent_client", "network", "ttrpc", "protocols"},
-    "hypervisors": set(),
-    "agent_client": {"ttrpc", "protocols"},
-    "network": set(),
+    "cli": {"sandbox", "common"},
+    "shim": {"sandbox", "ttrpc", "protocols", "common"},
+    "sandbox": {"hypervisors", "agent_client", "network", "hostos", "ttrpc", "common"},
+    "hypervisors": {"hostos", "common"},
+    "agent_client": {"ttrpc", "protocols", "common"},
+    "network": {"common"},
+    "hostos": {"common"},
     "ttrpc": {"protocols"},
     "protocols": set(),
-    "agent": {"ttrpc", "protocols"},
+    "agent": {"ttrpc", "protocols", "common"},
+    "common": set(),
 }
 PB2_USERS = {"shim", "agent_client", "agent", "ttrpc", "protocols"}
 
@@ -72,3 +77,49 @@ def test_the_checker_sees_imports(tmp_path: Path) -> None:
         "import json\nfrom sandbox.types import Mount\nfrom protocols import task_pb2\n"
     )
     assert project_imports(probe) >= {"sandbox.types", "protocols.task_pb2"}
+
+
+def _names(path: Path) -> set[str]:
+    """Identifiers a file defines or uses, and the modules it imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found.add(node.name)
+        elif isinstance(node, ast.arg):
+            found.add(node.arg)
+        elif isinstance(node, ast.alias):
+            found |= {node.name, node.asname or ""}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("package", ["sandbox", "shim", "cli"])
+def test_above_the_hypervisor_interface_no_hypervisor_is_named(package: str) -> None:
+    specific = ("qemu", "qmp", "stratovirt", "virtiofsd")
+    bad = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in sources(package)
+        for name in sorted(_names(path))
+        if any(word in name.lower() for word in specific)
+    ]
+    assert not bad, "hypervisor-specific names above the interface:\n" + "\n".join(bad)
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    """String literals of a file, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_the_only_hypervisor_string_in_sandbox_is_the_legacy_state_reader() -> None:
+    hits = [(path.relative_to(REPO).as_posix(), line)
+            for path in sources("sandbox") for line, text in _strings(path)
+            if "qemu" in text.lower()]
+    assert hits and {where for where, _ in hits} == {"sandbox/state.py"}, hits

@@ -6,24 +6,26 @@ from pathlib import Path
 
 import pytest
 
-from hypervisors.config import QemuConfig
-from hypervisors.qemu_args import (
+from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
+from hypervisors.qemu.args import (
     AgentChannel,
     Memory,
     Smp,
-    StatePaths,
     VmParams,
     build_argv,
 )
+from hypervisors.qemu.config import QemuConfig
+from hypervisors.statepaths import StatePaths
 
 STATE = Path("/run/kata-py/sbs/sb1")
+VIRTIOFS = SharedFsDevice(STATE / "shared", "virtio-fs", "kataShared")
 CONFIG = QemuConfig(kernel="/k/vmlinuz", initrd="/k/initrd.img", default_memory=512,
                     kernel_params="quiet loglevel=3")
 
 
 def vm(**kw: object) -> VmParams:
     base: dict[str, object] = {"sandbox_id": "sb1", "paths": StatePaths(STATE),
-                               "accelerator": "tcg"}
+                               "accelerator": "tcg", "shared_fs": VIRTIOFS}
     base.update(kw)
     return VmParams(**base)  # type: ignore[arg-type]
 
@@ -52,7 +54,7 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={STATE}/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-pidfile", f"{STATE}/qemu.pid",
+        "-pidfile", f"{STATE}/vmm.pid",
         "-device", "virtio-serial-pci,id=serial0",
         "-chardev", f"socket,id=agent,path={STATE}/agent.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=agent.channel.0",
@@ -81,17 +83,15 @@ def test_vsock_without_cid_is_an_error() -> None:
 
 def test_9p_share() -> None:
     config = QemuConfig(kernel="/k", initrd="", shared_fs="virtio-9p")
-    argv = build_argv(config, vm(shared_dir=Path("/srv/shared")))
+    argv = build_argv(config, vm(shared_fs=SharedFsDevice(Path("/srv/shared"), "virtio-9p", "t")))
     assert option(argv, "-fsdev") == ["local,id=fs9p,path=/srv/shared,security_model=none"]
-    assert "virtio-9p-pci,fsdev=fs9p,mount_tag=kataShared" in option(argv, "-device")
+    assert "virtio-9p-pci,fsdev=fs9p,mount_tag=t" in option(argv, "-device")
     assert "-object" not in argv  # no shared memory needed without vhost-user
     assert "-initrd" not in argv
-    with pytest.raises(ValueError, match="shared dir"):
-        build_argv(config, vm())
 
 
 def test_no_share() -> None:
-    argv = build_argv(QemuConfig(shared_fs="none"), vm())
+    argv = build_argv(QemuConfig(shared_fs="none"), vm(shared_fs=None))
     assert not any("vfs" in a or "9p" in a for a in argv)
     assert option(argv, "-m") == ["2048M"]
 
@@ -107,5 +107,33 @@ def test_memory_unshared() -> None:
 
 
 def test_machine_type_from_config() -> None:
-    argv = build_argv(QemuConfig(machine_type="pc", shared_fs="none"), vm())
+    argv = build_argv(QemuConfig(machine_type="pc", shared_fs="none"), vm(shared_fs=None))
     assert option(argv, "-machine") == ["pc,accel=tcg"]
+
+
+def test_cold_plugged_nics_use_the_inherited_tap_fds() -> None:
+    one = NetworkDevice("eth0", "02:00:00:00:00:01", 1450, (7,))
+    multi = NetworkDevice("eth1", "02:00:00:00:00:02", 1500, (8, 9))
+    argv = build_argv(CONFIG, vm(networks=(one, multi)))
+    assert option(argv, "-netdev") == ["tap,id=netdev-eth0,fd=7", "tap,id=netdev-eth1,fds=8:9"]
+    nics = [d for d in option(argv, "-device") if d.startswith("virtio-net-pci")]
+    assert nics == [
+        "virtio-net-pci,netdev=netdev-eth0,id=eth0,mac=02:00:00:00:00:01,host_mtu=1450",
+        "virtio-net-pci,netdev=netdev-eth1,id=eth1,mac=02:00:00:00:00:02,host_mtu=1500,"
+        "mq=on,vectors=6",
+    ]
+
+
+def test_cold_plugged_disks() -> None:
+    argv = build_argv(CONFIG, vm(blocks=(BlockDevice("d0", Path("/var/img.raw"), True),
+                                         BlockDevice("d1", Path("/dev/dm-3")))))
+    assert option(argv, "-blockdev") == [
+        "driver=file,node-name=drive-d0,filename=/var/img.raw,read-only=on",
+        "driver=host_device,node-name=drive-d1,filename=/dev/dm-3,read-only=off",
+    ]
+    assert "virtio-blk-pci,drive=drive-d1,id=d1" in option(argv, "-device")
+
+
+def test_vm_spec_overrides_size() -> None:
+    argv = build_argv(CONFIG, vm(vcpus=3, memory_mib=1024))
+    assert option(argv, "-smp") == ["3"] and option(argv, "-m") == ["1024M"]

@@ -1,4 +1,4 @@
-"""QemuConfig parsing and validation errors."""
+"""QemuConfig parsing and validation errors; choosing the hypervisor by its section."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from hypervisors.config import ConfigError, QemuConfig, load_qemu_config
+from hypervisors.config import ConfigError
+from hypervisors.factory import driver, known_drivers, parse_hypervisor
+from hypervisors.qemu.config import QemuConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_from_empty_table() -> None:
-    config = QemuConfig.from_table({}, check_files=False)
+    config = QemuConfig.from_table({})
     assert config == QemuConfig()
     assert config.machine_type == "q35"
     assert config.accelerator == "auto"
@@ -22,14 +24,14 @@ def test_defaults_from_empty_table() -> None:
 
 def test_repo_configuration_parses() -> None:
     doc = tomllib.loads((REPO / "configuration.toml").read_text())
-    config = QemuConfig.from_table(doc["hypervisor"]["qemu"], check_files=False)
+    config = QemuConfig.from_table(doc["hypervisor"]["qemu"])
     assert config.default_memory == 2048
-    assert config.valid_hypervisor_paths == ("/usr/bin/qemu-system-x86_64",)
     assert config.virtio_fs_extra_args == ()
+    assert config.unknown_keys == () and config.unsupported_keys == ()
 
 
 def test_unknown_keys_are_listed_not_fatal() -> None:
-    config = QemuConfig.from_table({"bogus": 1, "default_vcpus": 2, "zz": "x"}, check_files=False)
+    config = QemuConfig.from_table({"bogus": 1, "default_vcpus": 2, "zz": "x"})
     assert config.default_vcpus == 2
     assert config.unknown_keys == ("bogus", "zz")
 
@@ -52,7 +54,7 @@ def test_unknown_keys_are_listed_not_fatal() -> None:
 )
 def test_bad_values_name_key_value_and_fix(key: str, value: object, words: str) -> None:
     with pytest.raises(ConfigError) as info:
-        QemuConfig.from_table({key: value}, source="/etc/x.toml", check_files=False)
+        QemuConfig.from_table({key: value}, source="/etc/x.toml")
     message = str(info.value)
     assert message.startswith(f"hypervisor.qemu.{key}: ")
     assert words in message
@@ -62,13 +64,13 @@ def test_bad_values_name_key_value_and_fix(key: str, value: object, words: str) 
 
 def test_maxvcpus_below_vcpus() -> None:
     with pytest.raises(ConfigError, match="default_maxvcpus: 1 is below default_vcpus"):
-        QemuConfig.from_table({"default_vcpus": 2, "default_maxvcpus": 1}, check_files=False)
+        QemuConfig.from_table({"default_vcpus": 2, "default_maxvcpus": 1})
 
 
 def test_missing_kernel_says_make_guest(tmp_path: Path) -> None:
     table = {"kernel": "/x/vmlinuz", "initrd": "", "path": "/bin/true"}
     with pytest.raises(ConfigError) as info:
-        QemuConfig.from_table(table, source="/etc/k.toml")
+        QemuConfig.from_table(table, source="/etc/k.toml").check_files("/etc/k.toml")
     assert str(info.value) == (
         "hypervisor.qemu.kernel: /x/vmlinuz does not exist; run `make guest` or fix the path "
         "(in /etc/k.toml)"
@@ -79,7 +81,9 @@ def test_check_files_accepts_existing(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
     table = {"kernel": str(kernel), "initrd": "", "path": "/bin/true", "shared_fs": "none"}
-    assert QemuConfig.from_table(table).kernel == str(kernel)
+    config = QemuConfig.from_table(table)
+    config.check_files()
+    assert config.kernel == str(kernel)
 
 
 def test_non_executable_daemon(tmp_path: Path) -> None:
@@ -88,17 +92,34 @@ def test_non_executable_daemon(tmp_path: Path) -> None:
     table = {"kernel": str(kernel), "initrd": "", "path": "/bin/true",
              "virtio_fs_daemon": str(kernel)}
     with pytest.raises(ConfigError, match=r"virtio_fs_daemon: .* is not executable"):
-        QemuConfig.from_table(table)
+        QemuConfig.from_table(table).check_files()
 
 
-def test_load_file_without_section(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text("[runtime]\nenable_debug = true\n")
-    assert load_qemu_config(path, check_files=False) == QemuConfig()
+def test_unsupported_keys_are_those_set() -> None:
+    assert QemuConfig.from_table({"enable_annotations": []}).unsupported_keys == ()
+    config = QemuConfig.from_table({"enable_annotations": ["kernel_params"],
+                                    "valid_hypervisor_paths": ["/usr/bin/*"]})
+    assert config.unsupported_keys == ("enable_annotations", "valid_hypervisor_paths")
 
 
-def test_load_bad_toml(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text("[hypervisor.qemu\n")
-    with pytest.raises(ValueError, match="failed to read configuration"):
-        load_qemu_config(path)
+def test_the_section_names_the_driver() -> None:
+    assert "qemu" in known_drivers()
+    config = parse_hypervisor({"qemu": {"default_vcpus": 2}}, "/etc/c.toml")
+    assert isinstance(config, QemuConfig) and config.default_vcpus == 2
+    assert config.name == "qemu" and driver("qemu").name == "qemu"
+
+
+@pytest.mark.parametrize(
+    ("tables", "words"),
+    [
+        ({}, "'none' is not exactly one section"),
+        ({"qemu": {}, "stratovirt": {}}, "is not exactly one section"),
+        ({"firecracker": {}}, "is not a hypervisor this runtime knows; use one of"),
+        ({"../qemu": {}}, "is not a hypervisor this runtime knows"),
+        ({"qemu": 3}, "is not a table"),
+    ],
+)
+def test_bad_hypervisor_sections(tables: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError, match=words) as info:
+        parse_hypervisor(tables, "/etc/c.toml")
+    assert "/etc/c.toml" in str(info.value)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hypervisors.errors import HypervisorTimeout, QmpCommandError, QmpError
-from hypervisors.qmp import QmpClient
+from hypervisors.qmp import EventLog, QmpClient
 from hypervisors.qmp_core import (
     NEED_DATA,
     Closed,
@@ -225,16 +228,17 @@ async def client_session(tmp_path: Path) -> None:
     server = await server_task
     try:
         assert await client.query_status() == "running"
-        assert [e.name for e in client.events] == ["STOP"]
+        assert [e.name for e in client.events.recent()] == ["STOP"]
         with pytest.raises(QmpCommandError, match="CommandNotFound: frobnicate") as info:
             await client.execute("frobnicate", {"a": 1})
         assert info.value.error_class == "CommandNotFound"
         with pytest.raises(HypervisorTimeout, match=r"hang: no reply within 0\.1s"):
             await client.execute("hang", timeout=0.1)
+        mark = client.events.mark()
         await client.quit()
         await client.wait_closed(2)
         assert client.closed
-        assert client.events[-1].name == "SHUTDOWN"
+        assert (await client.events.wait_for({"SHUTDOWN"}, 1, after=mark)).name == "SHUTDOWN"
         with pytest.raises(QmpError, match="connection closed"):
             await client.execute("query-status")
     finally:
@@ -260,8 +264,86 @@ async def peer_closes_before_greeting(tmp_path: Path) -> None:
     path = tmp_path / "q.sock"
     server = await asyncio.start_unix_server(rude, str(path))
     try:
-        with pytest.raises(QmpError, match="closed by QEMU"):
+        with pytest.raises(QmpError, match="closed by the VMM"):
             await QmpClient.connect(path, timeout=2)
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- fd passing and the bounded event log -----------------------------------------------------
+
+
+def fd_receiving_qemu(listener: socket.socket, received: list[tuple[str, bytes]]) -> None:
+    """A QMP peer in a thread: greets, answers, and reads the fd each getfd carries."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.sendall(GREETING)
+        buffered = b""
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+            if not data:
+                return
+            for fd in fds:
+                with os.fdopen(fd, "rb") as f:
+                    received.append(("fd", f.read()))
+            buffered += data
+            while b"\n" in buffered:
+                line, buffered = buffered.split(b"\n", 1)
+                msg = json.loads(line)
+                received.append(("cmd", msg["execute"].encode()))
+                conn.sendall(reply(msg["id"], {}))
+
+
+def test_get_fd_sends_the_descriptor_with_the_command(tmp_path: Path) -> None:
+    path = tmp_path / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    received: list[tuple[str, bytes]] = []
+    peer = threading.Thread(target=fd_receiving_qemu, args=(listener, received))
+    peer.start()
+    secret = tmp_path / "tap"
+    secret.write_bytes(b"the tap's bytes")
+
+    async def run() -> None:
+        client = await QmpClient.connect(path, timeout=5)
+        try:
+            with open(secret, "rb") as f:
+                await client.get_fd("tap0", f.fileno())
+            await client.execute("query-status")
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        peer.join(5)
+        listener.close()
+    assert received == [("cmd", b"qmp_capabilities"), ("fd", b"the tap's bytes"),
+                        ("cmd", b"getfd"), ("cmd", b"query-status")]
+
+
+def test_event_log_is_bounded_and_waitable() -> None:
+    async def run() -> None:
+        log = EventLog(capacity=3)
+        for i in range(5):
+            log.append(Event(f"E{i}"))
+        assert [e.name for e in log.recent()] == ["E2", "E3", "E4"] and log.dropped == 2
+        mark = log.mark()
+        waiter = asyncio.ensure_future(log.wait_for({"RESUME"}, 1))
+        await asyncio.sleep(0)
+        log.append(Event("STOP"))
+        log.append(Event("RESUME", {"x": 1}))
+        assert (await waiter).data == {"x": 1}
+        # An event that came before the wait began is found through the mark.
+        assert (await log.wait_for({"STOP"}, 1, after=mark)).name == "STOP"
+        with pytest.raises(HypervisorTimeout, match=r"none in 0\.05s"):
+            await log.wait_for({"NEVER"}, 0.05)
+        late = asyncio.ensure_future(log.wait_for({"NEVER"}, 5))
+        await asyncio.sleep(0)
+        log.fail(QmpError("gone"))
+        with pytest.raises(QmpError, match="gone"):
+            await late
+
+    asyncio.run(run())

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import storage, syscalls
+from common import mountopts
+from hostos import syscalls
+from sandbox import storage
 from sandbox.config import load_config
 from sandbox.errors import InvalidArgumentError
 from sandbox.oci import SharedBind, guest_mounts_dir, guest_rootfs, spec_for_guest
@@ -18,14 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_default_configuration_loads() -> None:
     config = load_config(str(REPO / "configuration.toml"))
-    assert config.qemu.machine_type == "q35"
+    assert config.hypervisor.name == "qemu" and config.warnings == ()
     assert config.state_dir == Path("/run/kata-py")
     assert config.agent.dial_timeout == 90
 
 
 def test_config_lookup_uses_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text('[runtime]\nstate_dir = "/tmp/x"\n')
+    conf.write_text('[hypervisor.qemu]\n[runtime]\nstate_dir = "/tmp/x"\n')
     monkeypatch.setenv("KATA_CONF_FILE", str(conf))
     assert load_config().state_dir == Path("/tmp/x")
     assert load_config(str(REPO / "configuration.toml")).state_dir == Path("/run/kata-py")
@@ -88,19 +90,38 @@ def test_spec_for_guest_rewrites_host_only_parts() -> None:
 
 
 def test_parse_options() -> None:
-    flags, data = storage.parse_options(["ro", "rbind", "lowerdir=/a:/b", "index=off"])
-    assert flags == syscalls.MS_RDONLY | syscalls.MS_BIND | syscalls.MS_REC
+    flags, data = mountopts.parse_options(["ro", "rbind", "lowerdir=/a:/b", "index=off"])
+    assert flags == mountopts.MS_RDONLY | mountopts.MS_BIND | mountopts.MS_REC
     assert data == "lowerdir=/a:/b,index=off"
-    assert storage.parse_options(["ro", "rw"]) == (0, "")
+    assert mountopts.parse_options(["ro", "rw"]) == (0, "")
 
 
 def test_state_record_round_trip(tmp_path: Path) -> None:
-    record = SandboxRecord("s1", shim_pid=5, processes=[ProcessRecord(1, 2, "qemu")])
+    record = SandboxRecord("s1", hypervisor="fake", shim_pid=5,
+                           processes=[ProcessRecord(1, 2, "vmm")])
     record.containers = ["a", "b"]
     write_record(tmp_path, record)
     assert read_record(tmp_path) == record
+    assert record.vmm == ProcessRecord(1, 2, "vmm")
     (tmp_path / "state.json").write_text("{not json")
     assert read_record(tmp_path) is None
+
+
+def test_a_state_file_written_before_hypervisors_were_pluggable_still_loads(
+        tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "state.json").write_text(json.dumps({
+        "sandbox_id": "s1", "shim_pid": 5, "shim_start_time": 9, "accelerator": "tcg",
+        "accelerator_reason": "r", "guest_kernel_release": "6.1",
+        "processes": [{"pid": 1, "start_time": 2, "role": "qemu"},
+                      {"pid": 3, "start_time": 4, "role": "virtiofsd"}],
+        "containers": ["s1"]}))
+    old = read_record(tmp_path)
+    assert old is not None
+    assert (old.hypervisor, old.version) == ("qemu", 2)
+    assert old.vmm == ProcessRecord(1, 2, "vmm")
+    assert [p.role for p in old.processes] == ["vmm", "virtiofsd"]
 
 
 def test_mounts_and_remove_tree(tmp_path: Path) -> None:
@@ -142,12 +163,14 @@ def test_mount_targets_stay_inside_the_rootfs(tmp_path: Path) -> None:
 
 def test_shared_storage_follows_the_configuration() -> None:
     from sandbox.sandbox import shared_storage
+    from tests.unit.fakes import FakeHypervisorConfig
 
-    assert shared_storage("virtio-fs").fstype == "virtiofs"
-    nine = shared_storage("virtio-9p")
-    assert (nine.driver, nine.fstype, nine.source) == ("9p", "9p", "kataShared")
-    with pytest.raises(InvalidArgumentError, match="shared_fs"):
-        shared_storage("none")
+    kind, share = shared_storage(FakeHypervisorConfig(shared_fs="virtio-fs"))
+    assert (kind, share.fstype) == ("virtio-fs", "virtiofs")
+    kind, nine = shared_storage(FakeHypervisorConfig(shared_fs="virtio-9p"))
+    assert (kind, nine.driver, nine.fstype, nine.source) == ("virtio-9p", "9p", "9p", "kataShared")
+    with pytest.raises(InvalidArgumentError, match=r"hypervisor\.fake\.shared_fs"):
+        shared_storage(FakeHypervisorConfig(shared_fs="none"))
 
 
 def test_bind_path_shares_files_and_dirs_read_only_when_asked(tmp_path: Path) -> None:
@@ -171,12 +194,9 @@ def test_bind_path_shares_files_and_dirs_read_only_when_asked(tmp_path: Path) ->
 
 
 def _sandbox_with_state(tmp_path: Path, record: SandboxRecord | None) -> tuple[object, Path]:
-    from dataclasses import replace
+    from tests.unit.fakes import FakeWorld, fake_sandbox
 
-    from sandbox.sandbox import Sandbox
-
-    config = replace(load_config(str(REPO / "configuration.toml")), state_dir=tmp_path)
-    sb = Sandbox("pod1", config)
+    sb = fake_sandbox(tmp_path, FakeWorld(), "pod1")
     sb.state_path.mkdir(parents=True)
     (sb.state_path / "shared").mkdir()
     if record is not None:
@@ -197,7 +217,7 @@ def test_state_left_by_a_dead_shim_is_cleaned_before_a_new_start(tmp_path: Path)
 def test_state_of_a_live_shim_is_left_alone(tmp_path: Path) -> None:
     import os
 
-    from hypervisors.procs import start_time
+    from hostos.procs import start_time
     from sandbox.errors import AlreadyExistsError
 
     me = SandboxRecord("pod1", shim_pid=os.getpid(), shim_start_time=start_time(os.getpid()) or 0)

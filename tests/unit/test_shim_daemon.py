@@ -20,7 +20,7 @@ from protocols import task_pb2
 from shim import manager
 from shim.flags import parse
 from shim.service import TASK_SERVICE
-from tests.unit.test_shim_fakes import write_bundle, write_config
+from tests.unit.fakes import write_bundle, write_config
 from ttrpc import Client, Code, TtrpcError
 
 ROOT = Path(__file__).resolve().parents[2]

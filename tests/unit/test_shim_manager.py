@@ -23,7 +23,7 @@ from sandbox.errors import FailedPreconditionError
 from shim import bundle as B
 from shim import manager
 from shim.flags import parse
-from tests.unit.test_shim_fakes import write_bundle, write_config
+from tests.unit.fakes import write_bundle, write_config
 
 # A stand-in daemon: records its argv/env/cwd, then accepts (and drops) connections on fd 3.
 FAKE_DAEMON = """

@@ -1,4 +1,5 @@
-"""The Task service against a fake sandbox: events, ordering, error codes, shutdown."""
+"""The Task service over a real Pod and Sandbox with a fake hypervisor and agent: events,
+ordering, error codes, shutdown, and nothing left behind."""
 
 from __future__ import annotations
 
@@ -13,40 +14,42 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from hostos.procs import process_state
 from protocols import task_pb2, task_types_pb2
-from sandbox.config import load_config
+from sandbox.pod import Pod
+from sandbox.sandbox import SandboxState
+from sandbox.storage import mounts_under
 from shim.events import ZERO_TIME_SECONDS, TaskEvents
-from shim.pod import Pod
 from shim.service import TaskService
-from tests.unit.test_shim_fakes import FakeSandbox, RecordingPublisher, write_bundle, write_config
+from tests.unit.fakes import FakeAgent, FakeWorld, RecordingPublisher, fake_sandbox, write_bundle
 from ttrpc import Code, TtrpcError
 
 
 class Harness:
-    """A TaskService wired to a FakeSandbox, called through its ttrpc method table."""
+    """A TaskService over a Pod whose Sandbox runs fakes, called through its method table."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **hypervisor: Any) -> None:
         self.tmp = tmp
         self.publisher = RecordingPublisher()
-        self.sandboxes: list[FakeSandbox] = []
-        config = load_config(str(write_config(tmp / "c.toml", tmp / "state")))
-        self.pod = Pod("pod", config, "default", TaskEvents(self.publisher),  # type: ignore[arg-type]
-                       self._factory)  # fmt: skip
+        self.world = FakeWorld()
+        self.sandbox = fake_sandbox(tmp, self.world, **hypervisor)
+        self.pod = Pod(self.sandbox, TaskEvents(self.publisher))  # type: ignore[arg-type]
         self.shutdowns = 0
-        self.service = TaskService(self.pod, self._on_shutdown)
+        self.service = TaskService(self.pod, "default", self._on_shutdown)
         self.methods = self.service.methods()
-
-    def _factory(self, sandbox_id: str, config: Any) -> FakeSandbox:
-        sandbox = FakeSandbox(sandbox_id, config)
-        self.sandboxes.append(sandbox)
-        return sandbox
 
     def _on_shutdown(self) -> None:
         self.shutdowns += 1
 
     @property
-    def sandbox(self) -> FakeSandbox:
-        return self.sandboxes[-1]
+    def agent(self) -> FakeAgent:
+        return self.world.agent
+
+    @property
+    def vmm_pid(self) -> int:
+        pid = self.world.vm.pid
+        assert pid is not None
+        return pid
 
     async def call(self, method: str, **fields: Any) -> Any:
         request_type, handler = self.methods[method]
@@ -58,9 +61,20 @@ class Harness:
         return await self.call("Create", id=cid, bundle=str(bundle), **fields)
 
 
-def run(test: Callable[[Harness], Awaitable[None]], tmp: Path) -> None:
+def run(test: Callable[[Harness], Awaitable[None]], tmp: Path, **hypervisor: Any) -> None:
+    """Run ``test``, then stop the pod's VM and check that nothing is left."""
+
     async def main() -> None:
-        await test(Harness(tmp))
+        h = Harness(tmp, **hypervisor)
+        try:
+            await test(h)
+        finally:
+            await h.pod.stop_sandbox()
+        assert h.sandbox.state is not SandboxState.RUNNING
+        assert all(vm.pid is None or process_state(vm.pid, None) == "dead"
+                   for vm in h.world.vms), "a fake VMM survived"  # fmt: skip
+        assert mounts_under(tmp) == []
+        assert not (tmp / "state" / "sbs" / "pod").exists()
 
     asyncio.run(main())
 
@@ -75,11 +89,11 @@ async def expect(code: Code, call: Awaitable[Message]) -> TtrpcError:
 def test_lifecycle_events_in_order(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         created = await h.create("pod")
-        assert created.pid == FakeSandbox.qemu_pid
-        assert h.sandbox.calls[:2] == [("start", "h1"), ("create_container", "pod")]
+        assert created.pid == h.vmm_pid
+        assert h.agent.calls[1:3] == [("create_sandbox", "h1"), ("create_container", "pod")]
         waiter = asyncio.ensure_future(h.call("Wait", id="pod"))
-        assert (await h.call("Start", id="pod")).pid == FakeSandbox.qemu_pid
-        h.sandbox.proc("pod").finish(0)
+        assert (await h.call("Start", id="pod")).pid == h.vmm_pid
+        h.agent.proc("pod").finish(0)
         waited = await asyncio.wait_for(waiter, 5)
         assert waited.exit_status == 0 and waited.exited_at.seconds > 0
         deleted = await h.call("Delete", id="pod")
@@ -87,8 +101,10 @@ def test_lifecycle_events_in_order(tmp_path: Path) -> None:
         assert h.publisher.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit",
                                         "/tasks/delete"]  # fmt: skip
         exit_event = h.publisher.events[2][1]
-        assert (exit_event.container_id, exit_event.id, exit_event.pid) == ("pod", "pod", 4242)
-        assert ("stop",) in h.sandbox.calls  # the last container took the VM along
+        assert (exit_event.container_id, exit_event.id, exit_event.pid) == ("pod", "pod",
+                                                                            h.vmm_pid)
+        assert h.world.vm.calls[-1] == "stop"  # the last container took the VM along
+        assert h.sandbox.state is SandboxState.STOPPED
 
     run(body, tmp_path)
 
@@ -96,15 +112,15 @@ def test_lifecycle_events_in_order(tmp_path: Path) -> None:
 def test_instant_exit_never_overtakes_start(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         await h.create("pod")
-        original = h.sandbox.start_process
+        original = h.agent.start_container
 
-        async def start_and_exit(cid: str, eid: str) -> int:
-            pid = await original(cid, eid)
-            h.sandbox.proc(cid, eid).finish(1)
+        async def start_and_exit(cid: str) -> int:
+            pid = await original(cid)
+            h.agent.proc(cid).finish(1)
             await asyncio.sleep(0.01)  # give the exit every chance to race ahead
             return pid
 
-        h.sandbox.start_process = start_and_exit  # type: ignore[method-assign]
+        h.agent.start_container = start_and_exit  # type: ignore[method-assign]
         await h.call("Start", id="pod")
         await asyncio.wait_for(h.call("Wait", id="pod"), 5)
         assert h.publisher.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit"]
@@ -152,7 +168,8 @@ def test_duplicates_are_already_exists(tmp_path: Path) -> None:
                            value=json.dumps({"args": ["ls"]}).encode())  # fmt: skip
         await h.call("Exec", id="pod", exec_id="e1", spec=spec)
         await expect(Code.ALREADY_EXISTS, h.call("Exec", id="pod", exec_id="e1", spec=spec))
-        assert h.sandbox.execs[("pod", "e1")].process == {"args": ["ls"]}
+        exec_config = h.pod.process("pod", "e1").exec_config
+        assert exec_config is not None and exec_config.process == {"args": ["ls"]}
 
     run(body, tmp_path)
 
@@ -162,11 +179,11 @@ def test_exec_lifecycle_and_init_exit_published_last(tmp_path: Path) -> None:
         await h.create("pod")
         await h.call("Start", id="pod")
         await h.call("Exec", id="pod", exec_id="e1")
-        assert (await h.call("Start", id="pod", exec_id="e1")).pid == 4242
+        assert (await h.call("Start", id="pod", exec_id="e1")).pid == h.vmm_pid
         await expect(Code.FAILED_PRECONDITION, h.call("Delete", id="pod", exec_id="e1"))
-        h.sandbox.proc("pod").finish(0)  # init first: the exec dies a moment later
+        h.agent.proc("pod").finish(0)  # init first: the exec dies a moment later
         await asyncio.sleep(0.05)
-        h.sandbox.proc("pod", "e1").finish(137)
+        h.agent.proc("pod", "e1").finish(137)
         await asyncio.wait_for(h.call("Wait", id="pod"), 5)
         assert (await h.call("Wait", id="pod", exec_id="e1")).exit_status == 137
         await h.call("Delete", id="pod", exec_id="e1")
@@ -175,7 +192,7 @@ def test_exec_lifecycle_and_init_exit_published_last(tmp_path: Path) -> None:
         topics = h.publisher.topics()
         assert topics[:4] == ["/tasks/create", "/tasks/start", "/tasks/exec-added",
                               "/tasks/exec-started"]  # fmt: skip
-        assert ("remove_process", "pod", "e1") in h.sandbox.calls
+        await expect(Code.NOT_FOUND, h.call("State", id="pod", exec_id="e1"))
 
     run(body, tmp_path)
 
@@ -204,21 +221,25 @@ def test_unsupported_rpcs_are_unimplemented(tmp_path: Path, method: str,
 
 def test_failed_boot_leaves_nothing_and_shutdown_exits(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
-        from sandbox.errors import InvalidArgumentError
-
-        original = h._factory
-
-        def failing(sandbox_id: str, config: Any) -> FakeSandbox:
-            sandbox = original(sandbox_id, config)
-            sandbox.fail_start = InvalidArgumentError("failed to start sandbox pod: no kernel")
-            return sandbox
-
-        h.pod._factory = failing  # type: ignore[assignment]
         error = await expect(Code.INVALID_ARGUMENT, h.create("pod"))
-        assert "no kernel" in error.message
+        assert "/no/vmlinuz does not exist" in error.message and "make guest" in error.message
+        assert h.world.vms == []  # refused before any VM was made
         await expect(Code.NOT_FOUND, h.call("Delete", id="pod"))
         await h.call("Shutdown", id="pod")
         assert h.shutdowns == 1 and h.publisher.topics() == []
+
+    run(body, tmp_path, missing_file="/no/vmlinuz")
+
+
+def test_a_vm_that_fails_to_start_is_unavailable_and_a_retry_works(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.world.vm_fail_at = frozenset({"start-after-spawn"})
+        error = await expect(Code.UNAVAILABLE, h.create("pod"))
+        assert "injected after spawn" in error.message
+        assert h.sandbox.state is SandboxState.NEW
+        h.world.vm_fail_at = frozenset()
+        await h.create("pod")  # the same daemon may try again
+        assert h.sandbox.state is SandboxState.RUNNING and len(h.world.vms) == 2
 
     run(body, tmp_path)
 
@@ -227,7 +248,7 @@ def test_shutdown_with_containers_left_is_a_no_op(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         await h.create("pod")
         await h.call("Shutdown", id="pod")
-        assert h.shutdowns == 0 and h.sandbox.running
+        assert h.shutdowns == 0 and h.sandbox.state is SandboxState.RUNNING
 
     run(body, tmp_path)
 
@@ -238,7 +259,7 @@ def test_connect_pids_and_pids(tmp_path: Path) -> None:
         assert (unknown.shim_pid, unknown.task_pid) == (os.getpid(), 0)
         await h.create("pod")
         known = await h.call("Connect", id="pod")
-        assert known.task_pid == 4242 and known.version
+        assert known.task_pid == h.vmm_pid and known.version
         assert [p.pid for p in (await h.call("Pids", id="pod")).processes] == [1, 7]
 
     run(body, tmp_path)
@@ -250,7 +271,7 @@ def test_vm_death_gives_every_running_process_an_exit(tmp_path: Path) -> None:
         await h.call("Start", id="pod")
         await h.call("Exec", id="pod", exec_id="e1")
         await h.call("Start", id="pod", exec_id="e1")
-        await h.sandbox.stop()  # the VM is gone
+        await h.sandbox.stop()  # the VM is gone (its agent connection with it)
         assert (await asyncio.wait_for(h.call("Wait", id="pod"), 5)).exit_status == 255
         assert (await h.call("Wait", id="pod", exec_id="e1")).exit_status == 255
 
@@ -261,10 +282,10 @@ def test_second_container_joins_the_running_vm(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         await h.create("pod")
         await h.create("c2")
-        assert len(h.sandboxes) == 1
+        assert len(h.world.vms) == 1
         await h.call("Kill", id="c2", signal=9)
         await h.call("Delete", id="c2")
-        assert h.sandbox.running  # the pod's sandbox container is still there
+        assert h.sandbox.state is SandboxState.RUNNING  # the sandbox container is still there
         await h.call("Shutdown", id="c2")
         assert h.shutdowns == 0
 

@@ -1,7 +1,7 @@
 """kata-runtime: the operator CLI (check, list, env; exec and metrics are not implemented yet).
 
-This module only parses arguments and dispatches: `shim.cli_check` holds the host checks,
-`shim.cli_info` the sandbox listing and the configuration dump. ``--config PATH`` is
+This module only parses arguments and dispatches: `cli.check` holds the host checks,
+`cli.info` the sandbox listing and the configuration dump. ``--config PATH`` is
 accepted before or after the command; without it the configuration is looked up as the shim
 does (``$KATA_CONF_FILE``, then /etc, then /usr/share/defaults). Exit codes: 0 success,
 1 failure (including "not implemented yet"), 2 usage error (missing or unknown command).
@@ -13,9 +13,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from cli import check as cli_check
+from cli import info as cli_info
+from common.constants import RUNTIME_VERSION as VERSION
 from sandbox.config import RuntimeConfig, load_config
 from sandbox.errors import SandboxError
-from shim import VERSION, cli_check, cli_info
 
 PROG = "kata-runtime"
 COMMANDS = {

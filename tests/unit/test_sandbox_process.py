@@ -1,4 +1,4 @@
-"""The process lifecycle table (every cell) and a process's pumps and exit."""
+"""The process lifecycle table (every cell) and a process's pumps and exit (fake agent)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import FailedPreconditionError, NotFoundError
-from shim.process import (
+from sandbox.guest import Guest
+from sandbox.lifecycle import Refusal, missing_cells, transition
+from sandbox.process import (
     TRANSITIONS,
     InvalidTransition,
     Op,
     Process,
     ProcessGone,
-    Refusal,
     State,
-    StdioPaths,
-    transition,
 )
+from sandbox.types import StdioPaths
 from shim.stdio import open_stdio
-from tests.unit.test_shim_fakes import FakeSandbox
+from tests.unit.fakes import FakeAgent
 from ttrpc import Code
 
 ALLOWED = {
@@ -41,33 +41,34 @@ NOT_FOUND = {(State.STOPPED, Op.KILL)} | {(State.DELETED, op) for op in Op}
 
 
 def test_every_cell_is_listed_explicitly() -> None:
-    assert set(TRANSITIONS) == {(s, o) for s in State for o in Op}
+    assert missing_cells(TRANSITIONS, State, Op) == []
+    assert len(TRANSITIONS) == len(State) * len(Op)
 
 
 @pytest.mark.parametrize(("state", "op"), [(s, o) for s in State for o in Op])
 def test_cell(state: State, op: Op) -> None:
     if (state, op) in ALLOWED:
-        assert transition(state, op, "process p") is ALLOWED[(state, op)]
+        assert transition(TRANSITIONS, state, op, "process p") is ALLOWED[(state, op)]
         return
     cell = TRANSITIONS[(state, op)]
     assert isinstance(cell, Refusal)
     expected = ProcessGone if (state, op) in NOT_FOUND else InvalidTransition
     with pytest.raises(expected) as info:
-        transition(state, op, "process p")
+        transition(TRANSITIONS, state, op, "process p")
     assert str(info.value).startswith(f"failed to {op.value} process p: ")
     code = Code.NOT_FOUND if expected is ProcessGone else Code.FAILED_PRECONDITION
     assert info.value.code == code
 
 
-def new_process(sandbox: FakeSandbox, exits: list[Process], exec_id: str = "",
+def new_process(agent: FakeAgent, exits: list[Process], exec_id: str = "",
                 paths: StdioPaths | None = None) -> Process:  # fmt: skip
-    return Process(sandbox, "c1", exec_id, paths or StdioPaths(), asyncio.Lock(), exits.append)
+    return Process(Guest(lambda: agent), "c1", exec_id, paths or StdioPaths(), asyncio.Lock(),
+                   exits.append)  # fmt: skip
 
 
 async def started(exec_id: str = "", paths: StdioPaths | None = None,
-                  stdio: bool = False) -> tuple[FakeSandbox, Process, list[Process]]:  # fmt: skip
-    sandbox, exits = FakeSandbox("pod"), []
-    sandbox.running = True
+                  stdio: bool = False) -> tuple[FakeAgent, Process, list[Process]]:  # fmt: skip
+    sandbox, exits = FakeAgent(), []
     process = new_process(sandbox, exits, exec_id, paths)
     if stdio and paths is not None:
         process.io = await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
@@ -97,7 +98,7 @@ def test_exit_is_recorded_once_output_is_drained(tmp_path: Path) -> None:
 def test_wait_works_before_start_and_kill_of_created_gives_137() -> None:
     async def run() -> None:
         exits: list[Process] = []
-        process = new_process(FakeSandbox("pod"), exits)
+        process = new_process(FakeAgent(), exits)
         waiter = asyncio.ensure_future(process.wait())
         await asyncio.sleep(0)
         assert not waiter.done()
@@ -110,7 +111,7 @@ def test_wait_works_before_start_and_kill_of_created_gives_137() -> None:
 
 def test_signal_zero_on_created_changes_nothing() -> None:
     async def run() -> None:
-        process = new_process(FakeSandbox("pod"), [])
+        process = new_process(FakeAgent(), [])
         await process.kill(0)
         assert process.state is State.CREATED
 
@@ -119,8 +120,8 @@ def test_signal_zero_on_created_changes_nothing() -> None:
 
 def test_lost_vm_becomes_exit_255() -> None:
     async def run() -> None:
-        sandbox, process, exits = await started()
-        await sandbox.stop()
+        agent, process, exits = await started()
+        await agent.close()  # the VM and its agent are gone
         await asyncio.wait_for(process.wait(), 5)
         assert (process.exit_status, exits) == (255, [process])
 
@@ -181,9 +182,25 @@ def test_resize_only_with_a_terminal() -> None:
     async def run() -> None:
         sandbox, process, _ = await started(paths=StdioPaths(terminal=True))
         await process.resize(80, 24)
-        assert sandbox.calls[-1] == ("resize_pty", "c1", "", "80", "24")
+        assert sandbox.calls[-1] == ("tty_win_resize", "c1", "", "24", "80")  # rows, cols
         plain_sandbox, plain, _ = await started()
         await plain.resize(80, 24)
-        assert not [c for c in plain_sandbox.calls if c[0] == "resize_pty"]
+        assert not [c for c in plain_sandbox.calls if c[0] == "tty_win_resize"]
+
+    asyncio.run(run())
+
+
+def test_an_exec_starts_with_its_own_process_spec() -> None:
+    async def run() -> None:
+        from sandbox.types import ExecConfig
+
+        agent = FakeAgent()
+        e = ExecConfig("c1", "e1", {"args": ["ls"]}, terminal=False, stdin=False)
+        process = Process(Guest(lambda: agent), "c1", "e1", StdioPaths(), asyncio.Lock(),
+                          lambda p: None, exec_config=e)  # fmt: skip
+        assert await process.start() == 101
+        assert ("exec_process", "c1", "e1", '{"args": ["ls"]}') in agent.calls
+        agent.proc("c1", "e1").finish(0)
+        await asyncio.wait_for(process.wait(), 5)
 
     asyncio.run(run())

@@ -3,8 +3,9 @@
 Theory of operation: each option group is a small frozen dataclass with one method,
 ``to_argv() -> list[str]`` (the `QemuParam` protocol, after Kata runtime-rs's
 ``ToQemuParams``). `qemu_params` decides which groups a VM gets; `build_argv` renders them in
-order after the binary path. The state directory layout (sockets, console log, pid file) is
-`StatePaths`, shared with the `Qemu` facade so both agree on every path.
+order after the binary path. Cold-plugged devices (`hypervisors.base`) become option groups
+too; a tap's fds keep their numbers in QEMU, which inherits them (``pass_fds``).
+`build/bootguest.py` builds its command line here as well, so the two cannot drift.
 
 Rules: QEMU is never daemonized (we keep it as our child and learn of its exit from
 asyncio); everything it would print goes to files in the state directory; the guest console
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from common.constants import AGENT_PORT_NAME
 from hypervisors.accel import Accelerator
-from hypervisors.config import QemuConfig
+from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
+from hypervisors.qemu.config import QemuConfig
+from hypervisors.statepaths import StatePaths
 
-SHARED_FS_TAG = "kataShared"
-AGENT_PORT_NAME = "agent.channel.0"
-AGENT_VSOCK_PORT = 1024
 BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=1")
 
 
@@ -36,57 +37,6 @@ class AgentChannel(enum.Enum):
 
 
 @dataclass(frozen=True)
-class StatePaths:
-    """Files a VM keeps in its sandbox state directory."""
-
-    state_dir: Path
-
-    @property
-    def qmp_socket(self) -> Path:
-        """QMP control socket (QEMU listens)."""
-        return self.state_dir / "qmp.sock"
-
-    @property
-    def agent_socket(self) -> Path:
-        """Host end of the virtio-serial agent port (QEMU listens)."""
-        return self.state_dir / "agent.sock"
-
-    @property
-    def virtiofsd_socket(self) -> Path:
-        """vhost-user socket (virtiofsd listens, QEMU connects)."""
-        return self.state_dir / "virtiofsd.sock"
-
-    @property
-    def console_log(self) -> Path:
-        """Guest serial console output."""
-        return self.state_dir / "console.log"
-
-    @property
-    def console_socket(self) -> Path:
-        """Where QEMU's serial chardev connects (we listen and copy to console_log)."""
-        return self.state_dir / "console.sock"
-
-    @property
-    def qemu_pidfile(self) -> Path:
-        """QEMU's -pidfile."""
-        return self.state_dir / "qemu.pid"
-
-    @property
-    def qemu_stderr(self) -> Path:
-        """QEMU's standard error."""
-        return self.state_dir / "qemu.stderr"
-
-    @property
-    def virtiofsd_stderr(self) -> Path:
-        """virtiofsd's standard error."""
-        return self.state_dir / "virtiofsd.stderr"
-
-    def sockets(self) -> tuple[Path, ...]:
-        """Every socket path a VM may create (removed on stop)."""
-        return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket, self.console_socket)
-
-
-@dataclass(frozen=True)
 class VmParams:
     """What differs between two VMs made from the same configuration."""
 
@@ -95,9 +45,12 @@ class VmParams:
     accelerator: Accelerator
     agent_channel: AgentChannel = AgentChannel.SERIAL
     guest_cid: int | None = None
-    #: Host directory exported with virtio-9p (virtio-fs exports via virtiofsd instead).
-    shared_dir: Path | None = None
     extra_kernel_params: tuple[str, ...] = ()
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    shared_fs: SharedFsDevice | None = None
+    networks: tuple[NetworkDevice, ...] = ()
+    blocks: tuple[BlockDevice, ...] = ()
 
 
 class QemuParam(Protocol):
@@ -110,7 +63,7 @@ class QemuParam(Protocol):
 
 @dataclass(frozen=True)
 class Name:
-    """``-name sandbox-<id>``: also how leak checks find our QEMU in /proc."""
+    """``-name sandbox-<id>``: also how leak checks find our VMM in /proc."""
 
     sandbox_id: str
 
@@ -267,7 +220,7 @@ class VirtioFs:
     """vhost-user-fs device talking to virtiofsd over its socket."""
 
     socket: Path
-    tag: str = SHARED_FS_TAG
+    tag: str
 
     def to_argv(self) -> list[str]:
         """Render."""
@@ -282,13 +235,48 @@ class Virtio9p:
     """virtio-9p export of a host directory."""
 
     path: Path
-    tag: str = SHARED_FS_TAG
+    tag: str
 
     def to_argv(self) -> list[str]:
         """Render."""
         return [
             "-fsdev", f"local,id=fs9p,path={self.path},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=fs9p,mount_tag={self.tag}",
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioNet:
+    """A virtio-net NIC on tap queue fds QEMU inherits (one fd per queue, no vhost)."""
+
+    device: NetworkDevice
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        d = self.device
+        fds = ":".join(str(fd) for fd in d.tap_fds)
+        netdev = f"tap,id=netdev-{d.id},{'fds' if len(d.tap_fds) > 1 else 'fd'}={fds}"
+        nic = f"virtio-net-pci,netdev=netdev-{d.id},id={d.id},mac={d.mac},host_mtu={d.mtu}"
+        if len(d.tap_fds) > 1:
+            nic += f",mq=on,vectors={2 * len(d.tap_fds) + 2}"
+        return ["-netdev", netdev, "-device", nic]
+
+
+@dataclass(frozen=True)
+class VirtioBlock:
+    """A virtio-blk disk on a host file or block device."""
+
+    device: BlockDevice
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        d = self.device
+        driver = "host_device" if str(d.path).startswith("/dev/") else "file"
+        readonly = "on" if d.readonly else "off"
+        return [
+            "-blockdev",
+            f"driver={driver},node-name=drive-{d.id},filename={d.path},read-only={readonly}",
+            "-device", f"virtio-blk-pci,drive=drive-{d.id},id={d.id}",
         ]
 
 
@@ -299,25 +287,27 @@ def kernel_params(config: QemuConfig, vm: VmParams) -> tuple[str, ...]:
 
 def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     """The option groups for one VM, in command-line order."""
+    fs = vm.shared_fs
+    memory = vm.memory_mib or config.default_memory
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
         Machine(config.machine_type, vm.accelerator),
         Cpu(vm.accelerator),
-        Smp(config.default_vcpus, config.default_maxvcpus),
-        Memory(config.default_memory, shared=config.shared_fs == "virtio-fs"),
+        Smp(vm.vcpus or config.default_vcpus, config.default_maxvcpus),
+        Memory(memory, shared=fs is not None and fs.kind == "virtio-fs"),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
         SerialConsole(vm.paths.console_socket),
         QmpSocket(vm.paths.qmp_socket),
-        PidFile(vm.paths.qemu_pidfile),
+        PidFile(vm.paths.vmm_pidfile),
         _agent_param(vm),
     ]
-    if config.shared_fs == "virtio-fs":
-        params.append(VirtioFs(vm.paths.virtiofsd_socket))
-    elif config.shared_fs == "virtio-9p":
-        if vm.shared_dir is None:
-            raise ValueError("failed to build QEMU arguments: virtio-9p needs a shared dir")
-        params.append(Virtio9p(vm.shared_dir))
+    if fs is not None and fs.kind == "virtio-fs":
+        params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag))
+    elif fs is not None:
+        params.append(Virtio9p(fs.source, fs.tag))
+    params += [VirtioNet(n) for n in vm.networks]
+    params += [VirtioBlock(b) for b in vm.blocks]
     return params
 
 

@@ -1,28 +1,33 @@
-"""The pod a shim daemon serves: its sandbox (VM), containers and their processes.
+"""The pod: its sandbox (VM) and its containers and processes. Their one owner.
 
 Theory of operation
 -------------------
-One daemon serves one pod (group id). :class:`Pod` is the Task API's domain logic without
-protobuf: ``service.py`` translates requests into these calls and results back.
+One shim daemon serves one pod. :class:`Pod` holds every container and process of it and
+decides their lifecycles; the containerd-facing layer (``shim/``) only translates Task API
+requests into these calls, hands in stdio endpoints (`sandbox.types.IoOpener`) and turns
+the `PodEvents` it receives into containerd events.
 
-- The first Create boots the sandbox (``Sandbox(sandbox_id, config).start()``) under the boot
-  lock; that Create is the pod's sandbox container for CRI or a plain ``ctr`` container that
-  is its own pod. Later Creates add containers to the running VM.
+- The first Create boots the sandbox (``Sandbox.start`` with the `SandboxSpec` read from
+  that container's OCI spec) under the boot lock; that container is the pod's sandbox
+  container for CRI, or a plain ``ctr`` container that is its own pod. Later Creates add
+  containers to the running VM.
 - Ids are reserved before any await, so a concurrent duplicate Create gets ALREADY_EXISTS.
-- Each container has one lock (rule 2 of ``process.py``): Start holds it across
-  ``start_process`` and the /tasks/start event, the exit watcher takes it to record the exit
-  and publish /tasks/exit, Delete holds it while it removes the container.
+- Each container has one lock (rule 2 of ``process.py``): Start holds it across the start
+  and the start event, the exit watcher takes it to record the exit and publish it, Delete
+  holds it while it removes the container.
 - The init's exit is published after its execs' exits (``before_exit`` waits for them, at
   most :data:`EXEC_EXIT_GRACE` seconds).
 - The VM stops when the last container is deleted or the sandbox container itself is
   (Delete has no short deadline in containerd, Shutdown only 3 s), and again, idempotently,
   on Shutdown and SIGTERM. Processes still running then see ``wait_process`` fail and exit
   with 255.
+- Endpoints handed in through an opener belong to the pod from then on: it closes them
+  when the process goes, and at once when the call fails.
 
 Task pid: guest pids mean nothing on the host (and may name an unrelated host process), so,
-as Kata does, every task and exec reports the pid of the pod's QEMU process (the host process
-that runs it), captured at boot; the shim's own pid if the sandbox cannot tell. Guest pids
-are visible through Pids (``ctr task ps``).
+as Kata does, every task and exec reports the pid of the pod's VMM (the host process that
+runs it), captured at boot; the shim's own pid if the sandbox cannot tell. Guest pids are
+visible through `pids`.
 """
 
 from __future__ import annotations
@@ -31,60 +36,37 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sandbox.config import RuntimeConfig
 from sandbox.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     NotFoundError,
     UnavailableError,
 )
-from sandbox.types import ContainerConfig, ExecConfig
-from shim.log import kv
-from shim.process import Op, Process, ProcessSandbox, State, StdioPaths
-from shim.stdio import Stdio, open_stdio
+from sandbox.logfields import kv
+from sandbox.oci import sandbox_spec
+from sandbox.process import Op, Process, State
+from sandbox.sandbox import Sandbox, SandboxState
+from sandbox.types import (
+    ContainerConfig,
+    ExecConfig,
+    IoOpener,
+    ProcessIO,
+    StdioPaths,
+    validate_id,
+)
 
-log = logging.getLogger("shim")
+log = logging.getLogger("sandbox")
 
 EXEC_EXIT_GRACE = 2.0
 TERMINATE_GRACE = 5.0
 
 
-class PodSandbox(ProcessSandbox, Protocol):
-    """What the pod needs from ``sandbox.Sandbox`` beyond a process's needs."""
-
-    # lifecycle
-    async def start(self, hostname: str = "") -> None: ...
-    async def stop(self) -> None: ...
-
-    # containers and execs
-    async def create_container(self, c: ContainerConfig) -> None: ...
-    async def remove_container(self, container_id: str) -> None: ...
-    def add_exec(self, e: ExecConfig) -> None: ...
-    async def remove_process(self, container_id: str, exec_id: str) -> None: ...
-    async def list_pids(self, container_id: str) -> list[int]: ...
-
-    # evidence for logs
-    @property
-    def qemu_pid(self) -> int | None: ...
-    @property
-    def accelerator(self) -> str: ...
-    @property
-    def guest_kernel_release(self) -> str: ...
-
-
-class SandboxFactory(Protocol):
-    """``sandbox.Sandbox`` itself, or a fake in tests."""
-
-    def __call__(self, sandbox_id: str, config: RuntimeConfig) -> PodSandbox: ...
-
-
 class PodEvents(Protocol):
-    """Where the pod reports task events (``events.TaskEvents``)."""
+    """Where the pod reports task events (the shim turns them into containerd's)."""
 
     def created(self, c: ContainerConfig, paths: StdioPaths, pid: int) -> None: ...
     def started(self, container_id: str, pid: int) -> None: ...
@@ -123,22 +105,11 @@ class Container:
 class Pod:
     """The sandbox and containers of one daemon (see the module docstring)."""
 
-    def __init__(
-        self,
-        sandbox_id: str,
-        config: RuntimeConfig,
-        namespace: str,
-        events: PodEvents,
-        factory: SandboxFactory,
-    ) -> None:
-        self.sandbox_id = sandbox_id
-        self.namespace = namespace
+    def __init__(self, sandbox: Sandbox, events: PodEvents) -> None:
+        self.sandbox = sandbox
         self.task_pid = 0
-        self._config = config
         self._events = events
-        self._factory = factory
-        self._sandbox: PodSandbox | None = None
-        self._boot_lock = asyncio.Lock()  # guards _sandbox
+        self._boot_lock = asyncio.Lock()  # guards booting and stopping the sandbox
         self._containers: dict[str, Container] = {}
         self._reserved: set[str] = set()  # ids whose Create is in progress
 
@@ -155,7 +126,7 @@ class Pod:
         return self.container(container_id).process(exec_id)
 
     def connect_pid(self, container_id: str) -> int:
-        """The task pid for Connect: 0 for an id this daemon does not know (as runc)."""
+        """The task pid for Connect: 0 for an id this pod does not know (as runc)."""
         return self.task_pid if container_id in self._containers else 0
 
     @property
@@ -163,57 +134,46 @@ class Pod:
         """No container exists or is being created."""
         return not self._containers and not self._reserved
 
-    def _running_sandbox(self) -> PodSandbox:
-        if self._sandbox is None:
-            raise UnavailableError(f"failed to reach sandbox {self.sandbox_id}: it is not running")
-        return self._sandbox
-
     # containers
-    async def create(self, c: ContainerConfig, paths: StdioPaths) -> int:
+    async def create(self, c: ContainerConfig, paths: StdioPaths, open_io: IoOpener) -> int:
         """Create a container (booting the VM first if needed); return the task pid."""
-        cid = c.container_id
+        cid = validate_id("container", c.container_id)
         if cid in self._containers or cid in self._reserved:
             raise AlreadyExistsError(f"failed to create container {cid}: id already exists")
         self._reserved.add(cid)
         try:
-            io = await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
-                                  cid, self.namespace)  # fmt: skip
+            io = await open_io()
             try:
-                sandbox = await self._boot(str(c.spec.get("hostname") or ""))
-                await sandbox.create_container(c)
+                await self._boot(c)
+                await self.sandbox.create_container(c)
             except BaseException:
                 await io.close()
                 raise
-            self._containers[cid] = self._new_container(sandbox, c, paths, io)
+            self._containers[cid] = self._new_container(c, paths, io)
         finally:
             self._reserved.discard(cid)
         self._events.created(c, paths, self.task_pid)
         log.info("container created", extra=kv(container=cid, bundle=c.bundle))
         return self.task_pid
 
-    def _new_container(
-        self, sandbox: PodSandbox, c: ContainerConfig, paths: StdioPaths, io: Stdio
-    ) -> Container:
+    def _new_container(self, c: ContainerConfig, paths: StdioPaths, io: ProcessIO) -> Container:
         lock = asyncio.Lock()
-        init = Process(sandbox, c.container_id, "", paths, lock, self._on_exit, io)
+        init = Process(self.sandbox.guest, c.container_id, "", paths, lock, self._on_exit, io)
         container = Container(c, init, lock)
         init.before_exit = container.wait_execs
         return container
 
-    async def _boot(self, hostname: str) -> PodSandbox:
+    async def _boot(self, first: ContainerConfig) -> None:
         async with self._boot_lock:
-            if self._sandbox is not None:
-                return self._sandbox
-            sandbox = self._factory(self.sandbox_id, self._config)
-            started = time.monotonic()
-            await sandbox.start(hostname)
-            self._sandbox = sandbox
-            self.task_pid = sandbox.qemu_pid or os.getpid()
+            if self.sandbox.state is SandboxState.RUNNING:
+                return
+            await self.sandbox.start(sandbox_spec(first.spec))
+            self.task_pid = self.sandbox.vmm_pid or os.getpid()
             log.info("sandbox started", extra=kv(
-                accelerator=sandbox.accelerator, qemu_pid=sandbox.qemu_pid,
-                guest_kernel=sandbox.guest_kernel_release,
-                boot_seconds=f"{time.monotonic() - started:.2f}"))  # fmt: skip
-            return sandbox
+                hypervisor=self.sandbox.config.hypervisor.name,
+                accelerator=self.sandbox.accelerator, vmm_pid=self.sandbox.vmm_pid,
+                guest_kernel=self.sandbox.guest_kernel_release,
+                boot_seconds=f"{self.sandbox.boot_seconds:.2f}"))  # fmt: skip
 
     async def start(self, container_id: str, exec_id: str) -> int:
         """Start the init or an exec; publish start / exec-started under the lock."""
@@ -238,29 +198,25 @@ class Pod:
         async with container.lock:
             await container.process(exec_id).kill(signal, all)
 
-    async def exec(self, container_id: str, exec_id: str, paths: StdioPaths,
-                   spec: dict[str, Any]) -> None:  # fmt: skip
-        """Register an exec process (started later by Start)."""
-        container = self.container(container_id)
+    async def exec(self, e: ExecConfig, paths: StdioPaths, open_io: IoOpener) -> None:
+        """Register an exec process (started later by `start`)."""
+        container = self.container(e.container_id)
+        validate_id("exec", e.exec_id)
         async with container.lock:
-            if exec_id in container.execs:
-                raise AlreadyExistsError(f"failed to add exec {exec_id}: id already exists")
+            if e.exec_id in container.execs:
+                raise AlreadyExistsError(f"failed to add exec {e.exec_id}: id already exists")
             if container.init.state is not State.RUNNING:
                 raise FailedPreconditionError(
-                    f"failed to add exec {exec_id}: container {container_id} is not running"
+                    f"failed to add exec {e.exec_id}: container {e.container_id} is not running"
                 )
-            sandbox = self._running_sandbox()
-            io = await open_stdio(paths.stdin, paths.stdout, paths.stderr, paths.terminal,
-                                  container_id, self.namespace)  # fmt: skip
-            try:
-                sandbox.add_exec(ExecConfig(container_id, exec_id, spec, paths.terminal,
-                                            bool(paths.stdin)))  # fmt: skip
-            except BaseException:
-                await io.close()
-                raise
-            container.execs[exec_id] = Process(sandbox, container_id, exec_id, paths,
-                                               container.lock, self._on_exit, io)  # fmt: skip
-            self._events.exec_added(container_id, exec_id)
+            if self.sandbox.state is not SandboxState.RUNNING:
+                raise UnavailableError(f"failed to add exec {e.exec_id}: the VM is not running")
+            io = await open_io()
+            container.execs[e.exec_id] = Process(
+                self.sandbox.guest, e.container_id, e.exec_id, paths, container.lock,
+                self._on_exit, io, exec_config=e,
+            )
+            self._events.exec_added(e.container_id, e.exec_id)
 
     async def delete(self, container_id: str, exec_id: str) -> Process:
         """Delete a stopped (or never started) process; the init takes its container along."""
@@ -269,38 +225,35 @@ class Pod:
             process = container.process(exec_id)
             process.ensure(Op.DELETE)
             if exec_id:
-                if self._sandbox is not None:
-                    await self._forget(self._sandbox.remove_process, container_id, exec_id)
                 await process.delete()
                 del container.execs[exec_id]
             else:
                 await self._delete_container(container)
             self._events.deleted(process, self.task_pid)
         log.info("process deleted", extra=kv(container=container_id, exec=exec_id))
-        if not exec_id and (self.empty or container_id == self.sandbox_id):
+        if not exec_id and (self.empty or container_id == self.sandbox.id):
             await self.stop_sandbox()
         return process
 
     async def _delete_container(self, container: Container) -> None:
         cid = container.config.container_id
-        if self._sandbox is not None:
-            await self._forget(self._sandbox.remove_container, cid)
+        await self._forget(self.sandbox.remove_container, cid)
         for process in [*container.execs.values(), container.init]:
             await process.delete(force=True)
         del self._containers[cid]
 
     @staticmethod
-    async def _forget(remove: Callable[..., Awaitable[None]], *ids: str) -> None:
-        """Call a sandbox remove; a VM that is already gone or forgot the id is no error."""
+    async def _forget(remove: Callable[[str], Awaitable[None]], container_id: str) -> None:
+        """Remove a container's share; a VM that is gone or forgot the id is no error."""
         try:
-            await remove(*ids)
+            await remove(container_id)
         except (UnavailableError, NotFoundError) as e:
-            log.info("nothing to remove: %s", e, extra=kv(container=ids[0]))
+            log.info("nothing to remove: %s", e, extra=kv(container=container_id))
 
     async def pids(self, container_id: str) -> list[int]:
         """Guest pids of a container's processes."""
         self.container(container_id)
-        return await self._running_sandbox().list_pids(container_id)
+        return await self.sandbox.guest.list_pids(container_id)
 
     async def resize(self, container_id: str, exec_id: str, width: int, height: int) -> None:
         """Resize a process's pty."""
@@ -318,9 +271,8 @@ class Pod:
     async def stop_sandbox(self) -> None:
         """Stop the VM (idempotent); processes still running exit with 255."""
         async with self._boot_lock:
-            sandbox, self._sandbox = self._sandbox, None
-            if sandbox is not None:
-                await sandbox.stop()
+            if self.sandbox.state is SandboxState.RUNNING:
+                await self.sandbox.stop()
                 log.info("sandbox stopped")
 
     async def shutdown(self) -> bool:
@@ -338,3 +290,9 @@ class Pod:
         if waits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), TERMINATE_GRACE)
+
+
+def exec_config(container_id: str, exec_id: str, process: dict[str, Any], paths: StdioPaths
+                ) -> ExecConfig:  # fmt: skip
+    """The `ExecConfig` of an Exec request."""
+    return ExecConfig(container_id, exec_id, process, paths.terminal, bool(paths.stdin))

@@ -2,15 +2,15 @@
 
 Theory of operation
 -------------------
-Rule 1: every state change goes through :func:`transition`, which looks the ``(state, op)``
-cell up in :data:`TRANSITIONS`. Each cell is listed explicitly: either the next state or a
-:class:`Refusal` naming the error containerd gets (FAILED_PRECONDITION, or NOT_FOUND for a
-process that is gone, which containerd and CRI tolerate on Kill). The state changes only
-after the side effect of the operation succeeded.
+Rule 1: every state change goes through `sandbox.lifecycle.transition`, which looks the
+``(state, op)`` cell up in :data:`TRANSITIONS`. Each cell is listed explicitly: either the
+next state or a :class:`Refusal` naming the error containerd gets (FAILED_PRECONDITION, or
+NOT_FOUND for a process that is gone, which containerd and CRI tolerate on Kill). The state
+changes only after the side effect of the operation succeeded.
 
 Rule 2: the caller holds the container's lock for ``start``, ``kill``, ``delete``, ``resize``
 and ``close_stdin``; the exit watcher takes the same lock to record the exit. So the start
-event (published by the service while it still holds the lock) always precedes the exit.
+event (published by the pod while it still holds the lock) always precedes the exit.
 
 Lifecycle (``created -> running -> stopped -> deleted``, ``created -> stopped`` by kill)::
 
@@ -18,6 +18,7 @@ Lifecycle (``created -> running -> stopped -> deleted``, ``created -> stopped`` 
        |                                    ^
        +----------------kill----------------+   (never started: exit 128+signal, e.g. 137)
 
+A process reaches the guest only through a `ProcessGuest` (`sandbox.guest.Guest`).
 Pumps run only once the process is started in the guest: stdin endpoint -> ``write_stdin``
 (then ``close_stdin`` on EOF or after ``CloseIO``), ``read_stdout``/``read_stderr`` -> the
 endpoints until ``b""``. The exit watcher awaits ``wait_process``; a failure there means the
@@ -36,23 +37,18 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from sandbox.errors import (
-    FailedPreconditionError,
-    NotFoundError,
-    SandboxError,
-    UnavailableError,
-)
-from shim.log import kv
-from shim.stdio import FifoSource, Stdio
+from common.constants import EXIT_STATUS_KILLED
+from sandbox.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from sandbox.lifecycle import Refusal, transition
+from sandbox.logfields import kv
+from sandbox.types import ExecConfig, InputSource, ProcessIO, StdioPaths
 
-log = logging.getLogger("shim")
+log = logging.getLogger("sandbox")
 
 DRAIN_SECONDS = 2.0
 EXIT_STATUS_LOST = 255  # the VM or agent went away: the real status is unknowable
-EXIT_STATUS_KILLED = 137  # 128 + SIGKILL: a process deleted before it ever ran
 SIGNAL_EXIT_BASE = 128
 
 
@@ -84,14 +80,6 @@ class ProcessGone(NotFoundError):
     """The process has exited or was deleted."""
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A forbidden cell: the error to raise and why."""
-
-    error: type[SandboxError]
-    reason: str
-
-
 _GONE = Refusal(ProcessGone, "it was deleted")
 TRANSITIONS: dict[tuple[State, Op], State | Refusal] = {
     (State.CREATED, Op.START): State.RUNNING,
@@ -121,19 +109,14 @@ TRANSITIONS: dict[tuple[State, Op], State | Refusal] = {
 }
 
 
-def transition(state: State, op: Op, what: str) -> State:
-    """The state after ``op`` in ``state``; raise the cell's error if it is forbidden."""
-    cell = TRANSITIONS[(state, op)]
-    if isinstance(cell, Refusal):
-        raise cell.error(f"failed to {op.value} {what}: {cell.reason}")
-    return cell
-
-
-class ProcessSandbox(Protocol):
-    """What a process needs from the sandbox (a subset of ``sandbox.Sandbox``)."""
+class ProcessGuest(Protocol):
+    """What a process needs of the guest (`sandbox.guest.Guest`)."""
 
     # lifecycle
-    async def start_process(self, container_id: str, exec_id: str) -> int: ...
+    async def start_container(self, container_id: str) -> int: ...
+    async def exec_process(
+        self, container_id: str, exec_id: str, process: dict[str, Any], stdin: bool
+    ) -> int: ...
     async def wait_process(self, container_id: str, exec_id: str) -> int: ...
     async def signal_process(
         self, container_id: str, exec_id: str, signal: int, all: bool = False
@@ -149,39 +132,31 @@ class ProcessSandbox(Protocol):
     ) -> None: ...
 
 
-@dataclass(frozen=True)
-class StdioPaths:
-    """The stream names containerd gave for a process."""
-
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
-
-
 class Process:
     """An init (exec id "") or exec process of one container."""
 
     def __init__(
         self,
-        sandbox: ProcessSandbox,
+        guest: ProcessGuest,
         container_id: str,
         exec_id: str,
         paths: StdioPaths,
         lock: asyncio.Lock,
         on_exit: Callable[[Process], None],
-        io: Stdio | None = None,
+        io: ProcessIO | None = None,
+        exec_config: ExecConfig | None = None,
     ) -> None:
         self.container_id = container_id
         self.exec_id = exec_id
+        self.exec_config = exec_config  # None for the init process
         self.paths = paths
         self.state = State.CREATED
         self.guest_pid = 0
         self.exit_status = 0
         self.exited_at_ns: int | None = None
-        self.io = io or Stdio()
+        self.io: ProcessIO = io or NoIO()
         self.before_exit: Callable[[], Awaitable[None]] | None = None  # init: wait for execs
-        self._sandbox = sandbox
+        self._guest = guest
         self._lock = lock  # the container's lock (rule 2)
         self._on_exit = on_exit
         self._exited = asyncio.Event()
@@ -195,17 +170,22 @@ class Process:
 
     def ensure(self, op: Op) -> State:
         """The state ``op`` would lead to; raises if ``op`` is forbidden now."""
-        return transition(self.state, op, f"process {self.name}")
+        return transition(TRANSITIONS, self.state, op, f"process {self.name}")
 
     # operations (caller holds the container lock)
     async def start(self) -> int:
         """Start the process in the guest, then its pumps and exit watcher; the guest pid."""
         after = self.ensure(Op.START)
-        pid = await self._sandbox.start_process(self.container_id, self.exec_id)
+        if self.exec_config is None:
+            pid = await self._guest.start_container(self.container_id)
+        else:
+            e = self.exec_config
+            pid = await self._guest.exec_process(self.container_id, self.exec_id, e.process,
+                                                 e.stdin)  # fmt: skip
         self.guest_pid, self.state = pid, after
-        self._spawn("stdout", self._pump_output(self._sandbox.read_stdout, "stdout"))
+        self._spawn("stdout", self._pump_output(self._guest.read_stdout, "stdout"))
         if not self.paths.terminal:
-            self._spawn("stderr", self._pump_output(self._sandbox.read_stderr, "stderr"))
+            self._spawn("stderr", self._pump_output(self._guest.read_stderr, "stderr"))
         if self.io.stdin is not None:
             self._spawn("stdin", self._pump_stdin(self.io.stdin))
         self._spawn("exit", self._watch_exit())
@@ -215,7 +195,7 @@ class Process:
         """Signal the process; a never-started one is marked stopped with 128+signal."""
         after = self.ensure(Op.KILL)
         if self.state is State.RUNNING:
-            await self._sandbox.signal_process(self.container_id, self.exec_id, signal, all)
+            await self._guest.signal_process(self.container_id, self.exec_id, signal, all)
         elif signal != 0:
             await self._stop_tasks_and_io()
             self._record_exit(after, SIGNAL_EXIT_BASE + signal)
@@ -224,7 +204,7 @@ class Process:
         """Set the pty size (a no-op without a terminal, as in runc)."""
         self.ensure(Op.RESIZE_PTY)
         if self.paths.terminal and self.state is State.RUNNING:
-            await self._sandbox.resize_pty(self.container_id, self.exec_id, width, height)
+            await self._guest.resize_pty(self.container_id, self.exec_id, width, height)
 
     def close_stdin(self) -> None:
         """Close stdin once what is already written has been forwarded."""
@@ -278,7 +258,7 @@ class Process:
 
     async def _watch_exit(self) -> None:
         try:
-            status = await self._sandbox.wait_process(self.container_id, self.exec_id)
+            status = await self._guest.wait_process(self.container_id, self.exec_id)
         except Exception as e:
             log.warning("failed to wait for process %s: %s", self.name, e)
             status = EXIT_STATUS_LOST
@@ -319,7 +299,7 @@ class Process:
             if sink is not None:
                 sink.close()  # the client's reader sees EOF
 
-    async def _pump_stdin(self, source: FifoSource) -> None:
+    async def _pump_stdin(self, source: InputSource) -> None:
         closer = asyncio.ensure_future(self._close_stdin.wait())
         try:
             try:
@@ -328,14 +308,16 @@ class Process:
                 log.warning("stopped copying stdin of %s: %s", self.name, e)
             try:
                 # Also after a failure: the process must see EOF rather than wait forever.
-                await self._sandbox.close_stdin(self.container_id, self.exec_id)
+                await self._guest.close_stdin(self.container_id, self.exec_id)
             except Exception as e:
                 log.debug("failed to close stdin of %s: %s", self.name, e)
         finally:
             closer.cancel()
             await source.close()
 
-    async def _copy_stdin(self, source: FifoSource, closer: asyncio.Task[Literal[True]]) -> None:
+    async def _copy_stdin(
+        self, source: InputSource, closer: asyncio.Task[Literal[True]]
+    ) -> None:
         """Forward stdin until EOF, or until CloseIO (then what is already there)."""
         while True:
             reader = asyncio.ensure_future(source.read())
@@ -353,8 +335,19 @@ class Process:
 
     async def _write_stdin(self, data: bytes) -> None:
         while data:
-            written = await self._sandbox.write_stdin(self.container_id, self.exec_id, data)
+            written = await self._guest.write_stdin(self.container_id, self.exec_id, data)
             if written <= 0:
                 raise UnavailableError(f"failed to write stdin of {self.name}: nothing accepted")
             data = data[written:]
 
+
+
+class NoIO:
+    """A process with no stdio at all."""
+
+    stdin: InputSource | None = None
+    stdout: None = None
+    stderr: None = None
+
+    async def close(self) -> None:
+        """Nothing to close."""

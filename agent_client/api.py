@@ -1,0 +1,79 @@
+"""`AgentApi`: the agent calls the sandbox layer makes, as plain Python values.
+
+`agent_client.client.AgentClient` implements it over ttrpc; unit tests use fakes. Every
+method raises `AgentCallError` on failure (code + bounded guest text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from agent_client.types import GuestDetails, StorageSpec
+
+
+class AgentApi(Protocol):
+    """One connection to one sandbox's agent."""
+
+    # -- connection and sandbox
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+
+    async def guest_details(self) -> GuestDetails:
+        """Kernel release, agent version and start-up times."""
+
+    async def create_sandbox(
+        self, sandbox_id: str, hostname: str, storages: Iterable[StorageSpec]
+    ) -> None:
+        """Hostname and the shared filesystems."""
+
+    async def destroy_sandbox(self) -> None:
+        """Stop every container and unmount."""
+
+    # -- containers and processes
+    async def create_container(
+        self, container_id: str, spec: dict[str, Any], terminal: bool, stdin: bool
+    ) -> None:
+        """Create (not start) a container from its guest spec."""
+
+    async def start_container(self, container_id: str) -> int:
+        """Start the init process; its guest pid."""
+
+    async def exec_process(
+        self, container_id: str, exec_id: str, process: dict[str, Any], stdin: bool
+    ) -> int:
+        """Start an exec; its guest pid."""
+
+    async def signal_process(
+        self, container_id: str, exec_id: str, signal: int, all: bool = False
+    ) -> None:
+        """Signal one process, or all of the container's."""
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        """Long poll: the exit status."""
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        """Guest pids of the container."""
+
+    async def remove_container(self, container_id: str, timeout: int = 0) -> None:
+        """Kill what is left and forget it."""
+
+    # -- stdio
+    async def read_stdout(self, container_id: str, exec_id: str) -> bytes:
+        """Long poll; b"" at end of stream."""
+
+    async def read_stderr(self, container_id: str, exec_id: str) -> bytes:
+        """Long poll; b"" at end of stream."""
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        """The bytes taken."""
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        """EOF on the process's stdin."""
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        """Set the pty size."""
+
+
+#: Dial an agent address within a timeout (the whole guest boot fits in it).
+AgentConnector = Callable[[str, float], Awaitable[AgentApi]]

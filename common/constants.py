@@ -1,0 +1,18 @@
+"""Names and numbers the host runtime and the guest agent must agree on."""
+
+from __future__ import annotations
+
+#: virtio-fs / 9p tag of the sandbox's shared directory.
+SHARED_FS_TAG = "kataShared"
+#: Where the guest mounts that share.
+GUEST_SHARED_DIR = "/run/kata-containers/shared"
+#: Name of the virtio-serial port that carries the agent channel.
+AGENT_PORT_NAME = "agent.channel.0"
+#: AF_VSOCK port the agent listens on.
+AGENT_VSOCK_PORT = 1024
+#: 128 + SIGKILL: the status of a process killed, or deleted before it ever ran.
+EXIT_STATUS_KILLED = 137
+#: Where per-sandbox host state lives unless ``[runtime] state_dir`` says otherwise.
+DEFAULT_STATE_DIR = "/run/kata-py"
+#: Version of the host runtime (shim and operator CLI).
+RUNTIME_VERSION = "0.1.0"

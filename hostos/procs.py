@@ -1,0 +1,183 @@
+"""Host processes: spawning helpers, identifying them, killing what a crashed shim left.
+
+Theory of operation
+-------------------
+* `spawn` starts a helper (a VMM, virtiofsd) as our child through a small exec wrapper,
+  util-linux's ``setpriv --pdeathsig KILL --``: the wrapper sets ``PR_SET_PDEATHSIG`` and
+  execs the helper, so the helper dies with the shim even under ``kill -9``, and no Python
+  code runs between fork and exec (``preexec_fn`` is unsafe while threads exist). The
+  helper gets stdin/stdout on /dev/null, stderr to a file, exactly the fds in ``pass_fds``
+  (taps, vhost fds, memory) and a clean environment (``PATH`` only, plus what the caller
+  adds). Linux sends the death signal when the *thread* that forked exits: asyncio forks
+  from the event-loop thread, which lives as long as the shim. The remaining window (the
+  shim killed between fork and the wrapper's prctl, well under a millisecond) is covered by
+  the sandbox's state record and `kill_recorded`.
+* A process is identified by ``(pid, start_time)``: field 22 of /proc/<pid>/stat, in clock
+  ticks since boot. A pid may be reused; the pair may not. `ProcessRecord` is what the
+  caller persists so that a later shim can `kill_recorded` what a crashed one left behind.
+* Reaping is asyncio's job (its child watcher); nothing here calls ``waitpid(-1)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # asyncio is imported where used: `shim delete` needs none of it
+    import asyncio
+
+#: The exec wrapper and its arguments; the helper's argv follows.
+PDEATHSIG_WRAPPER = ("setpriv", "--pdeathsig", "KILL", "--")
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+KILL_WAIT = 5.0
+POLL_INTERVAL = 0.02
+
+
+class ProcessRecord(NamedTuple):
+    """A helper process to clean up after a crash: persist it as a JSON list."""
+
+    pid: int
+    start_time: int
+    role: str
+
+
+class SurvivorError(TimeoutError):
+    """Recorded processes were still alive after SIGKILL and the wait."""
+
+
+def wrapper_path() -> str:
+    """The exec wrapper's absolute path; OSError naming the package if it is missing."""
+    found = shutil.which(PDEATHSIG_WRAPPER[0], path=CLEAN_PATH)
+    if found is None:
+        raise FileNotFoundError(
+            2, f"{PDEATHSIG_WRAPPER[0]} not found in {CLEAN_PATH}: install util-linux",
+            PDEATHSIG_WRAPPER[0],
+        )
+    return found
+
+
+def wrapped_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind the parent-death-signal wrapper."""
+    return [wrapper_path(), *PDEATHSIG_WRAPPER[1:], *argv]
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a helper gets: PATH, plus ``extra``."""
+    return {"PATH": CLEAN_PATH, **(extra or {})}
+
+
+async def spawn(
+    argv: Sequence[str], stderr_path: Path, *, pass_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` as our child (see the module docstring); stderr to ``stderr_path``."""
+    import asyncio
+
+    with stderr_path.open("wb") as err:
+        return await asyncio.create_subprocess_exec(
+            *wrapped_argv(argv),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+            pass_fds=tuple(pass_fds),
+            close_fds=True,
+            env=clean_env(env),
+        )
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from field 3 (state) on; None if the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ")".
+    return raw[raw.rindex(b")") + 2 :].decode().split()
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if no such process."""
+    fields = _read_stat(pid)
+    return int(fields[22 - 3]) if fields else None
+
+
+def record(pid: int, role: str) -> ProcessRecord | None:
+    """A `ProcessRecord` for a live ``pid``, None if it is already gone."""
+    started = start_time(pid)
+    return None if started is None else ProcessRecord(pid, started, role)
+
+
+def is_alive(rec: ProcessRecord) -> bool:
+    """True if the recorded process still exists, is not a zombie, and is the same process."""
+    fields = _read_stat(rec.pid)
+    if fields is None:
+        return False
+    return fields[0] != "Z" and int(fields[22 - 3]) == rec.start_time
+
+
+def process_state(pid: int, started: int | None) -> str:
+    """``alive``, ``dead``, ``zombie``, ``pid reused`` or ``none``; without a start time,
+    the pid alone is checked."""
+    if pid <= 0:
+        return "none"
+    now = start_time(pid)
+    if now is None:
+        return "dead"
+    if started is None:
+        return "alive"
+    if now != started:
+        return "pid reused"
+    return "alive" if is_alive(ProcessRecord(pid, started, "")) else "zombie"
+
+
+def kill_recorded(records: Iterable[ProcessRecord], timeout: float = KILL_WAIT) -> None:
+    """SIGKILL each recorded process that is still the same process; wait for them to go.
+
+    A record whose pid is gone, a zombie, or now another process (start time differs) is
+    skipped. Blocking (it polls /proc for up to ``timeout``): from async code, run it with
+    ``asyncio.to_thread``. Raises `SurvivorError` naming any survivor.
+    """
+    targets = [rec for rec in records if is_alive(rec)]
+    for rec in targets:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while (left := [r for r in targets if is_alive(r)]) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL)
+    if left:
+        raise SurvivorError(f"failed to kill recorded processes: still alive: {left}")
+
+
+async def wait_process(proc: asyncio.subprocess.Process, timeout: float) -> int | None:
+    """Wait up to ``timeout`` for ``proc`` to exit; its return code, or None if still running."""
+    import asyncio
+
+    try:
+        async with asyncio.timeout(timeout):
+            return await proc.wait()
+    except TimeoutError:
+        return None
+
+
+async def terminate(
+    proc: asyncio.subprocess.Process, grace: float, sig: int = signal.SIGTERM
+) -> int:
+    """Send ``sig`` (if still running), then SIGKILL after ``grace``; return the exit code."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        code = await wait_process(proc, grace)
+        if code is not None:
+            return code
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    code = await wait_process(proc, KILL_WAIT)
+    if code is None:
+        raise SurvivorError(f"failed to kill pid {proc.pid}: alive after SIGKILL")
+    return code

@@ -1,0 +1,222 @@
+"""The hypervisor interface: everything the sandbox layer may ask of a VM.
+
+Theory of operation
+-------------------
+A hypervisor package (``hypervisors/<name>/``, chosen by the configuration's
+``[hypervisor.<name>]`` section, see `hypervisors.factory`) exports ``DRIVER``, a
+`HypervisorDriver`: it parses its section into a `HypervisorConfig` and creates one
+`Hypervisor` per sandbox from that configuration and a `VmSpec`. The sandbox layer sees
+nothing else: no QEMU (or StratoVirt) name crosses this line.
+
+A `Hypervisor` is one VM, after Kata runtime-rs's ``Hypervisor`` trait:
+
+* lifecycle: `start` (everything it spawns is undone if it fails), `stop` (idempotent, safe
+  after the VMM died), `pause`/`resume`, `wait_exited` (a long poll), `pid`;
+* devices: `add_device` before `start` is a cold plug (on the command line); after it, a
+  hot plug. A driver that cannot plug a device says so with `HypervisorUnsupported`;
+* resources: `resize_vcpus`, `resize_memory` return what the VM has afterwards;
+* utilities: where the agent listens (`agent_address`: ``serial://``, ``vsock://`` or
+  ``hvsock://``), the accelerator and why, the console log, and the `process_records`
+  the sandbox persists so that a later shim can kill what a crashed one left.
+
+Devices are frozen dataclasses of plain values (paths, fds, MACs); fds stay owned by the
+caller until the VM has taken them (cold plug: passed at spawn; hot plug: sent over QMP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from hostos.procs import ProcessRecord
+
+SharedFsKind = Literal["virtio-fs", "virtio-9p"]
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What differs between two VMs made from the same configuration."""
+
+    sandbox_id: str
+    #: Where the VM keeps its files (sockets, console log, stderr); the sandbox owns it.
+    state_dir: Path
+    #: Appended to the configured kernel command line.
+    kernel_params: tuple[str, ...] = ()
+    #: vCPUs and MiB at boot; None = the configuration's defaults.
+    vcpus: int | None = None
+    memory_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class SharedFsDevice:
+    """A host directory the guest mounts by ``tag``."""
+
+    source: Path
+    kind: SharedFsKind
+    tag: str
+
+
+@dataclass(frozen=True)
+class NetworkDevice:
+    """A guest NIC backed by tap (or macvtap) queue fds the caller opened."""
+
+    id: str
+    mac: str
+    mtu: int
+    tap_fds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A host file or block device as a guest disk."""
+
+    id: str
+    path: Path
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class VsockDevice:
+    """A virtio-vsock device with the guest's context id (the agent channel then uses it)."""
+
+    guest_cid: int
+
+
+Device = SharedFsDevice | NetworkDevice | BlockDevice | VsockDevice
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """One line of ``kata-runtime check`` that a driver contributes."""
+
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+class Hypervisor(Protocol):
+    """One VM of one sandbox (see the module docstring)."""
+
+    # -- VM lifecycle
+    async def start(self) -> None:
+        """Boot the VM; on failure nothing it started is left."""
+
+    async def stop(self) -> None:
+        """Stop the VM and its helpers (idempotent)."""
+
+    async def pause(self) -> None:
+        """Freeze the vCPUs."""
+
+    async def resume(self) -> None:
+        """Let paused vCPUs run again."""
+
+    async def wait_exited(self) -> int:
+        """Wait (no deadline) until the VMM exits; its exit status."""
+
+    @property
+    def pid(self) -> int | None:
+        """The VMM's host pid once started."""
+
+    # -- devices
+    async def add_device(self, device: Device) -> None:
+        """Cold-plug before `start`, hot-plug after."""
+
+    # -- resources
+    async def resize_vcpus(self, count: int) -> int:
+        """Make the VM have ``count`` vCPUs; the count it has afterwards."""
+
+    async def resize_memory(self, mib: int) -> int:
+        """Make the VM have ``mib`` MiB of RAM; the size it has afterwards."""
+
+    # -- utilities
+    @property
+    def agent_address(self) -> str:
+        """Where the agent is reached: ``serial://``, ``vsock://`` or ``hvsock://``."""
+
+    @property
+    def accelerator(self) -> str:
+        """``kvm`` or ``tcg`` once started ('' before)."""
+
+    @property
+    def accelerator_reason(self) -> str:
+        """Why that accelerator."""
+
+    @property
+    def console_log(self) -> Path:
+        """The guest console, kept in the state dir."""
+
+    def process_records(self) -> list[ProcessRecord]:
+        """Host processes the VM runs (role ``vmm`` first), for clean-up after a crash."""
+
+
+class HypervisorConfig(Protocol):
+    """What the sandbox layer reads of any hypervisor's configuration section."""
+
+    @property
+    def name(self) -> str:
+        """The section name: ``qemu`` for ``[hypervisor.qemu]``."""
+
+    @property
+    def shared_fs(self) -> str:
+        """``virtio-fs``, ``virtio-9p`` or ``none``."""
+
+    @property
+    def default_vcpus(self) -> int:
+        """vCPUs at boot."""
+
+    @property
+    def default_memory(self) -> int:
+        """MiB at boot."""
+
+    @property
+    def unknown_keys(self) -> tuple[str, ...]:
+        """Keys of the section this version does not know (reported, not fatal)."""
+
+    @property
+    def unsupported_keys(self) -> tuple[str, ...]:
+        """Keys set to something this version does not act on (reported, not fatal)."""
+
+    def check_files(self, source: str) -> None:
+        """Raise `ConfigError` if a binary or guest image it names is missing."""
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting as plain JSON values (``kata-runtime env``)."""
+
+
+class HypervisorDriver(Protocol):
+    """What ``hypervisors/<name>/__init__.py`` exports as ``DRIVER``."""
+
+    @property
+    def name(self) -> str:
+        """The section name."""
+
+    def parse_config(self, table: Mapping[str, Any], source: str) -> HypervisorConfig:
+        """Parse ``[hypervisor.<name>]``; `ConfigError` names the bad key."""
+
+    def create(self, config: HypervisorConfig, vm: VmSpec) -> Hypervisor:
+        """A VM that does nothing until started."""
+
+    def host_checks(self, config: HypervisorConfig, source: str) -> list[HostCheck]:
+        """Can this host run such VMs (files, binary version, accelerator, agent channel)."""
+
+
+@dataclass
+class DeviceList:
+    """Devices in plug order, with the fds they hand to the VMM at spawn."""
+
+    devices: list[Device] = field(default_factory=list)
+
+    def add(self, device: Device) -> None:
+        """Append a device."""
+        self.devices.append(device)
+
+    def of(self, kind: type[Device]) -> list[Any]:
+        """The devices of one kind, in order."""
+        return [d for d in self.devices if isinstance(d, kind)]
+
+    def fds(self) -> tuple[int, ...]:
+        """Every fd the VMM must inherit."""
+        return tuple(fd for d in self.of(NetworkDevice) for fd in d.tap_fds)

@@ -1,0 +1,92 @@
+"""What ``kata-runtime check`` asks of this host for QEMU: files, version, accelerator, channel.
+
+The checks reuse what a VM start uses (`QemuConfig.file_keys`, `choose_accelerator`, the
+vhost-vsock test), so the verdict matches what the runtime would do. A failing line's
+detail says how to fix it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from hypervisors.accel import choose_accelerator
+from hypervisors.base import HostCheck
+from hypervisors.config import ConfigError, need_file
+from hypervisors.errors import HypervisorError
+from hypervisors.qemu.config import SECTION, QemuConfig
+from hypervisors.qemu.vm import VHOST_VSOCK_DEVICE, host_has_vhost_vsock
+
+VERSION_TIMEOUT = 10.0
+#: What to call each file key in the report.
+FILE_NAMES = {
+    "path": "QEMU binary",
+    "kernel": "guest kernel",
+    "initrd": "guest initrd",
+    "virtio_fs_daemon": "virtiofsd",
+}
+
+
+def check_files(config: QemuConfig, source: str = "<config>") -> list[HostCheck]:
+    """One line per file the configuration needs, every missing one reported."""
+    checks = []
+    for key, fix, exe in config.file_keys():
+        value = getattr(config, key)
+        name = f"{FILE_NAMES[key]} ({key})"
+        try:
+            need_file(SECTION, key, value, fix, source, exe=exe)
+        except ConfigError as e:
+            checks.append(HostCheck(name, False, str(e)))
+        else:
+            checks.append(HostCheck(name, True, f"{value} present"))
+    return checks
+
+
+def check_version(qemu_path: str) -> HostCheck:
+    """Run ``<qemu> --version``; its first line."""
+    try:
+        done = subprocess.run(
+            [qemu_path, "--version"], capture_output=True, text=True,
+            timeout=VERSION_TIMEOUT, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return HostCheck("QEMU version", False, f"failed to run {qemu_path} --version: {e}")
+    first = (done.stdout.strip().splitlines() or [""])[0]
+    if done.returncode != 0 or not first:
+        err = done.stderr.strip().splitlines()[:1] or [f"exit status {done.returncode}"]
+        return HostCheck(
+            "QEMU version", False,
+            f"{qemu_path} --version failed: {err[0]}; reinstall qemu-system-x86 (make deps)",
+        )
+    return HostCheck("QEMU version", True, first)
+
+
+def check_accelerator(requested: str) -> HostCheck:
+    """The accelerator a VM would use, and why."""
+    try:
+        choice = choose_accelerator(requested)
+    except HypervisorError as e:
+        fix = f'set accelerator = "auto" or "tcg" in [{SECTION}], or make /dev/kvm usable'
+        return HostCheck("accelerator", False, f"{e}; {fix}")
+    return HostCheck("accelerator", True, f"{choice.accelerator} ({choice.reason})")
+
+
+def check_agent_channel() -> HostCheck:
+    """Informational: which agent channel a VM would use."""
+    if host_has_vhost_vsock():
+        return HostCheck("agent channel", True, f"{VHOST_VSOCK_DEVICE} present -> vsock",
+                         required=False)  # fmt: skip
+    return HostCheck(
+        "agent channel", True,
+        f"{VHOST_VSOCK_DEVICE} absent -> virtio-serial (modprobe vhost_vsock to use vsock)",
+        required=False,
+    )
+
+
+def host_checks(config: QemuConfig, source: str = "<config>") -> list[HostCheck]:
+    """Every QEMU check, in report order."""
+    files = check_files(config, source)
+    checks = list(files)
+    if files[0].ok:  # the QEMU binary is there
+        checks.append(check_version(config.path))
+    checks += [check_accelerator(config.accelerator), check_agent_channel()]
+    return checks

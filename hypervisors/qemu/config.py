@@ -1,0 +1,126 @@
+"""`QemuConfig`: the ``[hypervisor.qemu]`` table of configuration.toml, parsed and checked.
+
+Field names and defaults follow Kata's ``[hypervisor.qemu]``. Keys this version parses but
+cannot act on are listed in `QemuConfig.unsupported_keys` when they are set to anything
+that would need acting on (annotations are never honoured yet, so ``enable_annotations``
+and ``valid_hypervisor_paths`` have no effect): the sandbox layer reports them with the
+file and line, as it does unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypervisors.config import (
+    ConfigError,
+    Parser,
+    abs_path,
+    int_at_least,
+    need_file,
+    nonempty,
+    one_of,
+    optional_abs_path,
+    parse_section,
+    str_list,
+    string,
+)
+
+NAME = "qemu"
+SECTION = f"hypervisor.{NAME}"
+ACCELERATORS = ("auto", "kvm", "tcg")
+SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
+VIRTIO_FS_CACHE_MODES = ("auto", "always", "none")
+MIN_MEMORY_MIB = 64
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """QEMU settings (Kata's key names)."""
+
+    path: str = "/usr/bin/qemu-system-x86_64"
+    kernel: str = "/usr/share/kata-containers/vmlinuz.container"
+    initrd: str = "/usr/share/kata-containers/kata-containers-initrd.img"
+    machine_type: str = "q35"
+    kernel_params: str = ""
+    default_vcpus: int = 1
+    #: 0 means "same as default_vcpus" (no CPU hotplug headroom).
+    default_maxvcpus: int = 0
+    #: MiB.
+    default_memory: int = 2048
+    accelerator: str = "auto"
+    shared_fs: str = "virtio-fs"
+    virtio_fs_daemon: str = "/usr/lib/qemu/virtiofsd"
+    virtio_fs_cache: str = "auto"
+    virtio_fs_extra_args: tuple[str, ...] = ()
+    valid_hypervisor_paths: tuple[str, ...] = ()
+    enable_annotations: tuple[str, ...] = ()
+    #: Keys found in the table that this version does not know (ignored, reported).
+    unknown_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        """The section name."""
+        return NAME
+
+    @property
+    def unsupported_keys(self) -> tuple[str, ...]:
+        """Keys set to a value this version does not act on."""
+        return tuple(k for k in ("enable_annotations", "valid_hypervisor_paths")
+                     if getattr(self, k))  # fmt: skip
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any] | Any, source: str = "<config>") -> QemuConfig:
+        """Parse the table; `ConfigError` on the first bad key (files are not checked)."""
+        config = parse_section(cls, SECTION, table, _PARSERS, source)
+        config._check_relations(source)
+        return config
+
+    def _check_relations(self, source: str) -> None:
+        if self.default_maxvcpus and self.default_maxvcpus < self.default_vcpus:
+            raise ConfigError(
+                SECTION, "default_maxvcpus", self.default_maxvcpus,
+                f"is below default_vcpus ({self.default_vcpus})",
+                "set it to 0 or to at least default_vcpus", source,
+            )
+
+    def check_files(self, source: str = "<config>") -> None:
+        """Check that the binaries and guest images named here exist."""
+        for key, fix, exe in self.file_keys():
+            need_file(SECTION, key, getattr(self, key), fix, source, exe=exe)
+
+    def file_keys(self) -> list[tuple[str, str, bool]]:
+        """(key, how to fix it, must be executable) for every file this configuration needs."""
+        keys = [("path", "install qemu-system-x86 (make deps)", True),
+                ("kernel", "run `make guest`", False)]  # fmt: skip
+        if self.initrd:
+            keys.append(("initrd", "run `make guest`", False))
+        if self.shared_fs == "virtio-fs":
+            keys.append(("virtio_fs_daemon",
+                         "install qemu-system-x86 (it ships /usr/lib/qemu/virtiofsd)", True))
+        return keys
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting as plain JSON values."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}  # fmt: skip
+
+
+_PARSERS: dict[str, Parser] = {
+    "path": abs_path,
+    "kernel": abs_path,
+    "initrd": optional_abs_path,
+    "machine_type": nonempty,
+    "kernel_params": string,
+    "default_vcpus": int_at_least(1),
+    "default_maxvcpus": int_at_least(0),
+    "default_memory": int_at_least(MIN_MEMORY_MIB),
+    "accelerator": one_of(ACCELERATORS),
+    "shared_fs": one_of(SHARED_FS_KINDS),
+    "virtio_fs_daemon": abs_path,
+    "virtio_fs_cache": one_of(VIRTIO_FS_CACHE_MODES),
+    "virtio_fs_extra_args": str_list,
+    "valid_hypervisor_paths": str_list,
+    "enable_annotations": str_list,
+}

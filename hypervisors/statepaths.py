@@ -1,0 +1,57 @@
+"""The files a VM keeps in its sandbox's state directory, for every hypervisor alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Files a VM keeps in its state directory."""
+
+    state_dir: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        """QMP control socket (the VMM listens)."""
+        return self.state_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """Host end of the virtio-serial agent port (the VMM listens)."""
+        return self.state_dir / "agent.sock"
+
+    @property
+    def virtiofsd_socket(self) -> Path:
+        """vhost-user socket (virtiofsd listens, the VMM connects)."""
+        return self.state_dir / "virtiofsd.sock"
+
+    @property
+    def console_log(self) -> Path:
+        """Guest serial console output."""
+        return self.state_dir / "console.log"
+
+    @property
+    def console_socket(self) -> Path:
+        """Where the VMM's serial chardev connects (we listen and copy to console_log)."""
+        return self.state_dir / "console.sock"
+
+    @property
+    def vmm_pidfile(self) -> Path:
+        """The VMM's pid file."""
+        return self.state_dir / "vmm.pid"
+
+    @property
+    def vmm_stderr(self) -> Path:
+        """The VMM's standard error."""
+        return self.state_dir / "vmm.stderr"
+
+    @property
+    def virtiofsd_stderr(self) -> Path:
+        """virtiofsd's standard error."""
+        return self.state_dir / "virtiofsd.stderr"
+
+    def sockets(self) -> tuple[Path, ...]:
+        """Every socket path a VM may create (removed on stop)."""
+        return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket, self.console_socket)

@@ -1,0 +1,103 @@
+"""What the operator CLI asks of the runtime: host checks, sandboxes on disk, settings.
+
+The CLI (``cli/``) goes through this module only: it never imports a hypervisor package.
+`host_checks` asks the configured hypervisor's driver; `list_sandboxes` reads every
+``<state_dir>/sbs/<id>/state.json`` and checks the recorded processes against /proc (a
+helper counts as alive only if its pid exists, is not a zombie and still has the recorded
+start time; the shim's pid is checked with its start time too when the record has one).
+A directory without a readable, valid state.json (a sandbox still starting, or debris of a
+crash) is listed with the problem instead of aborting the listing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hostos.procs import process_state, wrapper_path
+from hypervisors.base import HostCheck
+from hypervisors.factory import driver
+from sandbox.config import RuntimeConfig
+from sandbox.state import STATE_FILE, VMM_ROLE, SandboxRecord
+
+__all__ = [
+    "HostCheck",
+    "describe_sandbox",
+    "exec_wrapper",
+    "host_checks",
+    "list_sandboxes",
+    "settings",
+]
+
+
+def host_checks(config: RuntimeConfig) -> list[HostCheck]:
+    """The hypervisor driver's checks of this host for ``config``."""
+    hv = config.hypervisor
+    return driver(hv.name).host_checks(hv, str(config.path))
+
+
+def exec_wrapper() -> str:
+    """The path of the exec wrapper helpers are spawned through; OSError if it is missing."""
+    return wrapper_path()
+
+
+def describe_sandbox(path: Path) -> dict[str, Any]:
+    """One sandbox directory as a JSON-ready dict; ``problem`` is set when it is not usable."""
+    entry: dict[str, Any] = {"id": path.name, "path": str(path), "problem": ""}
+    try:
+        raw = (path / STATE_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        entry["problem"] = f"partial: no {STATE_FILE} (starting, or left by a crash)"
+        return entry
+    except OSError as e:
+        entry["problem"] = f"unreadable: {e.strerror or e}"
+        return entry
+    try:
+        record = SandboxRecord.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as e:
+        entry["problem"] = f"invalid {STATE_FILE}: {type(e).__name__}: {e}"
+        return entry
+    processes = [
+        {"role": p.role, "pid": p.pid, "start_time": p.start_time,
+         "state": process_state(p.pid, p.start_time)}
+        for p in record.processes
+    ]
+    shim_started = record.shim_start_time or None
+    entry.update(
+        hypervisor=record.hypervisor,
+        shim={"pid": record.shim_pid, "state": process_state(record.shim_pid, shim_started)},
+        vmm=next((p for p in processes if p["role"] == VMM_ROLE), None),
+        processes=processes,
+        accelerator=record.accelerator,
+        accelerator_reason=record.accelerator_reason,
+        guest_kernel=record.guest_kernel_release,
+        containers=list(record.containers),
+    )
+    if record.sandbox_id != path.name:
+        entry["problem"] = f"state.json names sandbox {record.sandbox_id!r}"
+    return entry
+
+
+def list_sandboxes(state_dir: Path) -> list[dict[str, Any]]:
+    """Every entry of ``<state_dir>/sbs``, sorted by id; [] when there is no such directory."""
+    sbs = state_dir / "sbs"
+    if not sbs.exists():
+        return []
+    return [describe_sandbox(p) for p in sorted(sbs.iterdir()) if p.is_dir()]
+
+
+def settings(config: RuntimeConfig) -> dict[str, dict[str, Any]]:
+    """The configuration as tables of plain JSON values, keyed like the file's sections."""
+    agent = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config.agent).items()}
+    return {
+        f"hypervisor.{config.hypervisor.name}": config.hypervisor.settings(),
+        "agent.kata": agent,
+        "runtime": {
+            "state_dir": str(config.state_dir),
+            "sandboxes_dir": str(config.state_dir / "sbs"),
+            "enable_debug": config.enable_debug,
+            "internetworking_model": config.internetworking_model,
+        },
+    }

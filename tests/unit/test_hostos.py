@@ -1,0 +1,170 @@
+"""hostos: process identity, kill_recorded, spawning through the parent-death wrapper, and
+the cffi syscall module."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hostos.procs import (
+    ProcessRecord,
+    SurvivorError,
+    is_alive,
+    kill_recorded,
+    process_state,
+    record,
+    spawn,
+    start_time,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def test_start_time_of_self_and_of_missing() -> None:
+    started = start_time(os.getpid())
+    assert isinstance(started, int) and started > 0
+    assert start_time(2**22 + 1) is None  # above pid_max
+    assert record(os.getpid(), "me") == ProcessRecord(os.getpid(), started, "me")
+
+
+def test_kill_recorded_kills_matching_and_spares_reused_pid() -> None:
+    victim = subprocess.Popen(["sleep", "60"])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        rec = record(victim.pid, "qemu")
+        assert rec is not None and is_alive(rec)
+        other = record(bystander.pid, "virtiofsd")
+        assert other is not None
+        reused = other._replace(start_time=other.start_time - 1)  # same pid, another process
+        kill_recorded([rec, reused, ProcessRecord(2**22 + 1, 1, "ghost")], timeout=5)
+        assert victim.wait(5) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for p in (victim, bystander):
+            p.kill()
+            p.wait()
+
+
+def test_kill_recorded_reports_survivor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hostos.procs.os.kill", lambda pid, sig: None)
+    rec = record(os.getpid(), "self")
+    assert rec is not None
+    with pytest.raises(SurvivorError, match="still alive"):
+        kill_recorded([rec], timeout=0.05)
+
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from hostos.procs import spawn
+async def main():
+    proc = await spawn(["sleep", "60"], Path(sys.argv[1]))
+    print(proc.pid, flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+def test_spawned_child_dies_with_parent_sigkill(tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "err")],
+                              stdout=subprocess.PIPE, cwd=REPO, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert not gone(pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gone(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_spawn_stderr_to_file(tmp_path: Path) -> None:
+    async def run() -> int:
+        proc = await spawn(["sh", "-c", "echo oops >&2; exit 3"], tmp_path / "err")
+        return await proc.wait()
+
+    assert asyncio.run(run()) == 3
+    assert (tmp_path / "err").read_text() == "oops\n"
+
+
+# Helpers get stdout on /dev/null: the probe reports on stderr, which goes to a file.
+FD_PROBE = """
+import os, sys
+fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+sys.stderr.write(" ".join(map(str, fds)) + "\\n")
+sys.stderr.write(os.environ.get("KATA_SECRET_TOKEN", "-") + " " + os.environ["PATH"] + "\\n")
+"""
+
+
+def test_spawn_passes_only_the_fds_asked_for_and_a_clean_env(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KATA_SECRET_TOKEN", "leak")
+    keep_r, keep_w = os.pipe()
+    other_r, other_w = os.pipe()
+    for fd in (keep_r, other_r):
+        os.set_inheritable(fd, True)  # even inheritable fds stay out unless passed
+
+    async def run() -> int:
+        proc = await spawn([sys.executable, "-c", FD_PROBE], tmp_path / "err",
+                           pass_fds=[keep_r])
+        return await proc.wait()
+
+    try:
+        assert asyncio.run(run()) == 0, (tmp_path / "err").read_text()
+    finally:
+        for fd in (keep_r, keep_w, other_r, other_w):
+            os.close(fd)
+    fds_line, env_line = (tmp_path / "err").read_text().splitlines()
+    fds = [int(f) for f in fds_line.split()]
+    assert keep_r in fds and other_r not in fds
+    assert env_line.startswith("- ") and "/usr/bin" in env_line
+
+
+def test_process_state() -> None:
+    me, started = os.getpid(), start_time(os.getpid())
+    assert process_state(me, started) == "alive"
+    assert process_state(me, None) == "alive"
+    assert process_state(me, (started or 0) + 1) == "pid reused"
+    assert process_state(2**22 + 1, 5) == "dead"
+    assert process_state(0, None) == "none"
+
+
+def test_generated_cffi_module_is_current(tmp_path: Path) -> None:
+    from hostos import ffi_build
+
+    fresh = ffi_build.generate(tmp_path)
+    committed = REPO / "hostos" / "_libc_cffi.py"
+    assert fresh.read_text() == committed.read_text(), "run: python -m hostos.ffi_build"
+
+
+def test_mount_errors_carry_errno_and_path(tmp_path: Path) -> None:
+    from hostos import syscalls
+
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(FileNotFoundError) as info:
+        syscalls.mount("none", str(missing), "tmpfs", 0)
+    assert info.value.filename == str(missing)
+    with pytest.raises(OSError) as einval:
+        syscalls.umount(str(tmp_path))  # not a mount point
+    assert einval.value.errno == errno.EINVAL
