@@ -5,11 +5,13 @@
                        [--params "..."] [--append "..."] [--virtiofs DIR] [--repeat N]
                        [--until REGEX] [--timeout S] [--kill-after-until]
 
-Starts QEMU (TCG unless --accel kvm) with the console on a pipe, a virtio-serial port named
-agent.channel.0 on a unix socket and optionally a virtio-fs share (tag kataShared, served by
-/usr/lib/qemu/virtiofsd), timestamps every console line on the host, and prints when the
-kernel ran /init ("kata-init:" marker) and the first line after it. QEMU and virtiofsd are
-always stopped on the way out. Importable: ``Guest`` is what tests/e2e uses.
+Starts QEMU (TCG unless --accel kvm) with the command line the runtime itself builds
+(`hypervisors.qemu.args.build_argv`: the console on a unix socket we listen on, a
+virtio-serial port named agent.channel.0 on a unix socket and optionally a virtio-fs share,
+tag kataShared, served by /usr/lib/qemu/virtiofsd), timestamps every console line on the
+host, and prints when the kernel ran /init ("kata-init:" marker) and the first line after
+it. QEMU and virtiofsd are always stopped on the way out. Importable: ``Guest`` is what
+tests/e2e uses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,11 +32,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the runtime's own packages, run from anywhere
+
+from common.constants import SHARED_FS_TAG  # noqa: E402
+from hypervisors.base import SharedFsDevice  # noqa: E402
+from hypervisors.qemu.args import AgentChannel, VmParams, build_argv  # noqa: E402
+from hypervisors.qemu.config import QemuConfig  # noqa: E402
+from hypervisors.statepaths import StatePaths  # noqa: E402
+from hypervisors.virtiofsd import virtiofsd_argv  # noqa: E402
+
 QEMU = "/usr/bin/qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-# Recommended guest kernel command line (measured under TCG, see build/README.md).
+CONSOLE_ACCEPT_TIMEOUT = 30.0
+# Terminal control sequences (SeaBIOS clears the screen on the serial console): dropped so
+# that lines start with what the guest printed.
+ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Za-z\\-_])")
+# Recommended guest kernel command line (measured under TCG, see build/README.md); the
+# runtime's argv builder puts console=ttyS0 first.
 DEFAULT_PARAMS = (
-    "console=ttyS0 quiet panic=-1 reboot=k tsc=reliable no_timer_check noreplace-smp "
+    "quiet panic=-1 reboot=k tsc=reliable no_timer_check noreplace-smp "
     "rcupdate.rcu_expedited=1 i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 "
     "cryptomgr.notests net.ifnames=0 pci=lastbus=0 mitigations=off 8250.nr_uarts=1 "
     "random.trust_cpu=on"
@@ -59,7 +76,8 @@ class Guest:
             if not path.exists():
                 raise FileNotFoundError(f"{what} {path} not found")
         self.tmp = Path(tempfile.mkdtemp(prefix="kata-bootguest-"))
-        self.agent_sock = self.tmp / "agent.sock"
+        paths = StatePaths(self.tmp)
+        self.agent_sock = paths.agent_socket
         self.lines: list[tuple[float, str]] = []
         # QEMU's CPU seconds (user+sys, all threads) when each line arrived: under TCG this
         # tracks guest work and is far less noisy than wall time on a shared host.
@@ -67,52 +85,59 @@ class Guest:
         self.last_match = -1
         self._cond = threading.Condition()
         self.virtiofsd: subprocess.Popen[bytes] | None = None
-        argv = [
-            QEMU, "-accel", accel, "-machine", "q35", "-cpu", "max", "-smp", "1",
-            "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
-            "-serial", "stdio", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", params,
-            "-device", "virtio-serial-pci,id=serial0",
-            "-chardev", f"socket,id=agent0,path={self.agent_sock},server=on,wait=off",
-            "-device", "virtserialport,chardev=agent0,name=agent.channel.0",
-        ]  # fmt: skip
+        config = QemuConfig(path=QEMU, kernel=str(kernel), initrd=str(initrd),
+                            kernel_params=params, default_memory=memory_mib,
+                            shared_fs="virtio-fs" if share_dir else "none")  # fmt: skip
+        share = None if share_dir is None else SharedFsDevice(
+            share_dir.resolve(), "virtio-fs", SHARED_FS_TAG)
+        vm = VmParams(sandbox_id=f"bootguest-{os.getpid()}", paths=paths,
+                      accelerator="kvm" if accel == "kvm" else "tcg",
+                      agent_channel=AgentChannel.SERIAL, shared_fs=share)  # fmt: skip
+        self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if share_dir is not None:
-                fs_sock = self.tmp / "virtiofsd.sock"
-                self.virtiofsd = subprocess.Popen(
-                    [VIRTIOFSD, f"--socket-path={fs_sock}", "-o", f"source={share_dir.resolve()}",
-                     "-o", "cache=auto"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=open(self.tmp / "virtiofsd.log", "wb"),  # noqa: SIM115
-                )  # fmt: skip
-                deadline = time.monotonic() + 5
-                while not fs_sock.exists():
-                    if self.virtiofsd.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"virtiofsd did not start: {self.tmp}/virtiofsd.log")
-                    time.sleep(0.01)
-                argv += [
-                    "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
-                    "-numa", "node,memdev=mem",
-                    "-chardev", f"socket,id=fs0,path={fs_sock}",
-                    "-device", "vhost-user-fs-pci,chardev=fs0,tag=kataShared",
-                ]  # fmt: skip
-            argv += list(extra_args)
-            self.argv = argv
+            self._console.bind(str(paths.console_socket))  # QEMU connects at start-up
+            self._console.listen(1)
+            self._console.settimeout(CONSOLE_ACCEPT_TIMEOUT)
+            if share is not None:
+                self._start_virtiofsd(paths, share.source)
+            self.argv = [*build_argv(config, vm), *extra_args]
             self.t0 = time.monotonic()
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(self.tmp / "qemu.log", "wb"),  # noqa: SIM115
             )
         except BaseException:
+            self._console.close()
             self._stop_virtiofsd()
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    def _start_virtiofsd(self, paths: StatePaths, source: Path) -> None:
+        argv = virtiofsd_argv(VIRTIOFSD, paths.virtiofsd_socket, source, "auto")
+        self.virtiofsd = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(paths.virtiofsd_stderr, "wb"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 5
+        while not paths.virtiofsd_socket.exists():
+            if self.virtiofsd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"virtiofsd did not start: {paths.virtiofsd_stderr}")
+            time.sleep(0.01)
+
+    def _console_lines(self) -> list[bytes] | socket.SocketIO:
+        try:
+            conn, _ = self._console.accept()
+        except OSError:
+            return []  # QEMU never connected (it failed to start): see qemu.log
+        finally:
+            self._console.close()
+        return conn.makefile("rb")  # type: ignore[return-value]
+
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
+        for raw in self._console_lines():
+            line = ESCAPES.sub("", raw.decode(errors="replace")).rstrip("\r\n")
             cpu = self.cpu_seconds()
             with self._cond:
                 self.lines.append((time.monotonic() - self.t0, line))

@@ -26,7 +26,7 @@ done <"$here/agent-excludes.txt"
 
 # Submodules the agent may import lazily (importlib / inside functions) are collected too.
 collect=()
-for pkg in agent ttrpc protocols; do
+for pkg in agent ttrpc protocols common; do
     [ -f "$root/$pkg/__init__.py" ] && collect+=(--collect-submodules "$pkg")
 done
 

@@ -27,7 +27,7 @@ override AGENT_ENTRY := $(abspath $(AGENT_ENTRY))
 
 # Inputs of the frozen agent: its sources and the generated protocol modules.
 AGENT_SRCS := $(sort $(AGENT_ENTRY) \
-    $(shell find $(ROOT)/agent $(ROOT)/ttrpc -name '*.py' -not -path '*/__pycache__/*' \
+    $(shell find $(ROOT)/agent $(ROOT)/ttrpc $(ROOT)/common -name '*.py' -not -path '*/__pycache__/*' \
             2>/dev/null) \
     $(wildcard $(ROOT)/protocols/__init__.py $(ROOT)/protocols/*_pb2.py))
 VENV_STAMP := $(wildcard $(VENV)/.installed)

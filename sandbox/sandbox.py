@@ -290,12 +290,13 @@ class Sandbox:
         died = asyncio.ensure_future(vm.wait_exited())
         try:
             await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: a connection made meanwhile must not leak
+            await self._abandon(connect)
+            raise
         finally:
             died.cancel()
         if not connect.done():
-            connect.cancel()
-            with contextlib.suppress(BaseException):
-                await connect
+            await self._abandon(connect)
             raise UnavailableError(
                 f"failed to connect to the agent of sandbox {self.id}: the VM exited while "
                 f"booting; see {self.console_log}{self._console_tail()}"
@@ -311,6 +312,15 @@ class Sandbox:
         self._agent = agent
         stack.callback(setattr, self, "_agent", None)
         return agent
+
+    @staticmethod
+    async def _abandon(connect: asyncio.Future[AgentApi]) -> None:
+        """Stop dialling; close the connection if it was made after all."""
+        connect.cancel()
+        with contextlib.suppress(BaseException):
+            await connect
+        if connect.done() and not connect.cancelled() and connect.exception() is None:
+            await connect.result().close()
 
     def _console_tail(self, lines: int = 5) -> str:
         try:

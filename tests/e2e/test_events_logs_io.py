@@ -66,7 +66,7 @@ def test_shim_logs_structured_lines_into_containerd_log(kata: Kata) -> None:
     ours = [line for line in log.splitlines() if "sandbox=t1" in line]
     started = [line for line in ours if 'msg="sandbox started"' in line]
     assert started, f"no 'sandbox started' line from the shim in {kata.cd.log_path}"
-    for key in ("accelerator=", "qemu_pid=", "guest_kernel=", "boot_seconds="):
+    for key in ("hypervisor=qemu", "accelerator=", "vmm_pid=", "guest_kernel=", "boot_seconds="):
         assert key in started[0], started[0]
     assert any("container=t1" in line and 'msg="process started"' in line for line in ours)
 

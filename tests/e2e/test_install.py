@@ -30,8 +30,9 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     config_path = dest / "usr/share/defaults/kata-containers/configuration.toml"
     config = load_config(str(config_path))
     # The installed configuration names the installed guest (relative to DESTDIR here).
-    assert Path(config.qemu.kernel) == Path("/") / kernel.relative_to(dest)
-    assert Path(config.qemu.initrd) == Path("/") / initrd.relative_to(dest)
+    settings = config.hypervisor.settings()
+    assert Path(settings["kernel"]) == Path("/") / kernel.relative_to(dest)
+    assert Path(settings["initrd"]) == Path("/") / initrd.relative_to(dest)
     for name in ("containerd-shim-kata-v2", "kata-runtime"):
         link = dest / "usr/local/bin" / name
         assert link.is_symlink() and link.resolve() == (VENV / "bin" / name).resolve()

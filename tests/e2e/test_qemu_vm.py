@@ -1,4 +1,6 @@
-"""Real QEMU VMs (TCG here, KVM where it works) driven through `hypervisors.Qemu`.
+"""Real QEMU VMs (TCG here, KVM where it works) driven through the hypervisor interface
+(`hypervisors.qemu.vm.Qemu`): lifecycle, cold-plugged devices with fds passed to QEMU, QMP fd
+passing, pause/resume, vCPU hot-plug, and a refused hot-plug.
 
 Needs root (virtiofsd), QEMU, and the guest from `make guest` (build/out/vmlinuz and
 build/out/initrd.img). For working on hypervisors/ before the guest exists, point
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from hypervisors.config import QemuConfig
-from hypervisors.errors import HypervisorError
-from hypervisors.qemu import Qemu
+from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice, VmSpec
+from hypervisors.errors import HypervisorError, HypervisorUnsupported, QmpCommandError
+from hypervisors.qemu.config import QemuConfig
+from hypervisors.qemu.vm import Qemu
 from hypervisors.virtiofsd import lock_file
 
 pytestmark = pytest.mark.e2e
@@ -80,6 +83,13 @@ def assert_no_sockets(state: Path) -> None:
     assert not lock_file(state / "virtiofsd.sock").exists()
 
 
+async def new_vm(config: QemuConfig, sandbox_id: str, state: Path, shared: Path) -> Qemu:
+    """A VM as the sandbox layer makes one: the share cold-plugged."""
+    vm = Qemu(config, VmSpec(sandbox_id, state))
+    await vm.add_device(SharedFsDevice(shared, "virtio-fs", "kataShared"))
+    return vm
+
+
 async def wait_console(vm: Qemu, text: str, timeout: float) -> float:
     start = time.monotonic()
     async with asyncio.timeout(timeout):
@@ -92,16 +102,16 @@ def test_start_query_console_stop(config: QemuConfig, sandbox: tuple[str, Path, 
     sandbox_id, state, shared = sandbox
 
     async def run() -> None:
-        vm = Qemu(config, sandbox_id, state, shared)
+        vm = await new_vm(config, sandbox_id, state, shared)
         await vm.start()
         try:
             assert vm.accelerator in ("kvm", "tcg") and vm.accelerator_reason
             assert await vm.qmp.query_status() == "running"
             roles = {r.role: r.pid for r in vm.process_records()}
-            assert roles == {"qemu": vm.pid, "virtiofsd": vm.virtiofsd_pid}
+            assert roles == {"vmm": vm.pid, "virtiofsd": vm.virtiofsd_pid}
             assert processes_mentioning(f"sandbox-{sandbox_id}") == [vm.pid]
             assert vm.agent_address == f"serial://{state}/agent.sock"
-            assert vm.agent_socket.is_socket()
+            assert vm.paths.agent_socket.is_socket()
             await wait_console(vm, "Linux version", CONSOLE_TIMEOUT)
         finally:
             await vm.stop()
@@ -117,7 +127,7 @@ def test_bad_kernel_path(config: QemuConfig, sandbox: tuple[str, Path, Path]) ->
     bad = replace(config, kernel="/nonexistent/vmlinuz-e2e")
 
     async def run() -> None:
-        vm = Qemu(bad, sandbox_id, state, shared)
+        vm = await new_vm(bad, sandbox_id, state, shared)
         with pytest.raises(HypervisorError, match="/nonexistent/vmlinuz-e2e") as info:
             await vm.start()
         assert "failed to start QEMU" in str(info.value)
@@ -131,7 +141,7 @@ def test_qemu_killed_midflight(config: QemuConfig, sandbox: tuple[str, Path, Pat
     sandbox_id, state, shared = sandbox
 
     async def run() -> None:
-        vm = Qemu(config, sandbox_id, state, shared)
+        vm = await new_vm(config, sandbox_id, state, shared)
         await vm.start()
         try:
             assert vm.pid is not None
@@ -155,7 +165,7 @@ def test_virtiofsd_failure_leaves_nothing(
     bad = replace(config, virtio_fs_daemon=str(daemon))
 
     async def run() -> None:
-        vm = Qemu(bad, sandbox_id, state, shared)
+        vm = await new_vm(bad, sandbox_id, state, shared)
         with pytest.raises(HypervisorError, match="exited with 7") as info:
             await vm.start()
         assert "fake: cannot serve" in str(info.value)
@@ -171,7 +181,7 @@ def test_cancelled_start_leaves_nothing(
     sandbox_id, state, shared = sandbox
 
     async def run() -> None:
-        vm = Qemu(config, sandbox_id, state, shared)
+        vm = await new_vm(config, sandbox_id, state, shared)
         task = asyncio.create_task(vm.start())
         await asyncio.sleep(delay)
         task.cancel()
@@ -182,5 +192,88 @@ def test_cancelled_start_leaves_nothing(
         else:  # start won the race; stopping must clean up just the same
             await vm.stop()
         assert not pid_alive(vm.pid) and not pid_alive(vm.virtiofsd_pid)
+
+    asyncio.run(run())
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+
+def open_tap(name: str) -> int:
+    """A non-persistent tap: it goes away when the last fd (ours, QEMU's) closes."""
+    import fcntl
+    import struct
+
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    return fd
+
+
+def test_cold_plugged_nic_and_disk_reach_qemu(
+    config: QemuConfig, sandbox: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    sandbox_id, state, shared = sandbox
+    tap_name = f"kpyt{uuid.uuid4().hex[:8]}"
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * (1 << 20))
+
+    async def run() -> None:
+        vm = await new_vm(config, sandbox_id, state, shared)
+        tap = open_tap(tap_name)
+        try:
+            await vm.add_device(NetworkDevice("eth0", "02:42:ac:11:00:02", 1400, (tap,)))
+            await vm.add_device(BlockDevice("d0", disk, readonly=True))
+            await vm.start()
+        finally:
+            os.close(tap)  # QEMU holds its own copy now
+        try:
+            nics = await vm.qmp.execute("query-rx-filter", {"name": "eth0"})
+            assert nics[0]["main-mac"] == "02:42:ac:11:00:02"
+            nodes = await vm.qmp.execute("query-named-block-nodes")
+            node = next(n for n in nodes if n["node-name"] == "drive-d0")
+            assert node["ro"] is True and node["file"] == str(disk)
+        finally:
+            await vm.stop()
+        assert not Path(f"/sys/class/net/{tap_name}").exists(), "the tap outlived QEMU"
+
+    asyncio.run(run())
+
+
+def test_pause_resume_vcpus_fd_passing_and_no_hot_plug(
+    config: QemuConfig, sandbox: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    sandbox_id, state, shared = sandbox
+    two = replace(config, default_maxvcpus=2)
+
+    async def run() -> None:
+        vm = await new_vm(two, sandbox_id, state, shared)
+        await vm.start()
+        try:
+            mark = vm.qmp.events.mark()
+            await vm.pause()
+            assert await vm.qmp.query_status() == "paused"
+            await vm.qmp.events.wait_for({"STOP"}, 5, after=mark)
+            await vm.resume()
+            assert await vm.qmp.query_status() == "running"
+            await vm.qmp.events.wait_for({"RESUME"}, 5, after=mark)
+
+            assert await vm.resize_vcpus(2) == 2
+            assert len(await vm.qmp.execute("query-cpus-fast")) == 2
+            with pytest.raises(HypervisorError, match="allowed 1-2"):
+                await vm.resize_vcpus(3)
+
+            with open(tmp_path / "probe", "wb") as probe:  # QEMU takes a copy of the fd
+                await vm.qmp.get_fd("probe", probe.fileno())
+            await vm.qmp.execute("closefd", {"fdname": "probe"})  # known: it was received
+            with pytest.raises(QmpCommandError, match="probe"):
+                await vm.qmp.execute("closefd", {"fdname": "probe"})
+
+            with pytest.raises(HypervisorUnsupported, match="hot-plug"):
+                await vm.add_device(BlockDevice("late", tmp_path / "probe"))
+            with pytest.raises(HypervisorUnsupported, match="memory"):
+                await vm.resize_memory(4096)
+        finally:
+            await vm.stop()
 
     asyncio.run(run())

@@ -1,0 +1,114 @@
+"""Configuration warnings (unknown and unsupported keys, with file and line), the
+hypervisor chosen by its section, and the SandboxSpec read from an OCI spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cli import main as cli
+from sandbox.config import ConfigNotFoundError, load_config
+from sandbox.errors import InvalidArgumentError
+from sandbox.oci import sandbox_spec
+from sandbox.types import PodResources
+
+CONFIG = """\
+[hypervisor.qemu]
+default_vcpus = 1
+enable_annotations = ["kernel_params"]
+defualt_memory = 512
+valid_hypervisor_paths = ["/usr/bin/qemu-*"]
+
+[agent.kata]
+dial_timeout = 5
+kernel_modules = ["e1000e"]
+debug_console = true
+
+[runtime]
+state_dir = "/run/kata-test"
+internetworking_model = "macvtap"
+sandbox_cgroup_only = true
+
+[image]
+service_offload = true
+"""
+
+
+def test_unknown_and_unsupported_keys_name_the_key_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text(CONFIG)
+    config = load_config(str(path))
+    assert config.hypervisor.name == "qemu"
+    warnings = "\n".join(config.warnings)
+    unknown = [("table [image]", 17), ("key hypervisor.qemu.defualt_memory", 4),
+               ("key agent.kata.debug_console", 10), ("key runtime.sandbox_cgroup_only", 15)]
+    for key, line in unknown:
+        assert f"unknown {key} in {path}:{line}: ignored" in warnings, warnings
+    for key, line in [("hypervisor.qemu.enable_annotations", 3),
+                      ("hypervisor.qemu.valid_hypervisor_paths", 5),
+                      ("agent.kata.kernel_modules", 9), ("runtime.internetworking_model", 14)]:
+        assert f"{key} in {path}:{line} is set but not supported" in warnings, warnings
+    assert len(config.warnings) == 8
+
+
+def test_the_default_configuration_has_no_warnings() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    assert load_config(str(repo / "configuration.toml")).warnings == ()
+
+
+def test_check_shows_the_warnings_without_failing_on_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text("[hypervisor.qemu]\naccelerator = \"tcg\"\nbogus_key = 1\n")
+    cli.main(["--config", str(path), "check"])
+    out = capsys.readouterr().out
+    assert f"warn  configuration: unknown key hypervisor.qemu.bogus_key in {path}:3" in out
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[runtime]\nstate_dir = '/x'\n", "'none' is not exactly one section"),
+    ("[hypervisor.qemu]\n[hypervisor.stratovirt]\n", "is not exactly one section"),
+    ("[hypervisor.cloudhv]\n", "'cloudhv' is not a hypervisor this runtime knows"),
+    ("[runtime]\ninternetworking_model = 'bridged'\n[hypervisor.qemu]\n", "use one of"),
+])  # fmt: skip
+def test_bad_files_are_refused_with_the_file_named(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgumentError, match=words) as info:
+        load_config(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_no_configuration_anywhere_is_its_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KATA_CONF_FILE", raising=False)
+    monkeypatch.setattr("sandbox.config.DEFAULT_PATHS", (Path("/nonexistent/c.toml"),))
+    with pytest.raises(ConfigNotFoundError, match="make install"):
+        load_config()
+
+
+def test_sandbox_spec_from_the_sandbox_containers_oci_spec() -> None:
+    spec = {
+        "hostname": "web-0",
+        "annotations": {"io.kubernetes.cri.sandbox-memory": "268435456",
+                        "io.katacontainers.config.hypervisor.default_vcpus": "2"},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}],
+            "resources": {"cpu": {"quota": 50000, "period": 100000},
+                          "memory": {"limit": 536870912}},
+        },
+    }
+    got = sandbox_spec(spec)
+    assert got.hostname == "web-0" and got.netns_path == "/var/run/netns/cni-1"
+    assert got.annotations["io.katacontainers.config.hypervisor.default_vcpus"] == "2"
+    # CRI's sandbox annotations win over the (pause) container's own limits.
+    assert got.resources == PodResources(cpu_quota=50000, cpu_period=100000,
+                                         memory_limit_bytes=268435456)
+
+
+def test_sandbox_spec_of_a_bare_spec_and_of_junk() -> None:
+    assert sandbox_spec({}).netns_path == "" and sandbox_spec({}).resources == PodResources()
+    junk = {"linux": {"resources": {"cpu": {"quota": -1, "period": "x"}}, "namespaces": None},
+            "annotations": ["not", "a", "map"], "hostname": None}
+    got = sandbox_spec(junk)
+    assert (got.hostname, got.annotations, got.resources) == ("", {}, PodResources())

@@ -1,0 +1,239 @@
+"""Sandbox start and stop with a fake hypervisor and agent: a failure injected at each step
+leaves no process, mount or state behind; the lifecycle table, cell by cell."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostos.procs import process_state
+from sandbox.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SandboxError,
+    UnavailableError,
+)
+from sandbox.lifecycle import Refusal, missing_cells, transition
+from sandbox.sandbox import TRANSITIONS, Sandbox, SandboxOp, SandboxState
+from sandbox.state import read_record
+from sandbox.storage import mounts_under
+from sandbox.types import SandboxSpec
+from tests.unit.fakes import FakeWorld, fake_sandbox
+from ttrpc import Code
+
+SPEC = SandboxSpec(hostname="h1")
+
+
+def assert_nothing_left(tmp: Path, world: FakeWorld, sandbox: Sandbox) -> None:
+    """No fake VMM process, no mount, no state dir, no open agent connection."""
+    for vm in world.vms:
+        assert vm.pid is None or process_state(vm.pid, None) == "dead", f"VMM {vm.pid} lives"
+    assert mounts_under(tmp) == []
+    assert not sandbox.state_path.exists(), list(sandbox.state_path.rglob("*"))
+    assert all(agent.closed for agent in world.agents)
+
+
+def run(body: Callable[[Sandbox, FakeWorld], Awaitable[None]], tmp: Path) -> None:
+    world = FakeWorld()
+    sandbox = fake_sandbox(tmp, world)
+
+    async def main() -> None:
+        try:
+            await body(sandbox, world)
+        finally:
+            await sandbox.stop()
+
+    asyncio.run(main())
+    assert_nothing_left(tmp, world, sandbox)
+
+
+def test_start_then_stop(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        assert sandbox.state is SandboxState.RUNNING
+        assert sandbox.vmm_pid == world.vm.pid and process_state(world.vm.pid or 0, None) == "alive"
+        assert world.vm.calls == ["add_device", "start"]
+        share = world.vm.devices.devices[0]
+        assert (share.kind, share.tag, share.source) == ("virtio-fs", "kataShared",  # type: ignore[union-attr]
+                                                          sandbox.shared_dir)  # fmt: skip
+        assert [c[0] for c in world.agent.calls] == ["guest_details", "create_sandbox"]
+        record = read_record(sandbox.state_path)
+        assert record is not None and record.hypervisor == "fake"
+        assert record.vmm is not None and record.vmm.pid == world.vm.pid
+        assert record.guest_kernel_release == "6.1.0-fake"
+        assert sandbox.spec == SPEC and str(sandbox.shared_dir) in mounts_under(tmp_path)
+        await sandbox.stop()
+        assert sandbox.state is SandboxState.STOPPED
+        assert world.agent.calls[-2:] == [("destroy_sandbox",), ("close",)]
+        await sandbox.stop()  # idempotent
+
+    run(body, tmp_path)
+
+
+def test_hostname_defaults_to_the_sandbox_id(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SandboxSpec())
+        assert ("create_sandbox", "pod") in world.agent.calls
+
+    run(body, tmp_path)
+
+
+# Each case: what to break, and the error the caller sees.
+FAILURES: list[tuple[str, dict[str, Any], type[SandboxError], str]] = [
+    ("add the share", {"vm_fail_at": {"add_device"}}, UnavailableError, "add_device"),
+    ("start the VM", {"vm_fail_at": {"start"}}, UnavailableError, "failed to start"),
+    ("VM dies in start", {"vm_fail_at": {"start-after-spawn"}}, UnavailableError, "after spawn"),
+    ("dial the agent", {"connect_error": OSError(111, "refused")}, UnavailableError, "refused"),
+    ("agent timeout", {"connect_error": TimeoutError()}, UnavailableError, "within 5s"),
+    ("guest details", {"agent_fail_at": {"guest_details"}}, SandboxError, "guest details"),
+    ("create sandbox", {"agent_fail_at": {"create_sandbox"}}, SandboxError, "create the sandbox"),
+]
+
+
+@pytest.mark.parametrize(("step", "inject", "error", "words"), FAILURES,
+                         ids=[f[0] for f in FAILURES])  # fmt: skip
+def test_a_failed_start_step_leaves_nothing(
+    tmp_path: Path, step: str, inject: dict[str, Any], error: type[SandboxError], words: str
+) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        for name, value in inject.items():
+            setattr(world, name, frozenset(value) if isinstance(value, set) else value)
+        with pytest.raises(error, match=words):
+            await sandbox.start(SPEC)
+        assert sandbox.state is SandboxState.NEW
+        assert_nothing_left(tmp_path, world, sandbox)
+        # Everything was undone: the same sandbox can start once the fault is gone.
+        world.vm_fail_at = world.agent_fail_at = frozenset()
+        world.connect_error = None
+        await sandbox.start(SPEC)
+        assert sandbox.state is SandboxState.RUNNING
+
+    run(body, tmp_path)
+
+
+def test_a_vm_that_exits_while_the_agent_is_dialled(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        async def hang(address: str, timeout: float) -> Any:
+            os.kill(world.vm.pid or 0, 9)  # the guest dies while booting
+            await asyncio.sleep(60)
+
+        world.connect = hang  # type: ignore[method-assign]
+        sandbox._agent_connector = hang  # type: ignore[attr-defined]
+        with pytest.raises(UnavailableError, match="the VM exited while booting"):
+            await asyncio.wait_for(sandbox.start(SPEC), 10)
+        assert_nothing_left(tmp_path, world, sandbox)
+
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.02, 0.05])
+def test_a_cancelled_start_leaves_nothing(tmp_path: Path, delay: float) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        task = asyncio.ensure_future(sandbox.start(SPEC))
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            assert sandbox.state is SandboxState.NEW
+            assert_nothing_left(tmp_path, world, sandbox)
+        # else: the start won the race; the final stop must clean up just the same
+
+    run(body, tmp_path)
+
+
+def test_a_missing_guest_image_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    world = FakeWorld()
+    sandbox = fake_sandbox(tmp_path, world, missing_file="/no/vmlinuz")
+
+    async def body() -> None:
+        with pytest.raises(InvalidArgumentError, match="/no/vmlinuz does not exist"):
+            await sandbox.start(SPEC)
+
+    asyncio.run(body())
+    assert world.vms == [] and sandbox.state is SandboxState.NEW
+    assert_nothing_left(tmp_path, world, sandbox)
+
+
+@pytest.mark.parametrize("broken", ["destroy_sandbox", "vm stop"])
+def test_a_failing_stop_step_still_leaves_nothing(tmp_path: Path, broken: str) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        if broken == "vm stop":
+            world.vm.fail_at = frozenset({"stop"})
+            with pytest.raises(UnavailableError, match="failed to stop sandbox pod cleanly"):
+                await sandbox.stop()
+        else:
+            world.agent.fail_at = frozenset({"destroy_sandbox"})
+            await sandbox.stop()  # a guest that cannot tidy up is no reason to keep the VM
+        assert sandbox.state is SandboxState.STOPPED
+        assert_nothing_left(tmp_path, world, sandbox)
+
+    run(body, tmp_path)
+
+
+def test_calls_need_a_running_sandbox(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        with pytest.raises(UnavailableError, match="failed to use sandbox pod: it is not running"):
+            await sandbox.guest.list_pids("c1")
+        await sandbox.start(SPEC)
+        assert await sandbox.guest.list_pids("c1") == [1, 7]
+        with pytest.raises(AlreadyExistsError, match="already running"):
+            await sandbox.start(SPEC)
+        await sandbox.stop()
+        with pytest.raises(UnavailableError):
+            await sandbox.guest.list_pids("c1")
+
+    run(body, tmp_path)
+
+
+def test_agent_errors_keep_their_status_code(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        with pytest.raises(SandboxError) as info:
+            await sandbox.remove_container("never-created")
+        assert info.value.code is Code.NOT_FOUND
+
+    run(body, tmp_path)
+
+
+# -- the lifecycle table ----------------------------------------------------------------------
+
+ALLOWED = {
+    (SandboxState.NEW, SandboxOp.START): SandboxState.STARTING,
+    (SandboxState.NEW, SandboxOp.STOP): SandboxState.STOPPED,
+    (SandboxState.STARTING, SandboxOp.STARTED): SandboxState.RUNNING,
+    (SandboxState.STARTING, SandboxOp.START_FAILED): SandboxState.NEW,
+    (SandboxState.RUNNING, SandboxOp.STOP): SandboxState.STOPPING,
+    (SandboxState.RUNNING, SandboxOp.USE): SandboxState.RUNNING,
+    (SandboxState.STOPPING, SandboxOp.STOPPED): SandboxState.STOPPED,
+    (SandboxState.STOPPED, SandboxOp.START): SandboxState.STARTING,
+    (SandboxState.STOPPED, SandboxOp.STOP): SandboxState.STOPPED,
+}
+
+
+def test_every_sandbox_cell_is_listed() -> None:
+    assert missing_cells(TRANSITIONS, SandboxState, SandboxOp) == []
+
+
+@pytest.mark.parametrize(("state", "op"), [(s, o) for s in SandboxState for o in SandboxOp])
+def test_sandbox_cell(state: SandboxState, op: SandboxOp) -> None:
+    if (state, op) in ALLOWED:
+        assert transition(TRANSITIONS, state, op, "sandbox s") is ALLOWED[(state, op)]
+        return
+    cell = TRANSITIONS[(state, op)]
+    assert isinstance(cell, Refusal)
+    with pytest.raises(cell.error) as info:
+        transition(TRANSITIONS, state, op, "sandbox s")
+    assert str(info.value).startswith(f"failed to {op.value} sandbox s: ")
+    assert info.value.code in (Code.UNAVAILABLE, Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS)
+    if op is SandboxOp.USE:
+        assert isinstance(info.value, UnavailableError)  # containerd sees the VM is gone
+    if op in (SandboxOp.STARTED, SandboxOp.START_FAILED, SandboxOp.STOPPED):
+        assert isinstance(info.value, FailedPreconditionError)  # internal steps only
