@@ -59,6 +59,7 @@ from sandbox.guest import Guest, agent_errors
 from sandbox.lifecycle import Refusal, transition
 from sandbox.oci import SharedBind, spec_for_guest
 from sandbox.state import ProcessRecord, SandboxRecord, read_record, sandbox_path, write_record
+from sandbox.threads import in_thread
 from sandbox.types import ContainerConfig, SandboxSpec, validate_id
 
 log = logging.getLogger(__name__)
@@ -238,12 +239,12 @@ class Sandbox:
 
     async def _make_state_dir(self, stack: AsyncExitStack) -> None:
         if self.state_path.exists():
-            await asyncio.to_thread(self._clear_stale_state)
+            await in_thread(self._clear_stale_state)
         self.state_path.mkdir(mode=0o700, parents=True)
         # umount can block on a sync: keep it off the event loop.
-        stack.push_async_callback(asyncio.to_thread, storage.remove_tree, self.state_path)
-        stack.push_async_callback(asyncio.to_thread, storage.unmount_tree, self.state_path)
-        await asyncio.to_thread(storage.prepare_shared_dir, self.shared_dir)
+        stack.push_async_callback(in_thread, storage.remove_tree, self.state_path)
+        stack.push_async_callback(in_thread, storage.unmount_tree, self.state_path)
+        await in_thread(storage.prepare_shared_dir, self.shared_dir)
         self._save()
 
     def _clear_stale_state(self) -> None:
@@ -372,13 +373,13 @@ class Sandbox:
             raise AlreadyExistsError(f"container {cid} already exists in sandbox {self.id}")
         rootfs = self._container_rootfs(cid)
         spec, binds = spec_for_guest(c.spec, cid)
-        await asyncio.to_thread(self._mount_rootfs, c, rootfs, binds)
         self._shares.add(cid)
-        self._save()
         try:
+            await in_thread(self._mount_rootfs, c, rootfs, binds)
+            self._save()
             async with agent_errors(f"create container {cid}"):
                 await agent.create_container(cid, spec, c.terminal, c.stdin)
-        except BaseException:
+        except BaseException:  # cancelled too: the share goes with the container
             await self._unshare(cid)
             raise
 
@@ -405,8 +406,8 @@ class Sandbox:
 
     async def _unshare(self, container_id: str) -> None:
         directory = self._container_rootfs(container_id).parent
-        await asyncio.to_thread(storage.unmount_tree, directory)
-        await asyncio.to_thread(storage.remove_tree, directory)
+        await in_thread(storage.unmount_tree, directory)
+        await in_thread(storage.remove_tree, directory)
         self._shares.discard(container_id)
         if self.state_path.exists():
             self._save()

@@ -4,6 +4,7 @@ leaves no process, mount or state behind; the lifecycle table, cell by cell."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -144,6 +145,29 @@ def test_a_cancelled_start_leaves_nothing(tmp_path: Path, delay: float) -> None:
             assert sandbox.state is SandboxState.NEW
             assert_nothing_left(tmp_path, world, sandbox)
         # else: the start won the race; the final stop must clean up just the same
+
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01, 0.03])
+def test_a_cancelled_container_create_leaves_no_share(tmp_path: Path, delay: float) -> None:
+    from sandbox.types import ContainerConfig
+    from tests.unit.fakes import write_bundle
+
+    bundle = write_bundle(tmp_path / "c1")
+
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        config = ContainerConfig("c1", bundle, (), {"root": {"path": "rootfs"}}, False, False)
+        task = asyncio.ensure_future(sandbox.create_container(config))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if task.cancelled():
+            share = sandbox.shared_dir / "containers" / "c1"
+            assert not [m for m in mounts_under(tmp_path) if m.startswith(str(share))]
+            assert not share.exists()
 
     run(body, tmp_path)
 
