@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,13 +52,12 @@ class SurvivorError(TimeoutError):
 
 def wrapper_path() -> str:
     """The exec wrapper's absolute path; OSError naming the package if it is missing."""
-    found = shutil.which(PDEATHSIG_WRAPPER[0], path=CLEAN_PATH)
-    if found is None:
-        raise FileNotFoundError(
-            2, f"{PDEATHSIG_WRAPPER[0]} not found in {CLEAN_PATH}: install util-linux",
-            PDEATHSIG_WRAPPER[0],
-        )
-    return found
+    name = PDEATHSIG_WRAPPER[0]
+    for directory in CLEAN_PATH.split(":"):  # shutil.which, without importing shutil
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(2, f"{name} not found in {CLEAN_PATH}: install util-linux", name)
 
 
 def wrapped_argv(argv: Sequence[str]) -> list[str]:

@@ -11,11 +11,13 @@ import importlib
 import pkgutil
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hypervisors
-from hypervisors.base import Hypervisor, HypervisorConfig, HypervisorDriver, VmSpec
 from hypervisors.config import ConfigError
+
+if TYPE_CHECKING:  # `shim start`/`delete` parse the configuration: keep their imports small
+    from hypervisors.base import Hypervisor, HypervisorConfig, HypervisorDriver, VmSpec
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

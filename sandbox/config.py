@@ -22,13 +22,15 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.constants import DEFAULT_STATE_DIR
-from hypervisors.base import HypervisorConfig
 from hypervisors.config import ConfigError
 from hypervisors.factory import parse_hypervisor
 from sandbox.errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # only a type here; `shim start`/`delete` load this module
+    from hypervisors.base import HypervisorConfig
 
 DEFAULT_PATHS = (
     Path("/etc/kata-containers/configuration.toml"),

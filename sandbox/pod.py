@@ -49,15 +49,9 @@ from sandbox.errors import (
 from sandbox.logfields import kv
 from sandbox.oci import sandbox_spec
 from sandbox.process import Op, Process, State
+from sandbox.processio import IoOpener, ProcessIO
 from sandbox.sandbox import Sandbox, SandboxState
-from sandbox.types import (
-    ContainerConfig,
-    ExecConfig,
-    IoOpener,
-    ProcessIO,
-    StdioPaths,
-    validate_id,
-)
+from sandbox.types import ContainerConfig, ExecConfig, StdioPaths, validate_id
 
 log = logging.getLogger("sandbox")
 

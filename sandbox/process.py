@@ -43,7 +43,8 @@ from common.constants import EXIT_STATUS_KILLED
 from sandbox.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from sandbox.lifecycle import Refusal, transition
 from sandbox.logfields import kv
-from sandbox.types import ExecConfig, InputSource, ProcessIO, StdioPaths
+from sandbox.processio import InputSource, ProcessIO
+from sandbox.types import ExecConfig, StdioPaths
 
 log = logging.getLogger("sandbox")
 

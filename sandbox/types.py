@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sandbox.errors import InvalidArgumentError
 
@@ -86,50 +86,3 @@ class StdioPaths:
     stdout: str = ""
     stderr: str = ""
     terminal: bool = False
-
-
-class OutputSink(Protocol):
-    """Where a process's stdout or stderr goes (the shim's FIFO, file or logger)."""
-
-    async def write(self, data: bytes) -> None:
-        """Write all of ``data`` (or drop it once the reader is gone for good)."""
-
-    def close(self) -> None:
-        """Close: the reader sees EOF."""
-
-
-class InputSource(Protocol):
-    """Where a process's stdin comes from."""
-
-    async def read(self) -> bytes:
-        """The next bytes; ``b""`` at EOF."""
-
-    def try_read(self) -> bytes | None:
-        """Bytes available now, ``b""`` at EOF, None when nothing is pending."""
-
-    async def close(self) -> None:
-        """Stop reading (idempotent)."""
-
-
-class ProcessIO(Protocol):
-    """The opened endpoints of one process; None means that stream is not wanted."""
-
-    @property
-    def stdin(self) -> InputSource | None:
-        """The stdin source."""
-
-    @property
-    def stdout(self) -> OutputSink | None:
-        """The stdout sink."""
-
-    @property
-    def stderr(self) -> OutputSink | None:
-        """The stderr sink."""
-
-    async def close(self) -> None:
-        """Close every endpoint (idempotent)."""
-
-
-#: Opens a process's endpoints; the pod calls it once its checks passed and then owns the
-#: result (it closes it on any failure).
-IoOpener = Callable[[], Awaitable[ProcessIO]]

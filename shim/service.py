@@ -35,7 +35,8 @@ from protocols import task_pb2, task_types_pb2
 from sandbox.errors import InvalidArgumentError, SandboxError
 from sandbox.pod import Pod, exec_config
 from sandbox.process import Process, State
-from sandbox.types import ContainerConfig, IoOpener, Mount, ProcessIO, StdioPaths
+from sandbox.processio import IoOpener, ProcessIO
+from sandbox.types import ContainerConfig, Mount, StdioPaths
 from shim import VERSION
 from shim.bundle import read_spec
 from shim.events import exit_timestamp

@@ -12,10 +12,12 @@ configuration code; the VM code is imported when a VM is created.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, VmSpec
 from hypervisors.qemu.config import NAME, QemuConfig
+
+if TYPE_CHECKING:  # loaded by every `shim start`/`delete`: types only
+    from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, VmSpec
 
 
 class _QemuDriver:
