@@ -17,18 +17,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "_libc_cffi"
 
-HOST_CDEF = """
+COMMON_CDEF = """
 int mount(const char *source, const char *target, const char *filesystemtype,
           unsigned long mountflags, const void *data);
 int umount2(const char *target, int flags);
+long syscall(long number, ...);
 """
 
-# prctl and syscall are variadic in libc; the calls we make pass only integers and
-# pointers, which the x86_64 calling convention passes alike either way.
-GUEST_CDEF = HOST_CDEF + """
+# openat2(2) and mount_setattr(2) have no libc wrapper: syscall() with these structs.
+HOST_CDEF = COMMON_CDEF + """
+int unshare(int flags);
+struct open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
+struct mount_attr { uint64_t attr_set; uint64_t attr_clr; uint64_t propagation;
+                    uint64_t userns_fd; };
+"""
+
+# prctl is variadic in libc; the calls we make pass only integers, which the x86_64
+# calling convention passes alike either way.
+GUEST_CDEF = COMMON_CDEF + """
 int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
           unsigned long arg5);
-long syscall(long number, ...);
 """
 
 #: package directory -> declarations

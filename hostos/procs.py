@@ -6,7 +6,8 @@ Theory of operation
   util-linux's ``setpriv --pdeathsig KILL --``: the wrapper sets ``PR_SET_PDEATHSIG`` and
   execs the helper, so the helper dies with the shim even under ``kill -9``, and no Python
   code runs between fork and exec (``preexec_fn`` is unsafe while threads exist). The
-  helper gets stdin/stdout on /dev/null, stderr to a file, exactly the fds in ``pass_fds``
+  helper gets stdin/stdout on /dev/null, stderr to a file or a pipe (the hypervisors layer
+  copies it into a size-capped log), exactly the fds in ``pass_fds``
   (taps, vhost fds, memory) and a clean environment (``PATH`` only, plus what the caller
   adds). Linux sends the death signal when the *thread* that forked exits: asyncio forks
   from the event-loop thread, which lives as long as the shim. The remaining window (the
@@ -71,22 +72,31 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 async def spawn(
-    argv: Sequence[str], stderr_path: Path, *, pass_fds: Sequence[int] = (),
+    argv: Sequence[str], stderr: Path | int, *, pass_fds: Sequence[int] = (),
     env: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start ``argv`` as our child (see the module docstring); stderr to ``stderr_path``."""
+    """Start ``argv`` as our child (see the module docstring); stderr to a file (truncated)
+    or, with ``asyncio.subprocess.PIPE``, to ``proc.stderr`` for the caller to copy."""
+
+    if not isinstance(stderr, Path):
+        return await _exec(argv, stderr, pass_fds, env)
+    with stderr.open("wb") as err:
+        return await _exec(argv, err.fileno(), pass_fds, env)
+
+
+async def _exec(argv: Sequence[str], stderr: int, pass_fds: Sequence[int],
+                env: Mapping[str, str] | None) -> asyncio.subprocess.Process:  # fmt: skip
     import asyncio
 
-    with stderr_path.open("wb") as err:
-        return await asyncio.create_subprocess_exec(
-            *wrapped_argv(argv),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-            pass_fds=tuple(pass_fds),
-            close_fds=True,
-            env=clean_env(env),
-        )
+    return await asyncio.create_subprocess_exec(
+        *wrapped_argv(argv),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+        pass_fds=tuple(pass_fds),
+        close_fds=True,
+        env=clean_env(env),
+    )
 
 
 def _read_stat(pid: int) -> list[str] | None:

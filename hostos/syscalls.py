@@ -1,7 +1,13 @@
-"""The host syscalls the standard library lacks (mount, umount2), through cffi.
+"""The host syscalls the standard library lacks, through cffi: mount, umount2, unshare,
+openat2 and mount_setattr.
 
 Every wrapper raises OSError with the errno and the path, like the os module does. The
-flag constants live in `common.mountopts` (the guest uses the same ones).
+mount flag constants live in `common.mountopts` (the guest uses the same ones).
+
+Paths a guest may have written are never resolved by the kernel's ordinary lookup here:
+`open_beneath` opens them with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+RESOLVE_NO_MAGICLINKS)`` relative to a directory fd, and mounts then target
+``/proc/self/fd/<fd>`` (`fd_path`), so no symlink anywhere in the path is followed.
 """
 
 from __future__ import annotations
@@ -10,9 +16,24 @@ import os
 from functools import cache
 from typing import Any
 
-from common.mountopts import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT
+from common.mountopts import MNT_DETACH, MS_BIND, MS_REC, MS_SLAVE
 
-__all__ = ["MNT_DETACH", "bind", "mount", "umount"]
+__all__ = [
+    "MNT_DETACH", "UMOUNT_NOFOLLOW", "bind", "fd_path", "mount", "open_beneath",
+    "private_mount_namespace", "set_readonly", "umount",
+]  # fmt: skip
+
+UMOUNT_NOFOLLOW = 0x8
+CLONE_NEWNS = 0x00020000
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY = 0x1
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = 437  # x86_64
+_SYS_MOUNT_SETATTR = 442  # x86_64
 
 
 @cache
@@ -22,11 +43,12 @@ def _lib() -> tuple[Any, Any]:
     return ffi, ffi.dlopen(None)
 
 
-def _check(result: int, path: str) -> None:
-    if result != 0:
+def _check(result: int, path: str) -> int:
+    if result < 0:
         ffi, _ = _lib()
         errno = int(ffi.errno)
         raise OSError(errno, os.strerror(errno), path)
+    return result
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
@@ -43,9 +65,49 @@ def umount(target: str, flags: int = 0) -> None:
     _check(lib.umount2(os.fsencode(target), flags), target)
 
 
-def bind(source: str, target: str, readonly: bool = False, recursive: bool = True) -> None:
-    """Bind-mount ``source`` on ``target``; read-only needs a second, remounting call."""
-    flags = MS_BIND | (MS_REC if recursive else 0)
-    mount(source, target, None, flags)
-    if readonly:
-        mount("none", target, None, flags | MS_REMOUNT | MS_RDONLY)
+def fd_path(fd: int) -> str:
+    """A path that names exactly what ``fd`` refers to (for mount targets and sources)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def open_beneath(dirfd: int, path: str, flags: int = os.O_PATH, mode: int = 0) -> int:
+    """openat2(2) of ``path`` below ``dirfd``, following no symlink and leaving no root."""
+    ffi, lib = _lib()
+    how = ffi.new("struct open_how *", {
+        "flags": flags | os.O_CLOEXEC, "mode": mode,
+        "resolve": RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    })  # fmt: skip
+    result = lib.syscall(_SYS_OPENAT2, ffi.cast("int", dirfd), ffi.new("char[]", path.encode()),
+                         how, ffi.cast("size_t", ffi.sizeof("struct open_how")))  # fmt: skip
+    return _check(result, path)
+
+
+def set_readonly(fd: int, recursive: bool = True) -> None:
+    """Make the mount at ``fd`` read-only, with every mount below it when ``recursive``."""
+    ffi, lib = _lib()
+    attr = ffi.new("struct mount_attr *", {"attr_set": MOUNT_ATTR_RDONLY})
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    result = lib.syscall(_SYS_MOUNT_SETATTR, ffi.cast("int", fd), ffi.new("char[]", b""),
+                         ffi.cast("unsigned int", flags), attr,
+                         ffi.cast("size_t", ffi.sizeof("struct mount_attr")))  # fmt: skip
+    _check(result, fd_path(fd))
+
+
+def bind(source: str, target: str, recursive: bool = True) -> None:
+    """Bind-mount ``source`` on ``target`` (with its submounts when ``recursive``).
+
+    To make it read-only, open the new mount (a fresh lookup of the target: an fd opened
+    before the mount names the directory underneath) and call `set_readonly`.
+    """
+    mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+
+
+def private_mount_namespace() -> None:
+    """Move this process into a mount namespace of its own that receives the host's mounts
+    but sends none back (``unshare(CLONE_NEWNS)``, then ``/`` recursively slave).
+
+    Call it while the process has a single thread: threads made later share it.
+    """
+    _, lib = _lib()
+    _check(lib.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    mount("none", "/", None, MS_REC | MS_SLAVE)

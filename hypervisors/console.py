@@ -1,12 +1,16 @@
-"""The guest console, copied from QEMU's first serial port to a size-capped log file.
+"""Size-capped logs of what the guest can make a VM print: the guest console, and the
+standard error of the VMM and of virtiofsd.
 
-The guest is untrusted and may print without end; QEMU's ``file`` chardev has no size
-limit, and the state directory lives on /run, which is RAM. So QEMU connects its serial
-chardev to a unix socket this class listens on, and the bytes are appended to
-``console.log``; when that reaches ``max_bytes`` it is renamed to ``console.log.1``
-(replacing the previous one) and a new file starts. At most ``2 * max_bytes`` stay on disk
-and the most recent output (a panic, say) is always kept. Reading stops when QEMU closes
-the connection; a guest that prints faster than we copy is slowed down, not buffered.
+The guest is untrusted and may print without end (or make QEMU or virtiofsd complain
+without end); QEMU's ``file`` chardev and a plain stderr file have no size limit, and the
+state directory lives on /run, which is RAM. So every such stream is read by us and
+appended by `copy_capped` to its log; when that reaches ``max_bytes`` it is renamed to
+``<log>.1`` (replacing the previous one) and a new file starts. At most ``2 * max_bytes``
+stay on disk and the most recent output (a panic, say) is always kept. A writer faster
+than we copy is slowed down, not buffered.
+
+The console arrives on a unix socket `ConsoleLog` listens on (QEMU's serial chardev
+connects to it); stderr arrives on a pipe (`StderrLog`).
 """
 
 from __future__ import annotations
@@ -54,31 +58,7 @@ class ConsoleLog:
             writer.close()
 
     async def _copy_to_file(self, reader: asyncio.StreamReader) -> None:
-        out = self._open()
-        try:
-            while data := await reader.read(READ_CHUNK):
-                view = memoryview(data)
-                while view:
-                    room = self.max_bytes - out.tell()
-                    if room <= 0:
-                        out = self._rotate(out)
-                        continue
-                    # Small appends to a RAM-backed file: cheap enough to do on the loop.
-                    out.write(view[:room])
-                    view = view[room:]
-                out.flush()
-        except (ConnectionError, OSError) as e:
-            log.debug("console copy of %s stopped: %s", self.log_path, e)
-        finally:
-            out.close()
-
-    def _open(self) -> BinaryIO:
-        return open(self.log_path, "ab")  # closed by _copy_to_file or _rotate
-
-    def _rotate(self, out: BinaryIO) -> BinaryIO:
-        out.close()
-        os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
-        return self._open()
+        await copy_capped(reader, self.log_path, self.max_bytes)
 
     async def stop(self) -> None:
         """Stop listening and copying (idempotent); the log files stay."""
@@ -92,3 +72,49 @@ class ConsoleLog:
                 await copy
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+
+async def copy_capped(reader: asyncio.StreamReader, log_path: Path,
+                      max_bytes: int = DEFAULT_MAX_BYTES) -> None:  # fmt: skip
+    """Append what ``reader`` gives to ``log_path`` until EOF, rotating at ``max_bytes``."""
+    out: BinaryIO = open(log_path, "ab")  # noqa: SIM115  (rotated below)
+    try:
+        while data := await reader.read(READ_CHUNK):
+            view = memoryview(data)
+            while view:
+                room = max_bytes - out.tell()
+                if room <= 0:
+                    out.close()
+                    os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+                    out = open(log_path, "ab")  # noqa: SIM115
+                    continue
+                # Small appends to a RAM-backed file: cheap enough to do on the loop.
+                out.write(view[:room])
+                view = view[room:]
+            out.flush()
+    except (ConnectionError, OSError) as e:
+        log.debug("copy into %s stopped: %s", log_path, e)
+    finally:
+        out.close()
+
+
+class StderrLog:
+    """A child's stderr pipe copied into a capped log until the child closes it."""
+
+    def __init__(self, reader: asyncio.StreamReader | None, log_path: Path,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:  # fmt: skip
+        self.log_path = log_path
+        self._copy = (asyncio.ensure_future(copy_capped(reader, log_path, max_bytes))
+                      if reader is not None else None)  # fmt: skip
+
+    async def finished(self, timeout: float) -> None:
+        """Wait (bounded) until everything the child wrote is in the log."""
+        if self._copy is not None:
+            await asyncio.wait([self._copy], timeout=timeout)
+
+    async def stop(self) -> None:
+        """Stop copying (idempotent); the log stays."""
+        if self._copy is not None and not self._copy.done():
+            self._copy.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._copy

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hostos.procs import spawn, terminate
+from hypervisors.console import StderrLog
 from hypervisors.errors import HypervisorError, HypervisorTimeout
 from hypervisors.timeouts import TIMEOUTS
 
@@ -62,6 +63,7 @@ class Virtiofsd:
         self.argv = virtiofsd_argv(daemon, socket, source, cache, extra_args)
         self.stderr_path = stderr_path or socket.with_suffix(".stderr")
         self._proc: asyncio.subprocess.Process | None = None
+        self._stderr: StderrLog | None = None
 
     @property
     def pid(self) -> int | None:
@@ -72,9 +74,10 @@ class Virtiofsd:
         """Spawn the daemon and wait until its socket exists."""
         self.socket.unlink(missing_ok=True)
         try:
-            self._proc = await spawn(self.argv, self.stderr_path)
+            self._proc = await spawn(self.argv, asyncio.subprocess.PIPE)
         except OSError as exc:
             raise HypervisorError(f"failed to start virtiofsd {self.argv[0]}: {exc}") from exc
+        self._stderr = StderrLog(self._proc.stderr, self.stderr_path)
         try:
             await self._wait_socket(timeout)
         except BaseException:
@@ -86,6 +89,8 @@ class Virtiofsd:
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self._proc.returncode is not None:
+                if self._stderr is not None:
+                    await self._stderr.finished(TIMEOUTS.kill_wait)
                 raise HypervisorError(
                     f"failed to start virtiofsd: exited with {self._proc.returncode} before "
                     f"creating {self.socket}; stderr:\n{tail(self.stderr_path)}"
@@ -102,6 +107,9 @@ class Virtiofsd:
         if self._proc is not None:
             code = await terminate(self._proc, grace)
             log.debug("virtiofsd pid %d exited with %d", self._proc.pid, code)
+        if self._stderr is not None:
+            await self._stderr.finished(TIMEOUTS.kill_wait)
+            await self._stderr.stop()
         for path in (self.socket, lock_file(self.socket)):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)

@@ -24,8 +24,13 @@ def cleanup_after_crash(state_dir: Path, sandbox_id: str) -> bool:
 
 
 def unmount_container(state_dir: Path, sandbox_id: str, container_id: str) -> None:
-    """Unmount and remove one container's rootfs in the share (idempotent)."""
+    """Unmount and remove one container's rootfs and volumes (idempotent).
+
+    A shim of this version mounts in a namespace of its own, gone with it; a shim of an
+    older version mounted under ``shared/`` in the host's namespace.
+    """
     base = sandbox_path(state_dir, validate_id("sandbox", sandbox_id))
-    directory = base / "shared" / "containers" / validate_id("container", container_id)
-    storage.unmount_tree(directory)
-    storage.remove_tree(directory)
+    for top in ("mounts", "shared"):
+        directory = base / top / "containers" / validate_id("container", container_id)
+        storage.unmount_tree(directory)
+        storage.remove_tree(directory)

@@ -150,6 +150,9 @@ class Sandbox:
         self.state = SandboxState.NEW
         self.spec = SandboxSpec()
         self.state_path = sandbox_path(config.state_dir, self.id)
+        #: Where the host mounts container rootfs and volumes; the guest never sees it.
+        self.mounts_dir = self.state_path / "mounts"
+        #: The guest's read-only view of ``mounts_dir`` (what the VM shares).
         self.shared_dir = self.state_path / "shared"
         self.boot_seconds = 0.0
         #: Process calls on the current agent connection (UNAVAILABLE unless running).
@@ -244,7 +247,7 @@ class Sandbox:
         # umount can block on a sync: keep it off the event loop.
         stack.push_async_callback(in_thread, storage.remove_tree, self.state_path)
         stack.push_async_callback(in_thread, storage.unmount_tree, self.state_path)
-        await in_thread(storage.prepare_shared_dir, self.shared_dir)
+        await in_thread(storage.prepare_share, self.mounts_dir, self.shared_dir)
         self._save()
 
     def _clear_stale_state(self) -> None:
@@ -362,8 +365,10 @@ class Sandbox:
         return self._agent
 
     # container storage
-    def _container_rootfs(self, container_id: str) -> Path:
-        return self.shared_dir / "containers" / container_id / "rootfs"
+    @staticmethod
+    def _container_dir(container_id: str) -> str:
+        """A container's directory, relative to ``mounts_dir``."""
+        return f"containers/{container_id}"
 
     async def create_container(self, c: ContainerConfig) -> None:
         """Mount the rootfs into the share and create the container in the guest."""
@@ -371,11 +376,10 @@ class Sandbox:
         agent = self._agent_or_raise()
         if cid in self._shares:
             raise AlreadyExistsError(f"container {cid} already exists in sandbox {self.id}")
-        rootfs = self._container_rootfs(cid)
         spec, binds = spec_for_guest(c.spec, cid)
         self._shares.add(cid)
         try:
-            await in_thread(self._mount_rootfs, c, rootfs, binds)
+            await in_thread(self._mount_rootfs, c, binds)
             self._save()
             async with agent_errors(f"create container {cid}"):
                 await agent.create_container(cid, spec, c.terminal, c.stdin)
@@ -383,29 +387,30 @@ class Sandbox:
             await self._unshare(cid)
             raise
 
-    def _mount_rootfs(self, c: ContainerConfig, rootfs: Path, binds: list[SharedBind]) -> None:
+    def _mount_rootfs(self, c: ContainerConfig, binds: list[SharedBind]) -> None:
         """The rootfs and the bind-mount sources, under the container's share (or nothing)."""
+        base = self._container_dir(c.container_id)
         what = "the rootfs"
         try:
             if c.rootfs:
-                storage.mount_rootfs(c.rootfs, rootfs)
+                storage.mount_rootfs(c.rootfs, self.mounts_dir, f"{base}/rootfs")
             else:
                 root = c.spec.get("root", {}).get("path", "rootfs")
                 source = Path(root) if Path(root).is_absolute() else c.bundle / root
-                storage.bind_dir(source, rootfs)
+                storage.bind_path(source, self.mounts_dir, f"{base}/rootfs", readonly=False)
             for bind in binds:
                 what = f"bind mount source {bind.source}"
-                storage.bind_path(Path(bind.source), rootfs.parent / "mounts" / bind.name,
-                                  bind.readonly)
+                storage.bind_path(Path(bind.source), self.mounts_dir,
+                                  f"{base}/mounts/{bind.name}", bind.readonly)
         except OSError as e:
-            storage.unmount_tree(rootfs.parent)
-            storage.remove_tree(rootfs.parent)
+            storage.unmount_tree(self.mounts_dir / base)
+            storage.remove_tree(self.mounts_dir / base)
             raise InvalidArgumentError(
                 f"failed to share {what} of container {c.container_id}: {e}"
             ) from e
 
     async def _unshare(self, container_id: str) -> None:
-        directory = self._container_rootfs(container_id).parent
+        directory = self.mounts_dir / self._container_dir(container_id)
         await in_thread(storage.unmount_tree, directory)
         await in_thread(storage.remove_tree, directory)
         self._shares.discard(container_id)

@@ -5,7 +5,9 @@ Theory of operation
 ``start`` re-executes this program with ``-daemon``, the listening socket on fd 3, /dev/null
 as stdio, in a new session, with cwd = the bundle of the pod's first container. The daemon:
 
-1. logs to ``<bundle>/log`` (the FIFO containerd copies into its own log);
+1. logs to ``<bundle>/log`` (the FIFO containerd copies into its own log), and moves into
+   a mount namespace of its own, a slave of the host's (`sandbox.storage.isolate_mounts`):
+   container mounts never reach the host and die with the daemon and its helpers;
 2. loads configuration.toml (the path ``start`` resolved; its warnings are logged, and
    ``[runtime] enable_debug`` turns on debug lines as ``-debug`` does), builds the publisher
    (events to ``$TTRPC_ADDRESS``), the `sandbox.pod.Pod` with its `sandbox.Sandbox`, and
@@ -34,6 +36,7 @@ from sandbox.config import load_config
 from sandbox.errors import SandboxError
 from sandbox.pod import Pod
 from sandbox.sandbox import Sandbox
+from sandbox.storage import isolate_mounts
 from shim import log as shimlog
 from shim.events import Publisher, TaskEvents
 from shim.flags import Flags
@@ -72,6 +75,11 @@ def run(flags: Flags) -> int:
         log.error("%s (the daemon is started by `start`)", e)
         return 1
     path = str(listener.getsockname())
+    try:
+        isolate_mounts()  # before any thread exists: every later thread shares it
+    except OSError as e:
+        log.error("failed to make a mount namespace for the sandbox's mounts: %s", e)
+        return 1
     _use_pidfd_child_watcher()
     try:
         return asyncio.run(_serve(flags, listener))

@@ -8,8 +8,9 @@ no process or socket behind:
 2. choose the accelerator (`hypervisors.accel`) and log the reason;
 3. for a virtio-fs share, start virtiofsd and wait for its socket (undo: stop it);
 4. listen for the guest console (`hypervisors.console`: a size-capped console.log);
-5. spawn QEMU behind the parent-death wrapper, with stderr to ``<state>/vmm.stderr`` and the
-   cold-plugged devices' fds inherited (undo: SIGKILL and wait);
+5. spawn QEMU behind the parent-death wrapper, its stderr copied into a size-capped
+   ``<state>/vmm.stderr`` and the cold-plugged devices' fds inherited (undo: SIGKILL and
+   wait);
 6. connect QMP, racing QEMU's exit: a QEMU that dies during start-up (bad kernel path, ...)
    becomes a `HypervisorError` quoting the tail of vmm.stderr (undo: close QMP).
 
@@ -48,7 +49,7 @@ from hypervisors.base import (
     VmSpec,
     VsockDevice,
 )
-from hypervisors.console import ConsoleLog
+from hypervisors.console import ConsoleLog, StderrLog
 from hypervisors.errors import HypervisorError, HypervisorUnsupported, QmpError
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv
 from hypervisors.qemu.config import QemuConfig
@@ -84,6 +85,7 @@ class Qemu:
         self._proc: asyncio.subprocess.Process | None = None
         self._virtiofsd: Virtiofsd | None = None
         self._qmp: QmpClient | None = None
+        self._stderr: StderrLog | None = None
         self._records: list[ProcessRecord] = []
 
     # -- views ---------------------------------------------------------------------------
@@ -205,9 +207,12 @@ class Qemu:
         argv = build_argv(self.config, self.vm_params())
         log.debug("VM %s: %s", self.sandbox_id, " ".join(argv))
         try:
-            self._proc = await spawn(argv, self.paths.vmm_stderr, pass_fds=self._devices.fds())
+            self._proc = await spawn(argv, asyncio.subprocess.PIPE,
+                                     pass_fds=self._devices.fds())  # fmt: skip
         except OSError as exc:
             raise HypervisorError(f"failed to start QEMU {argv[0]}: {exc}") from exc
+        self._stderr = StderrLog(self._proc.stderr, self.paths.vmm_stderr)
+        stack.push_async_callback(self._stderr.stop)
         stack.push_async_callback(self._kill_qemu)
         self._add_record(self._proc.pid, "vmm")
 
@@ -230,6 +235,8 @@ class Qemu:
             return connect.result()
         cause = connect.exception() if connect.done() and not connect.cancelled() else None
         code = await wait_process(self._proc, 0.5)
+        if self._stderr is not None:
+            await self._stderr.finished(TIMEOUTS.kill_wait)
         what = f"exited with code {code}" if code is not None else str(cause)
         raise HypervisorError(
             f"failed to start QEMU for {self.sandbox_id}: {what}; "

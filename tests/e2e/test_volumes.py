@@ -35,3 +35,33 @@ def test_missing_bind_source_is_named(kata: Kata, tmp_path: Path) -> None:
                       "t1", "true")
     assert res.returncode != 0, explain(res)
     assert str(missing) in res.stderr, explain(res)
+
+
+def test_volume_submounts_are_read_only_and_survive_the_container(
+    kata: Kata, tmp_path: Path
+) -> None:
+    from hostos import syscalls
+    from sandbox import storage
+    from tests.harness.scenarios import detached
+
+    source = tmp_path / "vol"
+    (source / "sub").mkdir(parents=True)
+    syscalls.mount("none", str(source / "sub"), "tmpfs", 0, "size=1m")
+    try:
+        (source / "sub" / "hello").write_text("on a host submount\n")
+        script = ("cat /v/sub/hello; if echo x > /v/sub/denied 2>/dev/null; "
+                  "then echo SUB-WRITABLE; fi")
+        res = run_rm_args(kata.cd, KATA, ["--mount", f"type=bind,src={source},dst=/v,"
+                                          "options=rbind:ro"], "t1", "sh", "-c", script)
+        assert res.returncode == 0, explain(res)
+        assert res.stdout == "on a host submount\n", explain(res)
+        assert not (source / "sub" / "denied").exists()
+        # The container is gone: the host's own submount is still there, still writable.
+        assert storage.is_mountpoint(source / "sub")
+        (source / "sub" / "after").write_text("ok")
+        # While a sandbox runs, none of its mounts shows in the host's mount table.
+        with detached(kata.cd, KATA, "t2", "sleep", "300"):
+            ours = [p for p in storage.mount_points() if str(kata.state_dir) in p]
+            assert ours == [], ours
+    finally:
+        storage.unmount_tree(source)

@@ -39,3 +39,27 @@ def test_a_flooding_guest_cannot_fill_the_disk(tmp_path: Path) -> None:
     assert len(current) <= 4096 and len(previous) <= 4096
     assert current.endswith(chunks[-1])  # the latest output is always kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "console.log.1"]
+
+
+def test_a_flooding_stderr_is_capped_and_its_end_kept(tmp_path: Path) -> None:
+    """QEMU's and virtiofsd's stderr: a child writing 3 MiB leaves at most 2 x the cap."""
+    from hostos.procs import spawn
+    from hypervisors.console import StderrLog
+
+    log_path = tmp_path / "vmm.stderr"
+    script = "import sys; sys.stderr.write('x' * (3 << 20) + 'LAST WORDS\\n')"
+
+    async def run() -> int:
+        import sys
+
+        proc = await spawn([sys.executable, "-c", script], asyncio.subprocess.PIPE)
+        stderr = StderrLog(proc.stderr, log_path, max_bytes=1 << 20)
+        code = await proc.wait()
+        await stderr.finished(5)
+        await stderr.stop()
+        return code
+
+    assert asyncio.run(run()) == 0
+    rotated = log_path.with_name("vmm.stderr.1")
+    assert log_path.stat().st_size <= 1 << 20 and rotated.stat().st_size == 1 << 20
+    assert log_path.read_text().endswith("LAST WORDS\n")

@@ -157,7 +157,7 @@ def test_mount_targets_stay_inside_the_rootfs(tmp_path: Path) -> None:
 
     bad = Mount("tmpfs", "none", "../../escape", ())
     with pytest.raises(OSError, match="leaves"):
-        storage.mount_rootfs([bad], tmp_path / "rootfs")
+        storage.mount_rootfs([bad], tmp_path, "rootfs")
     assert storage.mounts_under(tmp_path) == []
 
 
@@ -179,15 +179,16 @@ def test_bind_path_shares_files_and_dirs_read_only_when_asked(tmp_path: Path) ->
     (src_dir / "a").write_text("A")
     src_file.write_text("127.0.0.1 localhost\n")
     share = tmp_path / "share"
+    share.mkdir()
     try:
-        storage.bind_path(src_dir, share / "0", readonly=True)
-        storage.bind_path(src_file, share / "1", readonly=False)
-        assert (share / "0" / "a").read_text() == "A"
-        assert (share / "1").read_text() == "127.0.0.1 localhost\n"
+        storage.bind_path(src_dir, share, "c/0", readonly=True)
+        storage.bind_path(src_file, share, "c/1", readonly=False)
+        assert (share / "c/0" / "a").read_text() == "A"
+        assert (share / "c/1").read_text() == "127.0.0.1 localhost\n"
         with pytest.raises(OSError):
-            (share / "0" / "b").write_text("no")  # read-only bind
+            (share / "c/0" / "b").write_text("no")  # read-only bind
         with pytest.raises(OSError, match="no such file"):
-            storage.bind_path(tmp_path / "missing", share / "2", readonly=False)
+            storage.bind_path(tmp_path / "missing", share, "c/2", readonly=False)
     finally:
         storage.unmount_tree(share)
     assert storage.mounts_under(tmp_path) == []
