@@ -33,7 +33,8 @@ from ttrpc import Code, TtrpcError
 SERVICE = "kata.agent.v1.AgentService"
 AGENT_VERSION = "0.1.0"
 
-_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})")
+# What sethostname(2) takes and runc passes on: 1-64 bytes; we refuse only the unprintable.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,63})")
 
 Req = TypeVar("Req", bound=Message)
 Handler = Callable[[Any], Awaitable[Message]]

@@ -56,6 +56,7 @@ def check_size(field: str, size: int, limit: int) -> None:
 
 
 def check_signal(sig: int) -> int:
-    if not 1 <= sig <= 64:
+    # 0 sends nothing and asks whether the process is still there (kill(2)).
+    if not 0 <= sig <= 64:
         raise InvalidArgument(f"invalid signal {sig}")
     return sig

@@ -17,7 +17,8 @@ from common.constants import RUNTIME_VERSION
 from sandbox.config import RuntimeConfig
 from sandbox.inspect import list_sandboxes, settings
 
-COLUMNS = ("ID", "HYPERVISOR", "SHIM", "VMM", "ACCEL", "KERNEL", "CONTAINERS", "PROBLEM")
+COLUMNS = ("NAMESPACE", "ID", "HYPERVISOR", "SHIM", "VMM", "ACCEL", "KERNEL", "CONTAINERS",
+           "PROBLEM")
 
 
 def _proc_cell(proc: dict[str, Any] | None) -> str:
@@ -29,8 +30,9 @@ def format_table(entries: list[dict[str, Any]]) -> str:
     rows = [list(COLUMNS)]
     for e in entries:
         rows.append([
-            e["id"], e.get("hypervisor") or "-", _proc_cell(e.get("shim")),
-            _proc_cell(e.get("vmm")), e.get("accelerator") or "-", e.get("guest_kernel") or "-",
+            e.get("namespace") or "-", e["id"], e.get("hypervisor") or "-",
+            _proc_cell(e.get("shim")), _proc_cell(e.get("vmm")), e.get("accelerator") or "-",
+            e.get("guest_kernel") or "-",
             ",".join(e.get("containers") or []) or "-", e["problem"] or "-",
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]

@@ -2,7 +2,7 @@
 
 The CLI (``cli/``) goes through this module only: it never imports a hypervisor package.
 `host_checks` asks the configured hypervisor's driver; `list_sandboxes` reads every
-``<state_dir>/sbs/<id>/state.json`` and checks the recorded processes against /proc (a
+``<state_dir>/sbs/<namespace>/<id>/state.json`` and checks the recorded processes against /proc (a
 helper counts as alive only if its pid exists, is not a zombie and still has the recorded
 start time; the shim's pid is checked with its start time too when the record has one).
 A directory without a readable, valid state.json (a sandbox still starting, or debris of a
@@ -43,9 +43,10 @@ def exec_wrapper() -> str:
     return wrapper_path()
 
 
-def describe_sandbox(path: Path) -> dict[str, Any]:
+def describe_sandbox(path: Path, namespace: str = "") -> dict[str, Any]:
     """One sandbox directory as a JSON-ready dict; ``problem`` is set when it is not usable."""
-    entry: dict[str, Any] = {"id": path.name, "path": str(path), "problem": ""}
+    entry: dict[str, Any] = {"id": path.name, "namespace": namespace, "path": str(path),
+                             "problem": ""}  # fmt: skip
     try:
         raw = (path / STATE_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -80,12 +81,25 @@ def describe_sandbox(path: Path) -> dict[str, Any]:
     return entry
 
 
+def _is_legacy_sandbox(path: Path) -> bool:
+    """``sbs/<id>`` written before namespaces: it holds a sandbox's files itself."""
+    return any((path / name).exists() for name in (STATE_FILE, "shared", "mounts"))
+
+
 def list_sandboxes(state_dir: Path) -> list[dict[str, Any]]:
-    """Every entry of ``<state_dir>/sbs``, sorted by id; [] when there is no such directory."""
+    """Every sandbox of ``<state_dir>/sbs/<namespace>/<id>`` (and of the older
+    ``sbs/<id>``), sorted by namespace and id; [] when there is no such directory."""
     sbs = state_dir / "sbs"
     if not sbs.exists():
         return []
-    return [describe_sandbox(p) for p in sorted(sbs.iterdir()) if p.is_dir()]
+    entries = []
+    for top in sorted(p for p in sbs.iterdir() if p.is_dir()):
+        if _is_legacy_sandbox(top):
+            entries.append(describe_sandbox(top))
+            continue
+        entries += [describe_sandbox(p, top.name)
+                    for p in sorted(top.iterdir()) if p.is_dir()]  # fmt: skip
+    return sorted(entries, key=lambda e: (e["namespace"], e["id"]))
 
 
 def settings(config: RuntimeConfig) -> dict[str, dict[str, Any]]:

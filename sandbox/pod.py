@@ -223,7 +223,7 @@ class Pod:
                 del container.execs[exec_id]
             else:
                 await self._delete_container(container)
-            self._events.deleted(process, self.task_pid)
+                self._events.deleted(process, self.task_pid)  # for the init only, as runc
         log.info("process deleted", extra=kv(container=container_id, exec=exec_id))
         if not exec_id and (self.empty or container_id == self.sandbox.id):
             await self.stop_sandbox()

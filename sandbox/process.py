@@ -32,6 +32,7 @@ calls ``on_exit`` (which publishes /tasks/exit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -40,7 +41,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 from common.constants import EXIT_STATUS_KILLED
-from sandbox.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from sandbox.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    SandboxError,
+    UnavailableError,
+)
 from sandbox.lifecycle import Refusal, transition
 from sandbox.logfields import kv
 from sandbox.processio import InputSource, ProcessIO
@@ -163,6 +169,7 @@ class Process:
         self._exited = asyncio.Event()
         self._close_stdin = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._pending_size: tuple[int, int] | None = None  # a resize before Start
 
     @property
     def name(self) -> str:
@@ -184,6 +191,10 @@ class Process:
             pid = await self._guest.exec_process(self.container_id, self.exec_id, e.process,
                                                  e.stdin)  # fmt: skip
         self.guest_pid, self.state = pid, after
+        if self._pending_size is not None:
+            with contextlib.suppress(SandboxError):  # the process may be gone already
+                await self._guest.resize_pty(self.container_id, self.exec_id,
+                                             *self._pending_size)  # fmt: skip
         self._spawn("stdout", self._pump_output(self._guest.read_stdout, "stdout"))
         if not self.paths.terminal:
             self._spawn("stderr", self._pump_output(self._guest.read_stderr, "stderr"))
@@ -193,19 +204,28 @@ class Process:
         return pid
 
     async def kill(self, signal: int, all: bool = False) -> None:
-        """Signal the process; a never-started one is marked stopped with 128+signal."""
+        """Signal the process; a never-started one is marked stopped with 128+signal.
+
+        ``all`` reaches every process of the container only from the init process: on an
+        exec it signals that exec alone, as runc's shim does."""
         after = self.ensure(Op.KILL)
         if self.state is State.RUNNING:
-            await self._guest.signal_process(self.container_id, self.exec_id, signal, all)
+            await self._guest.signal_process(self.container_id, self.exec_id, signal,
+                                             all and not self.exec_id)  # fmt: skip
         elif signal != 0:
             await self._stop_tasks_and_io()
             self._record_exit(after, SIGNAL_EXIT_BASE + signal)
 
     async def resize(self, width: int, height: int) -> None:
-        """Set the pty size (a no-op without a terminal, as in runc)."""
+        """Set the pty size (a no-op without a terminal, as in runc); before Start the size
+        is kept and applied as soon as the process runs."""
         self.ensure(Op.RESIZE_PTY)
-        if self.paths.terminal and self.state is State.RUNNING:
+        if not self.paths.terminal:
+            return
+        if self.state is State.RUNNING:
             await self._guest.resize_pty(self.container_id, self.exec_id, width, height)
+        else:
+            self._pending_size = (width, height)
 
     def close_stdin(self) -> None:
         """Close stdin once what is already written has been forwarded."""
@@ -216,12 +236,14 @@ class Process:
         """Release the endpoints and forget the process (refused while it runs).
 
         ``force`` (the init's container is going away) skips the check. A process deleted
-        without an exit (never started) wakes its waiters with 128+SIGKILL.
+        without an exit (never started) wakes its waiters: an init with 128+SIGKILL, an exec
+        with 0 (containerd's runc shim does the same).
         """
         after = State.DELETED if force else self.ensure(Op.DELETE)
         await self._stop_tasks_and_io()
         if not self._exited.is_set():
-            self.exit_status, self.exited_at_ns = EXIT_STATUS_KILLED, time.time_ns()
+            status = 0 if self.exec_id and self.state is State.CREATED else EXIT_STATUS_KILLED
+            self.exit_status, self.exited_at_ns = status, time.time_ns()
             self._exited.set()
         self.state = after
 

@@ -39,14 +39,13 @@ from pathlib import Path
 from agent_client import AgentApi, AgentCallError, AgentConnector, StorageSpec, bounded
 from agent_client import connect_agent as default_connector
 from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
-from hostos.procs import ProcessRecord as HostProcess
-from hostos.procs import is_alive, start_time
+from hostos.procs import start_time
 from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, SharedFsKind, VmSpec
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
 from hypervisors.factory import create_hypervisor
 from sandbox import storage
-from sandbox.cleanup import cleanup_after_crash
+from sandbox.cleanup import cleanup_after_crash, shim_alive
 from sandbox.config import RuntimeConfig
 from sandbox.errors import (
     AlreadyExistsError,
@@ -58,7 +57,15 @@ from sandbox.errors import (
 from sandbox.guest import Guest, agent_errors
 from sandbox.lifecycle import Refusal, transition
 from sandbox.oci import SharedBind, spec_for_guest
-from sandbox.state import ProcessRecord, SandboxRecord, read_record, sandbox_path, write_record
+from sandbox.state import (
+    ProcessRecord,
+    SandboxRecord,
+    make_sandbox_dir,
+    read_record,
+    remove_namespace_dir_if_empty,
+    sandbox_path,
+    write_record,
+)
 from sandbox.threads import in_thread
 from sandbox.types import ContainerConfig, SandboxSpec, validate_id
 
@@ -141,15 +148,16 @@ class Sandbox:
     """A pod's VM, agent and storage (see the module docstring)."""
 
     def __init__(
-        self, sandbox_id: str, config: RuntimeConfig, *,
+        self, sandbox_id: str, config: RuntimeConfig, *, namespace: str = "default",
         hypervisor_factory: HypervisorFactory = create_hypervisor,
         agent_connector: AgentConnector = default_connector,
     ) -> None:
         self.id = validate_id("sandbox", sandbox_id)
+        self.namespace = validate_id("namespace", namespace)
         self.config = config
         self.state = SandboxState.NEW
         self.spec = SandboxSpec()
-        self.state_path = sandbox_path(config.state_dir, self.id)
+        self.state_path = sandbox_path(config.state_dir, self.namespace, self.id)
         #: Where the host mounts container rootfs and volumes; the guest never sees it.
         self.mounts_dir = self.state_path / "mounts"
         #: The guest's read-only view of ``mounts_dir`` (what the VM shares).
@@ -165,7 +173,8 @@ class Sandbox:
         self._undo: AsyncExitStack | None = None
         self._shares: set[str] = set()  # container ids whose rootfs this sandbox mounted
         self._record = SandboxRecord(
-            sandbox_id=self.id, hypervisor=config.hypervisor.name, shim_pid=os.getpid(),
+            sandbox_id=self.id, namespace=self.namespace, hypervisor=config.hypervisor.name,
+            shim_pid=os.getpid(),
             shim_start_time=start_time(os.getpid()) or 0,
         )
 
@@ -243,8 +252,9 @@ class Sandbox:
     async def _make_state_dir(self, stack: AsyncExitStack) -> None:
         if self.state_path.exists():
             await in_thread(self._clear_stale_state)
-        self.state_path.mkdir(mode=0o700, parents=True)
+        make_sandbox_dir(self.state_path)
         # umount can block on a sync: keep it off the event loop.
+        stack.callback(remove_namespace_dir_if_empty, self.state_path)
         stack.push_async_callback(in_thread, storage.remove_tree, self.state_path)
         stack.push_async_callback(in_thread, storage.unmount_tree, self.state_path)
         await in_thread(storage.prepare_share, self.mounts_dir, self.shared_dir)
@@ -253,15 +263,13 @@ class Sandbox:
     def _clear_stale_state(self) -> None:
         """A state dir for our id: refuse if its shim lives, else clean up what it left."""
         record = read_record(self.state_path)
-        if record is not None and is_alive(
-            HostProcess(record.shim_pid, record.shim_start_time, "shim")
-        ):
+        if record is not None and shim_alive(record):
             raise AlreadyExistsError(
                 f"failed to create sandbox {self.id}: shim pid {record.shim_pid} still runs it"
             )
         log.warning("sandbox %s: cleaning up what a dead shim left in %s", self.id,
                     self.state_path)
-        cleanup_after_crash(self.config.state_dir, self.id)
+        cleanup_after_crash(self.config.state_dir, self.namespace, self.id)
 
     async def _start_vm(self, stack: AsyncExitStack) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)

@@ -3,13 +3,15 @@
 Lives at ``<state_dir>/sbs/<sandbox-id>/state.json``, replaced atomically on every change.
 Nothing needed for cleanup is kept only in memory.
 
-Format versions: 2 names the hypervisor and calls the VMM's process role ``vmm``. A record
-without a version (written before hypervisors were pluggable) is read as QEMU's, its
-``qemu`` role as ``vmm``, so a shim upgraded under running pods still cleans them up.
+Format versions: 2 names the hypervisor and the containerd namespace and calls the VMM's
+process role ``vmm``. A record without a version (written before hypervisors were
+pluggable, in ``sbs/<id>`` without a namespace) is read as QEMU's, its ``qemu`` role as
+``vmm``, so a shim upgraded under running pods still cleans them up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,8 +24,35 @@ VMM_ROLE = "vmm"
 _LEGACY_ROLES = {"qemu": VMM_ROLE}
 
 
-def sandbox_path(state_dir: Path, sandbox_id: str) -> Path:
-    """The directory holding everything of one sandbox."""
+def sandbox_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
+    """The directory holding everything of one sandbox: the same id in two containerd
+    namespaces is two sandboxes, as with runc."""
+    return state_dir / "sbs" / namespace / sandbox_id
+
+
+def remove_namespace_dir_if_empty(path: Path) -> None:
+    """After a sandbox dir went: drop its namespace dir too once it holds nothing."""
+    parent = path.parent
+    if parent.parent.name == "sbs":
+        with contextlib.suppress(OSError):  # not empty (another sandbox), or gone already
+            parent.rmdir()
+
+
+def make_sandbox_dir(path: Path) -> None:
+    """Create a sandbox's dir (and its namespace dir), racing a concurrent removal of an
+    empty namespace dir; FileExistsError if the sandbox dir exists."""
+    for _ in range(5):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+            return
+        except FileNotFoundError:
+            continue  # the namespace dir was just removed as empty: make it again
+    path.mkdir(mode=0o700)
+
+
+def legacy_sandbox_path(state_dir: Path, sandbox_id: str) -> Path:
+    """Where a shim from before namespaces kept a sandbox (no namespace in the path)."""
     return state_dir / "sbs" / sandbox_id
 
 
@@ -42,6 +71,7 @@ class SandboxRecord:
 
     sandbox_id: str
     version: int = FORMAT_VERSION
+    namespace: str = ""
     hypervisor: str = ""
     shim_pid: int = 0
     #: With shim_pid: tells a live shim from a reused pid.
@@ -74,6 +104,7 @@ class SandboxRecord:
         return cls(
             sandbox_id=str(doc["sandbox_id"]),
             version=FORMAT_VERSION,
+            namespace=str(doc.get("namespace", "")),
             hypervisor=str(doc.get("hypervisor", "qemu" if legacy else "")),
             shim_pid=int(doc.get("shim_pid", 0)),
             shim_start_time=int(doc.get("shim_start_time", 0)),

@@ -11,13 +11,13 @@ from typing import Any
 from sandbox.errors import InvalidArgumentError
 
 # containerd's identifier grammar (identifiers.Validate), which also keeps ids path-safe.
-_ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+_ID_RE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 MAX_ID_LENGTH = 76
 
 
 def validate_id(kind: str, value: str) -> str:
     """Return ``value`` if it is a valid id, else raise InvalidArgumentError."""
-    if not value or len(value) > MAX_ID_LENGTH or not _ID_RE.match(value):
+    if not value or len(value) > MAX_ID_LENGTH or not _ID_RE.fullmatch(value):
         raise InvalidArgumentError(
             f"invalid {kind} id {value!r}: use 1-{MAX_ID_LENGTH} letters, digits and "
             "single '.', '_' or '-' between them"

@@ -108,7 +108,7 @@ async def _serve(flags: Flags, listener: socket.socket) -> int:
     for warning in config.warnings:
         log.warning("configuration: %s", warning)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    sandbox = Sandbox(flags.sandbox_id or flags.id, config)
+    sandbox = Sandbox(flags.sandbox_id or flags.id, config, namespace=flags.namespace)
     pod = Pod(sandbox, TaskEvents(publisher))
     shutdown, terminate = asyncio.Event(), asyncio.Event()
     server = Server()

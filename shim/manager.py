@@ -217,7 +217,7 @@ def delete(flags: Flags, *, socket_dir: Path = SOCKET_DIR) -> bytes:
         if is_listening(socket_path(flags.address, flags.namespace, group, socket_dir)):
             log.info("shim daemon of pod %s is alive: it owns %s's rootfs", group, flags.id)
         else:
-            unmount_container(state_dir, group, flags.id)
+            unmount_container(state_dir, flags.namespace, group, flags.id)
     else:
         _delete_sandbox(flags, state_dir, socket_dir)
     return delete_response(time.time_ns())
@@ -228,7 +228,7 @@ def _delete_sandbox(flags: Flags, state_dir: Path, socket_dir: Path) -> None:
     if is_listening(path):
         log.info("shim daemon still serves sandbox %s: it cleans up itself", flags.id)
         return
-    if cleanup_after_crash(state_dir, flags.id):
+    if cleanup_after_crash(state_dir, flags.namespace, flags.id):
         log.warning("cleaned up sandbox %s left by a dead shim daemon", flags.id)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

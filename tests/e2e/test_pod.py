@@ -3,6 +3,8 @@ deleting a container leaves the pod running; deleting the sandbox ends the VM.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import Kata
 from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain, remove, wait_task_status
@@ -48,4 +50,25 @@ def test_a_running_pod_survives_a_containerd_restart(kata: Kata) -> None:
     assert kata.cd.tasks().get("t1") == "RUNNING", kata.cd.tasks()
     assert [p.pid for p in kata.qemu_processes()] == qemu_before, "the VM was replaced"
     assert boot_id(kata, "t1"), "exec after the restart failed"
+    remove(kata.cd, "t1")
+
+
+def test_the_same_id_in_two_namespaces_is_two_sandboxes(kata: Kata, busybox_image: Path) -> None:
+    from tests.harness.scenarios import run_detached
+
+    other = f"{kata.cd.namespace}-b"
+    kata.cd.ctr("image", "import", str(busybox_image), namespace=other, check=True)
+    run_detached(kata.cd, KATA, "t1", "sleep", "300")
+    res = kata.cd.ctr("run", "-d", "--runtime", KATA, IMAGE_REF, "t1", "sleep", "300",
+                      namespace=other, timeout=BOOT_TIMEOUT)
+    assert res.returncode == 0, explain(res)
+    assert len(kata.qemu_processes()) == 2, kata.qemu_processes()
+    # Taking t1 down in the other namespace (`shim delete` runs for it) spares this one.
+    kata.cd.ctr("task", "kill", "-s", "SIGKILL", "t1", namespace=other, check=True)
+    assert wait_task_status(kata.cd, "t1", ["STOPPED"], timeout=30, namespace=other)
+    kata.cd.ctr("task", "delete", "t1", namespace=other, check=True)
+    kata.cd.ctr("container", "delete", "t1", namespace=other, check=True)
+    assert kata.cd.tasks().get("t1") == "RUNNING", kata.cd.tasks()
+    assert len(kata.qemu_processes()) == 1
+    assert boot_id(kata, "t1"), "exec in the surviving sandbox failed"
     remove(kata.cd, "t1")

@@ -333,13 +333,13 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 def wait_task_status(cd: Containerd, cid: str, statuses: Sequence[str],
-                     timeout: float = 30.0) -> str:
+                     timeout: float = 30.0, namespace: str | None = None) -> str:
     """Poll `ctr task ls` until task `cid` has one of `statuses` ("" stands for: no such
     task). Returns the last status seen."""
     last = [""]
 
     def check() -> bool:
-        last[0] = cd.tasks().get(cid, "")
+        last[0] = cd.tasks(namespace).get(cid, "")
         return last[0] in statuses
 
     procs.wait_until(check, timeout)

@@ -101,7 +101,8 @@ def test_duplicates_and_bad_input(tmp_path: Path) -> None:
         with pytest.raises(NotFound):
             containers.process("c1", "nope")
         with pytest.raises(InvalidArgument):
-            containers.signal("c1", "", 0, all_processes=False)
+            containers.signal("c1", "", 65, all_processes=False)
+        containers.signal("c1", "", 0, all_processes=False)  # a liveness probe: fine
         assert not (tmp_path / "c3").exists()
 
     _run(tmp_path, scenario)

@@ -73,7 +73,7 @@ def test_handlers_and_error_codes(tmp_path: Path) -> None:
         st = pb.Storage(driver="virtio-fs", source="kataShared",
                         mount_point=f"{tmp_path}/shared")
         await client.call(SERVICE, "CreateSandbox", pb.CreateSandboxRequest(
-            hostname="pod1", storages=[st]), empty_pb2.Empty, timeout=5)
+            hostname="pod_1", storages=[st]), empty_pb2.Empty, timeout=5)  # runc takes "_"
         assert mounts == [("kataShared", f"{tmp_path}/shared", "virtiofs", "0", "")]
         escape = pb.Storage(driver="virtio-fs", source="t", mount_point="/etc")
         assert await code("CreateSandbox", pb.CreateSandboxRequest(storages=[escape])) \

@@ -120,7 +120,7 @@ def make_state(tmp_path: Path) -> Path:
     me = os.getpid()
     my_start = start_time(me)
     assert my_start is not None
-    live = sandbox_path(state_dir, "live")
+    live = sandbox_path(state_dir, "default", "live")
     live.mkdir(parents=True)
     write_record(live, SandboxRecord(
         "live", hypervisor="qemu", shim_pid=me, shim_start_time=my_start, accelerator="tcg",
@@ -128,24 +128,24 @@ def make_state(tmp_path: Path) -> Path:
         guest_kernel_release="6.1.0-test",
         processes=[ProcessRecord(me, my_start, "vmm"), ProcessRecord(me, my_start, "virtiofsd")],
         containers=["c1", "c2"]))
-    stale = sandbox_path(state_dir, "stale")
-    stale.mkdir()
+    stale = sandbox_path(state_dir, "k8s.io", "stale")
+    stale.mkdir(parents=True)
     write_record(stale, SandboxRecord(
         "stale", shim_pid=NO_SUCH_PID, accelerator="kvm",
         processes=[ProcessRecord(me, my_start + 1, "vmm"),
                    ProcessRecord(NO_SUCH_PID, 1, "virtiofsd")]))
     # Written by the walking skeleton: no version, no hypervisor, the VMM's role is "qemu".
-    legacy = sandbox_path(state_dir, "legacy")
+    legacy = state_dir / "sbs" / "legacy"  # before namespaces: sbs/<id>
     legacy.mkdir()
     (legacy / "state.json").write_text(json.dumps({
         "sandbox_id": "legacy", "shim_pid": NO_SUCH_PID, "shim_start_time": 1,
         "accelerator": "tcg", "accelerator_reason": "", "guest_kernel_release": "6.1",
         "processes": [{"pid": me, "start_time": my_start, "role": "qemu"}],
         "containers": ["legacy"]}))
-    (sandbox_path(state_dir, "partial")).mkdir()
-    (sandbox_path(state_dir, "unreadable") / "state.json").mkdir(parents=True)
-    (sandbox_path(state_dir, "garbage")).mkdir()
-    (sandbox_path(state_dir, "garbage") / "state.json").write_text("{not json")
+    (sandbox_path(state_dir, "default", "partial")).mkdir()
+    (sandbox_path(state_dir, "default", "unreadable") / "state.json").mkdir(parents=True)
+    (sandbox_path(state_dir, "default", "garbage")).mkdir()
+    (sandbox_path(state_dir, "default", "garbage") / "state.json").write_text("{not json")
     return state_dir
 
 
@@ -168,6 +168,9 @@ def test_list_json_reports_liveness_and_broken_dirs(
     assert stale["shim"]["state"] == "dead"
     assert stale["vmm"]["state"] == "pid reused"  # same pid, other start time
     assert stale["processes"][1]["state"] == "dead"
+    assert [(e["namespace"], e["id"]) for e in json.loads(out)][:2] == [("", "legacy"),
+                                                                         ("default", "garbage")]
+    assert (live["namespace"], entries["stale"]["namespace"]) == ("default", "k8s.io")
     legacy = entries["legacy"]
     assert (legacy["hypervisor"], legacy["vmm"]["state"]) == ("qemu", "alive")
     assert legacy["problem"] == ""
@@ -182,9 +185,9 @@ def test_list_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == list(cli_info.COLUMNS)
-    live = next(line for line in lines if line.startswith("live "))
+    live = next(line for line in lines if line.startswith("default    live "))
     assert f"{os.getpid()} alive" in live and "6.1.0-test" in live and "c1,c2" in live
-    assert "unreadable:" in next(line for line in lines if line.startswith("unreadable "))
+    assert "unreadable:" in next(line for line in lines if " unreadable " in line)
 
 
 def test_list_without_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

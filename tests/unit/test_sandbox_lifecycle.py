@@ -37,6 +37,7 @@ def assert_nothing_left(tmp: Path, world: FakeWorld, sandbox: Sandbox) -> None:
         assert vm.pid is None or process_state(vm.pid, None) == "dead", f"VMM {vm.pid} lives"
     assert mounts_under(tmp) == []
     assert not sandbox.state_path.exists(), list(sandbox.state_path.rglob("*"))
+    assert not sandbox.state_path.parent.exists(), "the empty namespace dir stayed"
     assert all(agent.closed for agent in world.agents)
 
 

@@ -226,3 +226,58 @@ def test_state_of_a_live_shim_is_left_alone(tmp_path: Path) -> None:
     with pytest.raises(AlreadyExistsError, match="still runs it"):
         sb._clear_stale_state()  # type: ignore[attr-defined]
     assert (path / "state.json").exists()
+
+
+def _record_in(state_dir: Path, namespace: str, sandbox_id: str, shim_pid: int,
+               shim_start: int, victim: int) -> Path:
+    from hostos.procs import start_time
+    from sandbox.state import sandbox_path
+
+    path = sandbox_path(state_dir, namespace, sandbox_id)
+    (path / "mounts").mkdir(parents=True)
+    write_record(path, SandboxRecord(sandbox_id, namespace=namespace, shim_pid=shim_pid,
+                                     shim_start_time=shim_start,
+                                     processes=[ProcessRecord(victim, start_time(victim) or 0,
+                                                              "vmm")]))  # fmt: skip
+    return path
+
+
+def test_crash_cleanup_never_touches_a_sandbox_whose_shim_lives(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from hostos.procs import start_time
+    from sandbox.cleanup import cleanup_after_crash
+
+    vmm = subprocess.Popen(["sleep", "60"])  # stands in for a running VM
+    try:
+        me, started = os.getpid(), start_time(os.getpid()) or 0
+        live = _record_in(tmp_path, "a", "t1", me, started, vmm.pid)
+        # `shim delete` of t1 in namespace b: a sandbox of its own, not a's.
+        assert cleanup_after_crash(tmp_path, "b", "t1") is False
+        # Even for a's own id: while its recorded shim runs, nothing is killed or removed.
+        assert cleanup_after_crash(tmp_path, "a", "t1") is False
+        assert vmm.poll() is None and (live / "state.json").exists()
+        # Once that shim is gone (a dead pid), the same call cleans up.
+        dead = _record_in(tmp_path, "c", "t1", 4_194_304, 1, vmm.pid)
+        assert cleanup_after_crash(tmp_path, "c", "t1") is True
+        assert vmm.wait(5) == -9 and not dead.exists() and live.exists()
+    finally:
+        vmm.kill()
+        vmm.wait()
+
+
+def test_a_sandbox_from_before_namespaces_is_still_cleaned(tmp_path: Path) -> None:
+    import json
+
+    from sandbox.cleanup import cleanup_after_crash
+
+    legacy = tmp_path / "sbs" / "t1"
+    (legacy / "shared").mkdir(parents=True)
+    (legacy / "state.json").write_text(json.dumps({"sandbox_id": "t1", "shim_pid": 4_194_304,
+                                                   "processes": []}))  # fmt: skip
+    assert cleanup_after_crash(tmp_path, "default", "t1") is True
+    assert not legacy.exists()
+    (tmp_path / "sbs" / "default").mkdir()  # a namespace directory named like an id
+    assert cleanup_after_crash(tmp_path, "x", "default") is False
+    assert (tmp_path / "sbs" / "default").exists()

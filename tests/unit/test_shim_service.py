@@ -74,7 +74,8 @@ def run(test: Callable[[Harness], Awaitable[None]], tmp: Path, **hypervisor: Any
         assert all(vm.pid is None or process_state(vm.pid, None) == "dead"
                    for vm in h.world.vms), "a fake VMM survived"  # fmt: skip
         assert mounts_under(tmp) == []
-        assert not (tmp / "state" / "sbs" / "pod").exists()
+        sbs = tmp / "state" / "sbs"
+        assert not sbs.exists() or list(sbs.iterdir()) == [], list(sbs.rglob("*"))
 
     asyncio.run(main())
 
@@ -294,3 +295,71 @@ def test_second_container_joins_the_running_vm(tmp_path: Path) -> None:
 
 def test_delete_request_bytes_match_task_proto() -> None:
     assert task_pb2.DeleteRequest(id="a", exec_id="b").SerializeToString() == b"\n\x01a\x12\x01b"
+
+
+# -- corner cases where containerd's runc shim sets the behaviour ----------------------------
+
+
+def test_kill_all_on_an_exec_signals_only_that_exec(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        await h.call("Exec", id="pod", exec_id="e1")
+        await h.call("Start", id="pod", exec_id="e1")
+        await h.call("Kill", id="pod", exec_id="e1", signal=15, all=True)
+        assert h.agent.proc("pod", "e1").signals == [(15, False)]
+        await h.call("Kill", id="pod", signal=0)  # a liveness probe: nothing happens
+        assert h.agent.proc("pod").signals == [(0, False)]
+        assert (await h.call("State", id="pod")).status == task_types_pb2.RUNNING
+
+    run(body, tmp_path)
+
+
+def test_only_the_init_publishes_task_delete(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        await h.call("Exec", id="pod", exec_id="e1")
+        await h.call("Start", id="pod", exec_id="e1")
+        h.agent.proc("pod", "e1").finish(0)
+        await h.call("Wait", id="pod", exec_id="e1")
+        await h.call("Delete", id="pod", exec_id="e1")
+        assert "/tasks/delete" not in h.publisher.topics()
+        await h.call("Kill", id="pod", signal=9)
+        await h.call("Wait", id="pod")
+        await h.call("Delete", id="pod")
+        assert h.publisher.topics().count("/tasks/delete") == 1
+
+    run(body, tmp_path)
+
+
+def test_a_never_started_exec_deletes_with_status_0(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        await h.call("Exec", id="pod", exec_id="e1")
+        deleted = await h.call("Delete", id="pod", exec_id="e1")
+        assert deleted.exit_status == 0
+
+    run(body, tmp_path)
+
+
+def test_a_resize_before_start_is_applied_at_start(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod", terminal=True)
+        await h.call("ResizePty", id="pod", width=120, height=40)
+        assert not [c for c in h.agent.calls if c[0] == "tty_win_resize"]
+        await h.call("Start", id="pod")
+        assert ("tty_win_resize", "pod", "", "40", "120") in h.agent.calls
+
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["pod\n", "pod/x", "a..b", ""])
+def test_ids_are_matched_whole(tmp_path: Path, bad: str) -> None:
+    async def body(h: Harness) -> None:
+        bundle = write_bundle(h.tmp / "b")
+        await expect(Code.INVALID_ARGUMENT, h.call("Create", id=bad, bundle=str(bundle)))
+        assert h.world.vms == []
+
+    run(body, tmp_path)
