@@ -19,6 +19,9 @@ class AgentApi(Protocol):
     async def close(self) -> None:
         """Close the connection (idempotent)."""
 
+    async def health_check(self, timeout: float) -> None:
+        """The agent answers a Check within ``timeout``."""
+
     async def guest_details(self) -> GuestDetails:
         """Kernel release, agent version and start-up times."""
 

@@ -71,6 +71,10 @@ class AgentClient:
         """Close the connection (idempotent)."""
         await self._client.close()
 
+    async def health_check(self, timeout: float) -> None:
+        """Check: the agent answers (raises `AgentCallError` otherwise)."""
+        await self._call("Check", pb.CheckRequest(), pb.HealthCheckResponse, timeout)
+
     async def _call(
         self, method: str, request: Message, response_type: type[M], timeout: float | None = None
     ) -> M:

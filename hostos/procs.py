@@ -10,9 +10,10 @@ Theory of operation
   copies it into a size-capped log), exactly the fds in ``pass_fds``
   (taps, vhost fds, memory) and a clean environment (``PATH`` only, plus what the caller
   adds). Linux sends the death signal when the *thread* that forked exits: asyncio forks
-  from the event-loop thread, which lives as long as the shim. The remaining window (the
-  shim killed between fork and the wrapper's prctl, well under a millisecond) is covered by
-  the sandbox's state record and `kill_recorded`.
+  from the event-loop thread, which lives as long as the shim. `spawn` returns only once
+  the wrapper has exec'd the helper, so the signal is armed by then. The remaining window
+  (the shim killed between fork and the wrapper's prctl, about a millisecond) is covered
+  by the sandbox's state record and `kill_recorded`.
 * A process is identified by ``(pid, start_time)``: field 22 of /proc/<pid>/stat, in clock
   ticks since boot. A pid may be reused; the pair may not. `ProcessRecord` is what the
   caller persists so that a later shim can `kill_recorded` what a crashed one left behind.
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # asyncio is imported where used: `shim delete` needs none of
 PDEATHSIG_WRAPPER = ("setpriv", "--pdeathsig", "KILL", "--")
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KILL_WAIT = 5.0
+WRAPPER_EXEC_WAIT = 2.0
 POLL_INTERVAL = 0.02
 
 
@@ -79,9 +81,28 @@ async def spawn(
     or, with ``asyncio.subprocess.PIPE``, to ``proc.stderr`` for the caller to copy."""
 
     if not isinstance(stderr, Path):
-        return await _exec(argv, stderr, pass_fds, env)
-    with stderr.open("wb") as err:
-        return await _exec(argv, err.fileno(), pass_fds, env)
+        proc = await _exec(argv, stderr, pass_fds, env)
+    else:
+        with stderr.open("wb") as err:
+            proc = await _exec(argv, err.fileno(), pass_fds, env)
+    await _wrapper_done(proc.pid)
+    return proc
+
+
+async def _wrapper_done(pid: int, timeout: float = WRAPPER_EXEC_WAIT) -> None:
+    """Wait until the wrapper has exec'd the helper: its death signal is armed from then on
+    (the wrapper sets it just before that exec)."""
+    import asyncio
+
+    wrapper = os.path.realpath(wrapper_path())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{pid}/exe") != wrapper:
+                return
+        except OSError:
+            return  # exited (or a zombie): nothing left to arm
+        await asyncio.sleep(0.001)
 
 
 async def _exec(argv: Sequence[str], stderr: int, pass_fds: Sequence[int],

@@ -102,6 +102,12 @@ class Virtiofsd:
                 )
             await asyncio.sleep(TIMEOUTS.poll_interval)
 
+    async def wait(self) -> int:
+        """Wait (no deadline: a long poll) until the daemon exits; its exit status."""
+        if self._proc is None:
+            raise HypervisorError("failed to wait for virtiofsd: not started")
+        return await self._proc.wait()
+
     async def stop(self, grace: float = TIMEOUTS.virtiofsd_stop) -> None:
         """Terminate the daemon (if running), remove its socket and lock file. Idempotent."""
         if self._proc is not None:

@@ -19,6 +19,10 @@ unwinds everything already done, and ``stop`` is that same unwinding after Destr
 What a crashed shim's ``delete`` needs is written to ``state.json`` as soon as it exists.
 ``_lock`` serialises start and stop.
 
+Once running, a supervisor task watches the VMM (`Hypervisor.wait_exited`) and the agent
+(a health check every :data:`HEALTH_INTERVAL` s): either failing ends the sandbox at once
+(``stop(graceful=False)``), so every process gets its exit and nothing waits on a dead VM.
+
 The sandbox shares container rootfs into the guest (`create_container` /
 `remove_container`) and keeps the set of shares it mounted; it does not own containers or
 processes: `sandbox.pod.Pod` does, and drives processes through `guest` (`Guest`).
@@ -52,6 +56,7 @@ from sandbox.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    SandboxError,
     UnavailableError,
 )
 from sandbox.guest import Guest, agent_errors
@@ -72,6 +77,12 @@ from sandbox.types import ContainerConfig, SandboxSpec, validate_id
 log = logging.getLogger(__name__)
 
 HypervisorFactory = Callable[[HypervisorConfig, VmSpec], Hypervisor]
+
+#: The agent is asked every HEALTH_INTERVAL seconds whether it answers (within
+#: HEALTH_TIMEOUT; guests under TCG are slow); HEALTH_FAILURES misses in a row end the pod.
+HEALTH_INTERVAL = 10.0
+HEALTH_TIMEOUT = 10.0
+HEALTH_FAILURES = 3
 
 
 class SandboxState(enum.Enum):
@@ -171,6 +182,7 @@ class Sandbox:
         self._vm: Hypervisor | None = None
         self._agent: AgentApi | None = None
         self._undo: AsyncExitStack | None = None
+        self._supervisor: asyncio.Future[None] | None = None
         self._shares: set[str] = set()  # container ids whose rootfs this sandbox mounted
         self._record = SandboxRecord(
             sandbox_id=self.id, namespace=self.namespace, hypervisor=config.hypervisor.name,
@@ -248,6 +260,7 @@ class Sandbox:
             self._save()
             self._undo = stack.pop_all()
         self.boot_seconds = time.monotonic() - started
+        self._supervisor = asyncio.ensure_future(self._supervise(vm, agent))
 
     async def _make_state_dir(self, stack: AsyncExitStack) -> None:
         if self.state_path.exists():
@@ -346,8 +359,47 @@ class Sandbox:
         self._record.containers = sorted(self._shares)
         write_record(self.state_path, self._record)
 
-    async def stop(self) -> None:
-        """Stop everything (idempotent): agent, VM, mounts, state dir."""
+    async def _supervise(self, vm: Hypervisor, agent: AgentApi) -> None:
+        """Watch a running sandbox: a VMM that exits (or kills itself because a helper
+        died) or an agent that stops answering ends the sandbox at once, so every process
+        gets its exit (255) and nothing waits on a dead VM."""
+        exited = asyncio.ensure_future(vm.wait_exited())
+        health = asyncio.ensure_future(self._watch_agent(agent))
+        try:
+            done, _ = await asyncio.wait({exited, health}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            health.cancel()
+        why = (f"the VM exited (status {exited.result()})" if exited in done
+               and not exited.cancelled() and exited.exception() is None
+               else "the agent stopped answering")  # fmt: skip
+        log.error("sandbox %s: %s: tearing it down", self.id, why)
+        try:
+            await self.stop(graceful=False)
+        except SandboxError as e:
+            log.error("sandbox %s: %s", self.id, e)
+
+    async def _watch_agent(self, agent: AgentApi) -> None:
+        """Return once the agent has failed :data:`HEALTH_FAILURES` checks in a row."""
+        failures = 0
+        while failures < HEALTH_FAILURES:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                await agent.health_check(HEALTH_TIMEOUT)
+                failures = 0
+            except (AgentCallError, OSError, TimeoutError) as e:
+                failures += 1
+                log.warning("sandbox %s: agent health check %d/%d failed: %s", self.id,
+                            failures, HEALTH_FAILURES, e)  # fmt: skip
+
+    async def stop(self, graceful: bool = True) -> None:
+        """Stop everything (idempotent): agent, VM, mounts, state dir. ``graceful=False``
+        (the VM or agent is gone) skips asking the agent to tidy up."""
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not asyncio.current_task():
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         async with self._lock:
             after = self._step(SandboxOp.STOP)
             undo, self._undo = self._undo, None
@@ -356,7 +408,7 @@ class Sandbox:
                 return
             self.state = after
             try:
-                if self._agent is not None:
+                if self._agent is not None and graceful:
                     with contextlib.suppress(AgentCallError, OSError, asyncio.TimeoutError):
                         await self._agent.destroy_sandbox()
                 self._shares.clear()

@@ -19,6 +19,9 @@ then unwinds the stack (SIGKILL if QEMU is still there, virtiofsd stopped, socke
 `stop` is idempotent and safe after QEMU died on its own. Nothing here blocks the event
 loop: waits are asyncio waits with deadlines from `hypervisors.timeouts`.
 
+If virtiofsd dies under a running VM, QEMU is killed: the guest could no longer reach its
+containers' files, and the sandbox learns of a dead VM through `wait_exited`.
+
 Devices added before `start` are cold-plugged (`hypervisors.qemu.args`). Hot-plugging a
 device into a running q35 VM needs free PCIe root ports reserved at boot; this version does
 not reserve any, so it refuses with `HypervisorUnsupported`. vCPUs are hot-plugged through
@@ -86,6 +89,7 @@ class Qemu:
         self._virtiofsd: Virtiofsd | None = None
         self._qmp: QmpClient | None = None
         self._stderr: StderrLog | None = None
+        self._stopping = False  # set by stop(): helpers exiting then are expected
         self._records: list[ProcessRecord] = []
 
     # -- views ---------------------------------------------------------------------------
@@ -175,6 +179,9 @@ class Qemu:
                 await self._spawn_qemu(stack)
                 self._qmp = await self._connect_qmp()
                 stack.push_async_callback(self._close_qmp)
+                if self._virtiofsd is not None:
+                    watch = asyncio.ensure_future(self._watch_virtiofsd(self._virtiofsd))
+                    stack.callback(watch.cancel)  # first thing undone: stop() is no death
                 self._stack = stack.pop_all()
 
     async def _start_virtiofsd(self, stack: contextlib.AsyncExitStack, fs: SharedFsDevice) -> None:
@@ -243,6 +250,18 @@ class Qemu:
             f"stderr:\n{tail(self.paths.vmm_stderr)}"
         )
 
+    async def _watch_virtiofsd(self, vfs: Virtiofsd) -> None:
+        """A VM whose share died cannot serve its containers: end it, so that the sandbox
+        sees the VMM exit (`wait_exited`) and tears down, instead of hanging the guest."""
+        code = await vfs.wait()
+        if self._stopping:
+            return
+        log.error("VM %s: virtiofsd exited (status %s) under a running VM: killing QEMU",
+                  self.sandbox_id, code)  # fmt: skip
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
     async def wait_exited(self) -> int:
         """Wait (no deadline: this is a long poll) until QEMU exits; its return code."""
         if self._proc is None:
@@ -265,6 +284,7 @@ class Qemu:
 
     async def stop(self, timeout: float = TIMEOUTS.qemu_quit) -> None:
         """Quit QEMU (SIGKILL after ``timeout``), stop virtiofsd, remove sockets. Idempotent."""
+        self._stopping = True
         async with self._lock:
             stack, self._stack = self._stack, None
             if stack is None:

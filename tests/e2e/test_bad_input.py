@@ -67,6 +67,29 @@ def test_vm_killed_stops_the_task_and_leaves_nothing(kata: Kata) -> None:
     assert gone, "QEMU, virtiofsd or the shim outlived the deleted task"
 
 
+def test_virtiofsd_killed_ends_the_pod_within_seconds(kata: Kata) -> None:
+    """SIGKILL virtiofsd under a running container: the VM cannot serve its files any
+    more, so the shim ends it; the task stops quickly and deletes without a timeout."""
+    import time
+
+    cd, cid = kata.cd, "t1"
+    run_detached(cd, KATA, cid, "sleep", "300")
+    daemons = procs.matching(("virtiofsd",), scope=[str(cd.dir)])
+    assert len(daemons) >= 1, "no virtiofsd for the running container"
+    killed = time.monotonic()
+    for daemon in daemons:
+        os.kill(daemon.pid, signal.SIGKILL)
+    assert procs.wait_until(lambda: cd.tasks().get(cid) == "STOPPED", 15), cd.tasks()
+    stopped_after = time.monotonic() - killed
+    res = cd.ctr("task", "delete", cid, timeout=20)
+    assert res.returncode == 0, explain(res)
+    assert cd.ctr("container", "delete", cid).returncode == 0
+    assert stopped_after < 15, stopped_after
+    gone = procs.wait_until(lambda: not procs.matching(
+        ("qemu-system", "virtiofsd", "containerd-shim-kata-v2"), scope=[str(cd.dir)]), 30)
+    assert gone, "QEMU, virtiofsd or the shim outlived the deleted task"
+
+
 def test_9p_share_on_a_kernel_without_9p_is_named(kata: Kata) -> None:
     """The cloud guest kernel has no 9p: asking for it must fail clearly, not hang."""
     kata.write_config({"hypervisor.qemu": {"shared_fs": "virtio-9p"}})

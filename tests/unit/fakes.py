@@ -206,6 +206,12 @@ class FakeAgent:
         for p in self.procs.values():
             p.lose()
 
+    async def health_check(self, timeout: float) -> None:
+        if "health_check_hangs" in self.fail_at:
+            await asyncio.sleep(timeout)
+            raise TimeoutError("no answer")
+        self._call("health_check")
+
     async def guest_details(self) -> GuestDetails:
         self._call("guest_details")
         return GuestDetails("6.1.0-fake", "0.1.0", 0.5, 0.2)

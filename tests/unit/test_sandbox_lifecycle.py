@@ -262,3 +262,45 @@ def test_sandbox_cell(state: SandboxState, op: SandboxOp) -> None:
         assert isinstance(info.value, UnavailableError)  # containerd sees the VM is gone
     if op in (SandboxOp.STARTED, SandboxOp.START_FAILED, SandboxOp.STOPPED):
         assert isinstance(info.value, FailedPreconditionError)  # internal steps only
+
+
+# -- supervision: a VM or agent that dies after boot ends the sandbox at once ----------------
+
+
+def test_a_vmm_that_dies_after_boot_ends_the_sandbox(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        os.kill(world.vm.pid or 0, 9)
+        for _ in range(100):
+            if sandbox.state is SandboxState.STOPPED:
+                break
+            await asyncio.sleep(0.02)
+        assert sandbox.state is SandboxState.STOPPED
+        assert ("destroy_sandbox",) not in world.agent.calls  # no asking a dead guest
+        assert_nothing_left(tmp_path, world, sandbox)
+
+    run(body, tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["health_check", "health_check_hangs"])
+def test_an_agent_that_stops_answering_ends_the_sandbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    import sandbox.sandbox as module
+
+    monkeypatch.setattr(module, "HEALTH_INTERVAL", 0.01)
+    monkeypatch.setattr(module, "HEALTH_TIMEOUT", 0.05)
+
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        await asyncio.sleep(0.1)
+        assert sandbox.state is SandboxState.RUNNING  # a healthy agent: nothing happens
+        world.agent.fail_at = frozenset({broken})
+        for _ in range(200):
+            if sandbox.state is SandboxState.STOPPED:
+                break
+            await asyncio.sleep(0.02)
+        assert sandbox.state is SandboxState.STOPPED
+        assert_nothing_left(tmp_path, world, sandbox)
+
+    run(body, tmp_path)
