@@ -34,3 +34,7 @@ class QmpCommandError(QmpError):
 
 class HypervisorUnsupported(HypervisorError):
     """The hypervisor (or this version's driver for it) cannot do what was asked."""
+
+
+class HypervisorRefused(HypervisorError):
+    """The configuration forbids what this VM would need (e.g. TCG when it is not allowed)."""

@@ -46,7 +46,7 @@ from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
 from hostos.procs import start_time
 from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, SharedFsKind, VmSpec
 from hypervisors.config import ConfigError
-from hypervisors.errors import HypervisorError
+from hypervisors.errors import HypervisorError, HypervisorRefused
 from hypervisors.factory import create_hypervisor
 from sandbox import storage
 from sandbox.cleanup import cleanup_after_crash, shim_alive
@@ -293,6 +293,8 @@ class Sandbox:
         stack.callback(setattr, self, "_vm", None)
         try:
             await vm.start()
+        except HypervisorRefused as e:  # the configuration forbids it: a fix is needed
+            raise InvalidArgumentError(str(e)) from e
         except HypervisorError as e:
             raise UnavailableError(f"failed to start the VM of sandbox {self.id}: {e}") from e
         self._record.accelerator = vm.accelerator

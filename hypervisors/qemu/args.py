@@ -128,6 +128,17 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class SeccompSandbox:
+    """``-sandbox``: QEMU's own seccomp filter (no new privileges, no spawning, ...)."""
+
+    options: str
+
+    def to_argv(self) -> list[str]:
+        """Render (nothing when the options are empty)."""
+        return ["-sandbox", self.options] if self.options else []
+
+
+@dataclass(frozen=True)
 class KernelBoot:
     """Direct kernel boot: ``-kernel``, ``-initrd`` (if any), ``-append``."""
 
@@ -297,6 +308,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         Memory(memory, shared=fs is not None and fs.kind == "virtio-fs"),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
+        SeccompSandbox(config.seccompsandbox),
         SerialConsole(vm.paths.console_socket),
         QmpSocket(vm.paths.qmp_socket),
         PidFile(vm.paths.vmm_pidfile),

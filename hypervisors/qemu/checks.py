@@ -60,14 +60,24 @@ def check_version(qemu_path: str) -> HostCheck:
     return HostCheck("QEMU version", True, first)
 
 
-def check_accelerator(requested: str) -> HostCheck:
-    """The accelerator a VM would use, and why."""
+def check_accelerator(requested: str, allow_tcg: bool) -> list[HostCheck]:
+    """The accelerator a VM would use, and why; under TCG, whether pods may run there."""
     try:
         choice = choose_accelerator(requested)
     except HypervisorError as e:
         fix = f'set accelerator = "auto" or "tcg" in [{SECTION}], or make /dev/kvm usable'
-        return HostCheck("accelerator", False, f"{e}; {fix}")
-    return HostCheck("accelerator", True, f"{choice.accelerator} ({choice.reason})")
+        return [HostCheck("accelerator", False, f"{e}; {fix}")]
+    checks = [HostCheck("accelerator", True, f"{choice.accelerator} ({choice.reason})")]
+    if choice.accelerator == "tcg":
+        boundary = "guests run under TCG, which QEMU does not treat as a security boundary"
+        if allow_tcg:
+            checks.append(HostCheck("security boundary", False,
+                                    f"{boundary} (allowed: allow_tcg = true)", required=False))
+        else:
+            checks.append(HostCheck("security boundary", False,
+                                    f"{boundary}; pods are refused until allow_tcg = true "
+                                    f"is set in [{SECTION}]"))  # fmt: skip
+    return checks
 
 
 def check_agent_channel() -> HostCheck:
@@ -88,5 +98,5 @@ def host_checks(config: QemuConfig, source: str = "<config>") -> list[HostCheck]
     checks = list(files)
     if files[0].ok:  # the QEMU binary is there
         checks.append(check_version(config.path))
-    checks += [check_accelerator(config.accelerator), check_agent_channel()]
+    checks += [*check_accelerator(config.accelerator, config.allow_tcg), check_agent_channel()]
     return checks

@@ -17,6 +17,7 @@ from hypervisors.config import (
     ConfigError,
     Parser,
     abs_path,
+    boolean,
     int_at_least,
     need_file,
     nonempty,
@@ -33,6 +34,7 @@ ACCELERATORS = ("auto", "kvm", "tcg")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
 VIRTIO_FS_CACHE_MODES = ("auto", "always", "none")
 MIN_MEMORY_MIB = 64
+DEFAULT_SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class QemuConfig:
     virtio_fs_extra_args: tuple[str, ...] = ()
     valid_hypervisor_paths: tuple[str, ...] = ()
     enable_annotations: tuple[str, ...] = ()
+    #: QEMU's ``-sandbox`` (seccomp) options; "" turns it off. On unless asked otherwise.
+    seccompsandbox: str = DEFAULT_SECCOMP_SANDBOX
+    #: Whether pods may run under TCG, which QEMU's security policy does not treat as a
+    #: security boundary. Off unless the configuration says so.
+    allow_tcg: bool = False
     #: Keys found in the table that this version does not know (ignored, reported).
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
@@ -123,4 +130,6 @@ _PARSERS: dict[str, Parser] = {
     "virtio_fs_extra_args": str_list,
     "valid_hypervisor_paths": str_list,
     "enable_annotations": str_list,
+    "seccompsandbox": string,
+    "allow_tcg": boolean,
 }

@@ -53,7 +53,12 @@ from hypervisors.base import (
     VsockDevice,
 )
 from hypervisors.console import ConsoleLog, StderrLog
-from hypervisors.errors import HypervisorError, HypervisorUnsupported, QmpError
+from hypervisors.errors import (
+    HypervisorError,
+    HypervisorRefused,
+    HypervisorUnsupported,
+    QmpError,
+)
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv
 from hypervisors.qemu.config import QemuConfig
 from hypervisors.qmp import QmpClient
@@ -168,8 +173,7 @@ class Qemu:
                 self.paths.state_dir.mkdir(parents=True, exist_ok=True)
                 stack.callback(self._remove_files)
                 self._remove_files()
-                self._accel = choose_accelerator(self.config.accelerator)
-                log.info("VM %s: accelerator %s", self.sandbox_id, self._accel.reason)
+                self._accel = self._choose_accelerator()
                 shares = self._devices.of(SharedFsDevice)
                 if shares and shares[0].kind == "virtio-fs":
                     await self._start_virtiofsd(stack, shares[0])
@@ -183,6 +187,20 @@ class Qemu:
                     watch = asyncio.ensure_future(self._watch_virtiofsd(self._virtiofsd))
                     stack.callback(watch.cancel)  # first thing undone: stop() is no death
                 self._stack = stack.pop_all()
+
+    def _choose_accelerator(self) -> AccelChoice:
+        choice = choose_accelerator(self.config.accelerator)
+        log.info("VM %s: accelerator %s", self.sandbox_id, choice.reason)
+        if choice.accelerator == "tcg":
+            if not self.config.allow_tcg:
+                raise HypervisorRefused(
+                    f"failed to start VM {self.sandbox_id}: it would run under TCG "
+                    f"({choice.reason}), which QEMU does not treat as a security boundary; "
+                    "set allow_tcg = true in [hypervisor.qemu] to run pods there anyway"
+                )
+            log.warning("VM %s runs under TCG: QEMU does not treat software emulation as a "
+                        "security boundary (allow_tcg = true)", self.sandbox_id)  # fmt: skip
+        return choice
 
     async def _start_virtiofsd(self, stack: contextlib.AsyncExitStack, fs: SharedFsDevice) -> None:
         vfs = Virtiofsd(

@@ -42,7 +42,8 @@ def config() -> QemuConfig:
         pytest.fail(f"guest image missing: {', '.join(missing)}; run `make guest` first")
     if os.geteuid() != 0:
         pytest.fail("the QEMU e2e tests need root (virtiofsd sandboxing)")
-    return QemuConfig(kernel=str(KERNEL), initrd=str(INITRD), default_memory=512)
+    return QemuConfig(kernel=str(KERNEL), initrd=str(INITRD), default_memory=512,
+                      allow_tcg=True)  # these machines have no usable KVM
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -275,5 +276,37 @@ def test_pause_resume_vcpus_fd_passing_and_no_hot_plug(
                 await vm.resize_memory(4096)
         finally:
             await vm.stop()
+
+    asyncio.run(run())
+
+
+def test_qemu_runs_under_its_seccomp_sandbox(config: QemuConfig,
+                                             sandbox: tuple[str, Path, Path]) -> None:
+    sandbox_id, state, shared = sandbox
+
+    async def run() -> None:
+        vm = await new_vm(config, sandbox_id, state, shared)
+        await vm.start()
+        try:
+            status = Path(f"/proc/{vm.pid}/status").read_text()
+            assert "\nSeccomp:\t2\n" in status  # a seccomp filter is installed
+        finally:
+            await vm.stop()
+
+    asyncio.run(run())
+
+
+def test_tcg_is_refused_unless_allowed(config: QemuConfig,
+                                       sandbox: tuple[str, Path, Path]) -> None:
+    sandbox_id, state, shared = sandbox
+    from hypervisors.errors import HypervisorRefused
+
+    async def run() -> None:
+        vm = await new_vm(replace(config, accelerator="tcg", allow_tcg=False), sandbox_id,
+                          state, shared)  # fmt: skip
+        with pytest.raises(HypervisorRefused, match="allow_tcg = true"):
+            await vm.start()
+        assert vm.pid is None
+        await vm.stop()
 
     asyncio.run(run())

@@ -28,8 +28,9 @@ class Kata:
         return kataconfig.write(self.config_path, base, *overrides)
 
     def sandbox_dirs(self) -> list[Path]:
+        """Every sandbox's state dir (``sbs/<namespace>/<id>``)."""
         sbs = self.state_dir / "sbs"
-        return sorted(sbs.iterdir()) if sbs.is_dir() else []
+        return sorted(p for ns in sbs.iterdir() for p in ns.iterdir()) if sbs.is_dir() else []
 
     def qemu_processes(self) -> list[procs.Proc]:
         return procs.matching(["qemu-system"], scope=[str(self.cd.dir)])

@@ -54,7 +54,9 @@ def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
     return {
         "hypervisor.qemu": {"kernel": str(guest_dir / "vmlinuz"),
                             "initrd": str(guest_dir / "initrd.img"),
-                            "default_memory": memory_mib},
+                            "default_memory": memory_mib,
+                            # These machines have no usable KVM (docs: environment.md).
+                            "allow_tcg": True},
         "runtime": {"state_dir": str(state_dir), "enable_debug": True},
     }
 

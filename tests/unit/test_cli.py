@@ -37,7 +37,7 @@ def write_config(tmp_path: Path, **qemu: Any) -> Path:
     table = {
         "path": str(fake_qemu), "kernel": str(tmp_path / "vmlinuz"),
         "initrd": str(tmp_path / "initrd.img"), "virtio_fs_daemon": str(virtiofsd),
-        "accelerator": "tcg", **qemu,
+        "accelerator": "tcg", "allow_tcg": True, **qemu,
     }
     lines = ["[hypervisor.qemu]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
     lines += ["[agent.kata]", "dial_timeout = 5", "[runtime]",
@@ -70,6 +70,18 @@ def test_check_passes_when_everything_is_there(
     assert "ok    accelerator: tcg (tcg: requested by configuration" in out
     assert "agent channel: /dev/vhost-vsock" in out
     assert "FAIL" not in out
+
+
+def test_check_refuses_tcg_unless_allowed(
+        tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--config", str(write_config(tmp_path, allow_tcg=False)), "check")
+    assert code == 1
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert fails == ["FAIL  security boundary: guests run under TCG, which QEMU does not treat "
+                     "as a security boundary; pods are refused until allow_tcg = true is set "
+                     "in [hypervisor.qemu]"], out
+    code, out, _ = run(capsys, "--config", str(write_config(tmp_path)), "check")
+    assert code == 0 and "warn  security boundary: guests run under TCG" in out
 
 
 def test_check_names_every_missing_file_and_the_fix(

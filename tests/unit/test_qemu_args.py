@@ -50,6 +50,7 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-initrd", "/k/initrd.img",
         "-append", "console=ttyS0 panic=1 quiet loglevel=3 agent.debug=1",
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={STATE}/console.sock,server=off",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={STATE}/qmp.sock,server=on,wait=off",
@@ -137,3 +138,10 @@ def test_cold_plugged_disks() -> None:
 def test_vm_spec_overrides_size() -> None:
     argv = build_argv(CONFIG, vm(vcpus=3, memory_mib=1024))
     assert option(argv, "-smp") == ["3"] and option(argv, "-m") == ["1024M"]
+
+
+def test_seccomp_sandbox_is_on_unless_emptied() -> None:
+    argv = build_argv(CONFIG, vm())
+    assert option(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert "-sandbox" not in build_argv(QemuConfig(seccompsandbox=""), vm())
