@@ -179,6 +179,18 @@ class Containers:
             await old.close_streams()
         return process.pid
 
+    async def remove_exec(self, container_id: str, exec_id: str) -> None:
+        """Forget an exec that has exited and release its streams."""
+        container = self.get(container_id)
+        validate.check_id("exec_id", exec_id)
+        process = container.execs.get(exec_id)
+        if process is None:
+            raise NotFound(f"exec {exec_id!r} not found in {container_id!r}")
+        if not process.exited:
+            raise FailedPrecondition(f"exec {exec_id!r} in {container_id!r} is still running")
+        del container.execs[exec_id]
+        await process.close_streams()
+
     async def _exec(self, container: Container, process: Process, spec: dict[str, Any],
                     stdin: bool) -> None:
         json_path = container.path(f"process-{process.exec_id}.json")

@@ -83,6 +83,7 @@ class AgentService:
             "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
             "WaitProcess": (pb.WaitProcessRequest, self.wait_process),
             "ListProcesses": (pb.ListProcessesRequest, self.list_processes),
+            "RemoveProcess": (pb.RemoveProcessRequest, self.remove_process),
             "WriteStdin": (pb.WriteStreamRequest, self.write_stdin),
             "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
             "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
@@ -149,6 +150,10 @@ class AgentService:
 
     async def remove_container(self, req: pb.RemoveContainerRequest) -> Message:
         await self._containers.remove(req.container_id, float(req.timeout) or None)
+        return empty_pb2.Empty()
+
+    async def remove_process(self, req: pb.RemoveProcessRequest) -> Message:
+        await self._containers.remove_exec(req.container_id, req.exec_id)
         return empty_pb2.Empty()
 
     async def exec_process(self, req: pb.ExecProcessRequest) -> Message:

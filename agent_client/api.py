@@ -19,6 +19,9 @@ class AgentApi(Protocol):
     async def close(self) -> None:
         """Close the connection (idempotent)."""
 
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (EOF, I/O error, protocol violation)."""
+
     async def health_check(self, timeout: float) -> None:
         """The agent answers a Check within ``timeout``."""
 
@@ -57,6 +60,9 @@ class AgentApi(Protocol):
 
     async def list_processes(self, container_id: str) -> list[int]:
         """Guest pids of the container."""
+
+    async def remove_process(self, container_id: str, exec_id: str) -> None:
+        """Forget an exec that has exited."""
 
     async def remove_container(self, container_id: str, timeout: int = 0) -> None:
         """Kill what is left and forget it."""

@@ -37,6 +37,7 @@ TIMEOUTS: Mapping[str, float | None] = {
     "SignalProcess": 10.0,
     "ListProcesses": 10.0,
     "RemoveContainer": 60.0,
+    "RemoveProcess": 10.0,
     "CloseStdin": 10.0,
     "TtyWinResize": 10.0,
     # WriteStdin waits while the process does not read its stdin: no deadline either.
@@ -70,6 +71,10 @@ class AgentClient:
     async def close(self) -> None:
         """Close the connection (idempotent)."""
         await self._client.close()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (EOF, I/O error, protocol violation)."""
+        await self._client.closed.wait()
 
     async def health_check(self, timeout: float) -> None:
         """Check: the agent answers (raises `AgentCallError` otherwise)."""
@@ -160,6 +165,11 @@ class AgentClient:
         """ListProcesses: guest pids of the container."""
         request = pb.ListProcessesRequest(container_id=container_id)
         return list((await self._call("ListProcesses", request, pb.ListProcessesResponse)).pids)
+
+    async def remove_process(self, container_id: str, exec_id: str) -> None:
+        """RemoveProcess: forget an exec that has exited."""
+        request = pb.RemoveProcessRequest(container_id=container_id, exec_id=exec_id)
+        await self._call("RemoveProcess", request, Empty)
 
     async def remove_container(self, container_id: str, timeout: int = 0) -> None:
         """RemoveContainer: kill what is left and forget it."""

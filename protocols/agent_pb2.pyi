@@ -122,6 +122,14 @@ class StartContainerResponse(_message.Message):
     pid: int
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
+class RemoveProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
 class RemoveContainerRequest(_message.Message):
     __slots__ = ("container_id", "timeout")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

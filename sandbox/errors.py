@@ -45,6 +45,12 @@ class UnavailableError(SandboxError):
     code = Code.UNAVAILABLE
 
 
+class ResourceExhaustedError(SandboxError):
+    """The host ran out of something (space in the state directory, ...)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
 class DeadlineExceededError(SandboxError):
     """Something took longer than its timeout."""
 

@@ -80,6 +80,11 @@ class Guest:
         async with agent_errors(f"signal {_name(container_id, exec_id)}"):
             await self._agent().signal_process(container_id, exec_id, signal, all)
 
+    async def remove_process(self, container_id: str, exec_id: str) -> None:
+        """Have the agent forget an exec that has exited."""
+        async with agent_errors(f"remove exec {exec_id} of {container_id}"):
+            await self._agent().remove_process(container_id, exec_id)
+
     async def list_pids(self, container_id: str) -> list[int]:
         """Guest pids of the container's processes."""
         async with agent_errors(f"list the processes of {container_id}"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -219,8 +220,12 @@ class Pod:
             process = container.process(exec_id)
             process.ensure(Op.DELETE)
             if exec_id:
+                started = process.state is not State.CREATED
                 await process.delete()
                 del container.execs[exec_id]
+                if started:  # the guest knows it only once started
+                    await self._forget(functools.partial(self.sandbox.guest.remove_process,
+                                                         container_id), exec_id)  # fmt: skip
             else:
                 await self._delete_container(container)
                 self._events.deleted(process, self.task_pid)  # for the init only, as runc
@@ -237,12 +242,13 @@ class Pod:
         del self._containers[cid]
 
     @staticmethod
-    async def _forget(remove: Callable[[str], Awaitable[None]], container_id: str) -> None:
-        """Remove a container's share; a VM that is gone or forgot the id is no error."""
+    async def _forget(remove: Callable[[str], Awaitable[None]], ident: str) -> None:
+        """Remove a container's share or an exec in the guest; a VM that is gone or forgot
+        the id is no error."""
         try:
-            await remove(container_id)
+            await remove(ident)
         except (UnavailableError, NotFoundError) as e:
-            log.info("nothing to remove: %s", e, extra=kv(container=container_id))
+            log.info("nothing to remove: %s", e, extra=kv(id=ident))
 
     async def pids(self, container_id: str) -> list[int]:
         """Guest pids of a container's processes."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import os
 import time
@@ -56,6 +57,7 @@ from sandbox.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     SandboxError,
     UnavailableError,
 )
@@ -363,18 +365,24 @@ class Sandbox:
 
     async def _supervise(self, vm: Hypervisor, agent: AgentApi) -> None:
         """Watch a running sandbox: a VMM that exits (or kills itself because a helper
-        died) or an agent that stops answering ends the sandbox at once, so every process
-        gets its exit (255) and nothing waits on a dead VM."""
+        died), an agent connection that ends (a guest breaking the protocol is one that can
+        no longer be trusted) or an agent that stops answering ends the sandbox at once, so
+        every process gets its exit (255) and nothing waits on a dead VM."""
         exited = asyncio.ensure_future(vm.wait_exited())
         health = asyncio.ensure_future(self._watch_agent(agent))
+        closed = asyncio.ensure_future(agent.wait_closed())
+        watches = {exited, health, closed}
         try:
-            done, _ = await asyncio.wait({exited, health}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(watches, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            exited.cancel()
-            health.cancel()
-        why = (f"the VM exited (status {exited.result()})" if exited in done
-               and not exited.cancelled() and exited.exception() is None
-               else "the agent stopped answering")  # fmt: skip
+            for watch in watches:
+                watch.cancel()
+        if exited in done and not exited.cancelled() and exited.exception() is None:
+            why = f"the VM exited (status {exited.result()})"
+        elif closed in done:
+            why = "the agent connection ended (the guest closed it or broke the protocol)"
+        else:
+            why = "the agent stopped answering"
         log.error("sandbox %s: %s: tearing it down", self.id, why)
         try:
             await self.stop(graceful=False)
@@ -445,8 +453,11 @@ class Sandbox:
             self._save()
             async with agent_errors(f"create container {cid}"):
                 await agent.create_container(cid, spec, c.terminal, c.stdin)
-        except BaseException:  # cancelled too: the share goes with the container
+        except BaseException as e:  # cancelled too: the share goes with the container
             await self._unshare(cid)
+            if isinstance(e, OSError):
+                kind = ResourceExhaustedError if e.errno == errno.ENOSPC else UnavailableError
+                raise kind(f"failed to create container {cid}: {e}") from e
             raise
 
     def _mount_rootfs(self, c: ContainerConfig, binds: list[SharedBind]) -> None:
@@ -477,7 +488,10 @@ class Sandbox:
         await in_thread(storage.remove_tree, directory)
         self._shares.discard(container_id)
         if self.state_path.exists():
-            self._save()
+            try:
+                self._save()
+            except OSError as e:  # only the listing is stale; nothing stays mounted
+                log.warning("sandbox %s: failed to update %s: %s", self.id, self.state_path, e)
 
     async def remove_container(self, container_id: str) -> None:
         """Stop what is left of the container in the guest and unmount its rootfs."""

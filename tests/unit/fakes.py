@@ -206,6 +206,10 @@ class FakeAgent:
         for p in self.procs.values():
             p.lose()
 
+    async def wait_closed(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(0.01)
+
     async def health_check(self, timeout: float) -> None:
         if "health_check_hangs" in self.fail_at:
             await asyncio.sleep(timeout)
@@ -257,6 +261,11 @@ class FakeAgent:
     async def list_processes(self, container_id: str) -> list[int]:
         self._call("list_processes", container_id)
         return [1, 7]
+
+    async def remove_process(self, container_id: str, exec_id: str) -> None:
+        self._call("remove_process", container_id, exec_id)
+        if self.procs.pop((container_id, exec_id), None) is None:
+            raise AgentCallError("RemoveProcess", Code.NOT_FOUND, f"{exec_id} not found")
 
     async def remove_container(self, container_id: str, timeout: int = 0) -> None:
         self._call("remove_container", container_id)

@@ -88,6 +88,23 @@ def test_lifecycle(tmp_path: Path) -> None:
     _run(tmp_path, scenario)
 
 
+def test_an_exited_exec_is_forgotten_on_request(tmp_path: Path) -> None:
+    async def scenario(containers: Containers, fake: FakeCrun) -> None:
+        c = await containers.create("c1", _spec(tmp_path), terminal=False, stdin=False)
+        await containers.start("c1")
+        await containers.exec("c1", "e1", b'{"args": ["sleep", "30"]}', stdin=False)
+        with pytest.raises(FailedPrecondition, match="still running"):
+            await containers.remove_exec("c1", "e1")
+        containers.signal("c1", "e1", signal.SIGKILL, all_processes=False)
+        assert await c.execs["e1"].wait() == 137
+        await containers.remove_exec("c1", "e1")
+        assert "e1" not in c.execs  # an exec probe every 10 s no longer piles up
+        with pytest.raises(NotFound):
+            await containers.remove_exec("c1", "e1")
+
+    _run(tmp_path, scenario)
+
+
 def test_duplicates_and_bad_input(tmp_path: Path) -> None:
     async def scenario(containers: Containers, fake: FakeCrun) -> None:
         await containers.create("c1", _spec(tmp_path), terminal=False, stdin=False)

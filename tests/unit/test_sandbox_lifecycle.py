@@ -304,3 +304,55 @@ def test_an_agent_that_stops_answering_ends_the_sandbox(
         assert_nothing_left(tmp_path, world, sandbox)
 
     run(body, tmp_path)
+
+
+def test_an_agent_connection_that_ends_ends_the_sandbox(tmp_path: Path) -> None:
+    """A guest that breaks the protocol gets its connection dropped by the ttrpc client
+    (tests/unit/test_agent_hostile.py); the sandbox must then go at once."""
+
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        await world.agent.close()  # what the client does on garbage from the guest
+        for _ in range(100):
+            if sandbox.state is SandboxState.STOPPED:
+                break
+            await asyncio.sleep(0.02)
+        assert sandbox.state is SandboxState.STOPPED
+        assert_nothing_left(tmp_path, world, sandbox)
+
+    run(body, tmp_path)
+
+
+def test_running_out_of_space_during_create_leaves_no_stuck_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import sandbox.sandbox as module
+    from sandbox.types import ContainerConfig
+    from tests.unit.fakes import write_bundle
+
+    bundle = write_bundle(tmp_path / "c1")
+    config = ContainerConfig("c1", bundle, (), {"root": {"path": "rootfs"}}, False, False)
+    real_write = module.write_record
+
+    def full(path: Path, record: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        monkeypatch.setattr(module, "write_record", full)
+        with pytest.raises(SandboxError, match="No space left") as info:
+            await sandbox.create_container(config)
+        assert info.value.code is Code.RESOURCE_EXHAUSTED
+        share = sandbox.mounts_dir / "containers" / "c1"
+        assert not share.exists() and not storage_mounts(tmp_path, "c1")
+        monkeypatch.setattr(module, "write_record", real_write)
+        await sandbox.create_container(config)  # the same id works once there is room
+        assert storage_mounts(tmp_path, "c1")
+
+    run(body, tmp_path)
+
+
+def storage_mounts(tmp: Path, cid: str) -> list[str]:
+    return [m for m in mounts_under(tmp) if f"/containers/{cid}/" in m]

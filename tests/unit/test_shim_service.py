@@ -363,3 +363,20 @@ def test_ids_are_matched_whole(tmp_path: Path, bad: str) -> None:
         assert h.world.vms == []
 
     run(body, tmp_path)
+
+
+def test_deleting_an_exec_makes_the_guest_forget_it(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        await h.call("Exec", id="pod", exec_id="e1")
+        await h.call("Start", id="pod", exec_id="e1")
+        h.agent.proc("pod", "e1").finish(0)
+        await h.call("Wait", id="pod", exec_id="e1")
+        await h.call("Delete", id="pod", exec_id="e1")
+        assert ("remove_process", "pod", "e1") in h.agent.calls
+        await h.call("Exec", id="pod", exec_id="e2")  # never started: the guest never knew it
+        await h.call("Delete", id="pod", exec_id="e2")
+        assert ("remove_process", "pod", "e2") not in h.agent.calls
+
+    run(body, tmp_path)
