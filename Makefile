@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= $(CURDIR)/build/out
 CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
-.PHONY: all deps venv protos guest lint unit e2e test demo install uninstall clean
+.PHONY: all deps venv protos guest lint unit e2e test soak demo install uninstall clean
 
 all: venv
 
@@ -42,6 +42,11 @@ e2e: deps venv guest
 
 test: deps venv guest lint
 	$(PY) -m pytest -q tests
+
+# Long run: 200 container cycles in one pod and 50 pod cycles, resources before/after
+# (figures in docs/reliability.md). `make test` runs a few cycles of it.
+soak: deps venv guest
+	$(PY) -m benchmarks.soak
 
 demo: deps venv guest
 	$(PY) -m tests.demo
