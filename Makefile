@@ -47,6 +47,7 @@ test: deps venv guest lint
 # (figures in docs/reliability.md). `make test` runs a few cycles of it.
 soak: deps venv guest
 	$(PY) -m benchmarks.soak
+	KATA_FAULT_ROUNDS=3 $(PY) -m pytest -q tests/e2e/test_fault_matrix.py
 
 demo: deps venv guest
 	$(PY) -m tests.demo

@@ -45,11 +45,13 @@ class Sample:
     mounts: int
     sandboxes: int
     vmms: int
+    shims: int
 
     def row(self, label: str) -> str:
-        return (f"| {label} | {self.shim_fds} | {self.shim_rss_kib / 1024:.1f} | "
-                f"{self.containerd_fds} | {self.containerd_rss_kib / 1024:.1f} | "
-                f"{self.mounts} | {self.sandboxes} | {self.vmms} |")
+        shim = f"{self.shim_fds} | {self.shim_rss_kib / 1024:.1f}" if self.shims else "- | -"
+        return (f"| {label} | {shim} | {self.containerd_fds} | "
+                f"{self.containerd_rss_kib / 1024:.1f} | {self.mounts} | {self.sandboxes} | "
+                f"{self.vmms} | {self.shims} |")
 
 
 def fds(pid: int) -> int:
@@ -80,7 +82,7 @@ def sample(kata: Kata) -> Sample:
         except OSError:
             continue
     return Sample(fds(shim), rss_kib(shim), fds(cd), rss_kib(cd), ours,
-                  len(kata.sandbox_dirs()), len(kata.qemu_processes()))
+                  len(kata.sandbox_dirs()), len(kata.qemu_processes()), len(shims))
 
 
 def probe(kata: Kata, cid: str, n: int) -> None:
@@ -104,13 +106,15 @@ def container_cycles(kata: Kata, n: int, report: list[str]) -> tuple[Sample, Sam
         if i % max(1, n // 4) == 0 or i == n:
             report.append(sample(kata).row(f"{i} container cycles"))
     last = sample(kata)
-    report.append(f"\n{n} container cycles in {time.monotonic() - started:.0f} s")
+    report.append(f"\n{n} container cycles in {time.monotonic() - started:.0f} s\n")
     remove(kata.cd, POD)
     return first, last
 
 
 def pod_cycles(kata: Kata, n: int, report: list[str]) -> tuple[Sample, Sample]:
+    procs.wait_until(lambda: sample(kata).shims == 0, 30)  # the last pod's shim exits
     first = sample(kata)
+    report.append(first.row("0 pod cycles"))
     started = time.monotonic()
     for i in range(1, n + 1):
         run_detached(kata.cd, KATA, f"soak-p{i}", "sleep", "300")
@@ -118,8 +122,9 @@ def pod_cycles(kata: Kata, n: int, report: list[str]) -> tuple[Sample, Sample]:
         remove(kata.cd, f"soak-p{i}")
         if i % max(1, n // 4) == 0 or i == n:
             report.append(sample(kata).row(f"{i} pod cycles"))
-    procs.wait_until(lambda: sample(kata).vmms == 0, 30)
+    procs.wait_until(lambda: sample(kata).vmms == sample(kata).shims == 0, 30)
     last = sample(kata)
+    report.append(last.row(f"{n} pod cycles, settled"))
     report.append(f"\n{n} pod cycles in {time.monotonic() - started:.0f} s")
     return first, last
 
@@ -132,7 +137,7 @@ def flat(before: Sample, after: Sample, fd_slack: int, what: str) -> list[str]:
     if after.containerd_fds > before.containerd_fds + fd_slack:
         problems.append(f"{what}: containerd fds {before.containerd_fds} -> "
                         f"{after.containerd_fds}")
-    for field in ("mounts", "sandboxes", "vmms"):
+    for field in ("mounts", "sandboxes", "vmms", "shims"):
         if getattr(after, field) > getattr(before, field):
             problems.append(f"{what}: {field} {getattr(before, field)} -> "
                             f"{getattr(after, field)}")
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="fd growth tolerated (lazily opened files such as logs)")
     args = ap.parse_args(argv)
     header = ("| moment | shim fds | shim RSS MiB | containerd fds | containerd RSS MiB | "
-              "our mounts | sandbox dirs | VMMs |\n|---|---|---|---|---|---|---|---|")
+              "our mounts | sandbox dirs | VMMs | shims |\n|---|---|---|---|---|---|---|---|---|")
     report = [header]
     with kata_containerd() as kata:
         c_first, c_last = container_cycles(kata, args.containers, report)

@@ -23,7 +23,10 @@ from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain, wait_task_statu
 VICTIMS = ("qemu", "virtiofsd", "shim", "containerd", "guest-panic")
 PHASES = ("create", "exec", "delete")
 # The guest can panic itself only once a container runs in it: no (guest-panic, create).
-CASES = [(v, p) for v in VICTIMS for p in PHASES if (v, p) != ("guest-panic", "create")]
+# `make soak` repeats the whole matrix (KATA_FAULT_ROUNDS); `make test` runs it once.
+ROUNDS = int(os.environ.get("KATA_FAULT_ROUNDS", "1"))
+CASES = [(v, p, r) for r in range(ROUNDS) for v in VICTIMS for p in PHASES
+         if (v, p) != ("guest-panic", "create")]
 SETTLE = 30.0  # seconds for the shim to notice and report
 
 
@@ -67,8 +70,8 @@ def consistent(kata: Kata) -> bool:
     return not running or len(kata.qemu_processes()) >= 1
 
 
-@pytest.mark.parametrize(("victim", "phase"), CASES)
-def test_a_fault_ends_cleanly(kata: Kata, victim: str, phase: str) -> None:
+@pytest.mark.parametrize(("victim", "phase", "round_"), CASES)
+def test_a_fault_ends_cleanly(kata: Kata, victim: str, phase: str, round_: int) -> None:
     started = None
     if phase == "create":
         started = run_t1(kata)

@@ -290,6 +290,12 @@ def test_qemu_runs_under_its_seccomp_sandbox(config: QemuConfig,
         try:
             status = Path(f"/proc/{vm.pid}/status").read_text()
             assert "\nSeccomp:\t2\n" in status  # a seccomp filter is installed
+            assert "\nNoNewPrivs:\t1\n" in status
+            # virtiofsd serves from a child in its namespace sandbox, under seccomp too.
+            served = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                      and f"\nPPid:\t{vm.virtiofsd_pid}\n" in _status(p)]  # fmt: skip
+            assert served and all("\nSeccomp:\t2\n" in _status(Path(f"/proc/{pid}"))
+                                  for pid in served), served  # fmt: skip
         finally:
             await vm.stop()
 
@@ -310,3 +316,10 @@ def test_tcg_is_refused_unless_allowed(config: QemuConfig,
         await vm.stop()
 
     asyncio.run(run())
+
+
+def _status(proc_dir: Path) -> str:
+    try:
+        return (proc_dir / "status").read_text()
+    except OSError:
+        return ""

@@ -201,9 +201,18 @@ def task_pid(cd: Containerd, cid: str) -> int:
 
 
 def check_ps(cd: Containerd, runtime: str) -> None:
+    """`ctr task ps` lists every process of the container, an exec's included."""
     with detached(cd, runtime, "t1", "sh", "-c", "sleep 300 & sleep 301"):
         pids = wait_pids(cd, "t1", 2)
         assert len(pids) >= 2 and all(p > 0 for p in pids), f"ctr task ps t1: {pids}"
+        execing = cd.ctr_popen("task", "exec", "--exec-id", "ps-e1", "t1", "sleep", "302",
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with_exec = wait_pids(cd, "t1", 3)
+            assert len(with_exec) >= 3, f"ctr task ps t1 with an exec: {with_exec}"
+        finally:
+            execing.kill()
+            execing.wait()
 
 
 def wait_pids(cd: Containerd, cid: str, n: int, tries: int = 50) -> list[int]:
