@@ -31,6 +31,7 @@ import errno
 import hashlib
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 from google.protobuf import any_pb2, timestamp_pb2
 
 from common import constants
-from protocols import runtimeoptions_pb2, task_pb2
+from protocols import runtimeoptions_pb2, task_pb2, ttrpc_pb2
 from sandbox.cleanup import cleanup_after_crash, unmount_container
 from sandbox.config import RuntimeConfig, load_config
 from sandbox.errors import FailedPreconditionError, InvalidArgumentError
@@ -50,6 +51,7 @@ from shim.bundle import (
     spec_annotations,
 )
 from shim.flags import Flags, daemon_argv
+from ttrpc.frames import HEADER, HEADER_SIZE, MessageType, encode_frame
 
 log = logging.getLogger("shim")
 
@@ -59,6 +61,8 @@ CONFIG_BODY_FILE = "kata-configuration.toml"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 DEFAULT_STATE_DIR = Path(constants.DEFAULT_STATE_DIR)  # for configurations that fail to load
 MAX_SOCKET_PATH = 106
+DAEMON_READY_TIMEOUT = 30.0  # the daemon's Python start-up, on a loaded host
+TASK_SERVICE = "containerd.task.v2.Task"
 
 
 def socket_path(address: str, namespace: str, group: str, socket_dir: Path = SOCKET_DIR) -> Path:
@@ -155,10 +159,46 @@ def start(
             pid = _spawn_daemon(command or self_command(), flags, group, config, listener)
         finally:
             listener.close()
+        _wait_serving(path, pid, flags.id)
         write_atomic(bundle / "shim.pid", str(pid))
     address = socket_address(path)
     write_atomic(bundle / "address", address)
     return address
+
+
+def _wait_serving(path: Path, pid: int, container_id: str,
+                  timeout: float = DAEMON_READY_TIMEOUT) -> None:  # fmt: skip
+    """Return once the daemon answers a ttrpc Connect on ``path``; else kill it, remove the
+    socket and fail. containerd removes no socket of a shim that died before it connected,
+    so `start` makes sure it hands over a daemon that serves."""
+    request = ttrpc_pb2.Request(service=TASK_SERVICE, method="Connect",
+                                payload=task_pb2.ConnectRequest(id=container_id)
+                                .SerializeToString()).SerializeToString()  # fmt: skip
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(path))
+            conn.sendall(encode_frame(1, MessageType.REQUEST, request))
+            header = _recv_exactly(conn, HEADER_SIZE)
+            length, stream_id, kind, _flags = HEADER.unpack(header)
+            if stream_id != 1 or kind != MessageType.RESPONSE:
+                raise OSError(f"unexpected ttrpc frame (stream {stream_id}, type {kind})")
+            _recv_exactly(conn, length)
+    except OSError as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        path.unlink(missing_ok=True)
+        raise FailedPreconditionError(f"failed to start shim daemon (pid {pid}): {e}") from e
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the shim daemon closed the connection (it exited)")
+        data += chunk
+    return bytes(data)
 
 
 def _listen(path: Path) -> socket.socket:

@@ -70,3 +70,21 @@ def test_the_guest_can_write_nothing_outside_a_rootfs_of_its_own(kata: Kata) -> 
                                   f"cat {SHARE}/containers/pod1/rootfs/tmp/mine")
     assert code == 0 and "ok" in out, out
     remove(kata.cd, "pod1")
+
+
+def test_endless_output_keeps_the_shim_small(kata: Kata) -> None:
+    """A container that prints without end (16 MiB here, as fast as the guest can) is
+    copied through, not buffered: the shim's memory stays where it was."""
+    from benchmarks.soak import rss_kib
+
+    run_in_pod(kata, "pod1", "sandbox")
+    shim = kata.shim_daemons()[0].pid
+    before = rss_kib(shim)
+    res = kata.cd.ctr("task", "exec", "--exec-id", "flood", "pod1", "sh", "-c",
+                      "head -c 16777216 /dev/zero | tr '\\0' y; echo; echo END",
+                      timeout=BOOT_TIMEOUT)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.endswith("END\n") and len(res.stdout) > 16 << 20
+    after = rss_kib(shim)
+    assert after < before + 16 * 1024, f"shim RSS {before} -> {after} KiB"
+    remove(kata.cd, "pod1")

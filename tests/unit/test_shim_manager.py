@@ -25,14 +25,22 @@ from shim import manager
 from shim.flags import parse
 from tests.unit.fakes import write_bundle, write_config
 
-# A stand-in daemon: records its argv/env/cwd, then accepts (and drops) connections on fd 3.
+# A stand-in daemon: records its argv/env/cwd, then answers one ttrpc request per
+# connection on fd 3 with an empty Response (what `start` waits for), and drops it.
 FAKE_DAEMON = """
-import json, os, socket, sys
+import json, os, socket, struct, sys
 s = socket.socket(fileno=3)
 json.dump({"argv": sys.argv, "cwd": os.getcwd(), "ttrpc": os.environ.get("TTRPC_ADDRESS"),
            "stdout": os.readlink("/proc/self/fd/1")}, open("daemon.json", "w"))
 while True:
-    c, _ = s.accept(); c.close()
+    c, _ = s.accept()
+    head = c.recv(10)
+    if len(head) == 10:
+        length, stream, _type, _flags = struct.unpack(">IIBB", head)
+        while length > 0:
+            length -= len(c.recv(length))
+        c.sendall(struct.pack(">IIBB", 0, stream, 2, 0))
+    c.close()
 """
 
 
@@ -237,3 +245,13 @@ def test_start_and_delete_load_no_vm_agent_or_event_loop_code() -> None:
     heavy = {"asyncio", "hypervisors.base", "hypervisors.qemu.vm", "hypervisors.qmp",
              "agent_client", "sandbox.sandbox", "sandbox.pod", "shutil"}
     assert not loaded & heavy, loaded & heavy
+
+
+def test_a_daemon_that_dies_before_serving_leaves_no_socket(env: dict[str, Path]) -> None:
+    """containerd removes no socket of a shim that died before it connected: `start`
+    itself must make sure it hands over a daemon that serves."""
+    bundle = write_bundle(env["tmp"] / "t1")
+    with pytest.raises(FailedPreconditionError, match="failed to start shim daemon"):
+        run_start(bundle, "t1", env["sockets"], command=[sys.executable, "-c", "exit(3)"])
+    assert not env["sockets"].exists() or list(env["sockets"].iterdir()) == []
+    assert not (bundle / "address").exists()
