@@ -43,7 +43,7 @@ from agent.errors import (
 )
 from agent.process import Process, State, StdioSetup
 from agent.reaper import Reaper
-from agent.spec import check_process, parse_json_object, rewrite_spec
+from agent.spec import check_process, parse_json_object, pod_sandbox_id, rewrite_spec
 
 # crun hands the pty master over within its own run; this bounds a crun that never does.
 _CONSOLE_TIMEOUT = 30.0
@@ -103,6 +103,14 @@ class Containers:
     def ids(self) -> list[str]:
         return list(self._containers)
 
+    def _sandbox_pid(self, sandbox_id: str | None) -> int | None:
+        """The init pid of a pod's running sandbox container, whose namespaces the pod's
+        other containers join; None when there is none."""
+        sandbox = self._containers.get(sandbox_id) if sandbox_id else None
+        if sandbox is None or sandbox.init.pid <= 0 or sandbox.init.exited:
+            return None
+        return sandbox.init.pid
+
     # -- create / start ---------------------------------------------------------------
 
     async def create(
@@ -113,10 +121,9 @@ class Containers:
         if container_id in self._containers:
             raise AlreadyExists(f"container {container_id!r} already exists")
         cfg = self.config
-        spec = rewrite_spec(
-            parse_json_object("oci_spec_json", spec_json), container_id, cfg.run_dir,
-            cfg.cgroup_parent or None, terminal,
-        )
+        raw_spec = parse_json_object("oci_spec_json", spec_json)
+        spec = rewrite_spec(raw_spec, container_id, cfg.run_dir, cfg.cgroup_parent or None,
+                            terminal, self._sandbox_pid(pod_sandbox_id(raw_spec)))
         container = Container(container_id, os.path.join(cfg.run_dir, container_id), terminal)
         self._containers[container_id] = container  # reserve the id (see module docstring)
         try:

@@ -8,8 +8,11 @@ decide, and enforces what must never come from the host:
 * ``root.path`` must stay under the agent's run dir (``/run/kata-containers``);
 * ``linux.cgroupsPath`` is ``<cgroup_parent>/<cid>`` (``/kata/<cid>``) or absent when
   cgroups are disabled (host tests on cgroup v1);
-* namespaces carrying a ``path`` point into the *host*: dropped (the guest has its own);
-  the ``network`` namespace is dropped too: containers share the VM's network;
+* namespaces carrying a ``path`` point into the *host*. For a container of a pod (CRI's
+  ``container-type`` annotation is ``container``) the ipc, uts and pid ones are the pod's:
+  they become the guest paths of the pod's sandbox container, as with runc on a host. Any
+  other path is dropped (the guest has its own); the ``network`` namespace is dropped too:
+  containers share the VM's network;
 * hooks are host programs: removed;
 * ``process.terminal`` follows the request (crun then demands a console socket).
 
@@ -35,12 +38,51 @@ def parse_json_object(field: str, raw: bytes) -> dict[str, Any]:
     return value
 
 
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+# OCI namespace type -> its name under /proc/<pid>/ns; the ones a pod's containers share.
+POD_NAMESPACES = {"ipc": "ipc", "uts": "uts", "pid": "pid"}
+
+
+def pod_sandbox_id(spec: dict[str, Any]) -> str | None:
+    """The pod's sandbox container id, for a (non-sandbox) container of a CRI pod."""
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict):
+        return None
+    if annotations.get(CONTAINER_TYPE_ANNOTATION) != "container":
+        return None
+    sandbox = annotations.get(SANDBOX_ID_ANNOTATION)
+    return sandbox if isinstance(sandbox, str) and sandbox else None
+
+
+def guest_namespaces(namespaces: Any, sandbox_pid: int | None,
+                     sandbox_id: str | None) -> list[dict[str, Any]]:
+    """The namespaces crun gets (see the module docstring)."""
+    result = []
+    for ns in namespaces or []:
+        if not isinstance(ns, dict) or ns.get("type") == "network":
+            continue
+        if not ns.get("path"):
+            result.append(ns)
+            continue
+        kind = ns.get("type")
+        if sandbox_id is None or kind not in POD_NAMESPACES:
+            continue
+        if sandbox_pid is None:
+            raise InvalidArgument(
+                f"the {kind} namespace is the pod's, but the pod's sandbox container "
+                f"{sandbox_id!r} is not running in this VM")
+        result.append({"type": kind, "path": f"/proc/{sandbox_pid}/ns/{POD_NAMESPACES[kind]}"})
+    return result
+
+
 def rewrite_spec(
     spec: dict[str, Any],
     container_id: str,
     run_dir: str,
     cgroup_parent: str | None,
     terminal: bool,
+    sandbox_pid: int | None = None,
 ) -> dict[str, Any]:
     """A copy of ``spec`` fit for ``crun create`` in the guest (see module docstring)."""
     spec = json.loads(json.dumps(spec))  # deep copy; the input stays as the host sent it
@@ -56,11 +98,8 @@ def rewrite_spec(
     linux = spec.setdefault("linux", {})
     if not isinstance(linux, dict):
         raise InvalidArgument("oci spec linux must be an object")
-    linux["namespaces"] = [
-        ns
-        for ns in linux.get("namespaces") or []
-        if isinstance(ns, dict) and not ns.get("path") and ns.get("type") != "network"
-    ]
+    linux["namespaces"] = guest_namespaces(linux.get("namespaces"), sandbox_pid,
+                                           pod_sandbox_id(spec))
     if cgroup_parent:
         linux["cgroupsPath"] = f"{cgroup_parent.rstrip('/')}/{container_id}"
     else:

@@ -1,4 +1,5 @@
-"""kata-runtime: the operator CLI (check, list, env; exec and metrics are not implemented yet).
+"""kata-runtime: the operator CLI (check, list, env, containerd-config; exec and metrics are not
+implemented yet).
 
 This module only parses arguments and dispatches: `cli.check` holds the host checks,
 `cli.info` the sandbox listing and the configuration dump. ``--config PATH`` is
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from cli import check as cli_check
+from cli import containerd_config
 from cli import info as cli_info
 from common.constants import RUNTIME_VERSION as VERSION
 from sandbox.config import RuntimeConfig, load_config
@@ -26,6 +28,7 @@ COMMANDS = {
     "env": "show the configuration in use",
     "exec": "run a command in a sandbox's VM (not implemented yet)",
     "metrics": "show a sandbox's metrics (not implemented yet)",
+    "containerd-config": "add or remove the CRI runtime handler in containerd's configuration",
 }
 
 
@@ -56,12 +59,22 @@ def _not_implemented(args: argparse.Namespace) -> int:
     return 1
 
 
+def _containerd_config(args: argparse.Namespace) -> int:
+    try:
+        handler = containerd_config.Handler(args.handler, args.kata_config)
+    except containerd_config.ConfigEditError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return 2
+    return containerd_config.run(args.action, args.file, handler)
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _check,
     "list": _list,
     "env": _env,
     "exec": _not_implemented,
     "metrics": _not_implemented,
+    "containerd-config": _containerd_config,
 }
 
 
@@ -85,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print JSON")
         elif name in ("exec", "metrics"):
             sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        elif name == "containerd-config":
+            _containerd_config_args(sub)
     return parser
+
+
+def _containerd_config_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("action", choices=("add", "remove", "show"),
+                     help="add (or update) the handler, remove it, or print its block")
+    sub.add_argument("--file", default=containerd_config.DEFAULT_CONTAINERD_CONFIG,
+                     help="containerd's configuration (default: %(default)s)")
+    sub.add_argument("--handler", default=containerd_config.DEFAULT_HANDLER,
+                     help="the CRI runtime handler name, as in a RuntimeClass "
+                          "(default: %(default)s)")
+    sub.add_argument("--kata-config", default="", metavar="PATH",
+                     help="configuration.toml the handler's shims use (options.ConfigPath; "
+                          "default: the shim's own lookup)")
 
 
 def usage() -> str:

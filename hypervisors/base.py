@@ -40,13 +40,16 @@ class VmSpec:
     """What differs between two VMs made from the same configuration."""
 
     sandbox_id: str
-    #: Where the VM keeps its files (sockets, console log, stderr); the sandbox owns it.
+    #: Where the VM keeps its files (console log, stderr); the sandbox owns it.
     state_dir: Path
     #: Appended to the configured kernel command line.
     kernel_params: tuple[str, ...] = ()
     #: vCPUs and MiB at boot; None = the configuration's defaults.
     vcpus: int | None = None
     memory_mib: int | None = None
+    #: Where the VM's unix sockets live: a short path (sun_path holds 107 bytes, and a CRI
+    #: sandbox id alone is 64), owned by the sandbox too. None = ``state_dir``.
+    socket_dir: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -8,24 +8,30 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class StatePaths:
-    """Files a VM keeps in its state directory."""
+    """Files a VM keeps in its state directory, and its sockets (in ``socket_dir``, a
+    shorter path, when given)."""
 
     state_dir: Path
+    socket_dir: Path | None = None
+
+    @property
+    def _sockets(self) -> Path:
+        return self.socket_dir or self.state_dir
 
     @property
     def qmp_socket(self) -> Path:
         """QMP control socket (the VMM listens)."""
-        return self.state_dir / "qmp.sock"
+        return self._sockets / "qmp.sock"
 
     @property
     def agent_socket(self) -> Path:
         """Host end of the virtio-serial agent port (the VMM listens)."""
-        return self.state_dir / "agent.sock"
+        return self._sockets / "agent.sock"
 
     @property
     def virtiofsd_socket(self) -> Path:
         """vhost-user socket (virtiofsd listens, the VMM connects)."""
-        return self.state_dir / "virtiofsd.sock"
+        return self._sockets / "virtiofsd.sock"
 
     @property
     def console_log(self) -> Path:
@@ -35,7 +41,7 @@ class StatePaths:
     @property
     def console_socket(self) -> Path:
         """Where the VMM's serial chardev connects (we listen and copy to console_log)."""
-        return self.state_dir / "console.sock"
+        return self._sockets / "console.sock"
 
     @property
     def vmm_pidfile(self) -> Path:

@@ -19,7 +19,9 @@ from sandbox.state import (
     legacy_sandbox_path,
     read_record,
     remove_namespace_dir_if_empty,
+    remove_socket_dir,
     sandbox_path,
+    socket_dir_path,
 )
 from sandbox.types import validate_id
 
@@ -43,6 +45,7 @@ def cleanup_after_crash(state_dir: Path, namespace: str, sandbox_id: str) -> boo
     """Kill the sandbox's recorded processes, unmount, remove its dir; True if any existed
     (False too when its shim still lives: then nothing is touched)."""
     cleaned = False
+    sockets = socket_dir_path(state_dir, validate_id("namespace", namespace), sandbox_id)
     for path in _paths(state_dir, namespace, sandbox_id):
         if not path.is_dir() or (path.name == sandbox_id and path.parent.name == "sbs"
                                  and not (path / "state.json").exists()
@@ -59,7 +62,13 @@ def cleanup_after_crash(state_dir: Path, namespace: str, sandbox_id: str) -> boo
         storage.remove_tree(path)
         remove_namespace_dir_if_empty(path)
         cleaned = True
+    if cleaned or (sockets.is_dir() and not _paths_exist(state_dir, namespace, sandbox_id)):
+        remove_socket_dir(sockets)
     return cleaned
+
+
+def _paths_exist(state_dir: Path, namespace: str, sandbox_id: str) -> bool:
+    return any(p.is_dir() for p in _paths(state_dir, namespace, sandbox_id))
 
 
 def unmount_container(state_dir: Path, namespace: str, sandbox_id: str,

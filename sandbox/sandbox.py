@@ -70,7 +70,9 @@ from sandbox.state import (
     make_sandbox_dir,
     read_record,
     remove_namespace_dir_if_empty,
+    remove_socket_dir,
     sandbox_path,
+    socket_dir_path,
     write_record,
 )
 from sandbox.threads import in_thread
@@ -171,6 +173,7 @@ class Sandbox:
         self.state = SandboxState.NEW
         self.spec = SandboxSpec()
         self.state_path = sandbox_path(config.state_dir, self.namespace, self.id)
+        self.socket_dir = socket_dir_path(config.state_dir, self.namespace, self.id)
         #: Where the host mounts container rootfs and volumes; the guest never sees it.
         self.mounts_dir = self.state_path / "mounts"
         #: The guest's read-only view of ``mounts_dir`` (what the VM shares).
@@ -268,6 +271,7 @@ class Sandbox:
         if self.state_path.exists():
             await in_thread(self._clear_stale_state)
         make_sandbox_dir(self.state_path)
+        stack.callback(remove_socket_dir, self.socket_dir)
         # umount can block on a sync: keep it off the event loop.
         stack.callback(remove_namespace_dir_if_empty, self.state_path)
         stack.push_async_callback(in_thread, storage.remove_tree, self.state_path)
@@ -288,7 +292,8 @@ class Sandbox:
 
     async def _start_vm(self, stack: AsyncExitStack) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)
-        vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(self.id, self.state_path))
+        vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(self.id, self.state_path,
+                                                                   socket_dir=self.socket_dir))
         await vm.add_device(SharedFsDevice(self.shared_dir, kind, SHARED_FS_TAG))
         stack.push_async_callback(vm.stop)
         self._vm = vm

@@ -12,6 +12,7 @@ pluggable, in ``sbs/<id>`` without a namespace) is read as QEMU's, its ``qemu`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "state.json"
+SOCKET_DIGEST = 20
 FORMAT_VERSION = 2
 VMM_ROLE = "vmm"
 _LEGACY_ROLES = {"qemu": VMM_ROLE}
@@ -28,6 +30,24 @@ def sandbox_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
     """The directory holding everything of one sandbox: the same id in two containerd
     namespaces is two sandboxes, as with runc."""
     return state_dir / "sbs" / namespace / sandbox_id
+
+
+def socket_dir_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
+    """Where a sandbox's VM keeps its unix sockets: ``<state_dir>/sk/<digest>``, short
+    enough for sun_path (107 bytes) whatever the namespace and id (a CRI id is 64 chars)."""
+    digest = hashlib.sha256(f"{namespace}/{sandbox_id}".encode()).hexdigest()[:SOCKET_DIGEST]
+    return state_dir / "sk" / digest
+
+
+def remove_socket_dir(path: Path) -> None:
+    """Remove a sandbox's socket dir (it holds sockets only), and ``sk`` once empty."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path):
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+        path.rmdir()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def remove_namespace_dir_if_empty(path: Path) -> None:

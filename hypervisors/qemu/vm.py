@@ -85,7 +85,7 @@ class Qemu:
         self.config = config
         self.spec = vm
         self.sandbox_id = vm.sandbox_id
-        self.paths = StatePaths(vm.state_dir)
+        self.paths = StatePaths(vm.state_dir, vm.socket_dir)
         self._devices = DeviceList()
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
@@ -171,6 +171,8 @@ class Qemu:
                 self._devices.add(VsockDevice(random.randint(3, 2**31 - 1)))
             async with contextlib.AsyncExitStack() as stack:
                 self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+                if self.paths.socket_dir is not None:
+                    self.paths.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 stack.callback(self._remove_files)
                 self._remove_files()
                 self._accel = self._choose_accelerator()

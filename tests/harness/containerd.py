@@ -23,7 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -49,14 +49,55 @@ def shim_socket(address: str, namespace: str, group_id: str) -> Path:
     return SHIM_SOCKET_DIR / digest
 
 
-def config_toml(enable_cri: bool, snapshotter: str = "overlayfs") -> str:
+def config_toml(enable_cri: bool, snapshotter: str = "overlayfs", cni_dir: str = "",
+                sandbox_image: str = "") -> str:
+    """A version-2 configuration. With CRI: a random streaming port (instances run side by
+    side), our own CNI directories (never the host's) and a locally built pause image."""
     disabled = "[]" if enable_cri else f'["{CRI_PLUGIN}"]'
-    return (
+    text = (
         "version = 2\n"
         f"disabled_plugins = {disabled}\n"
-        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n"
+    )
+    if enable_cri:
+        text += (
+            f"[plugins.\"{CRI_PLUGIN}\"]\n"
+            "  stream_server_address = \"127.0.0.1\"\n"
+            "  stream_server_port = \"0\"\n"
+            f"  sandbox_image = \"{sandbox_image}\"\n"
+            f"[plugins.\"{CRI_PLUGIN}\".cni]\n"
+            f"  bin_dir = \"/usr/lib/cni\"\n"
+            f"  conf_dir = \"{cni_dir}\"\n"
+        )
+    text += (
+        f"[plugins.\"{CRI_PLUGIN}\".containerd]\n"
         f"  snapshotter = \"{snapshotter}\"\n"
     )
+    return text
+
+
+def write_cni_config(directory: Path, bridge: str, ipam_dir: Path) -> None:
+    """A bridge network with host-local addresses in a random 10.x.y.0/24, private to one
+    containerd: CRI needs a pod network (an eth0 with an address) to run a pod."""
+    subnet = f"10.{secrets.randbelow(200) + 50}.{secrets.randbelow(256)}.0/24"
+    conf = {"cniVersion": "0.4.0", "name": f"ktest-{bridge}", "plugins": [{
+        "type": "bridge", "bridge": bridge, "isGateway": False, "ipMasq": False,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
+                 "dataDir": str(ipam_dir)},
+    }]}
+    (directory / "10-ktest.conflist").write_text(json.dumps(conf, indent=1))
+
+
+def _bridge_of(cni_dir: Path) -> str:
+    """The bridge named in an instance's CNI configuration ("" if none)."""
+    try:
+        conf = json.loads((cni_dir / "10-ktest.conflist").read_text())
+        return str(conf["plugins"][0]["bridge"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def delete_link(name: str) -> None:
+    subprocess.run(["ip", "link", "delete", name], capture_output=True, timeout=30, check=False)
 
 
 def _tail(path: Path, lines: int = 60) -> str:
@@ -87,6 +128,13 @@ class Containerd:
         self.proc: subprocess.Popen[bytes] | None = None
         self._events: subprocess.Popen[bytes] | None = None
         self._files: list[IO[bytes]] = []
+        self.sandbox_image = ""
+        # CRI pods get a network namespace with a veth on this test's own bridge (no
+        # other address is ever reached); removed in close().
+        self.bridge = f"kt{secrets.token_hex(4)}"
+        # Run after the configuration is written, before containerd starts (e.g. to add a
+        # CRI runtime handler the way an operator would).
+        self.config_hooks: list[Callable[[Path], None]] = []
 
     def _adopt(self, directory: Path) -> None:
         """Point at an existing instance's directory (only to clean it up)."""
@@ -97,6 +145,8 @@ class Containerd:
         self.events_path = directory / "events.log"
         self.proc = self._events = None
         self._files = []
+        self.sandbox_image, self.config_hooks = "", []
+        self.bridge = _bridge_of(directory / "cni")
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -121,7 +171,14 @@ class Containerd:
         return env
 
     def start(self, timeout: float = 30.0) -> None:
-        self.config_path.write_text(config_toml(self.enable_cri))
+        cni_dir = self.dir / "cni"
+        cni_dir.mkdir(exist_ok=True)
+        if self.enable_cri:
+            write_cni_config(cni_dir, self.bridge, self.dir / "cni-ipam")
+        self.config_path.write_text(config_toml(self.enable_cri, cni_dir=str(cni_dir),
+                                                sandbox_image=self.sandbox_image))
+        for hook in self.config_hooks:
+            hook(self.config_path)
         log = self._open(self.log_path)
         argv = ["containerd", "--config", str(self.config_path), "--root", str(self.root),
                 "--state", str(self.state), "--address", self.address,
@@ -265,6 +322,8 @@ class Containerd:
         self._kill_scoped()
         self._delete_runc_state()
         mounts.unmount_under([str(self.dir)])
+        if self.bridge:
+            delete_link(self.bridge)
         for sock in self.shim_sockets():
             with contextlib.suppress(OSError):
                 sock.unlink()

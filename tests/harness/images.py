@@ -19,6 +19,8 @@ from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 IMAGE_REF = "docker.io/library/busybox:latest"
+PAUSE_REF = "registry.k8s.io/pause:ktest"
+PAUSE_ENTRYPOINT = ["/bin/sleep", "infinity"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MTIME = 1_700_000_000  # fixed timestamp for every tar entry
 CREATED = "2023-11-14T22:13:20Z"  # the same instant, for the image config
@@ -90,12 +92,16 @@ def _json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def image_blobs(layer: bytes, ref: str = IMAGE_REF) -> tuple[list[Blob], dict[str, object]]:
+def image_blobs(layer: bytes, ref: str = IMAGE_REF,
+                entrypoint: list[str] | None = None) -> tuple[list[Blob], dict[str, object]]:
     """All blobs of the image (layer, config, manifest) and the index.json content."""
     layer_blob = Blob(MEDIA_LAYER, layer)
+    run: dict[str, object] = {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": ["sh"], "WorkingDir": "/"}
+    if entrypoint:
+        run = {"Env": run["Env"], "Entrypoint": entrypoint, "WorkingDir": "/"}
     config = {
         "architecture": "amd64", "os": "linux", "created": CREATED,
-        "config": {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": run,
         "rootfs": {"type": "layers", "diff_ids": [layer_blob.digest]},
         "history": [{"created": CREATED, "created_by": "tests/harness/images.py"}],
     }
@@ -112,9 +118,10 @@ def image_blobs(layer: bytes, ref: str = IMAGE_REF) -> tuple[list[Blob], dict[st
     return [layer_blob, config_blob, manifest_blob], index
 
 
-def oci_archive(busybox: Path = BUSYBOX, ref: str = IMAGE_REF) -> bytes:
+def oci_archive(busybox: Path = BUSYBOX, ref: str = IMAGE_REF,
+                entrypoint: list[str] | None = None) -> bytes:
     """The image as an OCI image-layout tar, ready for `ctr image import`."""
-    blobs, index = image_blobs(layer_tar(busybox), ref)
+    blobs, index = image_blobs(layer_tar(busybox), ref, entrypoint)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         _add_entry(tar, "blobs", tarfile.DIRTYPE, 0o755)
@@ -128,6 +135,13 @@ def oci_archive(busybox: Path = BUSYBOX, ref: str = IMAGE_REF) -> bytes:
     return buf.getvalue()
 
 
+def pause_image_tar(directory: Path | None = None) -> Path:
+    """The pod sandbox ("pause") image CRI starts first in every pod. No registry is
+    reachable, so it is the busybox layer whose entrypoint sleeps until killed (CRI stops
+    a sandbox container with SIGKILL)."""
+    return busybox_image_tar(directory, PAUSE_REF, PAUSE_ENTRYPOINT)
+
+
 def cache_dir() -> Path:
     base = os.environ.get("KTEST_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "ktest-cache")
     path = Path(base)
@@ -135,9 +149,10 @@ def cache_dir() -> Path:
     return path
 
 
-def busybox_image_tar(directory: Path | None = None, ref: str = IMAGE_REF) -> Path:
+def busybox_image_tar(directory: Path | None = None, ref: str = IMAGE_REF,
+                      entrypoint: list[str] | None = None) -> Path:
     """Build (or reuse) the busybox image archive; the file name carries a content hash."""
-    data = oci_archive(BUSYBOX, ref)
+    data = oci_archive(BUSYBOX, ref, entrypoint)
     digest = hashlib.sha256(data).hexdigest()[:16]
     path = (directory or cache_dir()) / f"busybox-{digest}.oci.tar"
     if not path.exists():

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness import kataconfig, procs
-from tests.harness.containerd import Containerd
-from tests.harness.images import IMAGE_REF, busybox_image_tar
+from tests.harness.containerd import VENV_BIN, Containerd
+from tests.harness.images import IMAGE_REF, PAUSE_REF, busybox_image_tar, pause_image_tar
+
+CRI_NAMESPACE = "k8s.io"
+CRI_HANDLER = "kata"
 
 
 @dataclass
@@ -66,3 +71,27 @@ def accelerator(argv: tuple[str, ...]) -> str | None:
     if not m:
         return None
     return m.group(1) or m.group(2) or "kvm"
+
+
+def add_cri_handler(kata_config: Path, containerd_config: Path) -> None:
+    """Add our CRI runtime handler exactly as an operator does (the shipped command)."""
+    subprocess.run([str(VENV_BIN / "kata-runtime"), "containerd-config", "add",
+                    "--file", str(containerd_config), "--handler", CRI_HANDLER,
+                    "--kata-config", str(kata_config)],
+                   check=True, capture_output=True, text=True, timeout=30)
+
+
+@contextlib.contextmanager
+def kata_cri_containerd(image_tar: Path | None = None) -> Iterator[Kata]:
+    """A private containerd with its CRI plugin and our handler `kata` (whose options carry
+    the test configuration's path), busybox and the pause image imported into k8s.io."""
+    cd = Containerd(namespace=CRI_NAMESPACE, enable_cri=True)
+    with contextlib.closing(cd):
+        env = Kata(cd, cd.dir / "configuration.toml", cd.dir / "kata-state", guest_release())
+        env.write_config()
+        cd.sandbox_image = PAUSE_REF
+        cd.config_hooks.append(functools.partial(add_cri_handler, env.config_path))
+        cd.start()
+        cd.import_image(image_tar or busybox_image_tar(), IMAGE_REF)
+        cd.import_image(pause_image_tar(), PAUSE_REF)
+        yield env

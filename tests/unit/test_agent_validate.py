@@ -75,6 +75,41 @@ def test_spec_rewrite() -> None:
     assert original["hooks"]  # the input is not modified
 
 
+POD_MEMBER = {"io.kubernetes.cri.container-type": "container",
+              "io.kubernetes.cri.sandbox-id": "pod1"}
+HOST_NAMESPACES = [
+    {"type": "pid", "path": "/proc/77/ns/pid"}, {"type": "network", "path": "/run/netns/x"},
+    {"type": "ipc", "path": "/proc/77/ns/ipc"}, {"type": "uts", "path": "/proc/77/ns/uts"},
+    {"type": "mount"}, {"type": "cgroup", "path": "/proc/77/ns/cgroup"},
+]
+
+
+def test_a_pod_member_joins_the_sandbox_containers_namespaces_in_the_guest() -> None:
+    spec = rewrite_spec(_spec(annotations=POD_MEMBER,
+                              linux={"namespaces": HOST_NAMESPACES}), "c2", RUN, None,
+                        terminal=False, sandbox_pid=42)
+    assert spec["linux"]["namespaces"] == [
+        {"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "mount"},
+    ]
+
+
+def test_a_pod_member_whose_sandbox_is_not_running_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="sandbox container 'pod1' is not running"):
+        rewrite_spec(_spec(annotations=POD_MEMBER, linux={"namespaces": HOST_NAMESPACES}),
+                     "c2", RUN, None, terminal=False, sandbox_pid=None)
+
+
+@pytest.mark.parametrize("annotations", [
+    {}, {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "c2"},
+    {"io.kubernetes.cri.container-type": "container"},
+])
+def test_host_namespace_paths_of_others_are_dropped(annotations: dict[str, str]) -> None:
+    spec = rewrite_spec(_spec(annotations=annotations, linux={"namespaces": HOST_NAMESPACES}),
+                        "c2", RUN, None, terminal=False, sandbox_pid=42)
+    assert spec["linux"]["namespaces"] == [{"type": "mount"}]
+
+
 def test_spec_rewrite_without_cgroups() -> None:
     spec = rewrite_spec(_spec(), "c1", RUN, None, terminal=False)
     assert "cgroupsPath" not in spec["linux"]

@@ -1,0 +1,153 @@
+"""Kubernetes pods through containerd's CRI plugin, driven by a kubelet stand-in (the
+Python CRI client): containerd picks our shim from the RuntimeClass handler `kata`, which
+the shipped `kata-runtime containerd-config add` wrote into containerd's configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.e2e.conftest import leak_checked
+from tests.harness.cri.client import ContainerOptions, Kubelet, PodOptions
+from tests.harness.images import IMAGE_REF
+from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
+
+BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
+RUNNING = 1  # runtime.v1 ContainerState CONTAINER_RUNNING
+SANDBOX_READY = 0
+
+
+@pytest.fixture
+def cri(guest_release: str, request: pytest.FixtureRequest) -> Iterator[tuple[Kata, Kubelet]]:
+    with kata_cri_containerd() as kata, leak_checked(kata.cd, request, kata.state_dir):
+        kubelet = Kubelet(kata.cd.address, kata.cd.dir / "pod-logs")
+        try:
+            yield kata, kubelet
+        finally:
+            with contextlib.suppress(Exception):
+                kubelet.remove_all()
+            kubelet.close()
+
+
+def out(kubelet: Kubelet, cid: str, cmd: list[str]) -> str:
+    res = kubelet.exec_sync(cid, cmd, timeout=60)
+    assert res.exit_code == 0, (cmd, res)
+    return res.stdout.decode().strip()
+
+
+def test_a_pod_of_three_containers_is_one_vm_sharing_ipc_and_hostname(
+        cri: tuple[Kata, Kubelet]) -> None:
+    kata, kubelet = cri
+    pod = kubelet.run_pod("three", CRI_HANDLER, PodOptions(hostname="three-host"))
+    assert kubelet.pod_status(pod.id).state == SANDBOX_READY
+    cids = [kubelet.start_container(pod, f"c{i}", IMAGE_REF, ["sleep", "300"])
+            for i in range(3)]
+    assert len(kata.shim_daemons()) == 1, kata.shim_daemons()
+    assert len(kata.qemu_processes()) == 1, kata.qemu_processes()
+
+    assert len({out(kubelet, cid, BOOT_ID) for cid in cids}) == 1, "containers in other VMs"
+    assert {out(kubelet, cid, ["hostname"]) for cid in cids} == {"three-host"}
+    # IPC and UTS: one namespace each for the whole pod (busybox has no ipcmk to make a
+    # SysV segment, so the namespace identities are compared).
+    for ns in ("ipc", "uts"):
+        seen = {out(kubelet, cid, ["readlink", f"/proc/self/ns/{ns}"]) for cid in cids}
+        assert len(seen) == 1, f"the pod's containers are in different {ns} namespaces: {seen}"
+
+    listed = {c.id: c for c in kubelet.list_containers(pod.id)}
+    assert set(listed) == set(cids)
+    assert all(c.state == RUNNING for c in listed.values())
+    assert kubelet.container_status(cids[2]).state == RUNNING
+
+    kubelet.stop_pod(pod.id)
+    kubelet.remove_pod(pod.id)
+    assert kubelet.list_pods() == []  # the leak check then finds nothing of ours
+
+
+def test_two_pods_are_two_vms(cri: tuple[Kata, Kubelet]) -> None:
+    kata, kubelet = cri
+    pods = [kubelet.run_pod(name, CRI_HANDLER) for name in ("pa", "pb")]
+    a, b = (kubelet.start_container(p, "app", IMAGE_REF, ["sleep", "300"]) for p in pods)
+    assert len(kata.qemu_processes()) == 2
+    assert out(kubelet, a, BOOT_ID) != out(kubelet, b, BOOT_ID)
+    out(kubelet, a, ["sh", "-c", "echo secret > /tmp/only-in-a"])
+    res = kubelet.exec_sync(b, ["cat", "/tmp/only-in-a"], timeout=60)
+    assert res.exit_code != 0 and b"secret" not in res.stdout
+
+
+def test_exec_sync_returns_output_and_exit_code_and_enforces_its_timeout(
+        cri: tuple[Kata, Kubelet]) -> None:
+    _, kubelet = cri
+    pod = kubelet.run_pod("exec", CRI_HANDLER)
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"])
+    res = kubelet.exec_sync(cid, ["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=60)
+    assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        kubelet.exec_sync(cid, ["sleep", "120"], timeout=3)
+    assert time.monotonic() - started < 60, "ExecSync's timeout was not enforced"
+    assert "timeout" in (raised.value.details() or "").lower(), raised.value.details()
+    # The pod still answers after a timed-out exec.
+    assert out(kubelet, cid, ["echo", "alive"]) == "alive"
+
+
+def test_a_container_log_reaches_the_cri_log_path_and_can_be_reopened(
+        cri: tuple[Kata, Kubelet]) -> None:
+    _, kubelet = cri
+    pod = kubelet.run_pod("logs", CRI_HANDLER)
+    cid = kubelet.start_container(
+        pod, "app", IMAGE_REF,
+        ["sh", "-c", "echo first; while [ ! -e /tmp/go ]; do sleep 0.2; done; echo second; "
+                     "echo third >&2; sleep 300"])
+    log = pod.log_dir / "app" / "0.log"
+    deadline = time.monotonic() + 30
+    while b"first" not in (log.read_bytes() if log.exists() else b""):
+        assert time.monotonic() < deadline, "no output in the CRI log"
+        time.sleep(0.2)
+    # CRI log format: <RFC3339Nano time> <stream> <P|F> <content>
+    first = log.read_text().splitlines()[0].split(" ", 3)
+    assert first[1:] == ["stdout", "F", "first"], first
+
+    rotated = log.with_name("0.log.1")
+    log.rename(rotated)
+    kubelet.reopen_log(cid)
+    out(kubelet, cid, ["touch", "/tmp/go"])
+    deadline = time.monotonic() + 30
+    while b"third" not in (log.read_bytes() if log.exists() else b""):
+        assert time.monotonic() < deadline, "no output in the reopened CRI log"
+        time.sleep(0.2)
+    streams = [line.split(" ", 3)[1:] for line in log.read_text().splitlines()]
+    assert streams == [["stdout", "F", "second"], ["stderr", "F", "third"]]
+    assert "second" not in rotated.read_text()
+
+
+def test_a_pod_survives_a_containerd_restart(cri: tuple[Kata, Kubelet]) -> None:
+    kata, kubelet = cri
+    pod = kubelet.run_pod("restart", CRI_HANDLER)
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"])
+    boot = out(kubelet, cid, BOOT_ID)
+    kata.cd.restart()
+    kubelet.reconnect()
+    assert [p.id for p in kubelet.list_pods()] == [pod.id]
+    assert kubelet.pod_status(pod.id).state == SANDBOX_READY
+    assert kubelet.container_status(cid).state == RUNNING
+    assert out(kubelet, cid, BOOT_ID) == boot, "the pod's VM changed"
+    kubelet.stop_pod(pod.id)
+    kubelet.remove_pod(pod.id)
+
+
+def test_a_container_that_fails_to_start_is_reported_and_the_pod_goes_on(
+        cri: tuple[Kata, Kubelet]) -> None:
+    _, kubelet = cri
+    pod = kubelet.run_pod("bad", CRI_HANDLER)
+    with pytest.raises(grpc.RpcError) as raised:
+        kubelet.start_container(pod, "nope", IMAGE_REF, ["/no/such/program"])
+    assert "/no/such/program" in (raised.value.details() or ""), raised.value.details()
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],
+                                  ContainerOptions())
+    assert out(kubelet, cid, ["echo", "ok"]) == "ok"
