@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import agent
 
 if TYPE_CHECKING:
+    from agent.channel import ServeFn
     from agent.container import Containers
 
 USAGE = """\
@@ -176,10 +177,27 @@ async def _serve(opts: Options, guest: bool) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
     try:
-        await channel.serve(server.serve_connection, opts.listen, on_ready)
+        await channel.serve(_connection_handler(server.serve_connection), opts.listen,
+                            on_ready)
     finally:
         await asyncio.shield(_teardown(containers))
         reaper.uninstall()
+
+
+def _connection_handler(serve: ServeFn) -> ServeFn:
+    """`serve`, or a lying wrapper of it when a test asks for one (see agent.hostile)."""
+    if not os.environ.get("KATA_AGENT_HOSTILE"):
+        return serve
+    from agent import hostile
+
+    choice = hostile.from_environment()
+    if choice is None:
+        print(f"kata-agent: ignoring KATA_AGENT_HOSTILE={os.environ['KATA_AGENT_HOSTILE']!r}: "
+              f"want <{'|'.join(hostile.MODES)}>:<method>", file=sys.stderr, flush=True)
+        return serve
+    print(f"kata-agent: test mode: {choice[0]} at the first {choice[1]}", file=sys.stderr,
+          flush=True)
+    return hostile.wrap(serve, *choice)
 
 
 async def _teardown(containers: Containers) -> None:

@@ -144,7 +144,8 @@ class Client:
             return  # data frames, and answers nobody waits for any more
         if isinstance(event, OversizedFrame):
             future.set_exception(
-                TtrpcError(Code.RESOURCE_EXHAUSTED, f"response of {event.length} bytes")
+                TtrpcError(Code.RESOURCE_EXHAUSTED, f"response of {event.length} bytes exceeds "
+                                                     "the ttrpc limit")
             )
             return
         try:
