@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,17 @@ from agent.errors import (
 )
 from agent.process import Process, State, StdioSetup
 from agent.reaper import Reaper
-from agent.spec import check_process, parse_json_object, pod_sandbox_id, rewrite_spec
+from agent.spec import (
+    check_process,
+    grant_guest_devices,
+    guest_devices,
+    is_privileged,
+    parse_json_object,
+    pod_sandbox_id,
+    rewrite_spec,
+    sysctl_path,
+    take_net_sysctls,
+)
 
 # crun hands the pty master over within its own run; this bounds a crun that never does.
 _CONSOLE_TIMEOUT = 30.0
@@ -124,9 +135,13 @@ class Containers:
         raw_spec = parse_json_object("oci_spec_json", spec_json)
         spec = rewrite_spec(raw_spec, container_id, cfg.run_dir, cfg.cgroup_parent or None,
                             terminal, self._sandbox_pid(pod_sandbox_id(raw_spec)))
+        net_sysctls = take_net_sysctls(spec)
+        if is_privileged(spec):
+            grant_guest_devices(spec, guest_devices(_dev_entries()))
         container = Container(container_id, os.path.join(cfg.run_dir, container_id), terminal)
         self._containers[container_id] = container  # reserve the id (see module docstring)
         try:
+            _write_sysctls(net_sysctls)
             await self._create(container, spec, stdin)
         except BaseException:
             del self._containers[container_id]
@@ -345,6 +360,33 @@ def _read_pid(pid_file: str) -> int:
             return int(f.read().strip())
     except (OSError, ValueError) as exc:
         raise InvalidArgument(f"crun left no valid pid file {pid_file}: {exc}") from exc
+
+
+def _dev_entries(dev: str = "/dev") -> list[tuple[str, str, int, int, int]]:
+    """(name, c|b, major, minor, permission bits) of the device nodes directly in /dev."""
+    found = []
+    for entry in os.scandir(dev):
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+            found.append((entry.name, kind, os.major(st.st_rdev), os.minor(st.st_rdev),
+                          stat.S_IMODE(st.st_mode)))
+    return found
+
+
+def _write_sysctls(sysctls: dict[str, str]) -> None:
+    """Set sysctls on the VM itself (names already checked by take_net_sysctls)."""
+    for name, value in sysctls.items():
+        try:
+            fd = os.open(sysctl_path(name), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidArgument(f"sysctl {name}: {e.strerror}") from None
+        try:
+            os.write(fd, value.encode())
+        except OSError as e:
+            raise InvalidArgument(f"sysctl {name}={value}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

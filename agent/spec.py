@@ -13,6 +13,10 @@ decide, and enforces what must never come from the host:
   they become the guest paths of the pod's sandbox container, as with runc on a host. Any
   other path is dropped (the guest has its own); the ``network`` namespace is dropped too:
   containers share the VM's network;
+* ``net.*`` sysctls are taken out: crun wants a new network namespace for them, but the
+  pod's network is the VM's own, so the agent sets them on the VM (`take_net_sysctls`);
+* a privileged container (CAP_SYS_ADMIN, /sys read-write) gets the guest's devices, as
+  runc gives it the host's: the host sent none (`is_privileged`, `grant_guest_devices`);
 * hooks are host programs: removed;
 * ``process.terminal`` follows the request (crun then demands a console socket).
 
@@ -22,6 +26,7 @@ Pure functions on dicts, so they are unit-tested without crun.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from agent.errors import InvalidArgument
@@ -105,6 +110,72 @@ def rewrite_spec(
     else:
         linux.pop("cgroupsPath", None)
     return spec
+
+
+SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_\-]+)+")
+MAX_SYSCTL_VALUE = 4096
+
+
+def take_net_sysctls(spec: dict[str, Any]) -> dict[str, str]:
+    """Remove the ``net.*`` sysctls from ``spec`` (already a copy) and return them, checked:
+    the pod's network namespace is the VM's, so the agent writes them there itself."""
+    linux = spec.get("linux")
+    sysctls = linux.get("sysctl") if isinstance(linux, dict) else None
+    if not isinstance(sysctls, dict):
+        return {}
+    taken = {}
+    for name in [n for n in sysctls if isinstance(n, str) and n.startswith("net.")]:
+        value = sysctls.pop(name)
+        if not SYSCTL_NAME.fullmatch(name) or not isinstance(value, str) \
+                or len(value) > MAX_SYSCTL_VALUE:
+            raise InvalidArgument(f"invalid sysctl {name!r}")
+        taken[name] = value
+    return taken
+
+
+# The agent's own channel (virtio-serial ports): never handed to a container.
+AGENT_DEVICE_PREFIXES = ("vport",)
+
+
+def is_privileged(spec: dict[str, Any]) -> bool:
+    """What CRI's privileged mode leaves in a spec when the runtime handler takes no host
+    devices (``privileged_without_host_devices``): CAP_SYS_ADMIN in the bounding set and
+    /sys mounted read-write (every other container gets it read-only)."""
+    caps = _field(_field(spec, "process", dict), "capabilities", dict)
+    sysfs_rw = any(isinstance(m, dict) and m.get("destination") == "/sys"
+                   and m.get("type") == "sysfs" and "ro" not in _field(m, "options", list)
+                   for m in _field(spec, "mounts", list))
+    return sysfs_rw and "CAP_SYS_ADMIN" in _field(caps, "bounding", list)
+
+
+def grant_guest_devices(spec: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+    """Give a privileged container the guest's devices and every device in its cgroup, as
+    runc's privileged mode does with the host's."""
+    linux = spec.setdefault("linux", {})
+    linux["devices"] = devices
+    resources = linux.setdefault("resources", {})
+    if isinstance(resources, dict):
+        resources["devices"] = [{"allow": True, "access": "rwm"}]
+
+
+def _field(obj: Any, key: str, kind: type) -> Any:
+    """obj[key] when obj is a dict and the value a `kind`, else an empty `kind`."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, kind) else kind()
+
+
+def guest_devices(entries: list[tuple[str, str, int, int, int]]) -> list[dict[str, Any]]:
+    """OCI ``linux.devices`` for the guest's (name, type c|b, major, minor, mode) in /dev,
+    minus the agent's channel."""
+    return [{"path": f"/dev/{name}", "type": kind, "major": major, "minor": minor,
+             "fileMode": mode, "uid": 0, "gid": 0}
+            for name, kind, major, minor, mode in sorted(entries)
+            if not name.startswith(AGENT_DEVICE_PREFIXES)]
+
+
+def sysctl_path(name: str) -> str:
+    """/proc/sys path of a checked sysctl name (dots are separators)."""
+    return "/proc/sys/" + name.replace(".", "/")
 
 
 def check_process(process: dict[str, Any]) -> dict[str, Any]:

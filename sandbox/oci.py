@@ -2,10 +2,12 @@
 
 What changes, and why:
 - ``root.path`` points at the container's rootfs as the guest sees it through the share;
-- namespaces that carry a ``path`` name host namespaces the guest does not have, and the
-  ``network`` namespace is dropped so containers use the VM's network (the pod's);
+- the ``network`` namespace is dropped so containers use the VM's network (the pod's).
+  Other namespaces that carry a ``path`` name host namespaces: they go to the agent as they
+  are, which makes a pod's containers join their sandbox container's (agent/spec.py);
 - hooks would run host binaries; AppArmor/SELinux labels and host devices mean nothing in
-  the guest;
+  the guest (the device cgroup rules stay: they name device numbers, which crun applies
+  in the guest as runc does on a host);
 - bind mounts of host paths (volumes, CRI's /etc/hosts and resolv.conf, ...) become
   `SharedBind`s: the host bind-mounts each source into the container's share, and the guest
   spec binds it from there.
@@ -67,15 +69,10 @@ def spec_for_guest(
     linux = out.get("linux")
     if isinstance(linux, dict):
         linux["namespaces"] = [
-            ns
-            for ns in linux.get("namespaces", [])
-            if not ns.get("path") and ns.get("type") != "network"
+            ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"
         ]
         linux.pop("devices", None)
         linux.pop("mountLabel", None)
-        resources = linux.get("resources")
-        if isinstance(resources, dict):
-            resources.pop("devices", None)
     binds: list[SharedBind] = []
     for m in out.get("mounts", []):
         if is_bind(m):

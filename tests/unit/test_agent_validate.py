@@ -7,7 +7,16 @@ import json
 import pytest
 
 from agent.errors import InvalidArgument
-from agent.spec import check_process, parse_json_object, rewrite_spec
+from agent.spec import (
+    check_process,
+    grant_guest_devices,
+    guest_devices,
+    is_privileged,
+    parse_json_object,
+    rewrite_spec,
+    sysctl_path,
+    take_net_sysctls,
+)
 from agent.validate import MAX_READ, check_exec_id, check_guest_path, check_id, read_len
 
 RUN = "/run/kata-containers"
@@ -136,3 +145,39 @@ def test_check_process() -> None:
     for bad in ({}, {"args": []}, {"args": "ls"}, {"args": [1]}):
         with pytest.raises(InvalidArgument):
             check_process(bad)
+
+
+def test_net_sysctls_are_taken_out_for_the_vm() -> None:
+    spec = _spec(linux={"sysctl": {"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1"}})
+    assert take_net_sysctls(spec) == {"net.ipv4.ip_forward": "1"}
+    assert spec["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+    assert sysctl_path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
+    assert take_net_sysctls(_spec(linux={})) == {}
+
+
+@pytest.mark.parametrize("name", ["net.../../etc", "net./x", "net.ipv4/../../x", "net.A.b"])
+def test_odd_sysctl_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="invalid sysctl"):
+        take_net_sysctls(_spec(linux={"sysctl": {name: "1"}}))
+
+
+SYSFS = {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
+ALL_CAPS = {"args": ["sh"], "capabilities": {"bounding": ["CAP_CHOWN", "CAP_SYS_ADMIN"]}}
+
+
+def test_privileged_is_cap_sys_admin_and_a_writable_sys() -> None:
+    assert is_privileged(_spec(mounts=[SYSFS | {"options": ["nosuid"]}], process=ALL_CAPS))
+    assert not is_privileged(_spec(mounts=[SYSFS | {"options": ["ro"]}], process=ALL_CAPS))
+    assert not is_privileged(_spec(mounts=[SYSFS], process={"args": ["sh"]}))
+    spec = _spec(linux={"resources": {"devices": [{"allow": False, "access": "rwm"}]}})
+    grant_guest_devices(spec, [{"path": "/dev/ttyS0"}])
+    assert spec["linux"]["devices"] == [{"path": "/dev/ttyS0"}]
+    assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+
+
+def test_guest_devices_leave_out_the_agents_channel() -> None:
+    devices = guest_devices([("ttyS0", "c", 4, 64, 0o620), ("vport0p1", "c", 244, 1, 0o600),
+                             ("vda", "b", 254, 0, 0o660)])
+    assert [d["path"] for d in devices] == ["/dev/ttyS0", "/dev/vda"]
+    assert devices[0] == {"path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64,
+                          "fileMode": 0o620, "uid": 0, "gid": 0}

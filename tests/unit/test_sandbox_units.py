@@ -75,6 +75,7 @@ def test_spec_for_guest_rewrites_host_only_parts() -> None:
                 {"type": "mount"},
             ],
             "devices": [{"path": "/dev/kvm"}],
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         },
     }
     out, binds = spec_for_guest(spec, "c1")
@@ -84,8 +85,11 @@ def test_spec_for_guest_rewrites_host_only_parts() -> None:
     assert [m["source"] for m in out["mounts"]] == [
         "proc", f"{guest_mounts_dir('c1')}/0", f"{guest_mounts_dir('c1')}/1"]
     assert binds == [SharedBind("/h", "0", False), SharedBind("/d", "1", True)]
-    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
-    assert "devices" not in out["linux"]
+    # Host namespace paths go on: the agent maps a pod's onto its sandbox container's.
+    assert out["linux"]["namespaces"] == [
+        {"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "mount"}]
+    assert "devices" not in out["linux"]  # host devices; the cgroup rules stay
+    assert out["linux"]["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
     assert spec["root"]["path"] == "rootfs"  # the input is left alone
 
 

@@ -39,6 +39,7 @@ class PodOptions:
     sysctls: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     cgroup_parent: str = ""
+    privileged: bool = False  # lets the pod have privileged containers
     memory_limit_bytes: int = 0  # the sum of containers' limits, as the kubelet reports it
 
 
@@ -108,7 +109,8 @@ class Kubelet:
                                          ipc=POD)
         linux = cri.LinuxPodSandboxConfig(
             cgroup_parent=opts.cgroup_parent, sysctls=opts.sysctls,
-            security_context=cri.LinuxSandboxSecurityContext(namespace_options=namespaces),
+            security_context=cri.LinuxSandboxSecurityContext(namespace_options=namespaces,
+                                                             privileged=opts.privileged),
         )
         if opts.memory_limit_bytes:
             linux.resources.CopyFrom(cri.LinuxContainerResources(
@@ -151,12 +153,14 @@ class Kubelet:
     # -- containers ----------------------------------------------------------------------
 
     def container_config(self, name: str, image: str, command: Sequence[str],
-                         opts: ContainerOptions) -> cri.ContainerConfig:
+                         opts: ContainerOptions,
+                         namespaces: cri.NamespaceOption | None = None) -> cri.ContainerConfig:
         caps = cri.Capability(add_capabilities=list(opts.add_capabilities),
                               drop_capabilities=list(opts.drop_capabilities))
         sc = cri.LinuxContainerSecurityContext(
             capabilities=caps, privileged=opts.privileged,
-            supplemental_groups=list(opts.supplemental_groups), no_new_privs=opts.no_new_privs)
+            supplemental_groups=list(opts.supplemental_groups), no_new_privs=opts.no_new_privs,
+            namespace_options=namespaces)
         if opts.run_as_user is not None:
             sc.run_as_user.value = opts.run_as_user
         if opts.run_as_group is not None:
@@ -180,7 +184,10 @@ class Kubelet:
     def create_container(self, pod: Pod, name: str, image: str, command: Sequence[str],
                          opts: ContainerOptions | None = None) -> str:
         (pod.log_dir / name).mkdir(exist_ok=True)
-        config = self.container_config(name, image, command, opts or ContainerOptions())
+        # As the kubelet does: the container's namespace modes are the pod's.
+        namespaces = pod.config.linux.security_context.namespace_options
+        config = self.container_config(name, image, command, opts or ContainerOptions(),
+                                       namespaces)
         req = cri.CreateContainerRequest(pod_sandbox_id=pod.id, config=config,
                                          sandbox_config=pod.config)
         return str(self.runtime.CreateContainer(req, timeout=self.deadline).container_id)
