@@ -33,7 +33,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import validate
+from agent import cgroup, validate
 from agent.crun import Crun, CrunConfig, CrunError
 from agent.errors import (
     AgentError,
@@ -264,6 +264,47 @@ class Containers:
         directory = os.path.join(self.config.run_dir, ".console")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         return os.path.join(directory, f"{self._console_seq}.sock")
+
+    # -- cgroup: freeze, resources, statistics ---------------------------------------
+
+    def _cgroup_dir(self, container: Container) -> str:
+        if container.cgroup_dir is None:
+            raise FailedPrecondition(f"container {container.id!r} has no cgroup "
+                                     "(the agent runs without cgroups)")
+        return container.cgroup_dir
+
+    async def pause(self, container_id: str) -> None:
+        container = self.get(container_id)
+        self._cgroup_dir(container)
+        await self._crun.run(container.path("crun-pause.log"), ["pause", container_id],
+                             _devnull_stdio())
+
+    async def resume(self, container_id: str) -> None:
+        container = self.get(container_id)
+        self._cgroup_dir(container)
+        await self._crun.run(container.path("crun-resume.log"), ["resume", container_id],
+                             _devnull_stdio())
+
+    async def update(self, container_id: str, resources_json: bytes) -> None:
+        """Apply OCI LinuxResources to a container (``crun update``)."""
+        container = self.get(container_id)
+        self._cgroup_dir(container)
+        validate.check_size("resources_json", len(resources_json), validate.MAX_SPEC)
+        resources = parse_json_object("resources_json", resources_json)
+        path = container.path("resources.json")
+        _write_json(path, resources)
+        await self._crun.run(container.path("crun-update.log"),
+                             ["update", f"--resources={path}", container_id], _devnull_stdio())
+
+    def stats(self, container_id: str) -> dict[str, object]:
+        return cgroup.stats(self._cgroup_dir(self.get(container_id)))
+
+    def oom_killed(self, container_id: str, exec_id: str) -> bool:
+        """Whether a container's init process ended with an OOM kill in its cgroup."""
+        container = self._containers.get(container_id)
+        if exec_id or container is None or container.cgroup_dir is None:
+            return False
+        return cgroup.oom_kills(container.cgroup_dir) > 0
 
     # -- signals and pids -------------------------------------------------------------
 

@@ -89,6 +89,10 @@ class AgentService:
             "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
             "CloseStdin": (pb.CloseStdinRequest, self.close_stdin),
             "TtyWinResize": (pb.TtyWinResizeRequest, self.tty_win_resize),
+            "PauseContainer": (pb.PauseContainerRequest, self.pause_container),
+            "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
+            "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
+            "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
             "Check": (pb.CheckRequest, self.check),
             "Version": (pb.CheckRequest, self.version),
         }
@@ -167,10 +171,29 @@ class AgentService:
 
     async def wait_process(self, req: pb.WaitProcessRequest) -> Message:
         process = self._containers.process(req.container_id, req.exec_id)
-        return pb.WaitProcessResponse(status=await process.wait())
+        status = await process.wait()
+        return pb.WaitProcessResponse(
+            status=status, oom_killed=self._containers.oom_killed(req.container_id, req.exec_id))
 
     async def list_processes(self, req: pb.ListProcessesRequest) -> Message:
         return pb.ListProcessesResponse(pids=self._containers.pids(req.container_id))
+
+    # -- cgroup -----------------------------------------------------------------------
+
+    async def pause_container(self, req: pb.PauseContainerRequest) -> Message:
+        await self._containers.pause(req.container_id)
+        return empty_pb2.Empty()
+
+    async def resume_container(self, req: pb.ResumeContainerRequest) -> Message:
+        await self._containers.resume(req.container_id)
+        return empty_pb2.Empty()
+
+    async def update_container(self, req: pb.UpdateContainerRequest) -> Message:
+        await self._containers.update(req.container_id, req.resources_json)
+        return empty_pb2.Empty()
+
+    async def stats_container(self, req: pb.StatsContainerRequest) -> Message:
+        return pb.StatsContainerResponse(**self._containers.stats(req.container_id))  # type: ignore[arg-type]
 
     # -- stdio ------------------------------------------------------------------------
 

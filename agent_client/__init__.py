@@ -3,14 +3,16 @@
 from agent_client.api import AgentApi, AgentConnector
 from agent_client.client import AgentClient, connect_agent
 from agent_client.errors import AgentCallError, bounded
-from agent_client.types import GuestDetails, StorageSpec
+from agent_client.types import CgroupStats, GuestDetails, ProcessExit, StorageSpec
 
 __all__ = [
     "AgentApi",
     "AgentCallError",
     "AgentClient",
     "AgentConnector",
+    "CgroupStats",
     "GuestDetails",
+    "ProcessExit",
     "StorageSpec",
     "bounded",
     "connect_agent",

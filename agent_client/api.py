@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from agent_client.types import GuestDetails, StorageSpec
+from agent_client.types import CgroupStats, GuestDetails, ProcessExit, StorageSpec
 
 
 class AgentApi(Protocol):
@@ -55,8 +55,21 @@ class AgentApi(Protocol):
     ) -> None:
         """Signal one process, or all of the container's."""
 
-    async def wait_process(self, container_id: str, exec_id: str) -> int:
-        """Long poll: the exit status."""
+    async def wait_process(self, container_id: str, exec_id: str) -> ProcessExit:
+        """Long poll: the exit status, and whether an OOM kill ended it."""
+
+    # -- cgroup of a container
+    async def pause_container(self, container_id: str) -> None:
+        """Freeze the container's cgroup."""
+
+    async def resume_container(self, container_id: str) -> None:
+        """Thaw it."""
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply OCI LinuxResources."""
+
+    async def stats_container(self, container_id: str) -> CgroupStats:
+        """The container's cgroup figures."""
 
     async def list_processes(self, container_id: str) -> list[int]:
         """Guest pids of the container."""

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from agent_client.dial import open_stream
 from agent_client.errors import AgentCallError
-from agent_client.types import GuestDetails, StorageSpec
+from agent_client.types import CgroupStats, GuestDetails, ProcessExit, StorageSpec
 from protocols import agent_pb2 as pb
 from ttrpc import Client, TtrpcError
 
@@ -40,6 +40,10 @@ TIMEOUTS: Mapping[str, float | None] = {
     "RemoveProcess": 10.0,
     "CloseStdin": 10.0,
     "TtyWinResize": 10.0,
+    "PauseContainer": 30.0,
+    "ResumeContainer": 30.0,
+    "UpdateContainer": 30.0,
+    "StatsContainer": 10.0,
     # WriteStdin waits while the process does not read its stdin: no deadline either.
     "WriteStdin": None,
     "WaitProcess": None,
@@ -156,10 +160,39 @@ class AgentClient:
         )
         await self._call("SignalProcess", request, Empty)
 
-    async def wait_process(self, container_id: str, exec_id: str) -> int:
-        """WaitProcess (long poll): the exit status."""
+    async def wait_process(self, container_id: str, exec_id: str) -> ProcessExit:
+        """WaitProcess (long poll): the exit status, and whether an OOM kill ended it."""
         request = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
-        return (await self._call("WaitProcess", request, pb.WaitProcessResponse)).status
+        r = await self._call("WaitProcess", request, pb.WaitProcessResponse)
+        return ProcessExit(r.status, r.oom_killed)
+
+    # cgroup
+    async def pause_container(self, container_id: str) -> None:
+        """PauseContainer: freeze the container's cgroup."""
+        await self._call("PauseContainer", pb.PauseContainerRequest(container_id=container_id),
+                         Empty)
+
+    async def resume_container(self, container_id: str) -> None:
+        """ResumeContainer: thaw it."""
+        await self._call("ResumeContainer",
+                         pb.ResumeContainerRequest(container_id=container_id), Empty)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        """UpdateContainer with OCI LinuxResources."""
+        request = pb.UpdateContainerRequest(container_id=container_id,
+                                            resources_json=json.dumps(resources).encode())
+        await self._call("UpdateContainer", request, Empty)
+
+    async def stats_container(self, container_id: str) -> CgroupStats:
+        """StatsContainer: the container's cgroup figures (maps bounded: the guest sent them)."""
+        request = pb.StatsContainerRequest(container_id=container_id)
+        r = await self._call("StatsContainer", request, pb.StatsContainerResponse)
+        return CgroupStats(
+            cpu_stat=_bounded_map(r.cpu_stat), memory_stat=_bounded_map(r.memory_stat),
+            memory_events=_bounded_map(r.memory_events), memory_current=r.memory_current,
+            memory_max=r.memory_max, memory_swap_current=r.memory_swap_current,
+            pids_current=r.pids_current, pids_max=r.pids_max,
+        )
 
     async def list_processes(self, container_id: str) -> list[int]:
         """ListProcesses: guest pids of the container."""
@@ -203,6 +236,21 @@ class AgentClient:
             container_id=container_id, exec_id=exec_id, row=rows, column=cols
         )
         await self._call("TtyWinResize", request, Empty)
+
+
+MAX_STAT_KEYS = 128
+MAX_STAT_KEY = 64
+
+
+def _bounded_map(values: Mapping[str, int]) -> dict[str, int]:
+    """At most MAX_STAT_KEYS plain keys of a guest-sent map; the rest is dropped."""
+    kept: dict[str, int] = {}
+    for key, value in values.items():
+        if len(kept) >= MAX_STAT_KEYS:
+            break
+        if len(key) <= MAX_STAT_KEY and key.replace("_", "").isalnum() and key.isascii():
+            kept[key] = value
+    return kept
 
 
 def _printable(text: str, limit: int) -> str:

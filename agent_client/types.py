@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,3 +24,26 @@ class GuestDetails:
     agent_version: str
     agent_startup_seconds: float
     agent_init_seconds: float
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    """How a process ended: its status (code, or 128+signal) and, for a container's init
+    process, whether its cgroup's memory limit killed a process (an OOM kill)."""
+
+    status: int
+    oom_killed: bool = False
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """A container's cgroup v2 figures as the guest reports them (bounded by the client)."""
+
+    cpu_stat: dict[str, int] = field(default_factory=dict)
+    memory_stat: dict[str, int] = field(default_factory=dict)
+    memory_events: dict[str, int] = field(default_factory=dict)
+    memory_current: int = 0
+    memory_max: int = 0  # 0: no limit
+    memory_swap_current: int = 0
+    pids_current: int = 0
+    pids_max: int = 0  # 0: no limit

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from agent_client import AgentApi, AgentCallError
+from agent_client import AgentApi, AgentCallError, CgroupStats, ProcessExit
 from sandbox.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -68,10 +68,31 @@ class Guest:
         async with agent_errors(f"start exec {exec_id} in {container_id}"):
             return await self._agent().exec_process(container_id, exec_id, process, stdin)
 
-    async def wait_process(self, container_id: str, exec_id: str) -> int:
+    async def wait_process(self, container_id: str, exec_id: str) -> ProcessExit:
         """Wait for the process to exit; its status (code, or 128+signal)."""
         async with agent_errors(f"wait for {_name(container_id, exec_id)}"):
             return await self._agent().wait_process(container_id, exec_id)
+
+    # cgroup of a container
+    async def pause_container(self, container_id: str) -> None:
+        """Freeze the container."""
+        async with agent_errors(f"pause container {container_id}"):
+            await self._agent().pause_container(container_id)
+
+    async def resume_container(self, container_id: str) -> None:
+        """Thaw the container."""
+        async with agent_errors(f"resume container {container_id}"):
+            await self._agent().resume_container(container_id)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply OCI LinuxResources to the container in the guest."""
+        async with agent_errors(f"update the resources of container {container_id}"):
+            await self._agent().update_container(container_id, resources)
+
+    async def stats_container(self, container_id: str) -> CgroupStats:
+        """The container's cgroup figures, from the guest."""
+        async with agent_errors(f"collect the stats of container {container_id}"):
+            return await self._agent().stats_container(container_id)
 
     async def signal_process(
         self, container_id: str, exec_id: str, signal: int, all: bool = False

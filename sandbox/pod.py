@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent_client import CgroupStats as CgroupStats  # re-exported: what Stats reports
 from sandbox.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -49,7 +50,7 @@ from sandbox.errors import (
 )
 from sandbox.logfields import kv
 from sandbox.oci import sandbox_spec
-from sandbox.process import Op, Process, State
+from sandbox.process import LIVE, Op, Process, State
 from sandbox.processio import IoOpener, ProcessIO
 from sandbox.sandbox import Sandbox, SandboxState
 from sandbox.types import ContainerConfig, ExecConfig, StdioPaths, validate_id
@@ -69,6 +70,9 @@ class PodEvents(Protocol):
     def exec_started(self, container_id: str, exec_id: str, pid: int) -> None: ...
     def exited(self, p: Process, pid: int) -> None: ...
     def deleted(self, p: Process, pid: int) -> None: ...
+    def oom(self, container_id: str) -> None: ...
+    def paused(self, container_id: str) -> None: ...
+    def resumed(self, container_id: str) -> None: ...
 
 
 @dataclass
@@ -185,7 +189,44 @@ class Pod:
         return self.task_pid
 
     def _on_exit(self, process: Process) -> None:
+        if process.oom_killed:  # before the exit: CRI then reports the exit as OOMKilled
+            self._events.oom(process.container_id)
         self._events.exited(process, self.task_pid)
+
+    # cgroup of a container
+    async def pause(self, container_id: str) -> None:
+        """Freeze a running container (Pause)."""
+        container = self.container(container_id)
+        async with container.lock:
+            await container.init.pause()
+        self._events.paused(container_id)
+        log.info("container paused", extra=kv(container=container_id))
+
+    async def resume(self, container_id: str) -> None:
+        """Thaw a paused container (Resume)."""
+        container = self.container(container_id)
+        async with container.lock:
+            await container.init.resume()
+        self._events.resumed(container_id)
+        log.info("container resumed", extra=kv(container=container_id))
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply OCI LinuxResources to a started container (Update)."""
+        container = self.container(container_id)
+        async with container.lock:
+            if container.init.state not in LIVE:
+                raise FailedPreconditionError(
+                    f"failed to update container {container_id}: it is not running")
+            await self.sandbox.guest.update_container(container_id, resources)
+        log.info("container resources updated", extra=kv(container=container_id))
+
+    async def stats(self, container_id: str) -> CgroupStats:
+        """The container's cgroup figures (Stats)."""
+        container = self.container(container_id)
+        if container.init.state not in LIVE:
+            raise FailedPreconditionError(
+                f"failed to collect stats of container {container_id}: it is not running")
+        return await self.sandbox.guest.stats_container(container_id)
 
     async def kill(self, container_id: str, exec_id: str, signal: int, all: bool) -> None:
         """Signal a process (``all``: every process of the container)."""
@@ -285,7 +326,7 @@ class Pod:
     async def terminate(self) -> None:
         """SIGTERM: stop the VM, then give exit watchers time to publish the exits."""
         waits = [p.wait() for c in self._containers.values()
-                 for p in (c.init, *c.execs.values()) if p.state is State.RUNNING]  # fmt: skip
+                 for p in (c.init, *c.execs.values()) if p.state in LIVE]  # fmt: skip
         await self.stop_sandbox()
         if waits:
             with contextlib.suppress(TimeoutError):

@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
+from agent_client import ProcessExit
 from common.constants import EXIT_STATUS_KILLED
 from sandbox.errors import (
     FailedPreconditionError,
@@ -64,8 +65,12 @@ class State(enum.Enum):
 
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"  # the container's cgroup is frozen (init processes only)
     STOPPED = "stopped"
     DELETED = "deleted"
+
+
+LIVE = (State.RUNNING, State.PAUSED)  # started and not exited: signals and exits reach it
 
 
 class Op(enum.Enum):
@@ -77,6 +82,8 @@ class Op(enum.Enum):
     DELETE = "delete"
     RESIZE_PTY = "resize the pty of"
     CLOSE_STDIN = "close stdin of"
+    PAUSE = "pause"
+    RESUME = "resume"
 
 
 class InvalidTransition(FailedPreconditionError):
@@ -88,6 +95,8 @@ class ProcessGone(NotFoundError):
 
 
 _GONE = Refusal(ProcessGone, "it was deleted")
+_NOT_RUNNING = Refusal(InvalidTransition, "it is not running")
+_EXITED = Refusal(InvalidTransition, "it has already exited")
 TRANSITIONS: dict[tuple[State, Op], State | Refusal] = {
     (State.CREATED, Op.START): State.RUNNING,
     (State.CREATED, Op.KILL): State.STOPPED,
@@ -95,24 +104,40 @@ TRANSITIONS: dict[tuple[State, Op], State | Refusal] = {
     (State.CREATED, Op.DELETE): State.DELETED,
     (State.CREATED, Op.RESIZE_PTY): State.CREATED,
     (State.CREATED, Op.CLOSE_STDIN): State.CREATED,
+    (State.CREATED, Op.PAUSE): _NOT_RUNNING,
+    (State.CREATED, Op.RESUME): Refusal(InvalidTransition, "it is not paused"),
     (State.RUNNING, Op.START): Refusal(InvalidTransition, "it is already running"),
     (State.RUNNING, Op.KILL): State.RUNNING,  # the exit comes later, from wait_process
     (State.RUNNING, Op.EXIT): State.STOPPED,
     (State.RUNNING, Op.DELETE): Refusal(InvalidTransition, "it is still running: kill it first"),
     (State.RUNNING, Op.RESIZE_PTY): State.RUNNING,
     (State.RUNNING, Op.CLOSE_STDIN): State.RUNNING,
+    (State.RUNNING, Op.PAUSE): State.PAUSED,
+    (State.RUNNING, Op.RESUME): Refusal(InvalidTransition, "it is not paused"),
+    (State.PAUSED, Op.START): Refusal(InvalidTransition, "it is already running (paused)"),
+    (State.PAUSED, Op.KILL): State.PAUSED,  # a frozen cgroup still takes SIGKILL
+    (State.PAUSED, Op.EXIT): State.STOPPED,
+    (State.PAUSED, Op.DELETE): Refusal(InvalidTransition, "it is paused: kill it first"),
+    (State.PAUSED, Op.RESIZE_PTY): State.PAUSED,
+    (State.PAUSED, Op.CLOSE_STDIN): State.PAUSED,
+    (State.PAUSED, Op.PAUSE): Refusal(InvalidTransition, "it is already paused"),
+    (State.PAUSED, Op.RESUME): State.RUNNING,
     (State.STOPPED, Op.START): Refusal(InvalidTransition, "it has already exited"),
     (State.STOPPED, Op.KILL): Refusal(ProcessGone, "it has already exited"),
     (State.STOPPED, Op.EXIT): Refusal(InvalidTransition, "it has already exited"),
     (State.STOPPED, Op.DELETE): State.DELETED,
     (State.STOPPED, Op.RESIZE_PTY): Refusal(InvalidTransition, "it has already exited"),
     (State.STOPPED, Op.CLOSE_STDIN): State.STOPPED,  # nothing left to close: harmless
+    (State.STOPPED, Op.PAUSE): _EXITED,
+    (State.STOPPED, Op.RESUME): _EXITED,
     (State.DELETED, Op.START): _GONE,
     (State.DELETED, Op.KILL): _GONE,
     (State.DELETED, Op.EXIT): _GONE,
     (State.DELETED, Op.DELETE): _GONE,
     (State.DELETED, Op.RESIZE_PTY): _GONE,
     (State.DELETED, Op.CLOSE_STDIN): _GONE,
+    (State.DELETED, Op.PAUSE): _GONE,
+    (State.DELETED, Op.RESUME): _GONE,
 }
 
 
@@ -124,7 +149,9 @@ class ProcessGuest(Protocol):
     async def exec_process(
         self, container_id: str, exec_id: str, process: dict[str, Any], stdin: bool
     ) -> int: ...
-    async def wait_process(self, container_id: str, exec_id: str) -> int: ...
+    async def wait_process(self, container_id: str, exec_id: str) -> ProcessExit: ...
+    async def pause_container(self, container_id: str) -> None: ...
+    async def resume_container(self, container_id: str) -> None: ...
     async def signal_process(
         self, container_id: str, exec_id: str, signal: int, all: bool = False
     ) -> None: ...
@@ -161,6 +188,7 @@ class Process:
         self.guest_pid = 0
         self.exit_status = 0
         self.exited_at_ns: int | None = None
+        self.oom_killed = False  # init: its cgroup's memory limit killed a process
         self.io: ProcessIO = io or NoIO()
         self.before_exit: Callable[[], Awaitable[None]] | None = None  # init: wait for execs
         self._guest = guest
@@ -209,12 +237,24 @@ class Process:
         ``all`` reaches every process of the container only from the init process: on an
         exec it signals that exec alone, as runc's shim does."""
         after = self.ensure(Op.KILL)
-        if self.state is State.RUNNING:
+        if self.state in LIVE:
             await self._guest.signal_process(self.container_id, self.exec_id, signal,
                                              all and not self.exec_id)  # fmt: skip
         elif signal != 0:
             await self._stop_tasks_and_io()
             self._record_exit(after, SIGNAL_EXIT_BASE + signal)
+
+    async def pause(self) -> None:
+        """Freeze the container (init processes: the whole container's cgroup)."""
+        after = self.ensure(Op.PAUSE)
+        await self._guest.pause_container(self.container_id)
+        self.state = after
+
+    async def resume(self) -> None:
+        """Thaw a paused container."""
+        after = self.ensure(Op.RESUME)
+        await self._guest.resume_container(self.container_id)
+        self.state = after
 
     async def resize(self, width: int, height: int) -> None:
         """Set the pty size (a no-op without a terminal, as in runc); before Start the size
@@ -222,7 +262,7 @@ class Process:
         self.ensure(Op.RESIZE_PTY)
         if not self.paths.terminal:
             return
-        if self.state is State.RUNNING:
+        if self.state in LIVE:
             await self._guest.resize_pty(self.container_id, self.exec_id, width, height)
         else:
             self._pending_size = (width, height)
@@ -281,10 +321,11 @@ class Process:
 
     async def _watch_exit(self) -> None:
         try:
-            status = await self._guest.wait_process(self.container_id, self.exec_id)
+            exit = await self._guest.wait_process(self.container_id, self.exec_id)
         except Exception as e:
             log.warning("failed to wait for process %s: %s", self.name, e)
-            status = EXIT_STATUS_LOST
+            exit = ProcessExit(EXIT_STATUS_LOST)
+        status = exit.status
         try:
             await self._drain_outputs()
             if self.before_exit is not None:
@@ -292,7 +333,8 @@ class Process:
         except Exception as e:  # the exit must be recorded whatever happens to the IO
             log.error("failed to finish the IO of %s: %s", self.name, e)
         async with self._lock:
-            if self.state is State.RUNNING:
+            if self.state in LIVE:
+                self.oom_killed = exit.oom_killed
                 self._record_exit(self.ensure(Op.EXIT), status)
 
     async def _drain_outputs(self) -> None:

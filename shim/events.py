@@ -229,6 +229,18 @@ class TaskEvents:
             )
         )
 
+    def oom(self, container_id: str) -> None:
+        """/tasks/oom: the container's memory limit killed a process."""
+        self._publisher.publish(events_pb2.TaskOOM(container_id=container_id))
+
+    def paused(self, container_id: str) -> None:
+        """/tasks/paused."""
+        self._publisher.publish(events_pb2.TaskPaused(container_id=container_id))
+
+    def resumed(self, container_id: str) -> None:
+        """/tasks/resumed."""
+        self._publisher.publish(events_pb2.TaskResumed(container_id=container_id))
+
     def deleted(self, p: Process, pid: int) -> None:
         """/tasks/delete."""
         self._publisher.publish(

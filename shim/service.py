@@ -37,7 +37,7 @@ from sandbox.pod import Pod, exec_config
 from sandbox.process import Process, State
 from sandbox.processio import IoOpener, ProcessIO
 from sandbox.types import ContainerConfig, Mount, StdioPaths
-from shim import VERSION
+from shim import VERSION, metrics
 from shim.bundle import read_spec
 from shim.events import exit_timestamp
 from shim.stdio import open_stdio
@@ -52,6 +52,7 @@ Handler = Callable[[Any], Awaitable[Message]]
 _STATUS = {
     State.CREATED: task_types_pb2.CREATED,
     State.RUNNING: task_types_pb2.RUNNING,
+    State.PAUSED: task_types_pb2.PAUSED,
     State.STOPPED: task_types_pb2.STOPPED,
     State.DELETED: task_types_pb2.UNKNOWN,
 }
@@ -123,14 +124,14 @@ class TaskService:
             "Wait": (task_pb2.WaitRequest, self.wait),
             "Connect": (task_pb2.ConnectRequest, self.connect),
             "Shutdown": (task_pb2.ShutdownRequest, self.shutdown),
+            "Pause": (task_pb2.PauseRequest, self.pause),
+            "Resume": (task_pb2.ResumeRequest, self.resume),
+            "Update": (task_pb2.UpdateTaskRequest, self.update),
+            "Stats": (task_pb2.StatsRequest, self.stats),
         }
         methods = {name: (t, _translate(h)) for name, (t, h) in implemented.items()}
         methods.update({
-            "Pause": (task_pb2.PauseRequest, _unimplemented("pause task")),
-            "Resume": (task_pb2.ResumeRequest, _unimplemented("resume task")),
             "Checkpoint": (task_pb2.CheckpointTaskRequest, _unimplemented("checkpoint task")),
-            "Update": (task_pb2.UpdateTaskRequest, _unimplemented("update task resources")),
-            "Stats": (task_pb2.StatsRequest, _unimplemented("collect task stats")),
         })  # fmt: skip
         return methods
 
@@ -219,6 +220,25 @@ class TaskService:
         return task_pb2.WaitResponse(
             exit_status=p.exit_status, exited_at=exit_timestamp(p.exited_at_ns)
         )
+
+    async def pause(self, r: task_pb2.PauseRequest) -> empty_pb2.Empty:
+        """Freeze the container (its cgroup in the guest); /tasks/paused follows."""
+        await self.pod.pause(r.id)
+        return empty_pb2.Empty()
+
+    async def resume(self, r: task_pb2.ResumeRequest) -> empty_pb2.Empty:
+        """Thaw it; /tasks/resumed follows."""
+        await self.pod.resume(r.id)
+        return empty_pb2.Empty()
+
+    async def update(self, r: task_pb2.UpdateTaskRequest) -> empty_pb2.Empty:
+        """Apply new OCI LinuxResources to the container in the guest."""
+        await self.pod.update(r.id, metrics.linux_resources(r.resources, r.id))
+        return empty_pb2.Empty()
+
+    async def stats(self, r: task_pb2.StatsRequest) -> task_pb2.StatsResponse:
+        """The container's cgroup v2 metrics, from the guest."""
+        return task_pb2.StatsResponse(stats=metrics.metrics_any(await self.pod.stats(r.id)))
 
     async def connect(self, r: task_pb2.ConnectRequest) -> task_pb2.ConnectResponse:
         """The shim's pid, the task pid and our version."""

@@ -151,3 +151,67 @@ def test_a_container_that_fails_to_start_is_reported_and_the_pod_goes_on(
     cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],
                                   ContainerOptions())
     assert out(kubelet, cid, ["echo", "ok"]) == "ok"
+
+
+def test_share_process_namespace_shows_the_pods_processes(cri: tuple[Kata, Kubelet]) -> None:
+    _, kubelet = cri
+    shared = kubelet.run_pod("shared", CRI_HANDLER, PodOptions(share_pid=True))
+    alone = kubelet.run_pod("alone", CRI_HANDLER)
+    a = kubelet.start_container(shared, "app", IMAGE_REF, ["sleep", "300"])
+    b = kubelet.start_container(alone, "app", IMAGE_REF, ["sleep", "300"])
+    # The pause container's `sleep infinity` is PID 1 of a shared PID namespace.
+    assert "infinity" in out(kubelet, a, ["cat", "/proc/1/cmdline"])
+    assert "infinity" not in out(kubelet, b, ["ps", "-o", "args"])
+
+
+CGROUP_FILE = ("cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup | head -1)/{name} "
+               "2>/dev/null || cat /sys/fs/cgroup/{name}")
+
+
+def test_container_stats_show_a_busy_containers_cpu_and_memory(
+        cri: tuple[Kata, Kubelet]) -> None:
+    _, kubelet = cri
+    pod = kubelet.run_pod("stats", CRI_HANDLER)
+    cid = kubelet.start_container(pod, "busy", IMAGE_REF, ["sh", "-c", "while :; do :; done"])
+    time.sleep(2)
+    stats = kubelet.container_stats(cid)
+    assert stats.attributes.id == cid
+    assert stats.cpu.usage_core_nano_seconds.value > 0, stats
+    assert stats.memory.working_set_bytes.value > 0, stats
+    later = kubelet.container_stats(cid)
+    assert later.cpu.usage_core_nano_seconds.value > stats.cpu.usage_core_nano_seconds.value
+    listed = {s.attributes.id for s in kubelet.list_container_stats(pod.id)}
+    assert listed == {cid}
+
+
+def test_update_container_resources_changes_what_the_container_sees(
+        cri: tuple[Kata, Kubelet]) -> None:
+    from tests.harness.cri.api_pb2 import LinuxContainerResources
+
+    _, kubelet = cri
+    pod = kubelet.run_pod("update", CRI_HANDLER)
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],
+                                  ContainerOptions(memory_limit_bytes=512 << 20))
+    limit = ["sh", "-c", CGROUP_FILE.format(name="memory.max")]
+    assert out(kubelet, cid, limit) == str(512 << 20)
+    kubelet.update_resources(cid, LinuxContainerResources(memory_limit_in_bytes=256 << 20,
+                                                          cpu_period=100000, cpu_quota=50000))
+    assert out(kubelet, cid, limit) == str(256 << 20)
+    cpu_max = out(kubelet, cid, ["sh", "-c", CGROUP_FILE.format(name="cpu.max")])
+    assert cpu_max == "50000 100000", cpu_max
+
+
+def test_a_container_past_its_memory_limit_is_reported_oom_killed(
+        cri: tuple[Kata, Kubelet]) -> None:
+    _, kubelet = cri
+    pod = kubelet.run_pod("oom", CRI_HANDLER)
+    # tail keeps a whole "line" of /dev/zero in memory: 256 MiB past a 32 MiB limit.
+    cid = kubelet.start_container(pod, "hog", IMAGE_REF,
+                                  ["sh", "-c", "head -c 268435456 /dev/zero | tail"],
+                                  ContainerOptions(memory_limit_bytes=32 << 20))
+    deadline = time.monotonic() + 60
+    while (status := kubelet.container_status(cid)).state == RUNNING:
+        assert time.monotonic() < deadline, "the container did not hit its limit"
+        time.sleep(0.5)
+    assert status.reason == "OOMKilled", (status.reason, status.exit_code, status.message)
+    assert status.exit_code == 137

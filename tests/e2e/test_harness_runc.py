@@ -17,7 +17,8 @@ CHECKS = [scenarios.check_echo, scenarios.check_exit_code,
           scenarios.check_stdout_stderr_apart, scenarios.check_stdin,
           scenarios.check_tty_size, scenarios.check_tty_resize, scenarios.check_exec,
           scenarios.check_ps, scenarios.check_kill_term, scenarios.check_kill_all,
-          scenarios.check_missing_command, scenarios.check_duplicate_id]
+          scenarios.check_missing_command, scenarios.check_duplicate_id,
+          scenarios.check_pause_resume, scenarios.check_metrics]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))

@@ -5,6 +5,7 @@ the checks themselves), test_ctr_run.py with io.containerd.kata.v2."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import subprocess
 import time
@@ -272,3 +273,50 @@ def check_duplicate_id(cd: Containerd, runtime: str) -> None:
         assert "already exists" in res.stderr, explain(res)
         assert cd.tasks().get("t1") == "RUNNING", "the first t1 stopped"
         assert task_pids(cd, "t1"), "the first t1 has no processes left"
+
+
+PROGRESS = "while :; do date +%s >> /tmp/ticks; sleep 0.2; done"
+
+
+def _ticks(cd: Containerd, cid: str, exec_id: str) -> list[int]:
+    res = cd.ctr("task", "exec", "--exec-id", exec_id, cid, "cat", "/tmp/ticks")
+    assert res.returncode == 0, explain(res)
+    return [int(t) for t in res.stdout.split()]
+
+
+def check_pause_resume(cd: Containerd, runtime: str) -> None:
+    """Pause freezes the container (no progress, PAUSED, /tasks/paused), Resume thaws it.
+    The container's own clock shows it: while running it writes a time every 0.2 s, so a
+    gap of 3 s or more between two of them is the pause."""
+    with detached(cd, runtime, "t1", "sh", "-c", PROGRESS):
+        time.sleep(1.5)
+        res = cd.ctr("task", "pause", "t1")
+        assert res.returncode == 0, explain(res)
+        assert cd.tasks().get("t1") == "PAUSED", cd.tasks()
+        time.sleep(5)
+        res = cd.ctr("task", "resume", "t1")
+        assert res.returncode == 0, explain(res)
+        assert cd.tasks().get("t1") == "RUNNING", cd.tasks()
+        time.sleep(2)
+        ticks = _ticks(cd, "t1", "read")
+        gaps = [(b - a, i) for i, (a, b) in enumerate(itertools.pairwise(ticks))]
+        longest, at = max(gaps)
+        assert longest >= 3, f"no pause in the container's progress: {ticks}"
+        assert len(ticks) - at > 3, f"no progress after resume: {ticks}"
+        topics = cd.events_path.read_text()
+        assert "/tasks/paused" in topics and "/tasks/resumed" in topics
+
+
+def check_metrics(cd: Containerd, runtime: str) -> None:
+    """`ctr task metrics` decodes the task's cgroup v2 metrics: CPU and memory in use."""
+    with detached(cd, runtime, "t1", "sh", "-c", "while :; do :; done"):
+        time.sleep(1)
+        res = cd.ctr("task", "metrics", "t1")
+        assert res.returncode == 0, explain(res)
+        values = dict(line.split(None, 1) for line in res.stdout.splitlines()[1:]
+                      if len(line.split()) == 2)
+        # cgroup v1 names (runc on a v1 host) or v2 names (the guest is cgroup v2).
+        memory = values.get("memory.usage_in_bytes") or values.get("memory.usage")
+        cpu = values.get("cpuacct.usage") or values.get("cpu.usage_usec")
+        assert memory and int(memory) > 0, res.stdout
+        assert cpu and int(cpu) > 0, res.stdout

@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from agent_client import AgentCallError, GuestDetails, StorageSpec
+from agent_client import AgentCallError, CgroupStats, GuestDetails, ProcessExit, StorageSpec
 from hostos.procs import ProcessRecord, record, spawn, terminate
 from hypervisors.base import Device, DeviceList, HostCheck, VmSpec
 from hypervisors.config import ConfigError
@@ -188,6 +188,8 @@ class FakeAgent:
         self.containers: dict[str, dict[str, Any]] = {}
         self.closed = False
         self.next_pid = 100
+        self.oom: set[str] = set()  # containers whose SIGKILL exit reads as an OOM kill
+        self.resources: dict[str, dict[str, Any]] = {}
 
     def proc(self, cid: str, eid: str = "") -> FakeProc:
         """The fake guest process (created on first use)."""
@@ -254,9 +256,26 @@ class FakeAgent:
         if signal in (9, 15):
             p.finish(128 + signal)
 
-    async def wait_process(self, container_id: str, exec_id: str) -> int:
+    async def wait_process(self, container_id: str, exec_id: str) -> ProcessExit:
         self._call("wait_process", container_id, exec_id)
-        return await asyncio.shield(self.proc(container_id, exec_id).exit)
+        status = await asyncio.shield(self.proc(container_id, exec_id).exit)
+        return ProcessExit(status, oom_killed=status == 137 and container_id in self.oom)
+
+    async def pause_container(self, container_id: str) -> None:
+        self._call("pause_container", container_id)
+
+    async def resume_container(self, container_id: str) -> None:
+        self._call("resume_container", container_id)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        self._call("update_container", container_id)
+        self.resources[container_id] = resources
+
+    async def stats_container(self, container_id: str) -> CgroupStats:
+        self._call("stats_container", container_id)
+        return CgroupStats(cpu_stat={"usage_usec": 1500, "user_usec": 1000},
+                           memory_stat={"anon": 4096, "bogus_key": 1}, memory_current=8192,
+                           memory_max=0, pids_current=2)
 
     async def list_processes(self, container_id: str) -> list[int]:
         self._call("list_processes", container_id)

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from agent_client import AgentCallError, AgentClient
+from agent_client import AgentCallError, AgentClient, ProcessExit
 from agent_client.client import SERVICE, TIMEOUTS
 from agent_client.errors import MAX_GUEST_MESSAGE
 from protocols import agent_pb2 as pb
@@ -69,7 +69,7 @@ async def with_agent(tmp_path: Path, body: Any) -> FakeAgent:
 
 def test_deadlines_come_from_one_table(tmp_path: Path) -> None:
     async def body(agent: AgentClient) -> None:
-        assert await agent.wait_process("c1", "") == 137
+        assert await agent.wait_process("c1", "") == ProcessExit(137)
         await agent.signal_process("c1", "", 9)
 
     fake = asyncio.run(with_agent(tmp_path, body))

@@ -34,6 +34,12 @@ ALLOWED = {
     (State.RUNNING, Op.EXIT): State.STOPPED,
     (State.RUNNING, Op.RESIZE_PTY): State.RUNNING,
     (State.RUNNING, Op.CLOSE_STDIN): State.RUNNING,
+    (State.RUNNING, Op.PAUSE): State.PAUSED,
+    (State.PAUSED, Op.KILL): State.PAUSED,
+    (State.PAUSED, Op.EXIT): State.STOPPED,
+    (State.PAUSED, Op.RESIZE_PTY): State.PAUSED,
+    (State.PAUSED, Op.CLOSE_STDIN): State.PAUSED,
+    (State.PAUSED, Op.RESUME): State.RUNNING,
     (State.STOPPED, Op.DELETE): State.DELETED,
     (State.STOPPED, Op.CLOSE_STDIN): State.STOPPED,
 }
@@ -202,5 +208,37 @@ def test_an_exec_starts_with_its_own_process_spec() -> None:
         assert ("exec_process", "c1", "e1", '{"args": ["ls"]}') in agent.calls
         agent.proc("c1", "e1").finish(0)
         await asyncio.wait_for(process.wait(), 5)
+
+    asyncio.run(run())
+
+
+def test_a_paused_process_takes_signals_and_its_exit_and_resumes() -> None:
+    async def run() -> None:
+        agent, process, exits = await started()
+        await process.pause()
+        assert process.state is State.PAUSED
+        with pytest.raises(InvalidTransition, match="already paused"):
+            await process.pause()
+        with pytest.raises(InvalidTransition, match="paused: kill it first"):
+            await process.delete()
+        await process.resume()
+        assert process.state is State.RUNNING
+        await process.pause()
+        await process.kill(9)  # a frozen cgroup still takes SIGKILL
+        await asyncio.wait_for(process.wait(), 5)
+        assert (process.state, process.exit_status, exits) == (State.STOPPED, 137, [process])
+        assert [c for c in agent.calls if c[0] in ("pause_container", "resume_container")] == [
+            ("pause_container", "c1"), ("resume_container", "c1"), ("pause_container", "c1")]
+
+    asyncio.run(run())
+
+
+def test_an_oom_killed_init_says_so() -> None:
+    async def run() -> None:
+        agent, process, _ = await started()
+        agent.oom.add("c1")
+        agent.proc("c1").finish(137)
+        await asyncio.wait_for(process.wait(), 5)
+        assert process.oom_killed
 
     asyncio.run(run())

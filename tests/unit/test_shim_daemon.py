@@ -105,6 +105,11 @@ def test_daemon_serves_the_task_api_and_exits_on_shutdown(bundle: Path, sockets:
             with pytest.raises(TtrpcError) as info:
                 await client.call(TASK_SERVICE, "Pause", task_pb2.PauseRequest(id="c1"),
                                   empty_pb2.Empty, timeout=10)  # fmt: skip
+            assert info.value.code == Code.NOT_FOUND
+            with pytest.raises(TtrpcError) as info:
+                await client.call(TASK_SERVICE, "Checkpoint",
+                                  task_pb2.CheckpointTaskRequest(id="c1"),
+                                  empty_pb2.Empty, timeout=10)  # fmt: skip
             assert info.value.code == Code.UNIMPLEMENTED
             await client.call(TASK_SERVICE, "Shutdown", task_pb2.ShutdownRequest(id="c1"),
                               empty_pb2.Empty, timeout=10)  # fmt: skip

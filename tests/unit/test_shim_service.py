@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from hostos.procs import process_state
-from protocols import task_pb2, task_types_pb2
+from protocols import cgroups_v2_pb2, task_pb2, task_types_pb2
 from sandbox.pod import Pod
 from sandbox.sandbox import SandboxState
 from sandbox.storage import mounts_under
@@ -207,15 +207,77 @@ def test_exec_needs_a_running_container(tmp_path: Path) -> None:
     run(body, tmp_path)
 
 
-@pytest.mark.parametrize(("method", "fields"), [
-    ("Pause", {"id": "pod"}), ("Resume", {"id": "pod"}), ("Checkpoint", {"id": "pod"}),
-    ("Update", {"id": "pod"}), ("Stats", {"id": "pod"}),
-])  # fmt: skip
-def test_unsupported_rpcs_are_unimplemented(tmp_path: Path, method: str,
-                                            fields: dict[str, str]) -> None:  # fmt: skip
+def test_checkpoints_are_unimplemented(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         await h.create("pod")
-        await expect(Code.UNIMPLEMENTED, h.call(method, **fields))
+        await expect(Code.UNIMPLEMENTED, h.call("Checkpoint", id="pod"))
+
+    run(body, tmp_path)
+
+
+def test_pause_and_resume_freeze_the_container_and_say_so(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await expect(Code.FAILED_PRECONDITION, h.call("Pause", id="pod"))  # not started
+        await h.call("Start", id="pod")
+        await h.call("Pause", id="pod")
+        assert (await h.call("State", id="pod")).status == task_types_pb2.PAUSED
+        await expect(Code.FAILED_PRECONDITION, h.call("Pause", id="pod"))
+        await expect(Code.FAILED_PRECONDITION, h.call("Exec", id="pod", exec_id="e1"))
+        await h.call("Resume", id="pod")
+        assert (await h.call("State", id="pod")).status == task_types_pb2.RUNNING
+        await expect(Code.FAILED_PRECONDITION, h.call("Resume", id="pod"))
+        await expect(Code.NOT_FOUND, h.call("Pause", id="nope"))
+        assert h.publisher.topics()[-2:] == ["/tasks/paused", "/tasks/resumed"]
+        assert h.publisher.events[-1][1].container_id == "pod"
+
+    run(body, tmp_path)
+
+
+def test_update_passes_oci_resources_to_the_guest(tmp_path: Path) -> None:
+    resources = {"memory": {"limit": 64 << 20}, "cpu": {"quota": 50000, "period": 100000}}
+    linux_resources = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await expect(Code.FAILED_PRECONDITION, h.call("Update", id="pod", resources=any_pb2.Any(
+            type_url=linux_resources, value=json.dumps(resources).encode())))
+        await h.call("Start", id="pod")
+        await h.call("Update", id="pod", resources=any_pb2.Any(
+            type_url=linux_resources, value=json.dumps(resources).encode()))
+        assert h.agent.resources["pod"] == resources
+        for bad in (any_pb2.Any(type_url="x/Other", value=b"{}"),
+                    any_pb2.Any(type_url=linux_resources, value=b"[1]"),
+                    any_pb2.Any(type_url=linux_resources, value=b"{")):
+            await expect(Code.INVALID_ARGUMENT, h.call("Update", id="pod", resources=bad))
+
+    run(body, tmp_path)
+
+
+def test_stats_are_containerds_cgroup_v2_metrics(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await expect(Code.FAILED_PRECONDITION, h.call("Stats", id="pod"))
+        await h.call("Start", id="pod")
+        reply = await h.call("Stats", id="pod")
+        assert reply.stats.type_url == "io.containerd.cgroups.v2.Metrics"
+        m = cgroups_v2_pb2.Metrics.FromString(reply.stats.value)
+        assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (1500, 1000, 0)
+        assert (m.memory.usage, m.memory.anon, m.memory.usage_limit) == (8192, 4096, 2**64 - 1)
+        assert m.pids.current == 2
+
+    run(body, tmp_path)
+
+
+def test_an_oom_kill_is_published_before_the_exit(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        h.agent.oom.add("pod")
+        h.agent.proc("pod").finish(137)
+        await asyncio.wait_for(h.call("Wait", id="pod"), 5)
+        assert h.publisher.topics()[-2:] == ["/tasks/oom", "/tasks/exit"]
+        assert h.publisher.events[-2][1].container_id == "pod"
 
     run(body, tmp_path)
 
