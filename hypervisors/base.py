@@ -175,6 +175,14 @@ class HypervisorConfig(Protocol):
         """MiB at boot."""
 
     @property
+    def default_maxvcpus(self) -> int:
+        """vCPUs a VM may have at most; 0 = as many as the host has."""
+
+    @property
+    def default_maxmemory(self) -> int:
+        """MiB a VM may have at most; 0 = the host's memory."""
+
+    @property
     def unknown_keys(self) -> tuple[str, ...]:
         """Keys of the section this version does not know (reported, not fatal)."""
 

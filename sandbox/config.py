@@ -39,7 +39,9 @@ DEFAULT_PATHS = (
 CONFIG_ENV = "KATA_CONF_FILE"
 #: Tables this version reads, with the keys it knows in each.
 AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules"})
-RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model"})
+RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model",
+                          "static_sandbox_resource_mgmt", "static_sandbox_base_memory"})
+MIN_BASE_MEMORY_MIB = 64
 TOP_TABLES = frozenset({"hypervisor", "agent", "runtime"})
 INTERNETWORKING_MODELS = ("tcfilter", "macvtap", "none")
 
@@ -66,6 +68,9 @@ class RuntimeConfig:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     enable_debug: bool = False
     internetworking_model: str = "tcfilter"
+    #: Size the VM from the pod's limits (sandbox/sizing.py); base MiB for the guest itself.
+    static_sandbox_resource_mgmt: bool = False
+    static_sandbox_base_memory: int = 256
     #: Unknown keys and set-but-unsupported keys, one message each (file and line).
     warnings: tuple[str, ...] = ()
 
@@ -120,6 +125,9 @@ def _parse(path: Path, doc: Mapping[str, Any], text: str) -> RuntimeConfig:
         internetworking_model=_choice(
             runtime, "internetworking_model", INTERNETWORKING_MODELS, path
         ),
+        static_sandbox_resource_mgmt=bool(
+            _typed(runtime, "static_sandbox_resource_mgmt", bool, False, path)),
+        static_sandbox_base_memory=_base_memory(runtime, path),
     )
     return _with_warnings(config, doc, text, agent_table, runtime)
 
@@ -184,6 +192,15 @@ def _typed(
     value = table.get(key, default)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise InvalidArgumentError(f"{key} in {path} has the wrong type: {value!r}")
+    return value
+
+
+def _base_memory(runtime: Mapping[str, Any], path: Path) -> int:
+    value = int(_typed(runtime, "static_sandbox_base_memory", int, 256, path))
+    if value < MIN_BASE_MEMORY_MIB:
+        raise InvalidArgumentError(
+            f"static_sandbox_base_memory in {path} is {value}: give at least "
+            f"{MIN_BASE_MEMORY_MIB} (MiB for the guest kernel and agent)")
     return value
 
 

@@ -64,6 +64,7 @@ from sandbox.errors import (
 from sandbox.guest import Guest, agent_errors
 from sandbox.lifecycle import Refusal, transition
 from sandbox.oci import SharedBind, spec_for_guest
+from sandbox.sizing import Limits, VmSize, vm_size
 from sandbox.state import (
     ProcessRecord,
     SandboxRecord,
@@ -145,6 +146,11 @@ TRANSITIONS: dict[tuple[SandboxState, SandboxOp], SandboxState | Refusal] = {
     (_S.STOPPED, _O.STOPPED): _INTERNAL,
     (_S.STOPPED, _O.USE): _NOT_RUNNING,
 }
+
+
+def host_memory_mib() -> int:
+    """The host's RAM in MiB (the ceiling of a VM when default_maxmemory is 0)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
 
 
 def shared_storage(config: HypervisorConfig) -> tuple[SharedFsKind, StorageSpec]:
@@ -249,7 +255,7 @@ class Sandbox:
         started = time.monotonic()
         async with AsyncExitStack() as stack:
             await self._make_state_dir(stack)
-            vm = await self._start_vm(stack)
+            vm = await self._start_vm(stack, self._vm_size(spec))
             agent = await self._connect_agent(vm, stack)
             async with agent_errors("get guest details"):
                 guest = await agent.guest_details()
@@ -290,10 +296,23 @@ class Sandbox:
                     self.state_path)
         cleanup_after_crash(self.config.state_dir, self.namespace, self.id)
 
-    async def _start_vm(self, stack: AsyncExitStack) -> Hypervisor:
+    def _vm_size(self, spec: SandboxSpec) -> VmSize:
+        config, hv = self.config, self.config.hypervisor
+        size = vm_size(spec.resources, Limits(
+            static=config.static_sandbox_resource_mgmt,
+            base_memory_mib=config.static_sandbox_base_memory,
+            max_vcpus=hv.default_maxvcpus, max_memory_mib=hv.default_maxmemory,
+            host_cpus=os.cpu_count() or 1, host_memory_mib=host_memory_mib()))
+        if size.vcpus or size.memory_mib:
+            log.info("VM sized from the pod's limits: %s vCPUs, %s MiB",
+                     size.vcpus or hv.default_vcpus, size.memory_mib or hv.default_memory)
+        return size
+
+    async def _start_vm(self, stack: AsyncExitStack, size: VmSize) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)
-        vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(self.id, self.state_path,
-                                                                   socket_dir=self.socket_dir))
+        vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(
+            self.id, self.state_path, vcpus=size.vcpus, memory_mib=size.memory_mib,
+            socket_dir=self.socket_dir))
         await vm.add_device(SharedFsDevice(self.shared_dir, kind, SHARED_FS_TAG))
         stack.push_async_callback(vm.stop)
         self._vm = vm

@@ -51,6 +51,8 @@ class QemuConfig:
     default_maxvcpus: int = 0
     #: MiB.
     default_memory: int = 2048
+    #: MiB a VM may have at most (pods sized from their limits); 0 = the host's memory.
+    default_maxmemory: int = 0
     accelerator: str = "auto"
     shared_fs: str = "virtio-fs"
     virtio_fs_daemon: str = "/usr/lib/qemu/virtiofsd"
@@ -123,6 +125,7 @@ _PARSERS: dict[str, Parser] = {
     "default_vcpus": int_at_least(1),
     "default_maxvcpus": int_at_least(0),
     "default_memory": int_at_least(MIN_MEMORY_MIB),
+    "default_maxmemory": int_at_least(0),
     "accelerator": one_of(ACCELERATORS),
     "shared_fs": one_of(SHARED_FS_KINDS),
     "virtio_fs_daemon": abs_path,

@@ -6,6 +6,7 @@ the shipped `kata-runtime containerd-config add` wrote into containerd's configu
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 
@@ -215,3 +216,36 @@ def test_a_container_past_its_memory_limit_is_reported_oom_killed(
         time.sleep(0.5)
     assert status.reason == "OOMKilled", (status.reason, status.exit_code, status.message)
     assert status.exit_code == 137
+
+
+def test_a_container_sees_the_pods_limits_not_the_hosts(cri: tuple[Kata, Kubelet]) -> None:
+    """The VM is sized from the pod's limits (static_sandbox_resource_mgmt): a pod of
+    768 MiB and 2 CPUs sees about that in /proc/meminfo, `free` and `nproc`. (The test
+    configuration's defaults are 512 MiB and 1 vCPU, so an unsized VM fails this.)"""
+    _, kubelet = cri
+    limit, quota, period = 768 << 20, 200000, 100000
+    pod = kubelet.run_pod("sized", CRI_HANDLER, PodOptions(memory_limit_bytes=limit,
+                                                           cpu_quota=quota, cpu_period=period))
+    cid = kubelet.start_container(pod, "jvm", IMAGE_REF, ["sleep", "300"],
+                                  ContainerOptions(memory_limit_bytes=limit, cpu_quota=quota,
+                                                   cpu_period=period))
+    assert out(kubelet, cid, ["nproc"]) == "2"
+    meminfo = out(kubelet, cid, ["grep", "MemTotal", "/proc/meminfo"])
+    total_kib = int(meminfo.split()[1])
+    host_kib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
+    # About the limit: more than 90 % of it, less than limit + the 256 MiB base.
+    assert limit // 1024 * 0.9 < total_kib < (limit + (256 << 20)) // 1024, meminfo
+    assert total_kib < host_kib // 2, f"the container sees the host's memory: {meminfo}"
+    free_total = int(out(kubelet, cid, ["free", "-k"]).splitlines()[1].split()[1])
+    assert free_total == total_kib
+
+
+def test_a_pod_larger_than_the_maximum_is_refused_clearly(cri: tuple[Kata, Kubelet]) -> None:
+    kata, kubelet = cri
+    kata.write_config({"hypervisor.qemu": {"default_maxmemory": 1024}})
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        kubelet.run_pod("huge", CRI_HANDLER, PodOptions(memory_limit_bytes=4 << 30))
+    assert "default_maxmemory" in (raised.value.details() or ""), raised.value.details()
+    assert time.monotonic() - started < 60, "the refusal took as long as a boot"
+    assert not kata.qemu_processes()

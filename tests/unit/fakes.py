@@ -38,6 +38,8 @@ class FakeHypervisorConfig:
     shared_fs: str = "virtio-fs"
     default_vcpus: int = 1
     default_memory: int = 256
+    default_maxvcpus: int = 0
+    default_maxmemory: int = 0
     missing_file: str = ""
     unknown_keys: tuple[str, ...] = ()
     unsupported_keys: tuple[str, ...] = ()

@@ -40,7 +40,11 @@ class PodOptions:
     annotations: dict[str, str] = field(default_factory=dict)
     cgroup_parent: str = ""
     privileged: bool = False  # lets the pod have privileged containers
-    memory_limit_bytes: int = 0  # the sum of containers' limits, as the kubelet reports it
+    # The sum of the containers' limits, as the kubelet reports it (LinuxPodSandboxConfig
+    # resources); CRI passes it on as io.kubernetes.cri.sandbox-* annotations.
+    memory_limit_bytes: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
 
 
 @dataclass
@@ -112,9 +116,10 @@ class Kubelet:
             security_context=cri.LinuxSandboxSecurityContext(namespace_options=namespaces,
                                                              privileged=opts.privileged),
         )
-        if opts.memory_limit_bytes:
+        if opts.memory_limit_bytes or opts.cpu_quota:
             linux.resources.CopyFrom(cri.LinuxContainerResources(
-                memory_limit_in_bytes=opts.memory_limit_bytes))
+                memory_limit_in_bytes=opts.memory_limit_bytes, cpu_quota=opts.cpu_quota,
+                cpu_period=opts.cpu_period))
         return cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=POD_NAMESPACE,
                                             attempt=0),
