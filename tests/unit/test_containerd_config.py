@@ -140,3 +140,13 @@ def test_the_committed_cri_modules_are_not_stale(tmp_path: Path) -> None:
         fresh = (tmp_path / "tests" / "harness" / "cri" / name).read_text()
         assert fresh == (REPO / "tests" / "harness" / "cri" / name).read_text(), \
             "run `python -m tests.harness.cri.generate`"
+
+
+def test_the_shipped_runtimeclass_names_our_handler() -> None:
+    text = (REPO / "build" / "kubernetes" / "runtimeclass.yaml").read_text()
+    fields = dict(line.split(":", 1) for line in text.splitlines()
+                  if line and not line.startswith(("#", " ")) and ":" in line)
+    assert fields["apiVersion"].strip() == "node.k8s.io/v1"
+    assert fields["kind"].strip() == "RuntimeClass"
+    assert fields["handler"].strip() == cc.DEFAULT_HANDLER
+    assert 'memory: "300Mi"' in text  # docs/kubernetes.md: the measured overhead
