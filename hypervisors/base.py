@@ -193,6 +193,11 @@ class HypervisorConfig(Protocol):
     def check_files(self, source: str) -> None:
         """Raise `ConfigError` if a binary or guest image it names is missing."""
 
+    def with_annotations(self, annotations: Mapping[str, str], source: str) -> HypervisorConfig:
+        """This configuration with a pod's ``io.katacontainers.config.hypervisor.*``
+        annotations applied where ``enable_annotations`` and ``valid_hypervisor_paths``
+        allow them; `hypervisors.annotations.AnnotationError` otherwise."""
+
     def settings(self) -> dict[str, Any]:
         """Every setting as plain JSON values (``kata-runtime env``)."""
 

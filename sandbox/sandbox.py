@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import errno
 import logging
@@ -45,6 +46,7 @@ from agent_client import AgentApi, AgentCallError, AgentConnector, StorageSpec, 
 from agent_client import connect_agent as default_connector
 from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
 from hostos.procs import start_time
+from hypervisors.annotations import AnnotationError
 from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, SharedFsKind, VmSpec
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError, HypervisorRefused
@@ -236,8 +238,11 @@ class Sandbox:
         async with self._lock:
             after = self._step(SandboxOp.START)
             try:
+                self.config = dataclasses.replace(self.config, hypervisor=(
+                    self.config.hypervisor.with_annotations(spec.annotations,
+                                                            str(self.config.path))))
                 self.config.hypervisor.check_files(str(self.config.path))
-            except ConfigError as e:
+            except (ConfigError, AnnotationError) as e:
                 raise InvalidArgumentError(f"failed to start sandbox {self.id}: {e}") from e
             shared_storage(self.config.hypervisor)  # refuse a share we cannot use, early
             self.state, self.spec = after, spec

@@ -10,9 +10,11 @@ file and line, as it does unknown keys.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypervisors.annotations import apply as apply_annotations
 from hypervisors.config import (
     ConfigError,
     Parser,
@@ -76,8 +78,11 @@ class QemuConfig:
     @property
     def unsupported_keys(self) -> tuple[str, ...]:
         """Keys set to a value this version does not act on."""
-        return tuple(k for k in ("enable_annotations", "valid_hypervisor_paths")
-                     if getattr(self, k))  # fmt: skip
+        return ()
+
+    def with_annotations(self, annotations: Mapping[str, str], source: str) -> QemuConfig:
+        """This configuration with the pod's allowed hypervisor annotations applied."""
+        return apply_annotations(self, annotations, _PARSERS, SECTION, source)
 
     @classmethod
     def from_table(cls, table: dict[str, Any] | Any, source: str = "<config>") -> QemuConfig:

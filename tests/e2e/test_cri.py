@@ -249,3 +249,31 @@ def test_a_pod_larger_than_the_maximum_is_refused_clearly(cri: tuple[Kata, Kubel
     assert "default_maxmemory" in (raised.value.details() or ""), raised.value.details()
     assert time.monotonic() - started < 60, "the refusal took as long as a boot"
     assert not kata.qemu_processes()
+
+
+HV = "io.katacontainers.config.hypervisor."
+
+
+def test_hypervisor_annotations_are_honoured_only_where_the_configuration_allows(
+        cri: tuple[Kata, Kubelet]) -> None:
+    kata, kubelet = cri
+    # Not enabled (the default): refused, naming the annotation and the rule.
+    with pytest.raises(grpc.RpcError) as raised:
+        kubelet.run_pod("plain", CRI_HANDLER,
+                        PodOptions(annotations={HV + "kernel_params": "ktest.mark=1"}))
+    assert f"annotation {HV}kernel_params is not enabled" in (raised.value.details() or "")
+
+    kata.write_config({"hypervisor.qemu": {
+        "enable_annotations": ["kernel_params", "path"],
+        "valid_hypervisor_paths": ["/usr/bin/qemu-system-*"]}})
+    # A hypervisor binary outside valid_hypervisor_paths: refused before anything runs.
+    with pytest.raises(grpc.RpcError) as raised:
+        kubelet.run_pod("evil", CRI_HANDLER, PodOptions(annotations={HV + "path": "/tmp/qemu"}))
+    details = raised.value.details() or ""
+    assert f"annotation {HV}path: /tmp/qemu is not allowed: valid_hypervisor_paths" in details
+    assert not kata.qemu_processes()
+    # Enabled: the guest kernel gets the parameter.
+    pod = kubelet.run_pod("marked", CRI_HANDLER,
+                          PodOptions(annotations={HV + "kernel_params": "ktest.mark=42"}))
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"])
+    assert "ktest.mark=42" in out(kubelet, cid, ["cat", "/proc/cmdline"]).split()

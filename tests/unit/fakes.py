@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from google.protobuf.message import Message
 
 from agent_client import AgentCallError, CgroupStats, GuestDetails, ProcessExit, StorageSpec
 from hostos.procs import ProcessRecord, record, spawn, terminate
+from hypervisors.annotations import AnnotationError
 from hypervisors.base import Device, DeviceList, HostCheck, VmSpec
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
@@ -51,6 +53,12 @@ class FakeHypervisorConfig:
 
     def settings(self) -> dict[str, Any]:
         return {"shared_fs": self.shared_fs}
+
+    def with_annotations(self, annotations: Mapping[str, str],
+                         source: str) -> FakeHypervisorConfig:
+        if any(k.startswith("io.katacontainers.config.hypervisor.") for k in annotations):
+            raise AnnotationError("annotation refused by the fake")
+        return self
 
 
 class FakeDriver:

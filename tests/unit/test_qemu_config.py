@@ -95,11 +95,11 @@ def test_non_executable_daemon(tmp_path: Path) -> None:
         QemuConfig.from_table(table).check_files()
 
 
-def test_unsupported_keys_are_those_set() -> None:
-    assert QemuConfig.from_table({"enable_annotations": []}).unsupported_keys == ()
+def test_annotation_keys_are_supported_now() -> None:
     config = QemuConfig.from_table({"enable_annotations": ["kernel_params"],
                                     "valid_hypervisor_paths": ["/usr/bin/*"]})
-    assert config.unsupported_keys == ("enable_annotations", "valid_hypervisor_paths")
+    assert config.unsupported_keys == ()
+    assert config.enable_annotations == ("kernel_params",)
 
 
 def test_the_section_names_the_driver() -> None:
