@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hostos.cgroups import remove_dir
 from hostos.procs import ProcessRecord, is_alive, kill_recorded
 from sandbox import storage
 from sandbox.state import (
@@ -26,6 +27,7 @@ from sandbox.state import (
 from sandbox.types import validate_id
 
 log = logging.getLogger(__name__)
+CGROUP_MOUNTS = "/sys/fs/cgroup/"
 
 
 def shim_alive(record: SandboxRecord) -> bool:
@@ -58,6 +60,10 @@ def cleanup_after_crash(state_dir: Path, namespace: str, sandbox_id: str) -> boo
             continue
         if record is not None:
             kill_recorded([ProcessRecord(p.pid, p.start_time, p.role) for p in record.processes])
+        if record is not None:
+            for d in record.host_cgroups:
+                if d.startswith(CGROUP_MOUNTS):  # ours (state.json is root-only): still check
+                    remove_dir(d)
         storage.unmount_tree(path)
         storage.remove_tree(path)
         remove_namespace_dir_if_empty(path)

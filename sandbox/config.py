@@ -40,7 +40,8 @@ CONFIG_ENV = "KATA_CONF_FILE"
 #: Tables this version reads, with the keys it knows in each.
 AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules"})
 RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model",
-                          "static_sandbox_resource_mgmt", "static_sandbox_base_memory"})
+                          "static_sandbox_resource_mgmt", "static_sandbox_base_memory",
+                          "sandbox_cgroup_only"})
 MIN_BASE_MEMORY_MIB = 64
 TOP_TABLES = frozenset({"hypervisor", "agent", "runtime"})
 INTERNETWORKING_MODELS = ("tcfilter", "macvtap", "none")
@@ -71,6 +72,8 @@ class RuntimeConfig:
     #: Size the VM from the pod's limits (sandbox/sizing.py); base MiB for the guest itself.
     static_sandbox_resource_mgmt: bool = False
     static_sandbox_base_memory: int = 256
+    #: Run the VMM and virtiofsd in the pod's cgroup on the host (hostos/cgroups.py).
+    sandbox_cgroup_only: bool = False
     #: Unknown keys and set-but-unsupported keys, one message each (file and line).
     warnings: tuple[str, ...] = ()
 
@@ -128,6 +131,7 @@ def _parse(path: Path, doc: Mapping[str, Any], text: str) -> RuntimeConfig:
         static_sandbox_resource_mgmt=bool(
             _typed(runtime, "static_sandbox_resource_mgmt", bool, False, path)),
         static_sandbox_base_memory=_base_memory(runtime, path),
+        sandbox_cgroup_only=bool(_typed(runtime, "sandbox_cgroup_only", bool, False, path)),
     )
     return _with_warnings(config, doc, text, agent_table, runtime)
 

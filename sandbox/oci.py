@@ -126,4 +126,5 @@ def sandbox_spec(spec: Mapping[str, Any]) -> SandboxSpec:
         netns_path=_netns_path(spec),
         annotations=notes,
         resources=_resources(spec, notes),
+        cgroups_path=str(_table(spec, "linux").get("cgroupsPath") or ""),
     )

@@ -37,6 +37,7 @@ import enum
 import errno
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -45,6 +46,8 @@ from pathlib import Path
 from agent_client import AgentApi, AgentCallError, AgentConnector, StorageSpec, bounded
 from agent_client import connect_agent as default_connector
 from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
+from hostos import cgroups
+from hostos.cgroups import HostCgroup
 from hostos.procs import start_time
 from hypervisors.annotations import AnnotationError
 from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, SharedFsKind, VmSpec
@@ -260,7 +263,9 @@ class Sandbox:
         started = time.monotonic()
         async with AsyncExitStack() as stack:
             await self._make_state_dir(stack)
+            cgroup = await self._make_host_cgroup(spec, stack)
             vm = await self._start_vm(stack, self._vm_size(spec))
+            await self._join_host_cgroup(cgroup, vm)
             agent = await self._connect_agent(vm, stack)
             async with agent_errors("get guest details"):
                 guest = await agent.guest_details()
@@ -312,6 +317,36 @@ class Sandbox:
             log.info("VM sized from the pod's limits: %s vCPUs, %s MiB",
                      size.vcpus or hv.default_vcpus, size.memory_mib or hv.default_memory)
         return size
+
+    async def _make_host_cgroup(self, spec: SandboxSpec,
+                                stack: AsyncExitStack) -> HostCgroup | None:
+        """The pod's child cgroup for the VMM and virtiofsd (sandbox_cgroup_only)."""
+        path = cgroups.checked_path(spec.cgroups_path)
+        if not self.config.sandbox_cgroup_only or path is None:
+            if self.config.sandbox_cgroup_only and spec.cgroups_path:
+                log.warning("sandbox cgroup %r is not a cgroupfs path: the VMM stays in the "
+                            "shim's cgroup", spec.cgroups_path)
+            return None
+        cgroup = await in_thread(cgroups.HostCgroup.make, path,
+                                 cgroups.hierarchies(await in_thread(cgroups.read_mountinfo)))
+        stack.push_async_callback(in_thread, cgroup.remove)  # after the VM stopped (LIFO)
+        if not cgroup.dirs:
+            log.warning("no pod cgroup %s on the host: the VMM stays in the shim's cgroup",
+                        posixpath.dirname(path))
+            return None
+        self._record.host_cgroups = list(cgroup.dirs)
+        return cgroup
+
+    async def _join_host_cgroup(self, cgroup: HostCgroup | None, vm: Hypervisor) -> None:
+        if cgroup is None:
+            return
+        for r in vm.process_records():
+            try:
+                await in_thread(cgroup.add, r.pid)
+            except OSError as e:
+                raise UnavailableError(f"failed to move the {r.role} (pid {r.pid}) into the "
+                                       f"pod's cgroup {cgroup.dirs[0]}: {e}") from e
+        log.info("VM processes in the pod's cgroup %s", ", ".join(cgroup.dirs))
 
     async def _start_vm(self, stack: AsyncExitStack, size: VmSize) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)

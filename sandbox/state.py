@@ -101,6 +101,8 @@ class SandboxRecord:
     guest_kernel_release: str = ""
     processes: list[ProcessRecord] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
+    #: Host cgroup directories made for the VMM and virtiofsd (removed at the end).
+    host_cgroups: list[str] = field(default_factory=list)
 
     @property
     def vmm(self) -> ProcessRecord | None:

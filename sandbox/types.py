@@ -76,6 +76,8 @@ class SandboxSpec:
     netns_path: str = ""
     annotations: Mapping[str, str] = field(default_factory=dict)
     resources: PodResources = PodResources()
+    #: The sandbox container's ``linux.cgroupsPath`` (a child of the pod's cgroup).
+    cgroups_path: str = ""
 
 
 @dataclass(frozen=True)

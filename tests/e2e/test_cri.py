@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from tests.e2e.conftest import leak_checked
+from tests.harness import procs
 from tests.harness.cri.client import ContainerOptions, Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
@@ -277,3 +279,31 @@ def test_hypervisor_annotations_are_honoured_only_where_the_configuration_allows
                           PodOptions(annotations={HV + "kernel_params": "ktest.mark=42"}))
     cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"])
     assert "ktest.mark=42" in out(kubelet, cid, ["cat", "/proc/cmdline"]).split()
+
+
+def cgroup_of(pid: int) -> str:
+    """The process's cgroup lines (v1: one per hierarchy; v2: one)."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        return f.read()
+
+
+def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
+        cri: tuple[Kata, Kubelet]) -> None:
+    kata, kubelet = cri
+    parent = f"/ktest-{uuid.uuid4().hex[:8]}/pod{uuid.uuid4().hex[:8]}"
+    pod = kubelet.run_pod("accounted", CRI_HANDLER, PodOptions(cgroup_parent=parent))
+    kubelet.start_container(pod, "busy", IMAGE_REF, ["sh", "-c", "while :; do :; done"])
+    vm_processes = [*kata.qemu_processes(),
+                    *procs.matching(["virtiofsd"], scope=[str(kata.cd.dir)])]
+    assert len(vm_processes) >= 2
+    for p in vm_processes:
+        assert f"{parent}/{pod.id}" in cgroup_of(p.pid), (p.argv[0], cgroup_of(p.pid))
+    time.sleep(2)
+    stats = kubelet.pod_stats(pod.id)
+    assert stats.linux.cpu.usage_core_nano_seconds.value > 0, stats
+    assert stats.linux.memory.working_set_bytes.value > 256 << 20, "the VM's memory is missing"
+    pod_cgroup = kubelet.pod_cgroups[-1]
+    assert pod_cgroup.children(), "no sandbox cgroup under the pod's"
+    kubelet.stop_pod(pod.id)
+    kubelet.remove_pod(pod.id)
+    assert pod_cgroup.children() == [], "the sandbox cgroup was left behind"

@@ -28,7 +28,7 @@ debug_console = true
 [runtime]
 state_dir = "/run/kata-test"
 internetworking_model = "macvtap"
-sandbox_cgroup_only = true
+sandbox_bind_mounts = []
 
 [image]
 service_offload = true
@@ -42,7 +42,7 @@ def test_unknown_and_unsupported_keys_name_the_key_file_and_line(tmp_path: Path)
     assert config.hypervisor.name == "qemu"
     warnings = "\n".join(config.warnings)
     unknown = [("table [image]", 17), ("key hypervisor.qemu.defualt_memory", 4),
-               ("key agent.kata.debug_console", 10), ("key runtime.sandbox_cgroup_only", 15)]
+               ("key agent.kata.debug_console", 10), ("key runtime.sandbox_bind_mounts", 15)]
     for key, line in unknown:
         assert f"unknown {key} in {path}:{line}: ignored" in warnings, warnings
     for key, line in [("agent.kata.kernel_modules", 9), ("runtime.internetworking_model", 14)]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from hostos import cgroups
 from tests.harness.cri import api_pb2 as cri
 from tests.harness.cri import api_pb2_grpc as cri_grpc
 
@@ -70,6 +71,34 @@ class ContainerOptions:
 
 
 @dataclass
+class PodCgroup:
+    """A pod's cgroup, made in every accounting hierarchy as the kubelet (cgroupfs driver)
+    makes it; its children are the runtime's."""
+
+    dirs: list[Path]
+
+    @classmethod
+    def make(cls, path: str) -> PodCgroup:
+        found = cgroups.hierarchies(cgroups.read_mountinfo())
+        dirs = [Path(h.mount_point + path) for h in found]
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        return cls(dirs)
+
+    def children(self) -> list[Path]:
+        return [c for d in self.dirs if d.is_dir() for c in d.iterdir() if c.is_dir()]
+
+    def remove(self) -> None:
+        """Remove the pod's cgroup and the parents this made, up to the hierarchy's root."""
+        roots = {h.mount_point for h in cgroups.hierarchies(cgroups.read_mountinfo())}
+        for d in self.dirs:
+            level = d
+            while str(level) not in roots and level != level.parent:
+                cgroups.remove_dir(str(level))
+                level = level.parent
+
+
+@dataclass
 class Pod:
     id: str
     config: cri.PodSandboxConfig
@@ -83,6 +112,7 @@ class Kubelet:
         self.address = address
         self.log_root = log_root
         self.deadline = deadline
+        self.pod_cgroups: list[PodCgroup] = []
         self.reconnect()
 
     def reconnect(self) -> None:
@@ -129,7 +159,10 @@ class Kubelet:
 
     def run_pod(self, name: str, handler: str, opts: PodOptions | None = None,
                 timeout: float | None = None) -> Pod:
-        config = self.pod_config(name, opts or PodOptions())
+        opts = opts or PodOptions()
+        if opts.cgroup_parent:  # the kubelet makes the pod's cgroup before RunPodSandbox
+            self.pod_cgroups.append(PodCgroup.make(opts.cgroup_parent))
+        config = self.pod_config(name, opts)
         res = self.runtime.RunPodSandbox(
             cri.RunPodSandboxRequest(config=config, runtime_handler=handler),
             timeout=timeout or self.deadline)
@@ -245,12 +278,16 @@ class Kubelet:
     # -- clean-up ------------------------------------------------------------------------
 
     def remove_all(self) -> None:
-        """Stop and remove every pod (and so every container), as a node drain would."""
+        """Stop and remove every pod (and so every container), as a node drain would; then
+        the pod cgroups this kubelet made."""
         for pod in self.list_pods():
             with contextlib.suppress(grpc.RpcError):
                 self.stop_pod(pod.id)
             with contextlib.suppress(grpc.RpcError):
                 self.remove_pod(pod.id)
+        for cgroup in self.pod_cgroups:
+            cgroup.remove()
+        self.pod_cgroups.clear()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,140 @@
+"""The pod's cgroup on the host: where a sandbox's VMM and virtiofsd are accounted.
+
+The kubelet makes each pod a cgroup (CRI's ``cgroup_parent``, sized from the pod's limits
+plus the RuntimeClass overhead) and the pause container's ``linux.cgroupsPath`` names a
+child of it. Like Kata's ``sandbox_cgroup_only``, the processes that run the pod go into
+that child, so the node's accounting and eviction (and CRI's PodSandboxStats) see what the
+pod really costs.
+
+Works on cgroup v2 (one unified hierarchy) and v1 (the cpu, cpuacct, memory and pids
+hierarchies, wherever they are mounted). Only ``cgroupfs``-style paths (``/a/b/c``) are
+used; a systemd-style one (``slice:prefix:name``) is left alone. The directory is made only
+where its parent exists: we never make the pod's cgroup, the kubelet does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+
+V1_CONTROLLERS = frozenset({"cpu", "cpuacct", "memory", "pids"})
+MOUNTINFO = "/proc/self/mountinfo"
+RMDIR_TRIES = 50  # x 0.1 s: a killed process leaves its cgroup a moment later
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    mount_point: str
+    v2: bool
+
+
+def hierarchies(mountinfo: str) -> list[Hierarchy]:
+    """The cgroup hierarchies a pod's cost goes into, from /proc/self/mountinfo text:
+    the v2 one when ``/sys/fs/cgroup`` is cgroup2, else the v1 ones of V1_CONTROLLERS."""
+    found: list[Hierarchy] = []
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, extra = head.split(), tail.split()
+        if not sep or len(fields) < 5 or len(extra) < 3:
+            continue
+        mount_point, fstype, options = fields[4], extra[0], extra[2].split(",")
+        if fstype == "cgroup2" and mount_point == "/sys/fs/cgroup":
+            return [Hierarchy(mount_point, v2=True)]
+        if fstype == "cgroup" and V1_CONTROLLERS & set(options):
+            found.append(Hierarchy(mount_point, v2=False))
+    return found
+
+
+def checked_path(cgroups_path: str) -> str | None:
+    """A cgroupfs-style path we may use (absolute, normalised, no ``..``), else None."""
+    if (not cgroups_path.startswith("/") or ":" in cgroups_path
+            or posixpath.normpath(cgroups_path) != cgroups_path or cgroups_path == "/"):
+        return None
+    return cgroups_path
+
+
+@dataclass(frozen=True)
+class HostCgroup:
+    """One cgroup, as a directory in each hierarchy where it was made."""
+
+    dirs: tuple[str, ...]
+
+    @classmethod
+    def make(cls, cgroups_path: str, found: list[Hierarchy]) -> HostCgroup:
+        """Make the cgroup under every hierarchy where its parent exists."""
+        made = []
+        for h in found:
+            target = h.mount_point + cgroups_path
+            if not os.path.isdir(os.path.dirname(target)):
+                continue  # no pod cgroup there: not ours to make
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(target, 0o755)
+            charge = os.path.join(target, "memory.move_charge_at_immigrate")
+            if not h.v2 and os.path.exists(charge):
+                # v1 memory: a process's pages follow it into the cgroup (QEMU moves in
+                # after it started).
+                with contextlib.suppress(OSError):
+                    _write(charge, "3")
+            made.append(target)
+        return cls(tuple(made))
+
+    def add(self, pid: int) -> None:
+        """Move a process (all its threads) and its children into the cgroup (virtiofsd
+        forks its serving process before it could be moved)."""
+        for p in (pid, *children(pid)):
+            for d in self.dirs:
+                with contextlib.suppress(ProcessLookupError):  # a child that just exited
+                    _write(os.path.join(d, "cgroup.procs"), str(p))
+
+    def remove(self) -> None:
+        """Remove the cgroup once its processes are gone (best effort, bounded)."""
+        for d in self.dirs:
+            remove_dir(d)
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (/proc/<pid>/task/*/children), recursively."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            found += [kid, *children(kid)]
+    return found
+
+
+def remove_dir(path: str) -> None:
+    for _ in range(RMDIR_TRIES):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                return
+            time.sleep(0.1)
+
+
+def read_mountinfo() -> str:
+    with open(MOUNTINFO) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
