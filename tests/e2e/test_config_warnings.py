@@ -15,16 +15,16 @@ def line_of(text: str, key: str) -> int:
 
 
 def test_unknown_and_unsupported_keys_are_logged_with_file_and_line(kata: Kata) -> None:
-    path = kata.write_config({"hypervisor.qemu": {"defualt_vcpus": 2,
-                                                  "enable_annotations": ["kernel_params"]}})
+    path = kata.write_config({"hypervisor.qemu": {"defualt_vcpus": 2},
+                              "agent.kata": {"kernel_modules": ["nbd"]}})
     text = path.read_text()
     res = run_rm(kata.cd, KATA, "t1", "true")
     assert res.returncode == 0, explain(res)
     log = kata.cd.log_path.read_text(errors="replace")
     unknown = (f"unknown key hypervisor.qemu.defualt_vcpus in {path}:"
                f"{line_of(text, 'defualt_vcpus')}: ignored")
-    unsupported = (f"hypervisor.qemu.enable_annotations in {path}:"
-                   f"{line_of(text, 'enable_annotations')} is set but not supported")
+    unsupported = (f"agent.kata.kernel_modules in {path}:"
+                   f"{line_of(text, 'kernel_modules')} is set but not supported")
     ours = [line for line in log.splitlines() if "sandbox=t1" in line]
     assert any(unknown in line and "level=warning" in line for line in ours), unknown
     assert any(unsupported in line for line in ours), unsupported

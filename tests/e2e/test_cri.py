@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.conftest import leak_checked
 from tests.harness import procs
+from tests.harness.cri import streaming
 from tests.harness.cri.client import ContainerOptions, Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
@@ -307,3 +308,18 @@ def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
     kubelet.stop_pod(pod.id)
     kubelet.remove_pod(pod.id)
     assert pod_cgroup.children() == [], "the sandbox cgroup was left behind"
+
+
+def test_exec_and_attach_through_the_streaming_server(cri: tuple[Kata, Kubelet]) -> None:
+    """As kubectl exec / attach: WebSocket (v4.channel.k8s.io) to CRI's streaming server."""
+    _, kubelet = cri
+    pod = kubelet.run_pod("stream", CRI_HANDLER)
+    cid = kubelet.start_container(
+        pod, "app", IMAGE_REF,
+        ["sh", "-c", "while :; do echo tick; sleep 0.5; done"])
+    res = streaming.stream(kubelet.exec_url(cid, ["sh", "-c", "echo out; echo err >&2; exit 3"]))
+    assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3), res
+    ok = streaming.stream(kubelet.exec_url(cid, ["cat", "/proc/sys/kernel/random/boot_id"]))
+    assert ok.exit_code == 0 and ok.stdout.strip() == out(kubelet, cid, BOOT_ID).encode()
+    attached = streaming.stream(kubelet.attach_url(cid), timeout=30, until=b"tick\ntick\n")
+    assert b"tick\ntick\n" in attached.stdout, attached

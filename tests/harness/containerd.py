@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -49,9 +50,17 @@ def shim_socket(address: str, namespace: str, group_id: str) -> Path:
     return SHIM_SOCKET_DIR / digest
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (containerd puts the streaming server's configured
+    port in the URLs it hands out, so "0" would give unusable URLs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def config_toml(enable_cri: bool, snapshotter: str = "overlayfs", cni_dir: str = "",
                 sandbox_image: str = "") -> str:
-    """A version-2 configuration. With CRI: a random streaming port (instances run side by
+    """A version-2 configuration. With CRI: a free streaming port (instances run side by
     side), our own CNI directories (never the host's) and a locally built pause image."""
     disabled = "[]" if enable_cri else f'["{CRI_PLUGIN}"]'
     text = (
@@ -62,7 +71,7 @@ def config_toml(enable_cri: bool, snapshotter: str = "overlayfs", cni_dir: str =
         text += (
             f"[plugins.\"{CRI_PLUGIN}\"]\n"
             "  stream_server_address = \"127.0.0.1\"\n"
-            "  stream_server_port = \"0\"\n"
+            f"  stream_server_port = \"{free_port()}\"\n"
             f"  sandbox_image = \"{sandbox_image}\"\n"
             f"[plugins.\"{CRI_PLUGIN}\".cni]\n"
             f"  bin_dir = \"/usr/lib/cni\"\n"

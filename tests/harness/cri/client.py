@@ -258,6 +258,17 @@ class Kubelet:
         req = cri.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout)
         return self.runtime.ExecSync(req, timeout=self.deadline)
 
+    def exec_url(self, cid: str, cmd: Sequence[str], tty: bool = False) -> str:
+        """Exec through the streaming server: the URL to connect to (streaming.stream)."""
+        req = cri.ExecRequest(container_id=cid, cmd=list(cmd), tty=tty, stdout=True,
+                              stderr=not tty)
+        return str(self.runtime.Exec(req, timeout=self.deadline).url)
+
+    def attach_url(self, cid: str) -> str:
+        """Attach to a running container's output through the streaming server."""
+        req = cri.AttachRequest(container_id=cid, stdout=True, stderr=True)
+        return str(self.runtime.Attach(req, timeout=self.deadline).url)
+
     def container_stats(self, cid: str) -> cri.ContainerStats:
         req = cri.ContainerStatsRequest(container_id=cid)
         return self.runtime.ContainerStats(req, timeout=self.deadline).stats

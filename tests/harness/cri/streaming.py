@@ -1,0 +1,157 @@
+"""The client side of CRI's streaming server (Exec, Attach) over WebSocket, as kubectl
+speaks it: the ``v4.channel.k8s.io`` protocol.
+
+    result = stream(url_from_exec_response, timeout=30)
+    result.stdout, result.stderr, result.exit_code
+
+Each binary WebSocket message starts with its channel: 0 stdin, 1 stdout, 2 stderr, 3 the
+error channel, where v4 sends the final status as JSON (``{"status": "Success"}``, or a
+failure whose ``details.causes`` carry ``ExitCode``). Only what the tests need: no stdin,
+no resize, plain ``ws://`` on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+PROTOCOL = "v4.channel.k8s.io"
+STDOUT, STDERR, ERROR = 1, 2, 3
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+MAX_MESSAGE = 16 << 20
+
+
+@dataclass
+class StreamResult:
+    stdout: bytes = b""
+    stderr: bytes = b""
+    status: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int | None:
+        """0 on success, the ExitCode cause on failure, None if no status came."""
+        if self.status.get("status") == "Success":
+            return 0
+        details = self.status.get("details")
+        causes = details.get("causes", []) if isinstance(details, dict) else []
+        for cause in causes:
+            if isinstance(cause, dict) and cause.get("reason") == "ExitCode":
+                return int(str(cause.get("message")))
+        return None
+
+
+def stream(url: str, timeout: float = 60.0, until: bytes | None = None) -> StreamResult:
+    """Connect to a streaming URL and collect output until the server closes (or, with
+    ``until``, until stdout contains it: Attach to a running container never ends)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"not a loopback http URL: {url}")
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
+        _handshake(sock, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else ""))
+        result = StreamResult()
+        reader = _Reader(sock)
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            frame = reader.frame()
+            if frame is None:
+                break
+            opcode, payload = frame
+            if opcode == OP_CLOSE:
+                break
+            if opcode == OP_PING:
+                sock.sendall(_frame(OP_PONG, payload))
+                continue
+            if not payload:
+                continue
+            channel, data = payload[0], payload[1:]
+            if channel == STDOUT:
+                result.stdout += data
+            elif channel == STDERR:
+                result.stderr += data
+            elif channel == ERROR and data:
+                result.status = json.loads(data)
+            if until is not None and until in result.stdout:
+                break
+        return result
+
+
+def _handshake(sock: socket.socket, host: str, path: str) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {PROTOCOL}\r\n\r\n")
+    sock.sendall(request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError(f"the streaming server closed during the handshake: {head!r}")
+        head += chunk
+        if len(head) > 65536:
+            raise ConnectionError("oversized handshake reply")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 101 " not in status + b" ":
+        raise ConnectionError(f"the streaming server refused the upgrade: {head!r}")
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (RFC 6455 5.3: clients always mask)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + masked
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _read(self, n: int) -> bytes | None:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def frame(self) -> tuple[int, bytes] | None:
+        """(opcode, payload) of the next whole message (fragments joined); None at EOF."""
+        opcode, message = 0, b""
+        while True:
+            head = self._read(2)
+            if head is None:
+                return None
+            fin, op, masked, n = head[0] >> 7, head[0] & 0xF, head[1] >> 7, head[1] & 0x7F
+            if n == 126:
+                raw = self._read(2)
+                n = struct.unpack("!H", raw)[0] if raw else 0
+            elif n == 127:
+                raw = self._read(8)
+                n = struct.unpack("!Q", raw)[0] if raw else 0
+            if n > MAX_MESSAGE:
+                raise ConnectionError(f"a {n}-byte WebSocket frame")
+            mask = self._read(4) if masked else b""
+            payload = self._read(n) if n else b""
+            if payload is None:
+                return None
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            opcode = op or opcode
+            message += payload
+            if fin:
+                return opcode, message
