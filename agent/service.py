@@ -93,6 +93,7 @@ class AgentService:
             "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
             "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
             "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
+            "OnlineCPUs": (pb.OnlineCPUsRequest, self.online_cpus),
             "Check": (pb.CheckRequest, self.check),
             "Version": (pb.CheckRequest, self.version),
         }
@@ -194,6 +195,12 @@ class AgentService:
 
     async def stats_container(self, req: pb.StatsContainerRequest) -> Message:
         return pb.StatsContainerResponse(**self._containers.stats(req.container_id))  # type: ignore[arg-type]
+
+    async def online_cpus(self, req: pb.OnlineCPUsRequest) -> Message:
+        from agent import cpus  # only when vCPUs are hot-plugged: keep start-up lean
+
+        wanted = min(req.wanted, 1024)
+        return pb.OnlineCPUsResponse(online=await cpus.bring_online(wanted))
 
     # -- stdio ------------------------------------------------------------------------
 

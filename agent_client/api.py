@@ -71,6 +71,10 @@ class AgentApi(Protocol):
     async def stats_container(self, container_id: str) -> CgroupStats:
         """The container's cgroup figures."""
 
+    # -- the VM
+    async def online_cpus(self, wanted: int) -> int:
+        """Bring hot-plugged vCPUs online (waits, bounded, for ``wanted``); how many are."""
+
     async def list_processes(self, container_id: str) -> list[int]:
         """Guest pids of the container."""
 

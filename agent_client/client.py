@@ -44,6 +44,7 @@ TIMEOUTS: Mapping[str, float | None] = {
     "ResumeContainer": 30.0,
     "UpdateContainer": 30.0,
     "StatsContainer": 10.0,
+    "OnlineCPUs": 30.0,
     # WriteStdin waits while the process does not read its stdin: no deadline either.
     "WriteStdin": None,
     "WaitProcess": None,
@@ -182,6 +183,12 @@ class AgentClient:
         request = pb.UpdateContainerRequest(container_id=container_id,
                                             resources_json=json.dumps(resources).encode())
         await self._call("UpdateContainer", request, Empty)
+
+    async def online_cpus(self, wanted: int) -> int:
+        """OnlineCPUs: bring hot-plugged vCPUs online; how many are online."""
+        r = await self._call("OnlineCPUs", pb.OnlineCPUsRequest(wanted=wanted),
+                             pb.OnlineCPUsResponse)
+        return int(r.online)
 
     async def stats_container(self, container_id: str) -> CgroupStats:
         """StatsContainer: the container's cgroup figures (maps bounded: the guest sent them)."""

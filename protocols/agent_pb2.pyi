@@ -204,6 +204,18 @@ class UpdateContainerRequest(_message.Message):
     resources_json: bytes
     def __init__(self, container_id: _Optional[str] = ..., resources_json: _Optional[bytes] = ...) -> None: ...
 
+class OnlineCPUsRequest(_message.Message):
+    __slots__ = ("wanted",)
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    wanted: int
+    def __init__(self, wanted: _Optional[int] = ...) -> None: ...
+
+class OnlineCPUsResponse(_message.Message):
+    __slots__ = ("online",)
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    online: int
+    def __init__(self, online: _Optional[int] = ...) -> None: ...
+
 class StatsContainerRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

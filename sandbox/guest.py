@@ -89,6 +89,11 @@ class Guest:
         async with agent_errors(f"update the resources of container {container_id}"):
             await self._agent().update_container(container_id, resources)
 
+    async def online_cpus(self, wanted: int) -> int:
+        """Have the guest bring hot-plugged vCPUs online; how many are online."""
+        async with agent_errors("bring hot-plugged vCPUs online"):
+            return await self._agent().online_cpus(wanted)
+
     async def stats_container(self, container_id: str) -> CgroupStats:
         """The container's cgroup figures, from the guest."""
         async with agent_errors(f"collect the stats of container {container_id}"):

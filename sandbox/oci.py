@@ -118,6 +118,18 @@ def _netns_path(spec: Mapping[str, Any]) -> str:
     return ""
 
 
+def cpu_limit(resources: Mapping[str, Any]) -> float:
+    """CPUs an OCI LinuxResources allows (quota / period); 0.0 for no limit."""
+    cpu = _table(resources, "cpu")
+    quota, period = _positive(cpu.get("quota")), _positive(cpu.get("period"))
+    return quota / period if quota and period else 0.0
+
+
+def container_cpu_limit(spec: Mapping[str, Any]) -> float:
+    """CPUs a container's OCI spec allows; 0.0 for no limit."""
+    return cpu_limit(_table(_table(spec, "linux"), "resources"))
+
+
 def sandbox_spec(spec: Mapping[str, Any]) -> SandboxSpec:
     """The `SandboxSpec` of a pod, from its sandbox container's OCI spec."""
     notes = spec_annotations(spec)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from sandbox.errors import (
     UnavailableError,
 )
 from sandbox.logfields import kv
-from sandbox.oci import sandbox_spec
+from sandbox.oci import container_cpu_limit, cpu_limit, sandbox_spec
 from sandbox.process import LIVE, Op, Process, State
 from sandbox.processio import IoOpener, ProcessIO
 from sandbox.sandbox import Sandbox, SandboxState
@@ -83,6 +84,7 @@ class Container:
     init: Process
     lock: asyncio.Lock
     execs: dict[str, Process] = field(default_factory=dict)  # guarded by lock
+    cpus: float = 0.0  # its CPU limit (quota / period); 0.0: none
 
     def process(self, exec_id: str) -> Process:
         """The init ("") or the exec ``exec_id``."""
@@ -149,8 +151,10 @@ class Pod:
                 await io.close()
                 raise
             self._containers[cid] = self._new_container(c, paths, io)
+            self._containers[cid].cpus = container_cpu_limit(c.spec)
         finally:
             self._reserved.discard(cid)
+        await self._fit_vcpus()
         self._events.created(c, paths, self.task_pid)
         log.info("container created", extra=kv(container=cid, bundle=c.bundle))
         return self.task_pid
@@ -218,7 +222,15 @@ class Pod:
                 raise FailedPreconditionError(
                     f"failed to update container {container_id}: it is not running")
             await self.sandbox.guest.update_container(container_id, resources)
+            container.cpus = cpu_limit(resources) or container.cpus
         log.info("container resources updated", extra=kv(container=container_id))
+        await self._fit_vcpus()
+
+    async def _fit_vcpus(self) -> None:
+        """Grow the VM to the pod's CPU limits (the containers' sum, rounded up)."""
+        total = sum(c.cpus for c in self._containers.values())
+        if total > 0:
+            await self.sandbox.fit_vcpus(math.ceil(round(total, 6)))
 
     async def stats(self, container_id: str) -> CgroupStats:
         """The container's cgroup figures (Stats)."""

@@ -190,6 +190,7 @@ class Sandbox:
         #: The guest's read-only view of ``mounts_dir`` (what the VM shares).
         self.shared_dir = self.state_path / "shared"
         self.boot_seconds = 0.0
+        self.vcpus = 0  # the VM's vCPUs (boot size, then grown by fit_vcpus)
         #: Process calls on the current agent connection (UNAVAILABLE unless running).
         self.guest = Guest(self._agent_or_raise)
         self._hypervisor_factory = hypervisor_factory
@@ -264,7 +265,9 @@ class Sandbox:
         async with AsyncExitStack() as stack:
             await self._make_state_dir(stack)
             cgroup = await self._make_host_cgroup(spec, stack)
-            vm = await self._start_vm(stack, self._vm_size(spec))
+            size = self._vm_size(spec)
+            vm = await self._start_vm(stack, size)
+            self.vcpus = size.vcpus or self.config.hypervisor.default_vcpus
             await self._join_host_cgroup(cgroup, vm)
             agent = await self._connect_agent(vm, stack)
             async with agent_errors("get guest details"):
@@ -317,6 +320,28 @@ class Sandbox:
             log.info("VM sized from the pod's limits: %s vCPUs, %s MiB",
                      size.vcpus or hv.default_vcpus, size.memory_mib or hv.default_memory)
         return size
+
+    async def fit_vcpus(self, wanted: int) -> None:
+        """Hot-plug vCPUs so the VM has ``wanted`` (static sizing only; never shrinks),
+        within default_maxvcpus, and have the guest bring them online."""
+        hv = self.config.hypervisor
+        most = max(hv.default_maxvcpus, self.vcpus)
+        target = min(wanted, most)
+        if not self.config.static_sandbox_resource_mgmt or target <= self.vcpus:
+            if wanted > most:
+                log.warning("the pod's containers may use %d CPUs; the VM has %d "
+                            "(default_maxvcpus = %d)", wanted, self.vcpus, hv.default_maxvcpus)
+            return
+        vm = self._vm
+        if vm is None or self.state is not SandboxState.RUNNING:
+            raise UnavailableError(f"failed to add vCPUs to sandbox {self.id}: it is not running")
+        try:
+            await vm.resize_vcpus(target)
+        except HypervisorError as e:
+            raise UnavailableError(f"failed to add vCPUs to sandbox {self.id}: {e}") from e
+        online = await self.guest.online_cpus(target)
+        self.vcpus = target
+        log.info("VM grown to %d vCPUs (%d online in the guest)", target, online)
 
     async def _make_host_cgroup(self, spec: SandboxSpec,
                                 stack: AsyncExitStack) -> HostCgroup | None:

@@ -323,3 +323,19 @@ def test_exec_and_attach_through_the_streaming_server(cri: tuple[Kata, Kubelet])
     assert ok.exit_code == 0 and ok.stdout.strip() == out(kubelet, cid, BOOT_ID).encode()
     attached = streaming.stream(kubelet.attach_url(cid), timeout=30, until=b"tick\ntick\n")
     assert b"tick\ntick\n" in attached.stdout, attached
+
+
+def test_a_pod_whose_cpu_limit_grows_gets_vcpus_hot_plugged(cri: tuple[Kata, Kubelet]) -> None:
+    from tests.harness.cri.api_pb2 import LinuxContainerResources
+
+    kata, kubelet = cri
+    kata.write_config({"hypervisor.qemu": {"default_maxvcpus": 2}})
+    one_cpu = {"cpu_quota": 100000, "cpu_period": 100000}
+    pod = kubelet.run_pod("growing", CRI_HANDLER, PodOptions(**one_cpu))
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],
+                                  ContainerOptions(**one_cpu))
+    assert out(kubelet, cid, ["nproc"]) == "1"
+    kubelet.update_resources(cid, LinuxContainerResources(cpu_quota=200000, cpu_period=100000))
+    assert out(kubelet, cid, ["nproc"]) == "2", "the hot-plugged vCPU is not online"
+    cpu_max = out(kubelet, cid, ["sh", "-c", CGROUP_FILE.format(name="cpu.max")])
+    assert cpu_max == "200000 100000"

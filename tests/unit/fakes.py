@@ -281,6 +281,10 @@ class FakeAgent:
         self._call("update_container", container_id)
         self.resources[container_id] = resources
 
+    async def online_cpus(self, wanted: int) -> int:
+        self._call("online_cpus", str(wanted))
+        return wanted
+
     async def stats_container(self, container_id: str) -> CgroupStats:
         self._call("stats_container", container_id)
         return CgroupStats(cpu_stat={"usage_usec": 1500, "user_usec": 1000},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from sandbox.lifecycle import Refusal, missing_cells, transition
 from sandbox.sandbox import TRANSITIONS, Sandbox, SandboxOp, SandboxState
 from sandbox.state import read_record
 from sandbox.storage import mounts_under
-from sandbox.types import SandboxSpec
+from sandbox.types import PodResources, SandboxSpec
 from tests.unit.fakes import FakeWorld, fake_sandbox
 from ttrpc import Code
 
@@ -356,3 +357,30 @@ def test_running_out_of_space_during_create_leaves_no_stuck_id(
 
 def storage_mounts(tmp: Path, cid: str) -> list[str]:
     return [m for m in mounts_under(tmp) if f"/containers/{cid}/" in m]
+
+
+def test_a_pod_that_grows_gets_vcpus_hot_plugged_within_the_maximum(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        sandbox.config = dataclasses.replace(
+            sandbox.config, static_sandbox_resource_mgmt=True,
+            hypervisor=dataclasses.replace(sandbox.config.hypervisor, default_maxvcpus=3))
+        await sandbox.start(dataclasses.replace(SPEC, resources=PodResources(100000, 100000)))
+        assert sandbox.vcpus == 1 and world.vm.spec.vcpus == 1
+        await sandbox.fit_vcpus(1)  # no growth: nothing to do
+        assert "resize_vcpus" not in world.vm.calls
+        await sandbox.fit_vcpus(5)  # more than default_maxvcpus: up to it
+        assert sandbox.vcpus == 3 and world.vm.vcpus == 3
+        assert ("online_cpus", "3") in world.agent.calls
+        await sandbox.fit_vcpus(2)  # never shrinks
+        assert world.vm.calls.count("resize_vcpus") == 1
+
+    run(body, tmp_path)
+
+
+def test_without_static_sizing_the_vm_keeps_its_size(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        await sandbox.fit_vcpus(4)
+        assert "resize_vcpus" not in world.vm.calls
+
+    run(body, tmp_path)

@@ -1,0 +1,59 @@
+"""Bringing hot-plugged vCPUs online in the guest.
+
+QEMU's ``device_add`` makes a vCPU present; with no udev in the guest nobody writes its
+``online`` file, so the agent does, waiting (bounded) for the ACPI event to make it appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+
+CPU_DIR = "/sys/devices/system/cpu"
+WAIT_SECONDS = 20.0  # a TCG guest handles the ACPI hot-plug event slowly
+_CPU = re.compile(r"cpu[0-9]+")
+
+
+def online_count(cpu_dir: str = CPU_DIR) -> int:
+    """vCPUs online now (cpu0 has no ``online`` file: it is always online)."""
+    count = 0
+    for name in os.listdir(cpu_dir):
+        if not _CPU.fullmatch(name):
+            continue
+        path = os.path.join(cpu_dir, name, "online")
+        try:
+            with open(path) as f:
+                count += f.read().strip() == "1"
+        except FileNotFoundError:
+            count += 1
+    return count
+
+
+def online_all(cpu_dir: str = CPU_DIR) -> None:
+    """Write 1 to every offline vCPU's ``online`` file."""
+    for name in os.listdir(cpu_dir):
+        path = os.path.join(cpu_dir, name, "online")
+        if not _CPU.fullmatch(name) or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            if f.read().strip() == "1":
+                continue
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except OSError:
+            pass  # not ready yet: the next round tries again
+
+
+async def bring_online(wanted: int, cpu_dir: str = CPU_DIR,
+                       timeout: float = WAIT_SECONDS) -> int:
+    """Online every present vCPU until ``wanted`` are online or ``timeout``; the count."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        online_all(cpu_dir)
+        count = online_count(cpu_dir)
+        if count >= wanted or loop.time() >= deadline:
+            return count
+        await asyncio.sleep(0.2)
