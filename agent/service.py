@@ -94,6 +94,7 @@ class AgentService:
             "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
             "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
             "OnlineCPUs": (pb.OnlineCPUsRequest, self.online_cpus),
+            "OnlineMemory": (pb.OnlineMemoryRequest, self.online_memory),
             "Check": (pb.CheckRequest, self.check),
             "Version": (pb.CheckRequest, self.version),
         }
@@ -197,10 +198,16 @@ class AgentService:
         return pb.StatsContainerResponse(**self._containers.stats(req.container_id))  # type: ignore[arg-type]
 
     async def online_cpus(self, req: pb.OnlineCPUsRequest) -> Message:
-        from agent import cpus  # only when vCPUs are hot-plugged: keep start-up lean
+        from agent import hotplug  # only when vCPUs are hot-plugged: keep start-up lean
 
         wanted = min(req.wanted, 1024)
-        return pb.OnlineCPUsResponse(online=await cpus.bring_online(wanted))
+        return pb.OnlineCPUsResponse(online=await hotplug.bring_online(wanted))
+
+    async def online_memory(self, req: pb.OnlineMemoryRequest) -> Message:
+        from agent import hotplug
+
+        wanted = min(req.wanted_mib, 1 << 24)
+        return pb.OnlineMemoryResponse(online_mib=await hotplug.bring_memory_online(wanted))
 
     # -- stdio ------------------------------------------------------------------------
 

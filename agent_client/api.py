@@ -75,6 +75,9 @@ class AgentApi(Protocol):
     async def online_cpus(self, wanted: int) -> int:
         """Bring hot-plugged vCPUs online (waits, bounded, for ``wanted``); how many are."""
 
+    async def online_memory(self, wanted_mib: int) -> int:
+        """Bring hot-plugged memory online (waits, bounded); the MiB online."""
+
     async def list_processes(self, container_id: str) -> list[int]:
         """Guest pids of the container."""
 

@@ -45,6 +45,7 @@ TIMEOUTS: Mapping[str, float | None] = {
     "UpdateContainer": 30.0,
     "StatsContainer": 10.0,
     "OnlineCPUs": 30.0,
+    "OnlineMemory": 30.0,
     # WriteStdin waits while the process does not read its stdin: no deadline either.
     "WriteStdin": None,
     "WaitProcess": None,
@@ -189,6 +190,12 @@ class AgentClient:
         r = await self._call("OnlineCPUs", pb.OnlineCPUsRequest(wanted=wanted),
                              pb.OnlineCPUsResponse)
         return int(r.online)
+
+    async def online_memory(self, wanted_mib: int) -> int:
+        """OnlineMemory: bring hot-plugged memory online; the MiB online."""
+        r = await self._call("OnlineMemory", pb.OnlineMemoryRequest(wanted_mib=wanted_mib),
+                             pb.OnlineMemoryResponse)
+        return int(r.online_mib)
 
     async def stats_container(self, container_id: str) -> CgroupStats:
         """StatsContainer: the container's cgroup figures (maps bounded: the guest sent them)."""

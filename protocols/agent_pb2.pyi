@@ -216,6 +216,18 @@ class OnlineCPUsResponse(_message.Message):
     online: int
     def __init__(self, online: _Optional[int] = ...) -> None: ...
 
+class OnlineMemoryRequest(_message.Message):
+    __slots__ = ("wanted_mib",)
+    WANTED_MIB_FIELD_NUMBER: _ClassVar[int]
+    wanted_mib: int
+    def __init__(self, wanted_mib: _Optional[int] = ...) -> None: ...
+
+class OnlineMemoryResponse(_message.Message):
+    __slots__ = ("online_mib",)
+    ONLINE_MIB_FIELD_NUMBER: _ClassVar[int]
+    online_mib: int
+    def __init__(self, online_mib: _Optional[int] = ...) -> None: ...
+
 class StatsContainerRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

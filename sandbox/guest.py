@@ -94,6 +94,11 @@ class Guest:
         async with agent_errors("bring hot-plugged vCPUs online"):
             return await self._agent().online_cpus(wanted)
 
+    async def online_memory(self, wanted_mib: int) -> int:
+        """Have the guest bring hot-plugged memory online; the MiB online."""
+        async with agent_errors("bring hot-plugged memory online"):
+            return await self._agent().online_memory(wanted_mib)
+
     async def stats_container(self, container_id: str) -> CgroupStats:
         """The container's cgroup figures, from the guest."""
         async with agent_errors(f"collect the stats of container {container_id}"):

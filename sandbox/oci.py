@@ -130,6 +130,16 @@ def container_cpu_limit(spec: Mapping[str, Any]) -> float:
     return cpu_limit(_table(_table(spec, "linux"), "resources"))
 
 
+def memory_limit(resources: Mapping[str, Any]) -> int:
+    """Bytes an OCI LinuxResources allows; 0 for no limit."""
+    return _positive(_table(resources, "memory").get("limit")) or 0
+
+
+def container_memory_limit(spec: Mapping[str, Any]) -> int:
+    """Bytes a container's OCI spec allows; 0 for no limit."""
+    return memory_limit(_table(_table(spec, "linux"), "resources"))
+
+
 def sandbox_spec(spec: Mapping[str, Any]) -> SandboxSpec:
     """The `SandboxSpec` of a pod, from its sandbox container's OCI spec."""
     notes = spec_annotations(spec)

@@ -50,7 +50,13 @@ from sandbox.errors import (
     UnavailableError,
 )
 from sandbox.logfields import kv
-from sandbox.oci import container_cpu_limit, cpu_limit, sandbox_spec
+from sandbox.oci import (
+    container_cpu_limit,
+    container_memory_limit,
+    cpu_limit,
+    memory_limit,
+    sandbox_spec,
+)
 from sandbox.process import LIVE, Op, Process, State
 from sandbox.processio import IoOpener, ProcessIO
 from sandbox.sandbox import Sandbox, SandboxState
@@ -85,6 +91,7 @@ class Container:
     lock: asyncio.Lock
     execs: dict[str, Process] = field(default_factory=dict)  # guarded by lock
     cpus: float = 0.0  # its CPU limit (quota / period); 0.0: none
+    memory_bytes: int = 0  # its memory limit; 0: none
 
     def process(self, exec_id: str) -> Process:
         """The init ("") or the exec ``exec_id``."""
@@ -152,9 +159,10 @@ class Pod:
                 raise
             self._containers[cid] = self._new_container(c, paths, io)
             self._containers[cid].cpus = container_cpu_limit(c.spec)
+            self._containers[cid].memory_bytes = container_memory_limit(c.spec)
         finally:
             self._reserved.discard(cid)
-        await self._fit_vcpus()
+        await self._fit_vm()
         self._events.created(c, paths, self.task_pid)
         log.info("container created", extra=kv(container=cid, bundle=c.bundle))
         return self.task_pid
@@ -223,14 +231,18 @@ class Pod:
                     f"failed to update container {container_id}: it is not running")
             await self.sandbox.guest.update_container(container_id, resources)
             container.cpus = cpu_limit(resources) or container.cpus
+            container.memory_bytes = memory_limit(resources) or container.memory_bytes
         log.info("container resources updated", extra=kv(container=container_id))
-        await self._fit_vcpus()
+        await self._fit_vm()
 
-    async def _fit_vcpus(self) -> None:
-        """Grow the VM to the pod's CPU limits (the containers' sum, rounded up)."""
-        total = sum(c.cpus for c in self._containers.values())
-        if total > 0:
-            await self.sandbox.fit_vcpus(math.ceil(round(total, 6)))
+    async def _fit_vm(self) -> None:
+        """Grow the VM to the pod's limits: the containers' sums, rounded up."""
+        cpus = sum(c.cpus for c in self._containers.values())
+        if cpus > 0:
+            await self.sandbox.fit_vcpus(math.ceil(round(cpus, 6)))
+        memory = sum(c.memory_bytes for c in self._containers.values())
+        if memory > 0:
+            await self.sandbox.fit_memory(-(-memory // (1 << 20)))
 
     async def stats(self, container_id: str) -> CgroupStats:
         """The container's cgroup figures (Stats)."""

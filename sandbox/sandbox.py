@@ -191,6 +191,7 @@ class Sandbox:
         self.shared_dir = self.state_path / "shared"
         self.boot_seconds = 0.0
         self.vcpus = 0  # the VM's vCPUs (boot size, then grown by fit_vcpus)
+        self.memory_mib = 0  # the VM's memory (boot size, then grown by fit_memory)
         #: Process calls on the current agent connection (UNAVAILABLE unless running).
         self.guest = Guest(self._agent_or_raise)
         self._hypervisor_factory = hypervisor_factory
@@ -268,6 +269,7 @@ class Sandbox:
             size = self._vm_size(spec)
             vm = await self._start_vm(stack, size)
             self.vcpus = size.vcpus or self.config.hypervisor.default_vcpus
+            self.memory_mib = size.memory_mib or self.config.hypervisor.default_memory
             await self._join_host_cgroup(cgroup, vm)
             agent = await self._connect_agent(vm, stack)
             async with agent_errors("get guest details"):
@@ -342,6 +344,28 @@ class Sandbox:
         online = await self.guest.online_cpus(target)
         self.vcpus = target
         log.info("VM grown to %d vCPUs (%d online in the guest)", target, online)
+
+    async def fit_memory(self, limits_mib: int) -> None:
+        """Hot-plug memory so the VM holds the containers' limits plus the base (static
+        sizing only; never shrinks), and have the guest bring it online."""
+        if not self.config.static_sandbox_resource_mgmt:
+            return
+        wanted = self.config.static_sandbox_base_memory + limits_mib
+        if wanted <= self.memory_mib:
+            return
+        vm = self._vm
+        if vm is None or self.state is not SandboxState.RUNNING:
+            raise UnavailableError(f"failed to add memory to sandbox {self.id}: it is not "
+                                   "running")
+        try:
+            total = await vm.resize_memory(wanted)
+        except HypervisorError as e:
+            raise FailedPreconditionError(
+                f"failed to grow sandbox {self.id} to {wanted} MiB for its containers' "
+                f"limits: {e}") from e
+        online = await self.guest.online_memory(total)
+        self.memory_mib = total
+        log.info("VM grown to %d MiB (%d MiB online in the guest)", total, online)
 
     async def _make_host_cgroup(self, spec: SandboxSpec,
                                 stack: AsyncExitStack) -> HostCgroup | None:

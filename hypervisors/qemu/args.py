@@ -48,6 +48,7 @@ class VmParams:
     extra_kernel_params: tuple[str, ...] = ()
     vcpus: int | None = None
     memory_mib: int | None = None
+    max_memory_mib: int = 0  # hot-plug ceiling (default_maxmemory or the host's RAM)
     shared_fs: SharedFsDevice | None = None
     networks: tuple[NetworkDevice, ...] = ()
     blocks: tuple[BlockDevice, ...] = ()
@@ -115,10 +116,16 @@ class Memory:
 
     size_mib: int
     shared: bool
+    #: Hot-plug headroom: DIMM slots and the most memory the VM may reach (0: none).
+    slots: int = 0
+    max_mib: int = 0
 
     def to_argv(self) -> list[str]:
         """Render."""
-        argv = ["-m", f"{self.size_mib}M"]
+        size = f"{self.size_mib}M"
+        if self.slots and self.max_mib > self.size_mib:
+            size += f",slots={self.slots},maxmem={self.max_mib}M"
+        argv = ["-m", size]
         if self.shared:
             argv += [
                 "-object", f"memory-backend-memfd,id=mem,size={self.size_mib}M,share=on",
@@ -305,7 +312,8 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         Machine(config.machine_type, vm.accelerator),
         Cpu(vm.accelerator),
         Smp(vm.vcpus or config.default_vcpus, config.default_maxvcpus),
-        Memory(memory, shared=fs is not None and fs.kind == "virtio-fs"),
+        Memory(memory, shared=fs is not None and fs.kind == "virtio-fs",
+               slots=config.memory_slots, max_mib=vm.max_memory_mib),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
         SeccompSandbox(config.seccompsandbox),

@@ -55,6 +55,8 @@ class QemuConfig:
     default_memory: int = 2048
     #: MiB a VM may have at most (pods sized from their limits); 0 = the host's memory.
     default_maxmemory: int = 0
+    #: DIMM slots for memory hot-plug when a pod grows; 0 turns memory hot-plug off.
+    memory_slots: int = 10
     accelerator: str = "auto"
     shared_fs: str = "virtio-fs"
     virtio_fs_daemon: str = "/usr/lib/qemu/virtiofsd"
@@ -131,6 +133,7 @@ _PARSERS: dict[str, Parser] = {
     "default_maxvcpus": int_at_least(0),
     "default_memory": int_at_least(MIN_MEMORY_MIB),
     "default_maxmemory": int_at_least(0),
+    "memory_slots": int_at_least(0),
     "accelerator": one_of(ACCELERATORS),
     "shared_fs": one_of(SHARED_FS_KINDS),
     "virtio_fs_daemon": abs_path,

@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 
 VHOST_VSOCK_DEVICE = "/dev/vhost-vsock"
 HOTPLUG_CPU_PREFIX = "vcpu-hp-"
+HOTPLUG_MEM_PREFIX = "mem-hp-"
+HOTPLUG_DIMM_PREFIX = "dimm-hp-"
+DIMM_ALIGN_MIB = 128  # the guest's memory block size on x86-64
 
 
 def host_has_vhost_vsock() -> bool:
@@ -93,6 +96,7 @@ class Qemu:
         self._proc: asyncio.subprocess.Process | None = None
         self._virtiofsd: Virtiofsd | None = None
         self._qmp: QmpClient | None = None
+        self._dimms: list[int] = []  # MiB of each hot-plugged DIMM
         self._stderr: StderrLog | None = None
         self._stopping = False  # set by stop(): helpers exiting then are expected
         self._records: list[ProcessRecord] = []
@@ -225,7 +229,8 @@ class Qemu:
             agent_channel=AgentChannel.VSOCK if vsock else AgentChannel.SERIAL,
             guest_cid=vsock[0].guest_cid if vsock else None,
             extra_kernel_params=self.spec.kernel_params, vcpus=self.spec.vcpus,
-            memory_mib=self.spec.memory_mib, shared_fs=shares[0] if shares else None,
+            memory_mib=self.spec.memory_mib, max_memory_mib=self.max_memory_mib(),
+            shared_fs=shares[0] if shares else None,
             networks=tuple(self._devices.of(NetworkDevice)),
             blocks=tuple(self._devices.of(BlockDevice)),
         )
@@ -372,9 +377,45 @@ class Qemu:
                 await self._qmp_command("unplug a vCPU from", "device_del", id=ident)
             return len(await self._qmp_command("count vCPUs of", "query-cpus-fast"))
 
+    def max_memory_mib(self) -> int:
+        """The hot-plug ceiling reserved at boot: default_maxmemory, else the host's RAM
+        (0 when memory_slots is 0: no hot-plug)."""
+        if not self.config.memory_slots:
+            return 0
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+        most = self.config.default_maxmemory or host
+        return most // DIMM_ALIGN_MIB * DIMM_ALIGN_MIB
+
     async def resize_memory(self, mib: int) -> int:
-        """Not yet: memory hot-plug needs slots and maxmem reserved at boot."""
-        raise HypervisorUnsupported(
-            f"failed to resize the memory of VM {self.sandbox_id} to {mib} MiB: memory "
-            "hot-plug is not supported by this version (set default_memory instead)"
-        )
+        """Grow the guest RAM to at least ``mib`` with one more DIMM (pc-dimm on a memfd
+        backend when virtio-fs must map it); never shrinks. The MiB it has afterwards."""
+        boot = self.spec.memory_mib or self.config.default_memory
+        async with self._lock:
+            current = boot + sum(self._dimms)
+            if mib <= current:
+                return current
+            most = self.max_memory_mib()
+            if not most or len(self._dimms) >= self.config.memory_slots:
+                raise HypervisorUnsupported(
+                    f"failed to grow VM {self.sandbox_id} to {mib} MiB: no free memory slot "
+                    f"(memory_slots = {self.config.memory_slots})")
+            add = -(-(mib - current) // DIMM_ALIGN_MIB) * DIMM_ALIGN_MIB
+            if current + add > most:
+                raise HypervisorError(
+                    f"failed to grow VM {self.sandbox_id} to {mib} MiB: more than the "
+                    f"{most} MiB reserved (default_maxmemory)")
+            n = len(self._dimms)
+            backend = "memory-backend-memfd" if self._shares_memory() else "memory-backend-ram"
+            extra = {"share": True} if backend == "memory-backend-memfd" else {}
+            await self._qmp_command("add memory to", "object-add", **{
+                "qom-type": backend, "id": f"{HOTPLUG_MEM_PREFIX}{n}", "size": add << 20,
+                **extra})
+            await self._qmp_command("hot-plug memory into", "device_add", driver="pc-dimm",
+                                    id=f"{HOTPLUG_DIMM_PREFIX}{n}",
+                                    memdev=f"{HOTPLUG_MEM_PREFIX}{n}")
+            self._dimms.append(add)
+            return current + add
+
+    def _shares_memory(self) -> bool:
+        shares = self._devices.of(SharedFsDevice)
+        return bool(shares) and shares[0].kind == "virtio-fs"

@@ -339,3 +339,30 @@ def test_a_pod_whose_cpu_limit_grows_gets_vcpus_hot_plugged(cri: tuple[Kata, Kub
     assert out(kubelet, cid, ["nproc"]) == "2", "the hot-plugged vCPU is not online"
     cpu_max = out(kubelet, cid, ["sh", "-c", CGROUP_FILE.format(name="cpu.max")])
     assert cpu_max == "200000 100000"
+
+
+def test_a_pod_whose_memory_limit_grows_gets_memory_hot_plugged(
+        cri: tuple[Kata, Kubelet]) -> None:
+    from tests.harness.cri.api_pb2 import LinuxContainerResources
+
+    _, kubelet = cri
+    small, large = 256 << 20, 768 << 20
+    pod = kubelet.run_pod("swelling", CRI_HANDLER, PodOptions(memory_limit_bytes=small))
+    cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],
+                                  ContainerOptions(memory_limit_bytes=small))
+
+    def mem_total_mib() -> int:
+        return int(out(kubelet, cid, ["grep", "MemTotal", "/proc/meminfo"]).split()[1]) >> 10
+
+    before = mem_total_mib()
+    assert before < 512, before  # 256 MiB base + 256 MiB limit, minus the kernel's share
+    kubelet.update_resources(cid, LinuxContainerResources(memory_limit_in_bytes=large))
+    after = mem_total_mib()
+    assert after >= before + 400, f"MemTotal {before} -> {after} MiB: nothing was hot-plugged"
+    limit = ["sh", "-c", CGROUP_FILE.format(name="memory.max")]
+    assert out(kubelet, cid, limit) == str(large)
+    # The new memory is usable: 400 MiB held in the container (tail keeps a "line"); the
+    # VM it booted as had less than that free.
+    res = kubelet.exec_sync(cid, ["sh", "-c", "head -c 419430400 /dev/zero | tail | wc -c"],
+                            timeout=120)
+    assert res.exit_code == 0 and res.stdout.strip() == b"419430400", res

@@ -285,6 +285,10 @@ class FakeAgent:
         self._call("online_cpus", str(wanted))
         return wanted
 
+    async def online_memory(self, wanted_mib: int) -> int:
+        self._call("online_memory", str(wanted_mib))
+        return wanted_mib
+
     async def stats_container(self, container_id: str) -> CgroupStats:
         self._call("stats_container", container_id)
         return CgroupStats(cpu_stat={"usage_usec": 1500, "user_usec": 1000},

@@ -107,6 +107,13 @@ def test_memory_unshared() -> None:
     assert Memory(256, shared=False).to_argv() == ["-m", "256M"]
 
 
+def test_memory_with_hot_plug_headroom() -> None:
+    argv = Memory(512, shared=True, slots=10, max_mib=4096).to_argv()
+    assert argv[:2] == ["-m", "512M,slots=10,maxmem=4096M"]
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in argv
+    assert Memory(512, shared=False, slots=0, max_mib=4096).to_argv() == ["-m", "512M"]
+
+
 def test_machine_type_from_config() -> None:
     argv = build_argv(QemuConfig(machine_type="pc", shared_fs="none"), vm(shared_fs=None))
     assert option(argv, "-machine") == ["pc,accel=tcg"]

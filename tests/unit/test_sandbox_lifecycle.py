@@ -384,3 +384,18 @@ def test_without_static_sizing_the_vm_keeps_its_size(tmp_path: Path) -> None:
         assert "resize_vcpus" not in world.vm.calls
 
     run(body, tmp_path)
+
+
+def test_memory_grows_to_the_containers_limits_plus_the_base(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        sandbox.config = dataclasses.replace(sandbox.config, static_sandbox_resource_mgmt=True,
+                                             static_sandbox_base_memory=256)
+        await sandbox.start(dataclasses.replace(
+            SPEC, resources=PodResources(memory_limit_bytes=256 << 20)))
+        assert sandbox.memory_mib == 512
+        await sandbox.fit_memory(256)  # the limits it booted with: nothing to do
+        assert "resize_memory" not in world.vm.calls
+        await sandbox.fit_memory(768)
+        assert sandbox.memory_mib == 1024 and ("online_memory", "1024") in world.agent.calls
+
+    run(body, tmp_path)

@@ -1,0 +1,111 @@
+"""Bringing hot-plugged vCPUs and memory online in the guest.
+
+QEMU's ``device_add`` makes a vCPU or a DIMM present; with no udev in the guest nobody
+writes its ``online``/``state`` file, so the agent does, waiting (bounded) for the ACPI
+event to make it appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+
+CPU_DIR = "/sys/devices/system/cpu"
+WAIT_SECONDS = 20.0  # a TCG guest handles the ACPI hot-plug event slowly
+_CPU = re.compile(r"cpu[0-9]+")
+
+
+def online_count(cpu_dir: str = CPU_DIR) -> int:
+    """vCPUs online now (cpu0 has no ``online`` file: it is always online)."""
+    count = 0
+    for name in os.listdir(cpu_dir):
+        if not _CPU.fullmatch(name):
+            continue
+        path = os.path.join(cpu_dir, name, "online")
+        try:
+            with open(path) as f:
+                count += f.read().strip() == "1"
+        except FileNotFoundError:
+            count += 1
+    return count
+
+
+def online_all(cpu_dir: str = CPU_DIR) -> None:
+    """Write 1 to every offline vCPU's ``online`` file."""
+    for name in os.listdir(cpu_dir):
+        path = os.path.join(cpu_dir, name, "online")
+        if not _CPU.fullmatch(name) or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            if f.read().strip() == "1":
+                continue
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except OSError:
+            pass  # not ready yet: the next round tries again
+
+
+async def bring_online(wanted: int, cpu_dir: str = CPU_DIR,
+                       timeout: float = WAIT_SECONDS) -> int:
+    """Online every present vCPU until ``wanted`` are online or ``timeout``; the count."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        online_all(cpu_dir)
+        count = online_count(cpu_dir)
+        if count >= wanted or loop.time() >= deadline:
+            return count
+        await asyncio.sleep(0.2)
+
+
+MEMORY_DIR = "/sys/devices/system/memory"
+_BLOCK = re.compile(r"memory[0-9]+")
+
+
+def _block_size(memory_dir: str) -> int:
+    with open(os.path.join(memory_dir, "block_size_bytes")) as f:
+        return int(f.read().strip(), 16)
+
+
+def online_memory_mib(memory_dir: str = MEMORY_DIR) -> int:
+    """MiB of memory in online blocks (boot memory and hot-plugged DIMMs)."""
+    size = _block_size(memory_dir)
+    count = 0
+    for name in os.listdir(memory_dir):
+        if _BLOCK.fullmatch(name):
+            with open(os.path.join(memory_dir, name, "state")) as f:
+                count += f.read().strip() == "online"
+    return count * size >> 20
+
+
+def online_all_memory(memory_dir: str = MEMORY_DIR) -> None:
+    """Write "online" to every offline memory block."""
+    for name in os.listdir(memory_dir):
+        path = os.path.join(memory_dir, name, "state")
+        if not _BLOCK.fullmatch(name):
+            continue
+        with open(path) as f:
+            if f.read().strip() != "offline":
+                continue
+        try:
+            with open(path, "w") as f:
+                f.write("online")
+        except OSError:
+            pass  # not ready yet: the next round tries again
+
+
+async def bring_memory_online(wanted_mib: int, memory_dir: str = MEMORY_DIR,
+                              timeout: float = WAIT_SECONDS) -> int:
+    """Online every offline memory block until ``wanted_mib`` are online (within one
+    block: boot memory has holes) or ``timeout``; the MiB online."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    slack = _block_size(memory_dir) >> 20
+    while True:
+        online_all_memory(memory_dir)
+        online = online_memory_mib(memory_dir)
+        if online + slack >= wanted_mib or loop.time() >= deadline:
+            return online
+        await asyncio.sleep(0.2)
