@@ -1,4 +1,4 @@
-"""The pod's cgroup on the host: where a sandbox's VMM and virtiofsd are accounted.
+"""The pod's cgroup on the host: where a sandbox's VMM, virtiofsd and shim are accounted.
 
 The kubelet makes each pod a cgroup (CRI's ``cgroup_parent``, sized from the pod's limits
 plus the RuntimeClass overhead) and the pause container's ``linux.cgroupsPath`` names a
@@ -19,7 +19,7 @@ import errno
 import os
 import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 V1_CONTROLLERS = frozenset({"cpu", "cpuacct", "memory", "pids"})
 MOUNTINFO = "/proc/self/mountinfo"
@@ -57,11 +57,36 @@ def checked_path(cgroups_path: str) -> str | None:
     return cgroups_path
 
 
+def own_cgroups(proc_cgroup: str, found: list[Hierarchy]) -> dict[str, str]:
+    """mount point -> this process's cgroup directory there, from /proc/self/cgroup text."""
+    places: dict[str, str] = {}
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        names = set(controllers.split(","))
+        for h in found:
+            mine = (controllers == "") if h.v2 else os.path.basename(h.mount_point) in names
+            if mine:
+                places[h.mount_point] = h.mount_point + path.rstrip("/")
+    return places
+
+
 @dataclass(frozen=True)
 class HostCgroup:
     """One cgroup, as a directory in each hierarchy where it was made."""
 
     dirs: tuple[str, ...]
+    #: Where this process was before `join_self` (it goes back there before `remove`).
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def join_self(self, found: list[Hierarchy]) -> None:
+        """Move this process in too, remembering where it came from."""
+        with open("/proc/self/cgroup") as f:
+            places = own_cgroups(f.read(), found)
+        for d in self.dirs:
+            mount = next((m for m in places if d.startswith(m + "/")), None)
+            if mount is not None:
+                self.origins[d] = places[mount]
+                _write(os.path.join(d, "cgroup.procs"), str(os.getpid()))
 
     @classmethod
     def make(cls, cgroups_path: str, found: list[Hierarchy]) -> HostCgroup:
@@ -91,7 +116,11 @@ class HostCgroup:
                     _write(os.path.join(d, "cgroup.procs"), str(p))
 
     def remove(self) -> None:
-        """Remove the cgroup once its processes are gone (best effort, bounded)."""
+        """Leave it (if `join_self` moved us in), then remove it once its processes are
+        gone (best effort, bounded)."""
+        for origin in self.origins.values():
+            with contextlib.suppress(OSError):
+                _write(os.path.join(origin, "cgroup.procs"), str(os.getpid()))
         for d in self.dirs:
             remove_dir(d)
 

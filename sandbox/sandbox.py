@@ -395,7 +395,12 @@ class Sandbox:
             except OSError as e:
                 raise UnavailableError(f"failed to move the {r.role} (pid {r.pid}) into the "
                                        f"pod's cgroup {cgroup.dirs[0]}: {e}") from e
-        log.info("VM processes in the pod's cgroup %s", ", ".join(cgroup.dirs))
+        try:  # the shim's per-pod work is the pod's too (Kata's sandbox_cgroup_only)
+            await in_thread(cgroup.join_self,
+                            cgroups.hierarchies(await in_thread(cgroups.read_mountinfo)))
+        except OSError as e:
+            log.warning("the shim stays in its cgroup: %s", e)
+        log.info("VM processes and the shim in the pod's cgroup %s", ", ".join(cgroup.dirs))
 
     async def _start_vm(self, stack: AsyncExitStack, size: VmSize) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)

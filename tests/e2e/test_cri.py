@@ -295,8 +295,9 @@ def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
     pod = kubelet.run_pod("accounted", CRI_HANDLER, PodOptions(cgroup_parent=parent))
     kubelet.start_container(pod, "busy", IMAGE_REF, ["sh", "-c", "while :; do :; done"])
     vm_processes = [*kata.qemu_processes(),
-                    *procs.matching(["virtiofsd"], scope=[str(kata.cd.dir)])]
-    assert len(vm_processes) >= 2
+                    *procs.matching(["virtiofsd"], scope=[str(kata.cd.dir)]),
+                    *kata.shim_daemons()]
+    assert len(vm_processes) >= 3
     for p in vm_processes:
         assert f"{parent}/{pod.id}" in cgroup_of(p.pid), (p.argv[0], cgroup_of(p.pid))
     time.sleep(2)

@@ -65,3 +65,15 @@ def test_children_and_grandchildren_are_found() -> None:
     finally:
         os.killpg(child.pid, 9)
         child.wait()
+
+
+def test_own_cgroups_map_each_hierarchy_to_this_process_s_directory() -> None:
+    proc = ("9:name=systemd:/\n8:pids:/\n4:memory:/process_api/a9\n2:cpuacct:/\n1:cpu:/\n"
+            "0::/\n")
+    places = cgroups.own_cgroups(proc, cgroups.hierarchies(V1))
+    assert places == {"/sys/fs/cgroup/cpu": "/sys/fs/cgroup/cpu",
+                      "/sys/fs/cgroup/cpuacct": "/sys/fs/cgroup/cpuacct",
+                      "/sys/fs/cgroup/memory": "/sys/fs/cgroup/memory/process_api/a9",
+                      "/sys/fs/cgroup/pids": "/sys/fs/cgroup/pids"}
+    assert cgroups.own_cgroups("0::/user.slice/x\n", cgroups.hierarchies(V2)) == {
+        "/sys/fs/cgroup": "/sys/fs/cgroup/user.slice/x"}
