@@ -304,6 +304,8 @@ def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
     stats = kubelet.pod_stats(pod.id)
     assert stats.linux.cpu.usage_core_nano_seconds.value > 0, stats
     assert stats.linux.memory.working_set_bytes.value > 256 << 20, "the VM's memory is missing"
+    listed = {s.attributes.id: s for s in kubelet.list_pod_stats()}
+    assert listed[pod.id].linux.cpu.usage_core_nano_seconds.value > 0
     pod_cgroup = kubelet.pod_cgroups[-1]
     assert pod_cgroup.children(), "no sandbox cgroup under the pod's"
     kubelet.stop_pod(pod.id)

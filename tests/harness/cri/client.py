@@ -184,6 +184,10 @@ class Kubelet:
         self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
                                       timeout=self.deadline)
 
+    def list_pod_stats(self) -> list[cri.PodSandboxStats]:
+        return list(self.runtime.ListPodSandboxStats(cri.ListPodSandboxStatsRequest(),
+                                                     timeout=self.deadline).stats)
+
     def pod_stats(self, pod_id: str) -> cri.PodSandboxStats:
         return self.runtime.PodSandboxStats(
             cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id), timeout=self.deadline).stats
