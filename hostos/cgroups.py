@@ -7,8 +7,10 @@ that child, so the node's accounting and eviction (and CRI's PodSandboxStats) se
 pod really costs.
 
 Works on cgroup v2 (one unified hierarchy) and v1 (the cpu, cpuacct, memory and pids
-hierarchies, wherever they are mounted). Only ``cgroupfs``-style paths (``/a/b/c``) are
-used; a systemd-style one (``slice:prefix:name``) is left alone. The directory is made only
+hierarchies, wherever they are mounted). ``cgroupfs``-style paths (``/a/b/c``) are used as
+they are; a systemd-style one (``slice:prefix:name``, the kubelet's systemd driver) becomes
+the directory systemd gives that unit, made directly in cgroupfs (no D-Bus: systemd does
+not know the scope, but the accounting is the pod slice's). The directory is made only
 where its parent exists: we never make the pod's cgroup, the kubelet does.
 """
 
@@ -18,6 +20,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -49,10 +52,33 @@ def hierarchies(mountinfo: str) -> list[Hierarchy]:
     return found
 
 
+_UNIT = re.compile(r"[A-Za-z0-9_.@\\-]+")
+
+
+def systemd_path(cgroups_path: str) -> str | None:
+    """The cgroupfs directory of a systemd-style ``slice:prefix:name`` (as CRI writes it for
+    a kubelet with the systemd driver): ``a-b-c.slice`` lives in
+    ``/a.slice/a-b.slice/a-b-c.slice``, and the unit is ``<prefix>-<name>.scope``."""
+    parts = cgroups_path.split(":")
+    if len(parts) != 3 or not all(_UNIT.fullmatch(p) for p in parts):
+        return None
+    slice_name, prefix, name = parts
+    if not slice_name.endswith(".slice") or ".." in slice_name:
+        return None
+    words = slice_name.removesuffix(".slice").split("-")
+    if not all(words):
+        return None
+    nested = "".join("/" + "-".join(words[:i]) + ".slice" for i in range(1, len(words) + 1))
+    return f"{nested}/{prefix}-{name}.scope"
+
+
 def checked_path(cgroups_path: str) -> str | None:
-    """A cgroupfs-style path we may use (absolute, normalised, no ``..``), else None."""
-    if (not cgroups_path.startswith("/") or ":" in cgroups_path
-            or posixpath.normpath(cgroups_path) != cgroups_path or cgroups_path == "/"):
+    """The cgroupfs path to use for a ``cgroupsPath``: a cgroupfs-style one (absolute,
+    normalised, no ``..``) as it is, a systemd-style one converted; else None."""
+    if ":" in cgroups_path:
+        return systemd_path(cgroups_path)
+    if (not cgroups_path.startswith("/") or posixpath.normpath(cgroups_path) != cgroups_path
+            or cgroups_path == "/"):
         return None
     return cgroups_path
 

@@ -373,8 +373,8 @@ class Sandbox:
         path = cgroups.checked_path(spec.cgroups_path)
         if not self.config.sandbox_cgroup_only or path is None:
             if self.config.sandbox_cgroup_only and spec.cgroups_path:
-                log.warning("sandbox cgroup %r is not a cgroupfs path: the VMM stays in the "
-                            "shim's cgroup", spec.cgroups_path)
+                log.warning("sandbox cgroup %r is neither a cgroupfs nor a systemd path: the "
+                            "VMM stays in the shim's cgroup", spec.cgroups_path)
             return None
         cgroup = await in_thread(cgroups.HostCgroup.make, path,
                                  cgroups.hierarchies(await in_thread(cgroups.read_mountinfo)))

@@ -288,18 +288,30 @@ def cgroup_of(pid: int) -> str:
         return f.read()
 
 
+def systemd_parent() -> str:
+    """A pod slice as the kubelet's systemd driver names it (nested slices)."""
+    top = f"ktest{uuid.uuid4().hex[:6]}"
+    return f"/{top}.slice/{top}-pod{uuid.uuid4().hex[:8]}.slice"
+
+
+@pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
 def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
-        cri: tuple[Kata, Kubelet]) -> None:
+        cri: tuple[Kata, Kubelet], driver: str) -> None:
     kata, kubelet = cri
-    parent = f"/ktest-{uuid.uuid4().hex[:8]}/pod{uuid.uuid4().hex[:8]}"
+    parent = (systemd_parent() if driver == "systemd"
+              else f"/ktest-{uuid.uuid4().hex[:8]}/pod{uuid.uuid4().hex[:8]}")
     pod = kubelet.run_pod("accounted", CRI_HANDLER, PodOptions(cgroup_parent=parent))
+    # CRI names the sandbox cgroup <parent>/<id>, or for a slice the unit
+    # <slice>:cri-containerd:<id>, which lives in <parent>/cri-containerd-<id>.scope.
+    sandbox_cgroup = (f"{parent}/cri-containerd-{pod.id}.scope" if driver == "systemd"
+                      else f"{parent}/{pod.id}")
     kubelet.start_container(pod, "busy", IMAGE_REF, ["sh", "-c", "while :; do :; done"])
     vm_processes = [*kata.qemu_processes(),
                     *procs.matching(["virtiofsd"], scope=[str(kata.cd.dir)]),
                     *kata.shim_daemons()]
     assert len(vm_processes) >= 3
     for p in vm_processes:
-        assert f"{parent}/{pod.id}" in cgroup_of(p.pid), (p.argv[0], cgroup_of(p.pid))
+        assert sandbox_cgroup in cgroup_of(p.pid), (p.argv[0], cgroup_of(p.pid))
     time.sleep(2)
     stats = kubelet.pod_stats(pod.id)
     assert stats.linux.cpu.usage_core_nano_seconds.value > 0, stats

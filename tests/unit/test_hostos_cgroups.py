@@ -34,8 +34,9 @@ def test_v2_is_the_one_unified_hierarchy() -> None:
     assert cgroups.hierarchies(V2) == [cgroups.Hierarchy("/sys/fs/cgroup", v2=True)]
 
 
-@pytest.mark.parametrize("path", ["", "/", "relative/x", "/a/../b", "/a//b",
-                                  "system.slice:cri:abc", "/a/b/"])
+@pytest.mark.parametrize("path", ["", "/", "relative/x", "/a/../b", "/a//b", "/a/b/",
+                                  "x:y", "a.slice:cri:../x", "kubepods.slice:cri:a/b",
+                                  "notaslice:cri:abc", "a--b.slice:cri:abc"])
 def test_only_plain_cgroupfs_paths_are_used(path: str) -> None:
     assert cgroups.checked_path(path) is None
 
@@ -77,3 +78,11 @@ def test_own_cgroups_map_each_hierarchy_to_this_process_s_directory() -> None:
                       "/sys/fs/cgroup/pids": "/sys/fs/cgroup/pids"}
     assert cgroups.own_cgroups("0::/user.slice/x\n", cgroups.hierarchies(V2)) == {
         "/sys/fs/cgroup": "/sys/fs/cgroup/user.slice/x"}
+
+
+def test_systemd_paths_become_the_units_cgroupfs_directory() -> None:
+    path = "kubepods-burstable-pod1f2e.slice:cri-containerd:abc123"
+    assert cgroups.checked_path(path) == (
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1f2e.slice/"
+        "cri-containerd-abc123.scope")
+    assert cgroups.checked_path("system.slice:cri:abc") == "/system.slice/cri-abc.scope"
