@@ -380,8 +380,9 @@ class Sandbox:
                                  cgroups.hierarchies(await in_thread(cgroups.read_mountinfo)))
         stack.push_async_callback(in_thread, cgroup.remove)  # after the VM stopped (LIFO)
         if not cgroup.dirs:
-            log.warning("no pod cgroup %s on the host: the VMM stays in the shim's cgroup",
-                        posixpath.dirname(path))
+            # Not a Kubernetes pod (ctr gives /<namespace>/<id>): nothing to join.
+            log.info("no pod cgroup %s on the host: the VMM stays in the shim's cgroup",
+                     posixpath.dirname(path))
             return None
         self._record.host_cgroups = list(cgroup.dirs)
         return cgroup
