@@ -62,6 +62,15 @@ def test_a_pod_of_three_containers_is_one_vm_sharing_ipc_and_hostname(
         seen = {out(kubelet, cid, ["readlink", f"/proc/self/ns/{ns}"]) for cid in cids}
         assert len(seen) == 1, f"the pod's containers are in different {ns} namespaces: {seen}"
 
+    # /etc/hosts and /etc/resolv.conf are the files CRI wrote for the pod, as with runc, and
+    # /dev/shm is one for the whole pod.
+    sandbox_dir = kata.cd.root / "io.containerd.grpc.v1.cri" / "sandboxes" / pod.id
+    for name in ("hosts", "resolv.conf"):
+        assert out(kubelet, cids[1], ["cat", f"/etc/{name}"]) == \
+            (sandbox_dir / name).read_text().strip()
+    out(kubelet, cids[0], ["sh", "-c", "echo shared > /dev/shm/pod-file"])
+    assert out(kubelet, cids[2], ["cat", "/dev/shm/pod-file"]) == "shared"
+
     listed = {c.id: c for c in kubelet.list_containers(pod.id)}
     assert set(listed) == set(cids)
     assert all(c.state == RUNNING for c in listed.values())

@@ -241,7 +241,7 @@ def test_cold_plugged_nic_and_disk_reach_qemu(
     asyncio.run(run())
 
 
-def test_pause_resume_vcpus_fd_passing_and_no_hot_plug(
+def test_pause_resume_vcpus_memory_fd_passing_and_no_block_hot_plug(
     config: QemuConfig, sandbox: tuple[str, Path, Path], tmp_path: Path
 ) -> None:
     sandbox_id, state, shared = sandbox
@@ -272,8 +272,13 @@ def test_pause_resume_vcpus_fd_passing_and_no_hot_plug(
 
             with pytest.raises(HypervisorUnsupported, match="hot-plug"):
                 await vm.add_device(BlockDevice("late", tmp_path / "probe"))
-            with pytest.raises(HypervisorUnsupported, match="memory"):
-                await vm.resize_memory(4096)
+            boot = config.default_memory
+            assert await vm.resize_memory(boot + 200) == boot + 256  # a 128 MiB-aligned DIMM
+            dimms = await vm.qmp.execute("query-memory-devices")
+            assert [d["data"]["size"] for d in dimms] == [256 << 20], dimms
+            assert await vm.resize_memory(boot) == boot + 256  # never shrinks
+            with pytest.raises(HypervisorError, match="reserved"):
+                await vm.resize_memory(1 << 30)
         finally:
             await vm.stop()
 

@@ -159,8 +159,11 @@ def check_tty_resize(cd: Containerd, runtime: str) -> None:
 
 
 def _expect_size_eventually(term: PtyProcess, size: str, attempts: int = 20) -> None:
-    """The resize travels ctr -> containerd -> shim asynchronously: ask until it shows."""
-    for _ in range(attempts):
+    """The resize travels ctr -> containerd -> shim asynchronously: ask until it shows
+    (a quarter second apart: a loaded host may take seconds)."""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.25)
         start = len(term.output)
         term.write("stty size\n")
         m = term.expect(r"\n(\d+ \d+)\r*\n", timeout=30, start=start)
