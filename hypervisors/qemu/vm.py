@@ -378,9 +378,11 @@ class Qemu:
             return len(await self._qmp_command("count vCPUs of", "query-cpus-fast"))
 
     def max_memory_mib(self) -> int:
-        """The hot-plug ceiling reserved at boot: default_maxmemory, else the host's RAM
-        (0 when memory_slots is 0: no hot-plug)."""
-        if not self.config.memory_slots:
+        """The hot-plug ceiling reserved at boot: default_maxmemory, else the host's RAM.
+        0 (no hot-plug) when memory_slots is 0, or when the VM was not sized for a pod
+        (``VmSpec.memory_mib`` unset): the headroom costs ~0.25 s of boot under TCG, so
+        only VMs that may grow with their pod pay it."""
+        if not self.config.memory_slots or self.spec.memory_mib is None:
             return 0
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
         most = self.config.default_maxmemory or host

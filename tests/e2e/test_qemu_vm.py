@@ -84,9 +84,11 @@ def assert_no_sockets(state: Path) -> None:
     assert not lock_file(state / "virtiofsd.sock").exists()
 
 
-async def new_vm(config: QemuConfig, sandbox_id: str, state: Path, shared: Path) -> Qemu:
-    """A VM as the sandbox layer makes one: the share cold-plugged."""
-    vm = Qemu(config, VmSpec(sandbox_id, state))
+async def new_vm(config: QemuConfig, sandbox_id: str, state: Path, shared: Path,
+                 memory_mib: int | None = None) -> Qemu:
+    """A VM as the sandbox layer makes one: the share cold-plugged. ``memory_mib``: sized
+    for a pod (which also reserves memory hot-plug headroom)."""
+    vm = Qemu(config, VmSpec(sandbox_id, state, memory_mib=memory_mib))
     await vm.add_device(SharedFsDevice(shared, "virtio-fs", "kataShared"))
     return vm
 
@@ -248,7 +250,7 @@ def test_pause_resume_vcpus_memory_fd_passing_and_no_block_hot_plug(
     two = replace(config, default_maxvcpus=2)
 
     async def run() -> None:
-        vm = await new_vm(two, sandbox_id, state, shared)
+        vm = await new_vm(two, sandbox_id, state, shared, memory_mib=two.default_memory)
         await vm.start()
         try:
             mark = vm.qmp.events.mark()
@@ -272,7 +274,7 @@ def test_pause_resume_vcpus_memory_fd_passing_and_no_block_hot_plug(
 
             with pytest.raises(HypervisorUnsupported, match="hot-plug"):
                 await vm.add_device(BlockDevice("late", tmp_path / "probe"))
-            boot = config.default_memory
+            boot = two.default_memory
             assert await vm.resize_memory(boot + 200) == boot + 256  # a 128 MiB-aligned DIMM
             dimms = await vm.qmp.execute("query-memory-devices")
             assert [d["data"]["size"] for d in dimms] == [256 << 20], dimms

@@ -123,3 +123,14 @@ def test_bad_hypervisor_sections(tables: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=words) as info:
         parse_hypervisor(tables, "/etc/c.toml")
     assert "/etc/c.toml" in str(info.value)
+
+
+def test_only_a_vm_sized_for_a_pod_reserves_memory_hot_plug_headroom(tmp_path: Path) -> None:
+    from hypervisors.base import VmSpec
+    from hypervisors.qemu.vm import Qemu
+
+    config = QemuConfig(default_maxmemory=4096)
+    assert Qemu(config, VmSpec("a", tmp_path)).max_memory_mib() == 0
+    assert Qemu(config, VmSpec("b", tmp_path, memory_mib=768)).max_memory_mib() == 4096
+    off = QemuConfig(default_maxmemory=4096, memory_slots=0)
+    assert Qemu(off, VmSpec("c", tmp_path, memory_mib=768)).max_memory_mib() == 0
