@@ -369,7 +369,8 @@ def test_a_pod_whose_memory_limit_grows_gets_memory_hot_plugged(
         cri: tuple[Kata, Kubelet]) -> None:
     from tests.harness.cri.api_pb2 import LinuxContainerResources
 
-    _, kubelet = cri
+    kata, kubelet = cri
+    kata.write_config({"hypervisor.qemu": {"memory_slots": 10}})  # off by default
     small, large = 256 << 20, 768 << 20
     pod = kubelet.run_pod("swelling", CRI_HANDLER, PodOptions(memory_limit_bytes=small))
     cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],

@@ -247,7 +247,7 @@ def test_pause_resume_vcpus_memory_fd_passing_and_no_block_hot_plug(
     config: QemuConfig, sandbox: tuple[str, Path, Path], tmp_path: Path
 ) -> None:
     sandbox_id, state, shared = sandbox
-    two = replace(config, default_maxvcpus=2)
+    two = replace(config, default_maxvcpus=2, memory_slots=10)
 
     async def run() -> None:
         vm = await new_vm(two, sandbox_id, state, shared, memory_mib=two.default_memory)

@@ -129,7 +129,7 @@ def test_only_a_vm_sized_for_a_pod_reserves_memory_hot_plug_headroom(tmp_path: P
     from hypervisors.base import VmSpec
     from hypervisors.qemu.vm import Qemu
 
-    config = QemuConfig(default_maxmemory=4096)
+    config = QemuConfig(default_maxmemory=4096, memory_slots=10)
     assert Qemu(config, VmSpec("a", tmp_path)).max_memory_mib() == 0
     assert Qemu(config, VmSpec("b", tmp_path, memory_mib=768)).max_memory_mib() == 4096
     off = QemuConfig(default_maxmemory=4096, memory_slots=0)
