@@ -101,13 +101,15 @@ class HostCgroup:
     """One cgroup, as a directory in each hierarchy where it was made."""
 
     dirs: tuple[str, ...]
+    #: The hierarchies it was made in (so joining needs no second look at mountinfo).
+    hierarchies: tuple[Hierarchy, ...] = ()
     #: Where this process was before `join_self` (it goes back there before `remove`).
     origins: dict[str, str] = field(default_factory=dict)
 
-    def join_self(self, found: list[Hierarchy]) -> None:
+    def join_self(self) -> None:
         """Move this process in too, remembering where it came from."""
         with open("/proc/self/cgroup") as f:
-            places = own_cgroups(f.read(), found)
+            places = own_cgroups(f.read(), list(self.hierarchies))
         for d in self.dirs:
             mount = next((m for m in places if d.startswith(m + "/")), None)
             if mount is not None:
@@ -131,7 +133,7 @@ class HostCgroup:
                 with contextlib.suppress(OSError):
                     _write(charge, "3")
             made.append(target)
-        return cls(tuple(made))
+        return cls(tuple(made), tuple(found))
 
     def add(self, pid: int) -> None:
         """Move a process (all its threads) and its children into the cgroup (virtiofsd

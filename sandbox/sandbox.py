@@ -397,8 +397,7 @@ class Sandbox:
                 raise UnavailableError(f"failed to move the {r.role} (pid {r.pid}) into the "
                                        f"pod's cgroup {cgroup.dirs[0]}: {e}") from e
         try:  # the shim's per-pod work is the pod's too (Kata's sandbox_cgroup_only)
-            await in_thread(cgroup.join_self,
-                            cgroups.hierarchies(await in_thread(cgroups.read_mountinfo)))
+            await in_thread(cgroup.join_self)
         except OSError as e:
             log.warning("the shim stays in its cgroup: %s", e)
         log.info("VM processes and the shim in the pod's cgroup %s", ", ".join(cgroup.dirs))
