@@ -13,6 +13,7 @@ Linux security context, namespace options), with only the fields a test sets dif
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,25 @@ class Kubelet:
         self.channel = grpc.insecure_channel(f"unix://{self.address}")
         self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
         self.images = cri_grpc.ImageServiceStub(self.channel)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the runtime reports RuntimeReady, as the kubelet does before it
+        syncs pods: after a restart the CRI plugin answers "server is not initialized yet"
+        until it has recovered its pods."""
+        end = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < end:
+            try:
+                status = self.runtime.Status(cri.StatusRequest(), timeout=5).status
+                ready = {c.type: c.status for c in status.conditions}
+                if ready.get("RuntimeReady"):
+                    return
+                last = str(status)
+            except grpc.RpcError as e:
+                last = f"{e.code()}: {e.details()}"
+            time.sleep(0.1)
+        raise TimeoutError(f"the CRI runtime was not ready within {timeout}s: {last}")
 
     def close(self) -> None:
         self.channel.close()
