@@ -143,6 +143,7 @@ async def _serve(opts: Options, guest: bool) -> None:
     from agent import channel, init
     from agent.container import Containers, RuntimeConfig
     from agent.crun import CrunConfig
+    from agent.network import GuestNetwork
     from agent.reaper import Reaper
     from agent.service import SERVICE, AgentService, StartupInfo
     from agent.storage import Storages
@@ -159,7 +160,8 @@ async def _serve(opts: Options, guest: bool) -> None:
     os.makedirs(config.run_dir, mode=0o711, exist_ok=True)
     containers = Containers(config, reaper)
     startup = StartupInfo()
-    service = AgentService(containers, Storages(config.run_dir), startup, set_hostname=guest)
+    service = AgentService(containers, Storages(config.run_dir), startup, set_hostname=guest,
+                           network=GuestNetwork() if guest else None)
     server = Server()
     server.register(SERVICE, service.methods())
 

@@ -25,7 +25,8 @@ from google.protobuf.message import Message
 
 from agent import validate
 from agent.container import Containers
-from agent.errors import AgentError, InvalidArgument
+from agent.errors import AgentError, FailedPrecondition, InvalidArgument
+from agent.network import GuestNetwork
 from agent.storage import StorageRequest, Storages
 from protocols import agent_pb2 as pb
 from ttrpc import Code, TtrpcError
@@ -63,8 +64,9 @@ def _api(fn: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[M
 
 class AgentService:
     def __init__(self, containers: Containers, storages: Storages, startup: StartupInfo,
-                 set_hostname: bool) -> None:
+                 set_hostname: bool, network: GuestNetwork | None = None) -> None:
         self._containers = containers
+        self._network = network  # None outside a guest: the host's network is not ours
         self._storages = storages
         self._startup = startup
         self._set_hostname = set_hostname
@@ -95,6 +97,9 @@ class AgentService:
             "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
             "OnlineCPUs": (pb.OnlineCPUsRequest, self.online_cpus),
             "OnlineMemory": (pb.OnlineMemoryRequest, self.online_memory),
+            "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
+            "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
+            "AddARPNeighbors": (pb.AddARPNeighborsRequest, self.add_arp_neighbors),
             "Check": (pb.CheckRequest, self.check),
             "Version": (pb.CheckRequest, self.version),
         }
@@ -109,6 +114,8 @@ class AgentService:
             if self._set_hostname:  # never on the host (test mode): it is not ours
                 socket.sethostname(req.hostname)
             self.hostname = req.hostname
+        if self._network is not None:
+            await self._network.loopback_up()
         for st in req.storages:
             self._storages.add(StorageRequest(st.driver, st.source, st.fstype,
                                               tuple(st.options), st.mount_point))
@@ -135,6 +142,24 @@ class AgentService:
             agent_startup_seconds=self._startup.uptime_seconds,
             agent_init_seconds=self._startup.init_seconds,
         )
+
+    # -- network ----------------------------------------------------------------------
+
+    def _guest_network(self) -> GuestNetwork:
+        if self._network is None:
+            raise FailedPrecondition("this agent does not run in a guest: it leaves the "
+                                     "network alone")
+        return self._network
+
+    async def update_interface(self, req: pb.UpdateInterfaceRequest) -> Message:
+        return await self._guest_network().update_interface(req)
+
+    async def update_routes(self, req: pb.UpdateRoutesRequest) -> Message:
+        return await self._guest_network().update_routes(req)
+
+    async def add_arp_neighbors(self, req: pb.AddARPNeighborsRequest) -> Message:
+        await self._guest_network().add_neighbours(req)
+        return empty_pb2.Empty()
 
     async def check(self, req: pb.CheckRequest) -> Message:
         return pb.HealthCheckResponse(status=pb.HealthCheckResponse.SERVING)

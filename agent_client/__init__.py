@@ -3,7 +3,15 @@
 from agent_client.api import AgentApi, AgentConnector
 from agent_client.client import AgentClient, connect_agent
 from agent_client.errors import AgentCallError, bounded
-from agent_client.types import CgroupStats, GuestDetails, ProcessExit, StorageSpec
+from agent_client.types import (
+    CgroupStats,
+    GuestDetails,
+    GuestInterface,
+    GuestNeighbour,
+    GuestRoute,
+    ProcessExit,
+    StorageSpec,
+)
 
 __all__ = [
     "AgentApi",
@@ -12,6 +20,9 @@ __all__ = [
     "AgentConnector",
     "CgroupStats",
     "GuestDetails",
+    "GuestInterface",
+    "GuestNeighbour",
+    "GuestRoute",
     "ProcessExit",
     "StorageSpec",
     "bounded",

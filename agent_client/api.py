@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from agent_client.types import CgroupStats, GuestDetails, ProcessExit, StorageSpec
+from agent_client.types import (
+    CgroupStats,
+    GuestDetails,
+    GuestInterface,
+    GuestNeighbour,
+    GuestRoute,
+    ProcessExit,
+    StorageSpec,
+)
 
 
 class AgentApi(Protocol):
@@ -72,6 +80,15 @@ class AgentApi(Protocol):
         """The container's cgroup figures."""
 
     # -- the VM
+    async def update_interface(self, interface: GuestInterface) -> None:
+        """Set up one guest NIC (found by MAC) as the pod interface it copies."""
+
+    async def update_routes(self, routes: Iterable[GuestRoute]) -> None:
+        """Add the pod's routes in the guest."""
+
+    async def add_arp_neighbors(self, neighbours: Iterable[GuestNeighbour]) -> None:
+        """Add permanent neighbour entries in the guest."""
+
     async def online_cpus(self, wanted: int) -> int:
         """Bring hot-plugged vCPUs online (waits, bounded, for ``wanted``); how many are."""
 

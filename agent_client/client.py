@@ -17,7 +17,15 @@ from google.protobuf.message import Message
 
 from agent_client.dial import open_stream
 from agent_client.errors import AgentCallError
-from agent_client.types import CgroupStats, GuestDetails, ProcessExit, StorageSpec
+from agent_client.types import (
+    CgroupStats,
+    GuestDetails,
+    GuestInterface,
+    GuestNeighbour,
+    GuestRoute,
+    ProcessExit,
+    StorageSpec,
+)
 from protocols import agent_pb2 as pb
 from ttrpc import Client, TtrpcError
 
@@ -46,6 +54,9 @@ TIMEOUTS: Mapping[str, float | None] = {
     "StatsContainer": 10.0,
     "OnlineCPUs": 30.0,
     "OnlineMemory": 30.0,
+    "UpdateInterface": 30.0,  # waits up to 10 s for a cold-plugged NIC to be probed
+    "UpdateRoutes": 10.0,
+    "AddARPNeighbors": 10.0,
     # WriteStdin waits while the process does not read its stdin: no deadline either.
     "WriteStdin": None,
     "WaitProcess": None,
@@ -196,6 +207,36 @@ class AgentClient:
         r = await self._call("OnlineMemory", pb.OnlineMemoryRequest(wanted_mib=wanted_mib),
                              pb.OnlineMemoryResponse)
         return int(r.online_mib)
+
+    # network
+    async def update_interface(self, interface: GuestInterface) -> None:
+        """UpdateInterface: set up one guest NIC."""
+        addresses = []
+        for text in interface.addresses:
+            address, _, prefix = text.partition("/")
+            family = pb.v6 if ":" in address else pb.v4
+            addresses.append(pb.IPAddress(family=family, address=address, mask=prefix))
+        request = pb.UpdateInterfaceRequest(interface=pb.Interface(
+            name=interface.name, hwAddr=interface.mac, mtu=interface.mtu,
+            IPAddresses=addresses))
+        await self._call("UpdateInterface", request, pb.Interface)
+
+    async def update_routes(self, routes: Iterable[GuestRoute]) -> None:
+        """UpdateRoutes: add the pod's routes in the guest."""
+        request = pb.UpdateRoutesRequest(routes=pb.Routes(Routes=[
+            pb.Route(dest=r.destination, gateway=r.gateway, device=r.device, source=r.source,
+                     family=pb.v6 if r.ipv6 else pb.v4)
+            for r in routes]))  # fmt: skip
+        await self._call("UpdateRoutes", request, pb.Routes)
+
+    async def add_arp_neighbors(self, neighbours: Iterable[GuestNeighbour]) -> None:
+        """AddARPNeighbors: permanent neighbour entries in the guest."""
+        request = pb.AddARPNeighborsRequest(neighbors=pb.ARPNeighbors(ARPNeighbors=[
+            pb.ARPNeighbor(toIPAddress=pb.IPAddress(
+                family=pb.v6 if ":" in n.address else pb.v4, address=n.address),
+                device=n.device, lladdr=n.mac, state=0x80)
+            for n in neighbours]))  # fmt: skip
+        await self._call("AddARPNeighbors", request, Empty)
 
     async def stats_container(self, container_id: str) -> CgroupStats:
         """StatsContainer: the container's cgroup figures (maps bounded: the guest sent them)."""

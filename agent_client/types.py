@@ -47,3 +47,34 @@ class CgroupStats:
     memory_swap_current: int = 0
     pids_current: int = 0
     pids_max: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True)
+class GuestInterface:
+    """A guest NIC to set up: found by ``mac``, renamed to ``name``, given MTU and
+    addresses (``addr/prefix``)."""
+
+    name: str
+    mac: str
+    mtu: int
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuestRoute:
+    """A route for the guest; ``destination`` "" is the default route."""
+
+    device: str
+    destination: str = ""
+    gateway: str = ""
+    source: str = ""
+    ipv6: bool = False
+
+
+@dataclass(frozen=True)
+class GuestNeighbour:
+    """A permanent ARP/NDP entry for the guest."""
+
+    device: str
+    address: str
+    mac: str

@@ -20,7 +20,7 @@ from common.mountopts import MNT_DETACH, MS_BIND, MS_REC, MS_SLAVE
 
 __all__ = [
     "MNT_DETACH", "UMOUNT_NOFOLLOW", "bind", "fd_path", "mount", "open_beneath",
-    "private_mount_namespace", "set_readonly", "umount",
+    "private_mount_namespace", "set_readonly", "setns", "umount",
 ]  # fmt: skip
 
 UMOUNT_NOFOLLOW = 0x8
@@ -34,6 +34,8 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 _SYS_OPENAT2 = 437  # x86_64
 _SYS_MOUNT_SETATTR = 442  # x86_64
+_SYS_SETNS = 308  # x86_64 (os.setns arrives with Python 3.12)
+CLONE_NEWNET = 0x40000000
 
 
 @cache
@@ -111,3 +113,9 @@ def private_mount_namespace() -> None:
     _, lib = _lib()
     _check(lib.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount("none", "/", None, MS_REC | MS_SLAVE)
+
+
+def setns(fd: int, nstype: int, what: str) -> None:
+    """setns(2): move the calling *thread* into the namespace ``fd`` refers to."""
+    ffi, lib = _lib()
+    _check(lib.syscall(_SYS_SETNS, ffi.cast("int", fd), ffi.cast("int", nstype)), what)

@@ -8,6 +8,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class IPFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    v4: _ClassVar[IPFamily]
+    v6: _ClassVar[IPFamily]
+v4: IPFamily
+v6: IPFamily
+
 class Storage(_message.Message):
     __slots__ = ("driver", "driver_options", "source", "fstype", "options", "mount_point")
     DRIVER_FIELD_NUMBER: _ClassVar[int]
@@ -366,3 +373,87 @@ class VersionCheckResponse(_message.Message):
     grpc_version: str
     agent_version: str
     def __init__(self, grpc_version: _Optional[str] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class IPAddress(_message.Message):
+    __slots__ = ("family", "address", "mask")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    family: IPFamily
+    address: str
+    mask: str
+    def __init__(self, family: _Optional[_Union[IPFamily, str]] = ..., address: _Optional[str] = ..., mask: _Optional[str] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("device", "name", "IPAddresses", "mtu", "hwAddr")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IPADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    HWADDR_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    name: str
+    IPAddresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
+    mtu: int
+    hwAddr: str
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., IPAddresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., mtu: _Optional[int] = ..., hwAddr: _Optional[str] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("dest", "gateway", "device", "source", "scope", "family")
+    DEST_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    dest: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    family: IPFamily
+    def __init__(self, dest: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ..., family: _Optional[_Union[IPFamily, str]] = ...) -> None: ...
+
+class ARPNeighbor(_message.Message):
+    __slots__ = ("toIPAddress", "device", "lladdr", "state", "flags")
+    TOIPADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LLADDR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    toIPAddress: IPAddress
+    device: str
+    lladdr: str
+    state: int
+    flags: int
+    def __init__(self, toIPAddress: _Optional[_Union[IPAddress, _Mapping]] = ..., device: _Optional[str] = ..., lladdr: _Optional[str] = ..., state: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class Routes(_message.Message):
+    __slots__ = ("Routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    Routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, Routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ARPNeighbors(_message.Message):
+    __slots__ = ("ARPNeighbors",)
+    ARPNEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    ARPNeighbors: _containers.RepeatedCompositeFieldContainer[ARPNeighbor]
+    def __init__(self, ARPNeighbors: _Optional[_Iterable[_Union[ARPNeighbor, _Mapping]]] = ...) -> None: ...
+
+class UpdateInterfaceRequest(_message.Message):
+    __slots__ = ("interface",)
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    interface: Interface
+    def __init__(self, interface: _Optional[_Union[Interface, _Mapping]] = ...) -> None: ...
+
+class UpdateRoutesRequest(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: Routes
+    def __init__(self, routes: _Optional[_Union[Routes, _Mapping]] = ...) -> None: ...
+
+class AddARPNeighborsRequest(_message.Message):
+    __slots__ = ("neighbors",)
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    neighbors: ARPNeighbors
+    def __init__(self, neighbors: _Optional[_Union[ARPNeighbors, _Mapping]] = ...) -> None: ...

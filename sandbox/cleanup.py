@@ -16,6 +16,7 @@ from hostos.cgroups import remove_dir
 from hostos.procs import ProcessRecord, is_alive, kill_recorded
 from sandbox import storage
 from sandbox.state import (
+    NetworkRecord,
     SandboxRecord,
     legacy_sandbox_path,
     read_record,
@@ -61,6 +62,8 @@ def cleanup_after_crash(state_dir: Path, namespace: str, sandbox_id: str) -> boo
         if record is not None:
             kill_recorded([ProcessRecord(p.pid, p.start_time, p.role) for p in record.processes])
         if record is not None:
+            for line in unwire_recorded(record.network):
+                log.warning("sandbox %s: network left behind: %s", sandbox_id, line)
             for d in record.host_cgroups:
                 if d.startswith(CGROUP_MOUNTS):  # ours (state.json is root-only): still check
                     remove_dir(d)
@@ -93,3 +96,22 @@ def unmount_container(state_dir: Path, namespace: str, sandbox_id: str,
             directory = base / top / "containers" / container_id
             storage.unmount_tree(directory)
             storage.remove_tree(directory)
+
+
+def unwire_recorded(records: list[NetworkRecord]) -> list[str]:
+    """Remove the taps and qdiscs a dead shim made in its pod's netns (a netns that is gone
+    took them along); the errors, one line each. After the VMM was killed."""
+    if not records:
+        return []  # `shim delete` of a pod without network never imports pyroute2
+    from network.errors import NetworkConfigError, NetworkError
+    from network.model import detach_recorded
+
+    errors = []
+    for r in records:
+        try:
+            detach_recorded(r.netns_path, r.interface, r.tap)
+        except NetworkConfigError:
+            continue  # the netns is gone, and with it everything we made there
+        except (NetworkError, OSError) as e:
+            errors.append(f"{r.tap} in {r.netns_path}: {e}")
+    return errors

@@ -151,9 +151,6 @@ def _with_warnings(
     if config.agent.kernel_modules:
         unsupported.append(("agent.kata", "kernel_modules", "the guest loads only the modules "
                             "built into its image"))  # fmt: skip
-    if "internetworking_model" in runtime and config.internetworking_model != "none":
-        unsupported.append(("runtime", "internetworking_model", "the VM has no network "
-                            "device yet, whatever the model"))  # fmt: skip
     where = config.path
     warnings = [f"unknown {_name(t, k)} in {where}{_line(text, t, k)}: ignored; check the "
                 "spelling against configuration.toml's documentation" for t, k in unknown]

@@ -146,6 +146,8 @@ def sandbox_spec(spec: Mapping[str, Any]) -> SandboxSpec:
     return SandboxSpec(
         hostname=str(spec.get("hostname") or ""),
         netns_path=_netns_path(spec),
+        host_network=not any(isinstance(ns, dict) and ns.get("type") == "network"
+                             for ns in _table(spec, "linux").get("namespaces") or []),
         annotations=notes,
         resources=_resources(spec, notes),
         cgroups_path=str(_table(spec, "linux").get("cgroupsPath") or ""),

@@ -54,6 +54,8 @@ from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, Share
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError, HypervisorRefused
 from hypervisors.factory import create_hypervisor
+from network.model import model_for
+from sandbox import network as pod_network
 from sandbox import storage
 from sandbox.cleanup import cleanup_after_crash, shim_alive
 from sandbox.config import RuntimeConfig
@@ -71,6 +73,7 @@ from sandbox.lifecycle import Refusal, transition
 from sandbox.oci import SharedBind, spec_for_guest
 from sandbox.sizing import Limits, VmSize, vm_size
 from sandbox.state import (
+    NetworkRecord,
     ProcessRecord,
     SandboxRecord,
     make_sandbox_dir,
@@ -250,6 +253,11 @@ class Sandbox:
             except (ConfigError, AnnotationError) as e:
                 raise InvalidArgumentError(f"failed to start sandbox {self.id}: {e}") from e
             shared_storage(self.config.hypervisor)  # refuse a share we cannot use, early
+            if spec.host_network:
+                raise InvalidArgumentError(
+                    f"failed to start sandbox {self.id}: it asks for the host's network "
+                    "(hostNetwork, or no network namespace in its spec), which a VM cannot "
+                    "share; run such pods with runc, or give the pod a network of its own")
             self.state, self.spec = after, spec
             try:
                 await self._start(spec)
@@ -267,7 +275,8 @@ class Sandbox:
             await self._make_state_dir(stack)
             cgroup = await self._make_host_cgroup(spec, stack)
             size = self._vm_size(spec)
-            vm = await self._start_vm(stack, size)
+            network = await self._wire_network(spec, stack)
+            vm = await self._start_vm(stack, size, network)
             self.vcpus = size.vcpus or self.config.hypervisor.default_vcpus
             self.memory_mib = size.memory_mib or self.config.hypervisor.default_memory
             await self._join_host_cgroup(cgroup, vm)
@@ -282,6 +291,9 @@ class Sandbox:
             _kind, share = shared_storage(self.config.hypervisor)
             async with agent_errors("create the sandbox in the guest"):
                 await agent.create_sandbox(self.id, spec.hostname or self.id[:63], [share])
+            if network is not None:
+                async with agent_errors("configure the pod's network in the guest"):
+                    await pod_network.configure_guest(agent, network)
             self._record.guest_kernel_release = guest.kernel_release
             self._save()
             self._undo = stack.pop_all()
@@ -402,12 +414,31 @@ class Sandbox:
             log.warning("the shim stays in its cgroup: %s", e)
         log.info("VM processes and the shim in the pod's cgroup %s", ", ".join(cgroup.dirs))
 
-    async def _start_vm(self, stack: AsyncExitStack, size: VmSize) -> Hypervisor:
+    async def _wire_network(self, spec: SandboxSpec,
+                            stack: AsyncExitStack) -> pod_network.PodNetwork | None:
+        """The pod netns's interfaces wired for the VM (internetworking_model)."""
+        model = model_for(self.config.internetworking_model)
+        if model is None or not spec.netns_path:
+            if model is not None:
+                log.info("the sandbox's spec names no network namespace: the VM gets no NIC")
+            return None
+
+        def record(r: NetworkRecord) -> None:
+            self._record.network.append(r)
+            self._save()
+
+        stack.callback(self._record.network.clear)
+        return await pod_network.wire(model, spec.netns_path, stack, record)
+
+    async def _start_vm(self, stack: AsyncExitStack, size: VmSize,
+                        network: pod_network.PodNetwork | None = None) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)
         vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(
             self.id, self.state_path, vcpus=size.vcpus, memory_mib=size.memory_mib,
             socket_dir=self.socket_dir))
         await vm.add_device(SharedFsDevice(self.shared_dir, kind, SHARED_FS_TAG))
+        for nic in network.devices() if network is not None else ():
+            await vm.add_device(nic)
         stack.push_async_callback(vm.stop)
         self._vm = vm
         stack.callback(setattr, self, "_vm", None)
@@ -417,6 +448,9 @@ class Sandbox:
             raise InvalidArgumentError(str(e)) from e
         except HypervisorError as e:
             raise UnavailableError(f"failed to start the VM of sandbox {self.id}: {e}") from e
+        finally:
+            if network is not None:  # the VMM has its own copies (or failed to start)
+                network.close_fds()
         self._record.accelerator = vm.accelerator
         self._record.accelerator_reason = vm.accelerator_reason
         self._record.processes = [

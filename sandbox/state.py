@@ -86,6 +86,16 @@ class ProcessRecord:
 
 
 @dataclass
+class NetworkRecord:
+    """One pod interface we wired: the tap or macvtap we made beside it in its netns."""
+
+    netns_path: str
+    model: str
+    interface: str
+    tap: str
+
+
+@dataclass
 class SandboxRecord:
     """What is persisted about a sandbox."""
 
@@ -103,6 +113,8 @@ class SandboxRecord:
     containers: list[str] = field(default_factory=list)
     #: Host cgroup directories made for the VMM and virtiofsd (removed at the end).
     host_cgroups: list[str] = field(default_factory=list)
+    #: Taps and macvtaps made in the pod's netns (removed at the end, or after a crash).
+    network: list[NetworkRecord] = field(default_factory=list)
 
     @property
     def vmm(self) -> ProcessRecord | None:
@@ -135,6 +147,9 @@ class SandboxRecord:
             guest_kernel_release=str(doc.get("guest_kernel_release", "")),
             processes=procs,
             containers=[str(c) for c in doc.get("containers", [])],
+            host_cgroups=[str(d) for d in doc.get("host_cgroups", [])],
+            network=[NetworkRecord(str(n["netns_path"]), str(n["model"]), str(n["interface"]),
+                                   str(n["tap"])) for n in doc.get("network", [])],
         )
 
 

@@ -74,6 +74,8 @@ class SandboxSpec:
     hostname: str = ""
     #: The pod's network namespace ("" when the spec names none: the host's).
     netns_path: str = ""
+    #: The spec has no network namespace at all: the pod wants the host's (refused).
+    host_network: bool = False
     annotations: Mapping[str, str] = field(default_factory=dict)
     resources: PodResources = PodResources()
     #: The sandbox container's ``linux.cgroupsPath`` (a child of the pod's cgroup).

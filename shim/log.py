@@ -136,6 +136,7 @@ def _install(handler: logging.Handler, debug: bool, static: Mapping[str, object]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("asyncio").setLevel(logging.INFO)  # no selector chatter under -debug
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # nor a line per netlink message
 
 
 def setup_daemon(bundle: Path, debug: bool, **static: object) -> FifoHandler:

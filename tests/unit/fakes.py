@@ -393,7 +393,9 @@ class RecordingPublisher:
 def write_bundle(path: Path, annotations: dict[str, str] | None = None, **spec: Any) -> Path:
     """A bundle dir with a config.json."""
     path.mkdir(parents=True, exist_ok=True)
-    body = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "rootfs"}}
+    # As containerd writes one: a network namespace without a path (a new one), not the host's.
+    body = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]}}
     body.update(spec)
     if annotations:
         body["annotations"] = annotations

@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "sandbox": {"hypervisors", "agent_client", "network", "hostos", "ttrpc", "common"},
     "hypervisors": {"hostos", "common"},
     "agent_client": {"ttrpc", "protocols", "common"},
-    "network": {"common"},
+    "network": {"hostos", "common"},
     "hostos": {"common"},
     "ttrpc": {"protocols"},
     "protocols": set(),

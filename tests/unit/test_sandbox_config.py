@@ -45,10 +45,11 @@ def test_unknown_and_unsupported_keys_name_the_key_file_and_line(tmp_path: Path)
                ("key agent.kata.debug_console", 10), ("key runtime.sandbox_bind_mounts", 15)]
     for key, line in unknown:
         assert f"unknown {key} in {path}:{line}: ignored" in warnings, warnings
-    for key, line in [("agent.kata.kernel_modules", 9), ("runtime.internetworking_model", 14)]:
-        assert f"{key} in {path}:{line} is set but not supported" in warnings, warnings
+    assert f"agent.kata.kernel_modules in {path}:9 is set but not supported" in warnings
     assert "enable_annotations" not in warnings  # honoured now (hypervisors/annotations.py)
-    assert len(config.warnings) == 6
+    assert "internetworking_model" not in warnings  # honoured now (network/)
+    assert config.internetworking_model == "macvtap"
+    assert len(config.warnings) == 5
 
 
 def test_the_default_configuration_has_no_warnings() -> None:
