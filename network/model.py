@@ -1,15 +1,17 @@
 """`NetworkModel`: the seam between a sandbox and its pod netns (``internetworking_model``).
 
 A model scans the netns (`scan`), wires one interface to a tap the VMM can use (`attach`:
-``tcfilter`` redirects between veth and tap with tc; ``macvtap`` stacks a passthru macvtap
-on the veth), and undoes that (`detach`, idempotent, also from a persisted record after a
-crash: `detach_recorded`). All netlink work happens here, through pyroute2 on a thread
-inside the netns, never by running ``ip`` or ``tc``. pyroute2 is imported on first use:
-``shim start`` and ``shim delete`` of a pod without network never pay for it.
+``tcfilter`` redirects between veth and tap with tc; ``macvtap`` stacks a passthru
+macvtap on the veth), and undoes that (`detach`, idempotent, also from a
+persisted record after a crash: `detach_recorded`). All netlink work happens here,
+through pyroute2 on a thread inside the netns, never by running ``ip`` or ``tc``. pyroute2
+is imported on first use: ``shim start`` and ``shim delete`` of a pod without network
+never pay for it.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -63,7 +65,11 @@ class NetlinkModel:
         return self._name
 
     def tap_name(self, position: int) -> str:
-        return f"{'tap' if self._name == 'tcfilter' else 'mvtap'}{position}_kata"
+        """tap<N>_kata (a tun device, private to its netns); a macvtap's name is unique on
+        the host, as its char device is host-wide (open_macvtap_queues checks it)."""
+        if self._name == "tcfilter":
+            return f"tap{position}_kata"
+        return f"mv{secrets.token_hex(3)}_kata"
 
     async def scan(self, netns_path: str) -> NetworkDescription:
         return await in_netns(netns_path, _with_ipr(lambda ipr: rtnl.scan(ipr, netns_path)))

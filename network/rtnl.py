@@ -5,7 +5,10 @@ interface to a tap (tcfilter) or a macvtap, unwire. Every function takes an open
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import secrets
 import socket
 from typing import Any
 
@@ -16,6 +19,8 @@ from network.types import Interface, IpAddress, Neighbour, NetworkDescription, R
 #: Ethernet interfaces CNI plugins hand a pod; a guest NIC can take their place.
 WIREABLE_KINDS = frozenset({"veth", "macvlan"})
 ETH_P_ALL = 0x0003
+IFF_UP, IFF_ALLMULTI = 0x1, 0x200
+MACVTAP_INDEX_BASE, MACVTAP_INDEX_SPAN = 1 << 20, 1 << 29
 INGRESS = 0xFFFF0000  # the ingress qdisc's handle, ffff:
 FILTER_PRIO = 49152
 RT_TABLE_MAIN, RTPROT_KERNEL, RTN_UNICAST = 254, 2, 1
@@ -121,17 +126,41 @@ def wire_tcfilter(ipr: Any, iface: Interface, tap_name: str, queues: int) -> tup
 
 
 def wire_macvtap(ipr: Any, iface: Interface, tap_name: str, queues: int) -> tuple[int, ...]:
-    """A passthru macvtap on ``iface`` (it gets every frame the veth receives); its fds."""
+    """A passthru macvtap on ``iface``: every frame the interface receives goes to the
+    guest (whose NIC has the interface's MAC), none to the netns's own stack, which would
+    otherwise answer ARP for the pod's address too. Its queue fds."""
     lower = _index(ipr, iface.name)
-    ipr.link("add", ifname=tap_name, kind="macvtap", link=lower, macvtap_mode="passthru",
-             address=iface.mac)
     try:
-        index = _index(ipr, tap_name)
-        ipr.link("set", index=index, mtu=iface.mtu, state="up")
-        return tap.open_macvtap_queues(index, queues)
+        index = _add_macvtap(ipr, tap_name, lower)
+        # All multicast: the guest's own filters (IPv6 neighbour discovery's solicited-node
+        # groups) never reach a macvtap, which would otherwise drop those frames.
+        up = IFF_UP | IFF_ALLMULTI
+        ipr.link("set", index=index, mtu=iface.mtu, flags=up, change=up)
+        return tap.open_macvtap_queues(index, tap_name, queues)
     except BaseException:
         unwire(ipr, iface.name, tap_name)
         raise
+
+
+def _add_macvtap(ipr: Any, name: str, lower: int) -> int:
+    """Add the macvtap with an ifindex no other macvtap's char device uses: the kernel
+    names it /dev/tap<ifindex>, and ifindexes repeat across netns (every pod's would be
+    /dev/tap3), so the default index could hand us another pod's device."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    for _ in range(8):
+        index = MACVTAP_INDEX_BASE + secrets.randbelow(MACVTAP_INDEX_SPAN)
+        if os.path.exists(f"/dev/tap{index}"):
+            continue
+        try:
+            ipr.link("add", ifname=name, kind="macvtap", link=lower, macvtap_mode="passthru",
+                     index=index)
+        except NetlinkError as e:
+            if e.code in (errno.EBUSY, errno.EEXIST) and not ipr.link_lookup(ifname=name):
+                continue
+            raise
+        return index
+    raise NetworkError(f"found no free interface index for {name}")
 
 
 def unwire(ipr: Any, iface_name: str, tap_name: str) -> None:
@@ -155,3 +184,4 @@ def unwire(ipr: Any, iface_name: str, tap_name: str) -> None:
         except NetlinkError as e:
             if e.code not in _GONE:
                 raise NetworkError(f"failed to remove {tap_name}: {e}") from e
+

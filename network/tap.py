@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
 
-TUNSETIFF = 0x400454CA
+TUNSETIFF, TUNGETIFF = 0x400454CA, 0x800454D2
+IFREQ_SIZE = 40
 IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE, IFF_VNET_HDR = 0x0002, 0x1000, 0x0100, 0x4000
 
 
@@ -29,12 +31,18 @@ def open_tap_queues(name: str, queues: int) -> tuple[int, ...]:
     return tuple(fds)
 
 
-def open_macvtap_queues(ifindex: int, queues: int) -> tuple[int, ...]:
-    """The char device of macvtap ``ifindex`` opened ``queues`` times."""
+def open_macvtap_queues(ifindex: int, name: str, queues: int) -> tuple[int, ...]:
+    """The char device of macvtap ``ifindex`` opened ``queues`` times; OSError unless the
+    device is the macvtap called ``name`` (TUNGETIFF tells)."""
     fds: list[int] = []
     try:
         for _ in range(queues):
-            fds.append(os.open(f"/dev/tap{ifindex}", os.O_RDWR | os.O_CLOEXEC))
+            fd = os.open(f"/dev/tap{ifindex}", os.O_RDWR | os.O_CLOEXEC)
+            fds.append(fd)
+            found = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))[:16].split(b"\0", 1)[0]
+            if found != name.encode():
+                raise OSError(errno.ENODEV, f"/dev/tap{ifindex} is {found.decode()!r}, "
+                              f"not our macvtap {name}")
     except OSError:
         close_all(fds)
         raise

@@ -149,7 +149,8 @@ class SandboxRecord:
             containers=[str(c) for c in doc.get("containers", [])],
             host_cgroups=[str(d) for d in doc.get("host_cgroups", [])],
             network=[NetworkRecord(str(n["netns_path"]), str(n["model"]), str(n["interface"]),
-                                   str(n["tap"])) for n in doc.get("network", [])],
+                                   str(n["tap"]))
+                     for n in doc.get("network", [])],
         )
 
 

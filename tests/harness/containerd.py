@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -84,22 +85,36 @@ def config_toml(enable_cri: bool, snapshotter: str = "overlayfs", cni_dir: str =
     return text
 
 
+CNI_CONF = "10-ktest.conflist"
+
+
 def write_cni_config(directory: Path, bridge: str, ipam_dir: Path) -> None:
     """A bridge network with host-local addresses in a random 10.x.y.0/24, private to one
-    containerd: CRI needs a pod network (an eth0 with an address) to run a pod."""
+    containerd: CRI needs a pod network (an eth0 with an address) to run a pod. The bridge
+    holds the gateway address (.1, the pods' default route); no masquerading, so nothing
+    beyond this machine is reachable. Kept across restarts (pods keep their addresses)."""
+    if (directory / CNI_CONF).exists():
+        return
     subnet = f"10.{secrets.randbelow(200) + 50}.{secrets.randbelow(256)}.0/24"
     conf = {"cniVersion": "0.4.0", "name": f"ktest-{bridge}", "plugins": [{
-        "type": "bridge", "bridge": bridge, "isGateway": False, "ipMasq": False,
+        "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
         "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
                  "dataDir": str(ipam_dir)},
     }]}
-    (directory / "10-ktest.conflist").write_text(json.dumps(conf, indent=1))
+    (directory / CNI_CONF).write_text(json.dumps(conf, indent=1))
+
+
+def cni_gateway(directory: Path) -> str:
+    """The bridge's (gateway) address of an instance's CNI network."""
+    conf = json.loads((directory / CNI_CONF).read_text())
+    subnet = conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"]
+    return str(next(ipaddress.ip_network(subnet).hosts()))
 
 
 def _bridge_of(cni_dir: Path) -> str:
     """The bridge named in an instance's CNI configuration ("" if none)."""
     try:
-        conf = json.loads((cni_dir / "10-ktest.conflist").read_text())
+        conf = json.loads((cni_dir / CNI_CONF).read_text())
         return str(conf["plugins"][0]["bridge"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return ""

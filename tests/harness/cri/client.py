@@ -37,6 +37,9 @@ class PodOptions:
 
     hostname: str = ""
     host_network: bool = False
+    dns_servers: Sequence[str] = ()
+    dns_searches: Sequence[str] = ()
+    dns_options: Sequence[str] = ()
     share_pid: bool = False
     sysctls: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
@@ -175,6 +178,9 @@ class Kubelet:
                                             attempt=0),
             hostname=opts.hostname or name, log_directory=str(log_dir),
             labels={"io.kubernetes.pod.name": name}, annotations=opts.annotations, linux=linux,
+            dns_config=cri.DNSConfig(servers=list(opts.dns_servers),
+                                     searches=list(opts.dns_searches),
+                                     options=list(opts.dns_options)),
         )
 
     def run_pod(self, name: str, handler: str, opts: PodOptions | None = None,
