@@ -54,7 +54,7 @@ from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, Share
 from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError, HypervisorRefused
 from hypervisors.factory import create_hypervisor
-from network.model import model_for
+from network.model import NetworkModel, model_for
 from sandbox import network as pod_network
 from sandbox import storage
 from sandbox.cleanup import cleanup_after_crash, shim_alive
@@ -180,6 +180,7 @@ class Sandbox:
         self, sandbox_id: str, config: RuntimeConfig, *, namespace: str = "default",
         hypervisor_factory: HypervisorFactory = create_hypervisor,
         agent_connector: AgentConnector = default_connector,
+        network_model: Callable[[str], NetworkModel | None] = model_for,
     ) -> None:
         self.id = validate_id("sandbox", sandbox_id)
         self.namespace = validate_id("namespace", namespace)
@@ -199,6 +200,7 @@ class Sandbox:
         self.guest = Guest(self._agent_or_raise)
         self._hypervisor_factory = hypervisor_factory
         self._agent_connector = agent_connector
+        self._network_model = network_model
         self._lock = asyncio.Lock()  # serialises start and stop
         self._vm: Hypervisor | None = None
         self._agent: AgentApi | None = None
@@ -417,7 +419,7 @@ class Sandbox:
     async def _wire_network(self, spec: SandboxSpec,
                             stack: AsyncExitStack) -> pod_network.PodNetwork | None:
         """The pod netns's interfaces wired for the VM (internetworking_model)."""
-        model = model_for(self.config.internetworking_model)
+        model = self._network_model(self.config.internetworking_model)
         if model is None or not spec.netns_path:
             if model is not None:
                 log.info("the sandbox's spec names no network namespace: the VM gets no NIC")

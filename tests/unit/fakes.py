@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,15 @@ class FakeAgent:
         self._call("create_sandbox", hostname)
         self.storages: list[StorageSpec] = list(storages)
 
+    async def update_interface(self, interface: Any) -> None:
+        self._call("update_interface", interface.name, interface.mac)
+
+    async def update_routes(self, routes: Any) -> None:
+        self._call("update_routes", *[r.gateway or r.destination for r in routes])
+
+    async def add_arp_neighbors(self, neighbours: Any) -> None:
+        self._call("add_arp_neighbors", *[n.address for n in neighbours])
+
     async def destroy_sandbox(self) -> None:
         self._call("destroy_sandbox")
 
@@ -327,10 +337,45 @@ class FakeAgent:
         self._call("tty_win_resize", container_id, exec_id, str(rows), str(cols))
 
 
+class FakeNetworkModel:
+    """`network.model.NetworkModel` over a described netns; ``fail_at`` names steps that
+    fail (``scan``, ``attach:<interface>``). Queue fds are real (``/dev/null``)."""
+
+    name = "tcfilter"
+
+    def __init__(self, description: Any, fail_at: frozenset[str] = frozenset()) -> None:
+        self.description = description
+        self.fail_at = fail_at
+        self.attached: list[Any] = []
+        self.detached: list[str] = []
+
+    async def scan(self, netns_path: str) -> Any:
+        if "scan" in self.fail_at:
+            from network.errors import NetworkConfigError
+            raise NetworkConfigError(f"network namespace {netns_path} has no interface")
+        return self.description
+
+    async def attach(self, netns_path: str, interface: Any, position: int) -> Any:
+        from network.errors import NetworkError
+        from network.types import Endpoint
+
+        if f"attach:{interface.name}" in self.fail_at:
+            raise NetworkError("injected")
+        fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        endpoint = Endpoint(interface, self.name, f"tap{position}_kata", (fd,),
+                            (f"tap{position}_kata",))
+        self.attached.append(endpoint)
+        return endpoint
+
+    async def detach(self, netns_path: str, endpoint: Any) -> None:
+        self.detached.append(endpoint.tap_name)
+
+
 class FakeWorld:
     """The factories a `Sandbox` takes, recording what they made; failures on demand."""
 
     def __init__(self) -> None:
+        self.network: FakeNetworkModel | None = None
         self.vms: list[FakeHypervisor] = []
         self.agents: list[FakeAgent] = []
         self.vm_fail_at: frozenset[str] = frozenset()
@@ -372,7 +417,8 @@ def fake_sandbox(tmp: Path, world: FakeWorld, sandbox_id: str = "pod", **hypervi
 
     return Sandbox(sandbox_id, fake_config(tmp, **hypervisor),
                    hypervisor_factory=world.hypervisor,  # type: ignore[arg-type]
-                   agent_connector=world.connect)  # fmt: skip
+                   agent_connector=world.connect,
+                   network_model=lambda name: world.network)  # fmt: skip
 
 
 class RecordingPublisher:

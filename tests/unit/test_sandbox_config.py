@@ -100,10 +100,18 @@ def test_sandbox_spec_from_the_sandbox_containers_oci_spec() -> None:
     }
     got = sandbox_spec(spec)
     assert got.hostname == "web-0" and got.netns_path == "/var/run/netns/cni-1"
+    assert not got.host_network
     assert got.annotations["io.katacontainers.config.hypervisor.default_vcpus"] == "2"
     # CRI's sandbox annotations win over the (pause) container's own limits.
     assert got.resources == PodResources(cpu_quota=50000, cpu_period=100000,
                                          memory_limit_bytes=268435456)
+
+
+def test_a_spec_without_a_network_namespace_asks_for_the_hosts() -> None:
+    no_netns = sandbox_spec({"linux": {"namespaces": [{"type": "pid"}]}})
+    assert no_netns.host_network and no_netns.netns_path == ""
+    new_netns = sandbox_spec({"linux": {"namespaces": [{"type": "network"}]}})
+    assert not new_netns.host_network and new_netns.netns_path == ""
 
 
 def test_sandbox_spec_of_a_bare_spec_and_of_junk() -> None:
