@@ -71,6 +71,18 @@ def test_a_container_in_a_pod_netns_talks_to_the_host_both_ways(kata: Kata, mode
         assert net.leftovers() == [], net.leftovers()
 
 
+def test_two_interfaces_give_two_guest_nics(kata: Kata) -> None:
+    with pod_netns(second=True) as net:
+        other_host = net.host_ip.rsplit(".", 2)[0] + f".{int(net.host_ip.split('.')[2]) + 1}.1"
+        script = (f"ip -o -4 addr; ping -c 1 -W 5 {net.host_ip} >/dev/null && echo ETH0-OK; "
+                  f"ping -c 1 -W 5 {other_host} >/dev/null && echo NET1-OK")
+        res = run_with_netns(kata, net, "two", "sh", "-c", script)
+        assert res.returncode == 0, explain(res)
+        assert "eth0" in res.stdout and "net1" in res.stdout, res.stdout
+        assert "ETH0-OK" in res.stdout and "NET1-OK" in res.stdout, res.stdout
+        assert net.leftovers() == [], net.leftovers()
+
+
 def _try_fetch(url: str, into: list[bytes]) -> bool:
     try:
         into.append(fetch(url, timeout=5))

@@ -58,11 +58,12 @@ class PodNetns:
 
 
 @contextlib.contextmanager
-def pod_netns(kind: str = "veth") -> Iterator[PodNetns]:
+def pod_netns(kind: str = "veth", second: bool = False) -> Iterator[PodNetns]:
     """A pod netns as CNI leaves it (``kind`` other than veth: eth0 is that device
-    instead, for refusals); removed afterwards with whatever is in it."""
+    instead, for refusals); ``second``: a second veth ``net1`` in 10.<a>.<b+1>.0/24 (host
+    end ``<host_if>b``, .1); removed afterwards with whatever is in it."""
     tag = secrets.token_hex(3)
-    a, b = secrets.randbelow(200) + 50, secrets.randbelow(256)
+    a, b = secrets.randbelow(200) + 50, secrets.randbelow(255)  # b + 1: the second veth
     net = PodNetns(f"kn{tag}", f"kh{tag}", f"10.{a}.{b}.1", f"10.{a}.{b}.2",
                    f"fd00:{a:x}:{b:x}::2", f"fd00:{a:x}:{b:x}::1")
     ip("netns", "add", net.name)
@@ -77,11 +78,20 @@ def pod_netns(kind: str = "veth") -> Iterator[PodNetns]:
             ip("-n", net.name, "-6", "addr", "add", f"{net.pod_ip6}/64", "dev", "eth0", "nodad")
             ip("-n", net.name, "link", "set", "eth0", "up")
             ip("-n", net.name, "route", "add", "default", "via", net.host_ip)
+            if second:
+                other = f"{net.host_if}b"
+                ip("link", "add", other, "type", "veth", "peer", "name", "net1", "netns",
+                   net.name)
+                ip("addr", "add", f"10.{a}.{b + 1}.1/24", "dev", other)
+                ip("link", "set", other, "up")
+                ip("-n", net.name, "addr", "add", f"10.{a}.{b + 1}.2/24", "dev", "net1")
+                ip("-n", net.name, "link", "set", "net1", "up")
         elif kind != "empty":
             ip("-n", net.name, "link", "add", "eth0", "type", kind)
             ip("-n", net.name, "link", "set", "eth0", "up")
         yield net
     finally:
+        ip("link", "del", f"{net.host_if}b", check=False)
         ip("link", "del", net.host_if, check=False)
         ip("netns", "del", net.name, check=False)
 
