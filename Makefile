@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= $(CURDIR)/build/out
 CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
-.PHONY: all deps venv protos guest lint unit e2e test soak demo install uninstall clean
+.PHONY: all deps venv protos guest lint unit e2e test soak bench demo install uninstall clean
 
 all: venv
 
@@ -48,6 +48,13 @@ test: deps venv guest lint
 soak: deps venv guest
 	$(PY) -m benchmarks.soak
 	KATA_FAULT_ROUNDS=3 $(PY) -m pytest -q tests/e2e/test_fault_matrix.py
+
+# Side by side with runc, in one run each (figures in the README). `make test` runs each
+# once, small.
+bench: deps venv guest
+	$(PY) -m benchmarks.e2e_latency -n 7
+	$(PY) -m benchmarks.footprint
+	$(PY) -m benchmarks.pod_network -n 3 --mib 32
 
 demo: deps venv guest
 	$(PY) -m tests.demo
