@@ -143,7 +143,6 @@ async def _serve(opts: Options, guest: bool) -> None:
     from agent import channel, init
     from agent.container import Containers, RuntimeConfig
     from agent.crun import CrunConfig
-    from agent.network import GuestNetwork
     from agent.reaper import Reaper
     from agent.service import SERVICE, AgentService, StartupInfo
     from agent.storage import Storages
@@ -161,7 +160,7 @@ async def _serve(opts: Options, guest: bool) -> None:
     containers = Containers(config, reaper)
     startup = StartupInfo()
     service = AgentService(containers, Storages(config.run_dir), startup, set_hostname=guest,
-                           network=GuestNetwork() if guest else None)
+                           network=guest)
     server = Server()
     server.register(SERVICE, service.methods())
 

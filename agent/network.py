@@ -61,9 +61,6 @@ def _bounded(items: object, what: str) -> None:
 class GuestNetwork:
     """Configures the guest's network with netlink (only ever in the guest)."""
 
-    async def loopback_up(self) -> None:
-        await asyncio.to_thread(self._loopback_up)
-
     async def update_interface(self, req: pb.UpdateInterfaceRequest) -> pb.Interface:
         iface = req.interface
         name, mac = _ifname(iface.name), _mac(iface.hwAddr)
@@ -94,11 +91,6 @@ class GuestNetwork:
         await asyncio.to_thread(self._add_neighbours, checked)
 
     # -- blocking netlink, in a worker thread ------------------------------------------
-
-    def _loopback_up(self) -> None:
-        with netlink.Netlink() as nl:
-            lo = _by_name(nl, "lo")
-            nl.request(netlink.encode_setlink(nl.next_seq(), lo, up=True), "bring lo up")
 
     def _set_up(self, name: str, mac: str, mtu: int,
                 cidrs: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> str:

@@ -13,12 +13,13 @@ WaitProcess and ReadStdout are long polls that park on futures/fds, never on the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -26,8 +27,12 @@ from google.protobuf.message import Message
 from agent import validate
 from agent.container import Containers
 from agent.errors import AgentError, FailedPrecondition, InvalidArgument
-from agent.network import GuestNetwork
+from agent.netlink import loopback_up
 from agent.storage import StorageRequest, Storages
+
+if TYPE_CHECKING:
+    from agent.network import GuestNetwork
+    from agent.portforward import PortForwards
 from protocols import agent_pb2 as pb
 from ttrpc import Code, TtrpcError
 
@@ -64,9 +69,11 @@ def _api(fn: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[M
 
 class AgentService:
     def __init__(self, containers: Containers, storages: Storages, startup: StartupInfo,
-                 set_hostname: bool, network: GuestNetwork | None = None) -> None:
+                 set_hostname: bool, network: bool = False) -> None:
         self._containers = containers
-        self._network = network  # None outside a guest: the host's network is not ours
+        self._in_guest_network = network  # False outside a guest: the host's is not ours
+        self._network: GuestNetwork | None = None
+        self._forwards: PortForwards | None = None
         self._storages = storages
         self._startup = startup
         self._set_hostname = set_hostname
@@ -100,6 +107,12 @@ class AgentService:
             "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
             "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
             "AddARPNeighbors": (pb.AddARPNeighborsRequest, self.add_arp_neighbors),
+            "ListeningPorts": (pb.ListeningPortsRequest, self.listening_ports),
+            "PortForwardOpen": (pb.PortForwardOpenRequest, self.port_forward_open),
+            "PortForwardRead": (pb.PortForwardReadRequest, self.port_forward_read),
+            "PortForwardWrite": (pb.PortForwardWriteRequest, self.port_forward_write),
+            "PortForwardCloseWrite": (pb.PortForwardRequest, self.port_forward_close_write),
+            "PortForwardClose": (pb.PortForwardRequest, self.port_forward_close),
             "Check": (pb.CheckRequest, self.check),
             "Version": (pb.CheckRequest, self.version),
         }
@@ -114,8 +127,8 @@ class AgentService:
             if self._set_hostname:  # never on the host (test mode): it is not ours
                 socket.sethostname(req.hostname)
             self.hostname = req.hostname
-        if self._network is not None:
-            await self._network.loopback_up()
+        if self._in_guest_network:
+            await asyncio.to_thread(loopback_up)
         for st in req.storages:
             self._storages.add(StorageRequest(st.driver, st.source, st.fstype,
                                               tuple(st.options), st.mount_point))
@@ -127,6 +140,8 @@ class AgentService:
             await self._containers.remove_all()
         except AgentError as e:  # unmount the storages all the same
             errors.append(str(e))
+        if self._forwards is not None:
+            self._forwards.close_all()
         errors += self._storages.remove_all()
         if errors:
             raise TtrpcError(Code.INTERNAL, "; ".join(errors))
@@ -146,10 +161,23 @@ class AgentService:
     # -- network ----------------------------------------------------------------------
 
     def _guest_network(self) -> GuestNetwork:
-        if self._network is None:
+        if not self._in_guest_network:
             raise FailedPrecondition("this agent does not run in a guest: it leaves the "
                                      "network alone")
+        if self._network is None:  # imported on first use: pods without network skip it
+            from agent.network import GuestNetwork
+
+            self._network = GuestNetwork()
         return self._network
+
+    @property
+    def forwards(self) -> PortForwards:
+        """The port-forward connections (the module is imported on first use)."""
+        if self._forwards is None:
+            from agent.portforward import PortForwards
+
+            self._forwards = PortForwards()
+        return self._forwards
 
     async def update_interface(self, req: pb.UpdateInterfaceRequest) -> Message:
         return await self._guest_network().update_interface(req)
@@ -159,6 +187,33 @@ class AgentService:
 
     async def add_arp_neighbors(self, req: pb.AddARPNeighborsRequest) -> Message:
         await self._guest_network().add_neighbours(req)
+        return empty_pb2.Empty()
+
+    # -- port forwarding --------------------------------------------------------------
+
+    async def listening_ports(self, req: pb.ListeningPortsRequest) -> Message:
+        from agent.portforward import listening_ports
+
+        return pb.ListeningPortsResponse(ports=listening_ports())
+
+    async def port_forward_open(self, req: pb.PortForwardOpenRequest) -> Message:
+        return pb.PortForwardOpenResponse(id=await self.forwards.open(req.port))
+
+    async def port_forward_read(self, req: pb.PortForwardReadRequest) -> Message:
+        data = await self.forwards.read(req.id, validate.read_len(req.size))
+        return pb.PortForwardReadResponse(data=data)
+
+    async def port_forward_write(self, req: pb.PortForwardWriteRequest) -> Message:
+        validate.check_size("data", len(req.data), validate.MAX_WRITE)
+        await self.forwards.write(req.id, req.data)
+        return empty_pb2.Empty()
+
+    async def port_forward_close_write(self, req: pb.PortForwardRequest) -> Message:
+        await self.forwards.close_write(req.id)
+        return empty_pb2.Empty()
+
+    async def port_forward_close(self, req: pb.PortForwardRequest) -> Message:
+        self.forwards.close(req.id)
         return empty_pb2.Empty()
 
     async def check(self, req: pb.CheckRequest) -> Message:

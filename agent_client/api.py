@@ -89,6 +89,24 @@ class AgentApi(Protocol):
     async def add_arp_neighbors(self, neighbours: Iterable[GuestNeighbour]) -> None:
         """Add permanent neighbour entries in the guest."""
 
+    async def listening_ports(self) -> list[int]:
+        """TCP ports listening in the guest."""
+
+    async def port_forward_open(self, port: int) -> int:
+        """Open a connection to ``port`` on the guest's loopback; its id."""
+
+    async def port_forward_read(self, conn_id: int, size: int) -> bytes:
+        """The next bytes from the guest (b"" at end of stream)."""
+
+    async def port_forward_write(self, conn_id: int, data: bytes) -> None:
+        """Bytes to the guest's end of the connection."""
+
+    async def port_forward_close_write(self, conn_id: int) -> None:
+        """No more bytes to the guest."""
+
+    async def port_forward_close(self, conn_id: int) -> None:
+        """Forget the connection."""
+
     async def online_cpus(self, wanted: int) -> int:
         """Bring hot-plugged vCPUs online (waits, bounded, for ``wanted``); how many are."""
 

@@ -29,6 +29,7 @@ from agent_client.types import (
 from protocols import agent_pb2 as pb
 from ttrpc import Client, TtrpcError
 
+MAX_PORTS = 256  # listening ports taken from one guest answer
 SERVICE = "kata.agent.v1.AgentService"
 M = TypeVar("M", bound=Message)
 
@@ -57,6 +58,13 @@ TIMEOUTS: Mapping[str, float | None] = {
     "UpdateInterface": 30.0,  # waits up to 10 s for a cold-plugged NIC to be probed
     "UpdateRoutes": 10.0,
     "AddARPNeighbors": 10.0,
+    "ListeningPorts": 10.0,
+    "PortForwardOpen": 20.0,  # the guest's connect has 10 s per address
+    "PortForwardCloseWrite": 10.0,
+    "PortForwardClose": 10.0,
+    # Port forward reads are long polls, and writes wait while the guest's socket is full.
+    "PortForwardRead": None,
+    "PortForwardWrite": None,
     # WriteStdin waits while the process does not read its stdin: no deadline either.
     "WriteStdin": None,
     "WaitProcess": None,
@@ -237,6 +245,38 @@ class AgentClient:
                 device=n.device, lladdr=n.mac, state=0x80)
             for n in neighbours]))  # fmt: skip
         await self._call("AddARPNeighbors", request, Empty)
+
+    # port forwarding
+    async def listening_ports(self) -> list[int]:
+        """ListeningPorts: TCP ports listening in the guest (bounded, validated)."""
+        r = await self._call("ListeningPorts", pb.ListeningPortsRequest(),
+                             pb.ListeningPortsResponse)
+        return sorted({p for p in r.ports[:MAX_PORTS] if 0 < p < 65536})
+
+    async def port_forward_open(self, port: int) -> int:
+        """PortForwardOpen: a connection to ``port`` on the guest's loopback; its id."""
+        r = await self._call("PortForwardOpen", pb.PortForwardOpenRequest(port=port),
+                             pb.PortForwardOpenResponse)
+        return int(r.id)
+
+    async def port_forward_read(self, conn_id: int, size: int) -> bytes:
+        """PortForwardRead: the next bytes from the guest; b"" at end of stream."""
+        r = await self._call("PortForwardRead", pb.PortForwardReadRequest(id=conn_id, size=size),
+                             pb.PortForwardReadResponse)
+        return bytes(r.data[:size])
+
+    async def port_forward_write(self, conn_id: int, data: bytes) -> None:
+        """PortForwardWrite: bytes to the guest's end of the connection."""
+        await self._call("PortForwardWrite", pb.PortForwardWriteRequest(id=conn_id, data=data),
+                         Empty)
+
+    async def port_forward_close_write(self, conn_id: int) -> None:
+        """PortForwardCloseWrite: no more bytes to the guest (FIN)."""
+        await self._call("PortForwardCloseWrite", pb.PortForwardRequest(id=conn_id), Empty)
+
+    async def port_forward_close(self, conn_id: int) -> None:
+        """PortForwardClose: forget the connection."""
+        await self._call("PortForwardClose", pb.PortForwardRequest(id=conn_id), Empty)
 
     async def stats_container(self, container_id: str) -> CgroupStats:
         """StatsContainer: the container's cgroup figures (maps bounded: the guest sent them)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -56,3 +57,23 @@ def run_in_netns(netns_path: str, fn: Callable[[], T]) -> T:
 async def in_netns(netns_path: str, fn: Callable[[], T]) -> T:
     """`run_in_netns` off the event loop."""
     return await asyncio.to_thread(run_in_netns, netns_path, fn)
+
+
+def listen_tcp(netns_path: str, host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` inside the netns (a socket keeps the netns
+    it was made in, whichever thread then serves it); non-blocking, close-on-exec."""
+
+    def make() -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return run_in_netns(netns_path, make)

@@ -71,6 +71,7 @@ from sandbox.errors import (
 from sandbox.guest import Guest, agent_errors
 from sandbox.lifecycle import Refusal, transition
 from sandbox.oci import SharedBind, spec_for_guest
+from sandbox.portforward import PortMirror
 from sandbox.sizing import Limits, VmSize, vm_size
 from sandbox.state import (
     NetworkRecord,
@@ -201,6 +202,8 @@ class Sandbox:
         self._hypervisor_factory = hypervisor_factory
         self._agent_connector = agent_connector
         self._network_model = network_model
+        #: The guest's listening ports on the pod netns's loopback (port-forward).
+        self.port_mirror: PortMirror | None = None
         self._lock = asyncio.Lock()  # serialises start and stop
         self._vm: Hypervisor | None = None
         self._agent: AgentApi | None = None
@@ -296,6 +299,9 @@ class Sandbox:
             if network is not None:
                 async with agent_errors("configure the pod's network in the guest"):
                     await pod_network.configure_guest(agent, network)
+                self.port_mirror = PortMirror(spec.netns_path, agent)
+                self.port_mirror.start()
+                stack.push_async_callback(self.port_mirror.close)
             self._record.guest_kernel_release = guest.kernel_release
             self._save()
             self._undo = stack.pop_all()

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from tests.e2e.conftest import leak_checked
 from tests.e2e.test_network import MODELS, http_get
 from tests.harness.containerd import cni_gateway
+from tests.harness.cri import streaming
 from tests.harness.cri.client import Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
@@ -28,7 +30,8 @@ from tests.harness.podnet import fetch, http_server
 from tests.harness.procs import wait_until
 
 PAYLOAD = os.urandom(256 * 1024)
-SERVE = "mkdir -p /w && echo pong-from-{name} > /w/i && exec httpd -f -p 8080 -h /w"
+SERVE = ("mkdir -p /w && echo pong-from-{name} > /w/i && head -c 262144 /dev/zero | tr '\\0' x"
+         " > /w/big && exec httpd -f -p 8080 -h /w")
 
 
 @pytest.fixture
@@ -123,3 +126,34 @@ def test_a_host_network_pod_is_refused_with_a_clear_error(cri: tuple[Kata, Kubel
     with pytest.raises(grpc.RpcError) as raised:
         kubelet.run_pod("hostnet", CRI_HANDLER, PodOptions(host_network=True))
     assert "host's network" in (raised.value.details() or ""), raised.value.details()
+
+
+def forward(kubelet: Kubelet, pod_id: str, port: int, send: bytes, until: bytes,
+            timeout: float = 90.0) -> streaming.ForwardResult:
+    """kubectl port-forward's part: PortForward, then the stream (the shim mirrors a guest
+    port within a few seconds of it listening, so retry until ``until`` comes back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = streaming.port_forward(kubelet.port_forward_url(pod_id, port), send,
+                                        timeout=20, until=until)
+        if until in result.data or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
+
+
+def test_port_forward_reaches_a_server_in_the_pod(cri: tuple[Kata, Kubelet]) -> None:
+    """Where Kata fails: containerd dials localhost:<port> in the pod's netns on the host;
+    the shim mirrors the guest's listening ports there."""
+    _, kubelet = cri
+    pod = kubelet.run_pod("fwd", CRI_HANDLER)
+    kubelet.start_container(pod, "srv", IMAGE_REF, ["sh", "-c", SERVE.format(name="fwd")])
+    got = forward(kubelet, pod.id, 8080, b"GET /i HTTP/1.0\r\n\r\n", b"pong-from-fwd")
+    assert b"pong-from-fwd" in got.data, got
+    body = b"x" * 262144  # 256 KiB back through the agent channel
+    big = forward(kubelet, pod.id, 8080, b"GET /big HTTP/1.0\r\n\r\n", b"\r\n\r\n" + body)
+    assert big.data.endswith(b"\r\n\r\n" + body), len(big.data)
+    # A port nothing listens on: containerd's dial fails and says so on the error channel.
+    none = streaming.port_forward(kubelet.port_forward_url(pod.id, 9), b"hi", timeout=20)
+    assert none.data == b"" and none.errors, none
+    kubelet.stop_pod(pod.id)
+    kubelet.remove_pod(pod.id)

@@ -201,6 +201,7 @@ class FakeAgent:
         self.next_pid = 100
         self.oom: set[str] = set()  # containers whose SIGKILL exit reads as an OOM kill
         self.resources: dict[str, dict[str, Any]] = {}
+        self.ports: list[int] = []  # what listening_ports answers
 
     def proc(self, cid: str, eid: str = "") -> FakeProc:
         """The fake guest process (created on first use)."""
@@ -246,6 +247,10 @@ class FakeAgent:
 
     async def add_arp_neighbors(self, neighbours: Any) -> None:
         self._call("add_arp_neighbors", *[n.address for n in neighbours])
+
+    async def listening_ports(self) -> list[int]:
+        self._call("listening_ports")
+        return list(self.ports)
 
     async def destroy_sandbox(self) -> None:
         self._call("destroy_sandbox")

@@ -96,7 +96,7 @@ def test_the_kernel_takes_what_the_agent_sends(guest_netns: str) -> None:
     cidrs = [ipaddress.ip_interface("10.1.0.5/24"), ipaddress.ip_interface("fd00:1::5/64")]
 
     def configure() -> None:
-        net._loopback_up()
+        netlink.loopback_up()
         assert net._set_up("eth0", MAC, 1400, cidrs) == "eth9"
         routes = [_route(pb.Route(dest="10.9.0.0/16", gateway="10.1.0.1", device="eth0")),
                   _route(pb.Route(gateway="10.1.0.1", device="eth0")),

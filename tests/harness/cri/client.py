@@ -299,6 +299,11 @@ class Kubelet:
         req = cri.AttachRequest(container_id=cid, stdout=True, stderr=True)
         return str(self.runtime.Attach(req, timeout=self.deadline).url)
 
+    def port_forward_url(self, pod_id: str, port: int) -> str:
+        """PortForward through the streaming server (streaming.port_forward)."""
+        req = cri.PortForwardRequest(pod_sandbox_id=pod_id, port=[port])
+        return str(self.runtime.PortForward(req, timeout=self.deadline).url)
+
     def container_stats(self, cid: str) -> cri.ContainerStats:
         req = cri.ContainerStatsRequest(container_id=cid)
         return self.runtime.ContainerStats(req, timeout=self.deadline).stats

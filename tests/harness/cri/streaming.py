@@ -1,5 +1,5 @@
-"""The client side of CRI's streaming server (Exec, Attach) over WebSocket, as kubectl
-speaks it: the ``v4.channel.k8s.io`` protocol.
+"""The client side of CRI's streaming server (Exec, Attach, PortForward) over WebSocket, as
+kubectl speaks it: the ``v4.channel.k8s.io`` protocol.
 
     result = stream(url_from_exec_response, timeout=30)
     result.stdout, result.stderr, result.exit_code
@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 PROTOCOL = "v4.channel.k8s.io"
 STDOUT, STDERR, ERROR = 1, 2, 3
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x2, 0x8, 0x9, 0xA
+FORWARD_DATA, FORWARD_ERROR = 0, 1  # PortForward: two channels per port
 MAX_MESSAGE = 16 << 20
 
 
@@ -78,6 +79,54 @@ def stream(url: str, timeout: float = 60.0, until: bytes | None = None) -> Strea
             elif channel == ERROR and data:
                 result.status = json.loads(data)
             if until is not None and until in result.stdout:
+                break
+        return result
+
+
+@dataclass
+class ForwardResult:
+    data: bytes = b""
+    errors: bytes = b""
+
+
+def port_forward(url: str, send: bytes, timeout: float = 60.0,
+                 until: bytes | None = None) -> ForwardResult:
+    """Connect to a PortForward URL (one port), send ``send`` on its data channel and
+    collect what comes back until the server closes (or ``until`` arrived). The first
+    message of each channel is the port (2 bytes, little-endian): not kept."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"not a loopback http URL: {url}")
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
+        _handshake(sock, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else ""))
+        sock.sendall(_frame(OP_BINARY, bytes([FORWARD_DATA]) + send))
+        result = ForwardResult()
+        reader = _Reader(sock)
+        seen: set[int] = set()
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                frame = reader.frame()
+            except TimeoutError:
+                break
+            if frame is None or frame[0] == OP_CLOSE:
+                break
+            opcode, payload = frame
+            if opcode == OP_PING:
+                sock.sendall(_frame(OP_PONG, payload))
+                continue
+            if not payload:
+                continue
+            channel, data = payload[0], payload[1:]
+            if channel not in seen:  # the port number, once per channel
+                seen.add(channel)
+                continue
+            if channel == FORWARD_DATA:
+                result.data += data
+            elif channel == FORWARD_ERROR:
+                result.errors += data
+            if until is not None and until in result.data:
                 break
         return result
 
