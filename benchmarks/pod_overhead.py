@@ -46,13 +46,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def sample(kata: Kata, kubelet: Kubelet, memory_mib: int, n: int) -> dict[str, float]:
+def sample(kata: Kata, kubelet: Kubelet, memory_mib: int, n: int,
+           settle: float = 5.0) -> dict[str, float]:
     limit = memory_mib << 20
     pod = kubelet.run_pod(f"overhead{n}", CRI_HANDLER, PodOptions(memory_limit_bytes=limit))
     try:
         kubelet.start_container(pod, "idle", IMAGE_REF, ["sleep", "3600"],
                                 ContainerOptions(memory_limit_bytes=limit))
-        time.sleep(5)  # let the boot's transient work settle
+        time.sleep(settle)  # let the boot's transient work settle
         pids = pod_processes(kata)
         before = cpu_seconds([p for group in pids.values() for p in group])
         time.sleep(IDLE_SECONDS)
@@ -71,10 +72,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=3, help="pods, one after the other")
     parser.add_argument("--memory-mib", type=int, default=512, help="the pod's memory limit")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds between the container's start and the idle window "
+                             "(past 60: the port mirror has slowed to its idle period)")
     args = parser.parse_args()
     with kata_cri_containerd() as kata:
         kubelet = Kubelet(kata.cd.address, kata.cd.dir / "pod-logs")
-        samples = [sample(kata, kubelet, args.memory_mib, i) for i in range(args.n)]
+        samples = [sample(kata, kubelet, args.memory_mib, i, args.settle)
+                   for i in range(args.n)]
         kubelet.close()
     print(f"pod with a {args.memory_mib} MiB limit, one idle container, {args.n} runs "
           f"(medians; accelerator as `kata-runtime check` reports):")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Any
 
 IFNAMSIZ = 16  # including the NUL: names are at most 15 bytes
 MIN_MTU, MAX_MTU = 68, 65535
@@ -135,3 +136,46 @@ class Endpoint:
         check_ifname(self.tap_name)
         if not self.queue_fds or any(fd < 0 for fd in self.queue_fds):
             raise ValueError(f"invalid endpoint {self.tap_name}: needs open queue fds")
+
+
+def description_to_json(d: NetworkDescription) -> dict[str, Any]:
+    """A JSON-ready form of ``d`` (what the netlink worker sends back)."""
+    def text(a: object) -> str | None:
+        return None if a is None else str(a)
+
+    return {
+        "netns_path": d.netns_path,
+        "interfaces": [interface_to_json(i) for i in d.interfaces],
+        "routes": [{"device": r.device, "destination": text(r.destination),
+                    "gateway": text(r.gateway), "source": text(r.source)} for r in d.routes],
+        "neighbours": [{"device": n.device, "address": str(n.address), "mac": n.mac}
+                       for n in d.neighbours],
+    }
+
+
+def interface_to_json(i: Interface) -> dict[str, Any]:
+    return {"name": i.name, "mac": i.mac, "mtu": i.mtu,
+            "addresses": [str(a.cidr) for a in i.addresses]}
+
+
+def interface_from_json(doc: dict[str, Any]) -> Interface:
+    """Parse `interface_to_json`'s form; ValueError (or KeyError/TypeError) if malformed."""
+    return Interface(str(doc["name"]), str(doc["mac"]), int(doc["mtu"]),
+                     tuple(IpAddress.parse(str(a)) for a in doc["addresses"]))
+
+
+def description_from_json(doc: dict[str, Any]) -> NetworkDescription:
+    """Parse `description_to_json`'s form; every value validates itself again."""
+    def addr(text: object) -> Address | None:
+        return None if text is None else ipaddress.ip_address(str(text))
+
+    return NetworkDescription(
+        str(doc["netns_path"]),
+        tuple(interface_from_json(i) for i in doc["interfaces"]),
+        tuple(Route(str(r["device"]),
+                    None if r["destination"] is None else ipaddress.ip_network(
+                        str(r["destination"])),
+                    addr(r["gateway"]), addr(r["source"])) for r in doc["routes"]),
+        tuple(Neighbour(str(n["device"]), ipaddress.ip_address(str(n["address"])),
+                        str(n["mac"])) for n in doc["neighbours"]),
+    )

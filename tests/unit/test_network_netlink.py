@@ -9,6 +9,7 @@ import ipaddress
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -118,3 +119,34 @@ def test_a_macvtap_device_of_another_name_is_refused(net: PodNetns) -> None:
             tap.open_macvtap_queues(index, "someone_else", 1)
     finally:
         ip("-n", net.name, "link", "del", name)
+
+
+def test_the_worker_reports_refusals_and_failures_typed() -> None:
+    from network.errors import NetworkError
+    from network.model import _worker_reply
+
+    assert _worker_reply(b'{"ok": {"queues": 1}}', b"", 0) == {"queues": 1}
+    with pytest.raises(NetworkConfigError, match="no interface"):
+        _worker_reply(b'{"error": "netns x has no interface", "config": true}', b"", 0)
+    with pytest.raises(NetworkError, match="EBUSY") as raised:
+        _worker_reply(b'{"error": "EBUSY", "config": false}', b"", 0)
+    assert not isinstance(raised.value, NetworkConfigError)
+    with pytest.raises(NetworkError, match=r"exit 1.*Traceback"):
+        _worker_reply(b"", b"Traceback: boom", 1)
+
+
+def test_an_unknown_worker_operation_is_an_error() -> None:
+    from network.errors import NetworkError
+    from network.model import _run_worker
+
+    with pytest.raises(NetworkError, match="unknown operation"):
+        asyncio.run(_run_worker({"op": "format-disk", "netns": "/run/netns/x"}))
+
+
+def test_the_shim_never_imports_pyroute2() -> None:
+    """pyroute2 costs 13 MiB of RSS: only the short-lived worker may import it."""
+    code = ("import sys, shim.daemon, sandbox.sandbox, sandbox.cleanup, network.model; "
+            "print('pyroute2' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "False"
