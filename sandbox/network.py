@@ -11,6 +11,7 @@ go to the VMM; the sandbox closes its copies once the VMM has them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class PodNetwork:
 async def wire(model: NetworkModel, netns_path: str, stack: AsyncExitStack,
                record: Callable[[NetworkRecord], None]) -> PodNetwork:
     """Scan ``netns_path`` and attach each interface; undo registered on ``stack``."""
+    started = time.monotonic()
     try:
         description = await model.scan(netns_path)
     except NetworkConfigError as e:
@@ -72,8 +74,9 @@ async def wire(model: NetworkModel, netns_path: str, stack: AsyncExitStack,
         wired.endpoints.append(endpoint)
         stack.push_async_callback(model.detach, netns_path, endpoint)
         record(NetworkRecord(netns_path, model.name, interface.name, endpoint.tap_name))
-    log.info("pod network %s wired with %s: %s", netns_path, model.name, ", ".join(
-        f"{e.interface.name}->{e.tap_name}" for e in wired.endpoints))
+    log.info("pod network %s wired with %s in %.2fs: %s", netns_path, model.name,
+             time.monotonic() - started,
+             ", ".join(f"{e.interface.name}->{e.tap_name}" for e in wired.endpoints))
     return wired
 
 
