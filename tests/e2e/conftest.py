@@ -4,6 +4,8 @@ check after every test.
     containerd  -> Containerd   (stock runtimes only; proves the harness)
     kata        -> Kata         (containerd whose shims see KATA_CONF_FILE = a test config:
                                  guest from build/out, state_dir under the private dir)
+    cri         -> (Kata, Kubelet)  (the same with containerd's CRI plugin, handler `kata`,
+                                 and a Python kubelet stand-in)
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import pytest
 from tests.conftest import failed, require, require_root, require_tools
 from tests.harness import kataconfig, leaks
 from tests.harness.containerd import VENV_BIN, Containerd, reap_stale
+from tests.harness.cri.client import Kubelet
 from tests.harness.images import IMAGE_REF
-from tests.harness.kata import Kata, kata_containerd
+from tests.harness.kata import Kata, kata_containerd, kata_cri_containerd
 from tests.harness.kata import guest_release as kata_guest_release
 
 HOST_TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "umount")
@@ -96,3 +99,17 @@ def kata(guest_release: str, busybox_image: Path,
     """A private containerd whose kata shims use a test configuration; leak-checked."""
     with kata_containerd(busybox_image) as env, leak_checked(env.cd, request, env.state_dir):
         yield env
+
+
+@pytest.fixture
+def cri(guest_release: str, request: pytest.FixtureRequest) -> Iterator[tuple[Kata, Kubelet]]:
+    """A private containerd with its CRI plugin and our handler, and a kubelet stand-in
+    on it; leak-checked, every pod removed afterwards."""
+    with kata_cri_containerd() as kata, leak_checked(kata.cd, request, kata.state_dir):
+        kubelet = Kubelet(kata.cd.address, kata.cd.dir / "pod-logs")
+        try:
+            yield kata, kubelet
+        finally:
+            with contextlib.suppress(Exception):
+                kubelet.remove_all()
+            kubelet.close()

@@ -5,37 +5,24 @@ the shipped `kata-runtime containerd-config add` wrote into containerd's configu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from tests.e2e.conftest import leak_checked
 from tests.harness import procs
 from tests.harness.cri import streaming
 from tests.harness.cri.client import ContainerOptions, Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
-from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
+from tests.harness.kata import CRI_HANDLER, Kata
 
 BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
 RUNNING = 1  # runtime.v1 ContainerState CONTAINER_RUNNING
 SANDBOX_READY = 0
 
 
-@pytest.fixture
-def cri(guest_release: str, request: pytest.FixtureRequest) -> Iterator[tuple[Kata, Kubelet]]:
-    with kata_cri_containerd() as kata, leak_checked(kata.cd, request, kata.state_dir):
-        kubelet = Kubelet(kata.cd.address, kata.cd.dir / "pod-logs")
-        try:
-            yield kata, kubelet
-        finally:
-            with contextlib.suppress(Exception):
-                kubelet.remove_all()
-            kubelet.close()
 
 
 def out(kubelet: Kubelet, cid: str, cmd: list[str]) -> str:

@@ -9,24 +9,20 @@ bounded in size and time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import leak_checked
-from tests.e2e.test_network import MODELS, http_get
 from tests.harness.containerd import cni_gateway
 from tests.harness.cri import streaming
 from tests.harness.cri.client import Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
-from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
-from tests.harness.podnet import fetch, http_server
+from tests.harness.kata import CRI_HANDLER, Kata
+from tests.harness.podnet import MODELS, fetched, http_get, http_server
 from tests.harness.procs import wait_until
 
 PAYLOAD = os.urandom(256 * 1024)
@@ -34,16 +30,6 @@ SERVE = ("mkdir -p /w && echo pong-from-{name} > /w/i && head -c 262144 /dev/zer
          " > /w/big && exec httpd -f -p 8080 -h /w")
 
 
-@pytest.fixture
-def cri(guest_release: str, request: pytest.FixtureRequest) -> Iterator[tuple[Kata, Kubelet]]:
-    with kata_cri_containerd() as kata, leak_checked(kata.cd, request, kata.state_dir):
-        kubelet = Kubelet(kata.cd.address, kata.cd.dir / "pod-logs")
-        try:
-            yield kata, kubelet
-        finally:
-            with contextlib.suppress(Exception):
-                kubelet.remove_all()
-            kubelet.close()
 
 
 def sh(kubelet: Kubelet, cid: str, script: str) -> str:
@@ -55,14 +41,6 @@ def sh(kubelet: Kubelet, cid: str, script: str) -> str:
 def bridge_ports(kata: Kata) -> list[str]:
     brif = Path(f"/sys/class/net/{kata.cd.bridge}/brif")
     return sorted(os.listdir(brif)) if brif.is_dir() else []
-
-
-def served(url: str, into: list[bytes]) -> bool:
-    try:
-        into.append(fetch(url, timeout=5))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -89,7 +67,7 @@ def test_pods_on_the_cni_bridge_reach_the_host_and_each_other(
         got = sh(kubelet, app, f"{http_get(gateway, port)} | tail -c {len(PAYLOAD)} | md5sum")
     assert hashlib.md5(PAYLOAD).hexdigest() in got, got
     answers: list[bytes] = []  # the pod serves, the host fetches
-    wait_until(lambda: served(f"http://{web_ip}:8080/i", answers), 60, 0.5)
+    wait_until(lambda: fetched(f"http://{web_ip}:8080/i", answers), 60, 0.5)
     assert answers and answers[0] == b"pong-from-web\n", answers
 
     peer = kubelet.run_pod("peer", CRI_HANDLER)

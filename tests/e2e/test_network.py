@@ -15,18 +15,11 @@ import pytest
 
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import Kata
-from tests.harness.podnet import PodNetns, fetch, http_server, pod_netns
+from tests.harness.podnet import MODELS, PodNetns, fetched, http_get, http_server, pod_netns
 from tests.harness.procs import wait_until
 from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain, remove, wait_task_status
 
-MODELS = ["tcfilter", "macvtap"]
 PAYLOAD = os.urandom(256 * 1024)
-
-
-def http_get(host: str, port: int) -> str:
-    """A shell pipeline fetching http://host:port/ inside the container (busybox's static
-    wget crashes resolving the service name; nc takes numbers)."""
-    return f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {host} {port}"
 
 
 def use_model(kata: Kata, model: str) -> None:
@@ -64,7 +57,7 @@ def test_a_container_in_a_pod_netns_talks_to_the_host_both_ways(kata: Kata, mode
         try:
             assert wait_task_status(kata.cd, "net2", ["RUNNING"], timeout=30) == "RUNNING"
             got: list[bytes] = []
-            wait_until(lambda: _try_fetch(f"http://{net.pod_ip}:8080/i", got), 60, 0.5)
+            wait_until(lambda: fetched(f"http://{net.pod_ip}:8080/i", got), 60, 0.5)
             assert got and got[0] == b"pong-from-the-vm\n", got
         finally:
             remove(kata.cd, "net2")
@@ -81,14 +74,6 @@ def test_two_interfaces_give_two_guest_nics(kata: Kata) -> None:
         assert "eth0" in res.stdout and "net1" in res.stdout, res.stdout
         assert "ETH0-OK" in res.stdout and "NET1-OK" in res.stdout, res.stdout
         assert net.leftovers() == [], net.leftovers()
-
-
-def _try_fetch(url: str, into: list[bytes]) -> bool:
-    try:
-        into.append(fetch(url, timeout=5))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("model", MODELS)

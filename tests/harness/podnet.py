@@ -15,7 +15,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-OURS = ("_kata",)  # our links are tap<N>_kata / mvtap<N>_kata
+OURS = ("_kata",)  # our links are tap<N>_kata / mv<hex>_kata
+MODELS = ["tcfilter", "macvtap"]  # internetworking_model values that wire a NIC
 
 
 def ip(*args: str, check: bool = True) -> str:
@@ -133,3 +134,19 @@ def fetch(url: str, limit: int = 1 << 20, timeout: float = 30.0) -> bytes:
 
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return bytes(r.read(limit))
+
+
+def fetched(url: str, into: list[bytes]) -> bool:
+    """Try `fetch` once (for wait_until): True, with the body appended to ``into``, once it
+    answers."""
+    try:
+        into.append(fetch(url, timeout=5))
+        return True
+    except OSError:
+        return False
+
+
+def http_get(host: str, port: int) -> str:
+    """A shell pipeline fetching http://host:port/ inside a busybox container (its static
+    wget crashes resolving the service name; nc takes numbers)."""
+    return f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {host} {port}"

@@ -50,12 +50,8 @@ class StreamResult:
 def stream(url: str, timeout: float = 60.0, until: bytes | None = None) -> StreamResult:
     """Connect to a streaming URL and collect output until the server closes (or, with
     ``until``, until stdout contains it: Attach to a running container never ends)."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"not a loopback http URL: {url}")
     deadline = time.monotonic() + timeout
-    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
-        _handshake(sock, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else ""))
+    with _connect(url, timeout) as sock:
         result = StreamResult()
         reader = _Reader(sock)
         while time.monotonic() < deadline:
@@ -94,12 +90,8 @@ def port_forward(url: str, send: bytes, timeout: float = 60.0,
     """Connect to a PortForward URL (one port), send ``send`` on its data channel and
     collect what comes back until the server closes (or ``until`` arrived). The first
     message of each channel is the port (2 bytes, little-endian): not kept."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"not a loopback http URL: {url}")
     deadline = time.monotonic() + timeout
-    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
-        _handshake(sock, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else ""))
+    with _connect(url, timeout) as sock:
         sock.sendall(_frame(OP_BINARY, bytes([FORWARD_DATA]) + send))
         result = ForwardResult()
         reader = _Reader(sock)
@@ -129,6 +121,20 @@ def port_forward(url: str, send: bytes, timeout: float = 60.0,
             if until is not None and until in result.data:
                 break
         return result
+
+
+def _connect(url: str, timeout: float) -> socket.socket:
+    """A WebSocket to a streaming URL of the CRI server (loopback http only)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"not a loopback http URL: {url}")
+    sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout)
+    try:
+        _handshake(sock, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else ""))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _handshake(sock: socket.socket, host: str, path: str) -> None:
