@@ -27,7 +27,8 @@ def ip(*args: str, check: bool = True) -> str:
 
 
 def tc(*args: str) -> str:
-    return subprocess.run(["tc", *args], capture_output=True, text=True, timeout=30).stdout
+    return subprocess.run(["tc", *args], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
 
 
 @dataclass

@@ -80,7 +80,8 @@ def test_tcfilter_redirects_both_ways_and_detach_removes_it_all(net: PodNetns) -
         assert "tap0_kata" in links
         for dev, target in (("eth0", "tap0_kata"), ("tap0_kata", "eth0")):
             filters = subprocess.run(["tc", "-n", net.name, "filter", "show", "dev", dev,
-                                      "ingress"], capture_output=True, text=True).stdout
+                                      "ingress"], capture_output=True, text=True,
+                                     check=True).stdout
             assert f"Egress Redirect to device {target}" in filters, filters
         asyncio.run(model.detach(net.path, endpoint))
         asyncio.run(model.detach(net.path, endpoint))  # idempotent
