@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Callable
 
 CPU_DIR = "/sys/devices/system/cpu"
 WAIT_SECONDS = 20.0  # a TCG guest handles the ACPI hot-plug event slowly
@@ -31,33 +32,48 @@ def online_count(cpu_dir: str = CPU_DIR) -> int:
     return count
 
 
-def online_all(cpu_dir: str = CPU_DIR) -> None:
-    """Write 1 to every offline vCPU's ``online`` file."""
-    for name in os.listdir(cpu_dir):
-        path = os.path.join(cpu_dir, name, "online")
-        if not _CPU.fullmatch(name) or not os.path.exists(path):
+def _online_entries(directory: str, pattern: re.Pattern[str], file: str, offline: str,
+                    online: str) -> None:
+    """Write ``online`` to each ``<directory>/<name>/<file>`` that reads ``offline``."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name, file)
+        if not pattern.fullmatch(name) or not os.path.exists(path):
             continue
         with open(path) as f:
-            if f.read().strip() == "1":
+            if f.read().strip() != offline:
                 continue
         try:
             with open(path, "w") as f:
-                f.write("1")
+                f.write(online)
         except OSError:
             pass  # not ready yet: the next round tries again
+
+
+async def _until(step: Callable[[], int], reached: Callable[[int], bool],
+                 timeout: float) -> int:
+    """Run ``step`` every 0.2 s until ``reached`` holds for its result or ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = step()
+        if reached(result) or loop.time() >= deadline:
+            return result
+        await asyncio.sleep(0.2)
+
+
+def online_all(cpu_dir: str = CPU_DIR) -> None:
+    """Write 1 to every offline vCPU's ``online`` file."""
+    _online_entries(cpu_dir, _CPU, "online", "0", "1")
 
 
 async def bring_online(wanted: int, cpu_dir: str = CPU_DIR,
                        timeout: float = WAIT_SECONDS) -> int:
     """Online every present vCPU until ``wanted`` are online or ``timeout``; the count."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+    def step() -> int:
         online_all(cpu_dir)
-        count = online_count(cpu_dir)
-        if count >= wanted or loop.time() >= deadline:
-            return count
-        await asyncio.sleep(0.2)
+        return online_count(cpu_dir)
+
+    return await _until(step, lambda count: count >= wanted, timeout)
 
 
 MEMORY_DIR = "/sys/devices/system/memory"
@@ -82,30 +98,17 @@ def online_memory_mib(memory_dir: str = MEMORY_DIR) -> int:
 
 def online_all_memory(memory_dir: str = MEMORY_DIR) -> None:
     """Write "online" to every offline memory block."""
-    for name in os.listdir(memory_dir):
-        path = os.path.join(memory_dir, name, "state")
-        if not _BLOCK.fullmatch(name):
-            continue
-        with open(path) as f:
-            if f.read().strip() != "offline":
-                continue
-        try:
-            with open(path, "w") as f:
-                f.write("online")
-        except OSError:
-            pass  # not ready yet: the next round tries again
+    _online_entries(memory_dir, _BLOCK, "state", "offline", "online")
 
 
 async def bring_memory_online(wanted_mib: int, memory_dir: str = MEMORY_DIR,
                               timeout: float = WAIT_SECONDS) -> int:
     """Online every offline memory block until ``wanted_mib`` are online (within one
     block: boot memory has holes) or ``timeout``; the MiB online."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     slack = _block_size(memory_dir) >> 20
-    while True:
+
+    def step() -> int:
         online_all_memory(memory_dir)
-        online = online_memory_mib(memory_dir)
-        if online + slack >= wanted_mib or loop.time() >= deadline:
-            return online
-        await asyncio.sleep(0.2)
+        return online_memory_mib(memory_dir)
+
+    return await _until(step, lambda online: online + slack >= wanted_mib, timeout)

@@ -110,8 +110,9 @@ class GuestNetwork:
 
     def _add_routes(self, routes: list[tuple[str, netlink.RouteRequest]]) -> None:
         with netlink.Netlink() as nl:
+            indexes = _indexes(nl)
             for device, r in routes:
-                index = _by_name(nl, device)
+                index = _index(indexes, device)
                 request = netlink.RouteRequest(index, r.destination, r.gateway, r.source,
                                                r.version)
                 dest = r.destination or "default"
@@ -120,8 +121,9 @@ class GuestNetwork:
 
     def _add_neighbours(self, entries: list[tuple[str, Address, str]]) -> None:
         with netlink.Netlink() as nl:
+            indexes = _indexes(nl)
             for device, address, mac in entries:
-                nl.request(netlink.encode_addneigh(nl.next_seq(), _by_name(nl, device),
+                nl.request(netlink.encode_addneigh(nl.next_seq(), _index(indexes, device),
                                                    address, mac),
                            f"add neighbour {address} on {device}")
 
@@ -140,11 +142,15 @@ def _route(r: pb.Route) -> tuple[str, netlink.RouteRequest]:
     return device, netlink.RouteRequest(0, dest, gateway, source, version)
 
 
-def _by_name(nl: netlink.Netlink, name: str) -> int:
-    for link in nl.links():
-        if link.name == name:
-            return link.index
-    raise NotFound(f"no network interface {name!r} in the guest")
+def _indexes(nl: netlink.Netlink) -> dict[str, int]:
+    """The guest's links by name (one dump per request, not one per route)."""
+    return {link.name: link.index for link in nl.links()}
+
+
+def _index(indexes: dict[str, int], name: str) -> int:
+    if name not in indexes:
+        raise NotFound(f"no network interface {name!r} in the guest")
+    return indexes[name]
 
 
 def _wait_for_mac(nl: netlink.Netlink, mac: str) -> netlink.Link:

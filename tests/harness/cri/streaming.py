@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -50,24 +51,9 @@ class StreamResult:
 def stream(url: str, timeout: float = 60.0, until: bytes | None = None) -> StreamResult:
     """Connect to a streaming URL and collect output until the server closes (or, with
     ``until``, until stdout contains it: Attach to a running container never ends)."""
-    deadline = time.monotonic() + timeout
     with _connect(url, timeout) as sock:
         result = StreamResult()
-        reader = _Reader(sock)
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            frame = reader.frame()
-            if frame is None:
-                break
-            opcode, payload = frame
-            if opcode == OP_CLOSE:
-                break
-            if opcode == OP_PING:
-                sock.sendall(_frame(OP_PONG, payload))
-                continue
-            if not payload:
-                continue
-            channel, data = payload[0], payload[1:]
+        for channel, data in _messages(sock, time.monotonic() + timeout, quiet_timeout=False):
             if channel == STDOUT:
                 result.stdout += data
             elif channel == STDERR:
@@ -90,27 +76,11 @@ def port_forward(url: str, send: bytes, timeout: float = 60.0,
     """Connect to a PortForward URL (one port), send ``send`` on its data channel and
     collect what comes back until the server closes (or ``until`` arrived). The first
     message of each channel is the port (2 bytes, little-endian): not kept."""
-    deadline = time.monotonic() + timeout
     with _connect(url, timeout) as sock:
         sock.sendall(_frame(OP_BINARY, bytes([FORWARD_DATA]) + send))
         result = ForwardResult()
-        reader = _Reader(sock)
         seen: set[int] = set()
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                frame = reader.frame()
-            except TimeoutError:
-                break
-            if frame is None or frame[0] == OP_CLOSE:
-                break
-            opcode, payload = frame
-            if opcode == OP_PING:
-                sock.sendall(_frame(OP_PONG, payload))
-                continue
-            if not payload:
-                continue
-            channel, data = payload[0], payload[1:]
+        for channel, data in _messages(sock, time.monotonic() + timeout, quiet_timeout=True):
             if channel not in seen:  # the port number, once per channel
                 seen.add(channel)
                 continue
@@ -121,6 +91,28 @@ def port_forward(url: str, send: bytes, timeout: float = 60.0,
             if until is not None and until in result.data:
                 break
         return result
+
+
+def _messages(sock: socket.socket, deadline: float,
+              quiet_timeout: bool) -> Iterator[tuple[int, bytes]]:
+    """(channel, data) of each non-empty message until the server closes or ``deadline``
+    (answering pings); a read timeout ends it quietly with ``quiet_timeout``, else raises."""
+    reader = _Reader(sock)
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            frame = reader.frame()
+        except TimeoutError:
+            if quiet_timeout:
+                return
+            raise
+        if frame is None or frame[0] == OP_CLOSE:
+            return
+        opcode, payload = frame
+        if opcode == OP_PING:
+            sock.sendall(_frame(OP_PONG, payload))
+        elif payload:
+            yield payload[0], payload[1:]
 
 
 def _connect(url: str, timeout: float) -> socket.socket:
