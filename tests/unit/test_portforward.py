@@ -144,6 +144,11 @@ def test_the_mirror_listens_in_the_netns_and_carries_connections(
         payload = os.urandom(200_000).hex().encode()
         got = await asyncio.to_thread(client, netns, port, payload)
         assert got == payload.upper()
+        # The client sees EOF (write_eof) just before the mirror closes the guest's end.
+        for _ in range(100):
+            if agent.closed:
+                break
+            await asyncio.sleep(0.02)
         assert agent.closed == [1]
         # The host's own loopback is not the netns's: nothing listens there.
         with pytest.raises(ConnectionRefusedError):
