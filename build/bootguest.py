@@ -69,6 +69,7 @@ class Guest:
         *,
         memory_mib: int = 2048,
         accel: str = "tcg",
+        machine_type: str = "q35",
         share_dir: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
@@ -87,6 +88,7 @@ class Guest:
         self.virtiofsd: subprocess.Popen[bytes] | None = None
         config = QemuConfig(path=QEMU, kernel=str(kernel), initrd=str(initrd),
                             kernel_params=params, default_memory=memory_mib,
+                            machine_type=machine_type,
                             shared_fs="virtio-fs" if share_dir else "none")  # fmt: skip
         share = None if share_dir is None else SharedFsDevice(
             share_dir.resolve(), "virtio-fs", SHARED_FS_TAG)
@@ -218,7 +220,8 @@ def boot_once(args: argparse.Namespace) -> dict[str, float]:
     share = Path(args.virtiofs) if args.virtiofs else None
     with Guest(
         Path(args.kernel), Path(args.initrd), params, memory_mib=args.memory,
-        accel=args.accel, share_dir=share, extra_args=args.qemu_arg,
+        accel=args.accel, machine_type=args.machine, share_dir=share,
+        extra_args=args.qemu_arg,
     ) as g:  # fmt: skip
         init = g.wait_for(re.escape(INIT_MARKER), args.timeout)
         after = None
@@ -261,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--virtiofs", default="", help="share this directory as tag kataShared")
     ap.add_argument("--memory", type=int, default=2048)
     ap.add_argument("--accel", default="tcg")
+    ap.add_argument("--machine", default="q35", help="q35 or microvm (virtio-mmio)")
     ap.add_argument("--qemu-arg", action="append", default=[],
                     help="extra QEMU argument (repeat), e.g. --qemu-arg=-bios --qemu-arg=FILE")
     ap.add_argument(

@@ -30,6 +30,7 @@ from typing import BinaryIO
 # Modules the agent needs; their dependency closure comes from modules.dep.
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_pci",
+    "virtio_mmio",  # microvm (and StratoVirt): devices without PCI
     "virtio_console",
     "fuse",
     "virtiofs",

@@ -11,9 +11,12 @@ Shared modules, one job each:
 * `qmp_core`: sans-IO QMP state machine; `qmp`: asyncio client over it (fd passing,
   bounded event log);
 * `virtiofsd`: the shared-directory daemon; `console`: the size-capped guest console;
-* `timeouts`: the one table of deadlines; `errors`: the error types.
+* `timeouts`: the one table of deadlines; `errors`: the error types;
+* `vmm`: the VM lifecycle the drivers share (virtiofsd, console, spawn, QMP, quit/kill).
 
-One package per hypervisor: `qemu` today. This package knows nothing of the agent
-protocol; a VM only reports where the agent channel is (``agent_address``). Import the
-submodules themselves: this file loads nothing, so that ``shim delete`` starts fast.
+One package per hypervisor: `qemu`, and `stratovirt` (checked against StratoVirt's
+documentation and a scripted stand-in only, see docs/stratovirt.md). This package knows
+nothing of the agent protocol; a VM only reports where the agent channel is
+(``agent_address``). Import the submodules themselves: this file loads nothing, so that
+``shim delete`` starts fast.
 """

@@ -11,7 +11,8 @@ are serialised by one lock, so command bytes never interleave.
 The reader task feeds every chunk to the core and routes what comes out: replies resolve the
 future waiting on their id; events go to `QmpClient.events`, a bounded `EventLog` callers can
 wait on (the oldest events are dropped past its capacity, and counted); end of file fails
-every waiter with `QmpError`. Every call has a deadline (default from
+every waiter with `QmpError`. A `QmpDialect` says how a VMM's QMP differs from QEMU's
+(StratoVirt: replies without ids, one command at a time). Every call has a deadline (default from
 `hypervisors.timeouts.TIMEOUTS`). A command that times out leaves its id pending in the core;
 a late reply is dropped.
 """
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,24 @@ from hypervisors.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Event", "EventLog", "QmpClient"]
+__all__ = ["QEMU_DIALECT", "Event", "EventLog", "QmpClient", "QmpDialect"]
 
 READ_SIZE = 65536
 EVENT_CAPACITY = 256
+
+
+@dataclass(frozen=True)
+class QmpDialect:
+    """How a VMM's QMP server differs from QEMU's (the default is QEMU's)."""
+
+    #: Some replies carry no id: they answer the oldest pending command.
+    untagged_replies: bool = False
+    #: The server parses each read as one message: never have two commands in flight.
+    one_command_at_a_time: bool = False
+
+
+#: QEMU's QMP: replies carry their command's id; commands may overlap.
+QEMU_DIALECT = QmpDialect()
 
 
 class EventLog:
@@ -109,13 +125,15 @@ class EventLog:
 class QmpClient:
     """One QMP connection. Create it with `QmpClient.connect`."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, dialect: QmpDialect = QEMU_DIALECT) -> None:
         """Wrap a connected socket; `connect` is the usual way in."""
         sock.setblocking(False)
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._conn = QmpConnection()
+        self._conn = QmpConnection(untagged_replies=dialect.untagged_replies)
         self._write_lock = asyncio.Lock()
+        #: Held from send to reply when the dialect wants one command at a time.
+        self._one_at_a_time = asyncio.Lock() if dialect.one_command_at_a_time else None
         self._waiters: dict[str, asyncio.Future[Return | ErrorReply]] = {}
         self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
         self._closed = asyncio.Event()
@@ -124,11 +142,12 @@ class QmpClient:
         self._task = asyncio.create_task(self._read_loop(), name="qmp-reader")
 
     @classmethod
-    async def connect(cls, path: Path, timeout: float = TIMEOUTS.qmp_connect) -> QmpClient:
+    async def connect(cls, path: Path, timeout: float = TIMEOUTS.qmp_connect,
+                      dialect: QmpDialect = QEMU_DIALECT) -> QmpClient:  # fmt: skip
         """Connect to ``path`` and finish the capabilities handshake within ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
-                client = cls(await _dial(path))
+                client = cls(await _dial(path), dialect)
                 try:
                     await client._handshake()
                 except BaseException:
@@ -156,6 +175,22 @@ class QmpClient:
         """Run ``command`` (sending ``fds`` with it) and return its ``return`` value."""
         if self.closed:
             raise QmpError(f"failed to execute QMP command {command}: connection closed")
+        if self._one_at_a_time is None:
+            return await self._execute(command, arguments, timeout, fds)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._one_at_a_time.acquire()
+        except TimeoutError as exc:
+            raise HypervisorTimeout(
+                f"failed to execute QMP command {command}: another command still running "
+                f"after {timeout:g}s") from exc
+        try:
+            return await self._execute(command, arguments, timeout, fds)
+        finally:
+            self._one_at_a_time.release()
+
+    async def _execute(self, command: str, arguments: Mapping[str, Any] | None,
+                       timeout: float, fds: Sequence[int]) -> Any:  # fmt: skip
         cmd_id, data = self._conn.send_command(command, arguments)
         waiter: asyncio.Future[Return | ErrorReply] = self._loop.create_future()
         self._waiters[cmd_id] = waiter

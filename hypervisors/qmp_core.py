@@ -10,7 +10,10 @@ greeting ``{"QMP": {"version": ..., "capabilities": [...]}}``. The client must t
 ``qmp_capabilities``; until its reply arrives no other command is accepted. Replies are
 ``{"return": ..., "id": ...}`` or ``{"error": {"class": ..., "desc": ...}, "id": ...}`` and
 asynchronous ``{"event": ..., "data": ..., "timestamp": {...}}`` may arrive at any time.
-We always send an id and require it back, so replies are matched by id, never by order.
+We always send an id and require it back, so replies are matched by id, never by order;
+except that a VMM which leaves the id out of some replies (StratoVirt answers
+``qmp_capabilities`` and unparsable input without one) is served with ``untagged_replies``:
+such a reply answers the oldest pending command, as replies come in order.
 
 States (the tables below are the whole machine)::
 
@@ -122,8 +125,9 @@ RECEIVE_ALLOWED: dict[State, tuple[type, ...]] = {
 class QmpConnection:
     """Sans-IO QMP client connection."""
 
-    def __init__(self, id_prefix: str = "kpy") -> None:
+    def __init__(self, id_prefix: str = "kpy", untagged_replies: bool = False) -> None:
         """Start in AWAIT_GREETING with an empty buffer."""
+        self.untagged_replies = untagged_replies
         self.state = State.AWAIT_GREETING
         self._buffer = bytearray()
         self._eof = False
@@ -223,6 +227,8 @@ class QmpConnection:
 
     def _reply(self, obj: dict[str, Any]) -> Return | ErrorReply:
         cmd_id = obj.get("id")
+        if cmd_id is None and self.untagged_replies and self._pending:
+            cmd_id = next(iter(self._pending))  # the oldest: replies come in order
         if not isinstance(cmd_id, str) or cmd_id not in self._pending:
             raise RemoteProtocolError(f"failed to match QMP reply: unknown id {cmd_id!r}")
         command = self._pending[cmd_id]

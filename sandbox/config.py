@@ -146,8 +146,8 @@ def _with_warnings(
     unknown += [(section, k) for k in config.hypervisor.unknown_keys]
     unknown += [("agent.kata", k) for k in sorted(agent.keys() - AGENT_KEYS)]
     unknown += [("runtime", k) for k in sorted(runtime.keys() - RUNTIME_KEYS)]
-    unsupported = [(section, k, "annotations are never honoured by this version, so it has "
-                    "no effect") for k in config.hypervisor.unsupported_keys]  # fmt: skip
+    unsupported = [(section, k, "this version does not act on it, so it has no effect")
+                   for k in config.hypervisor.unsupported_keys]  # fmt: skip
     if config.agent.kernel_modules:
         unsupported.append(("agent.kata", "kernel_modules", "the guest loads only the modules "
                             "built into its image"))  # fmt: skip

@@ -52,7 +52,7 @@ from hostos.procs import start_time
 from hypervisors.annotations import AnnotationError
 from hypervisors.base import Hypervisor, HypervisorConfig, SharedFsDevice, SharedFsKind, VmSpec
 from hypervisors.config import ConfigError
-from hypervisors.errors import HypervisorError, HypervisorRefused
+from hypervisors.errors import HypervisorError, HypervisorRefused, HypervisorUnsupported
 from hypervisors.factory import create_hypervisor
 from network.model import NetworkModel, model_for
 from sandbox import network as pod_network
@@ -359,6 +359,10 @@ class Sandbox:
             raise UnavailableError(f"failed to add vCPUs to sandbox {self.id}: it is not running")
         try:
             await vm.resize_vcpus(target)
+        except HypervisorUnsupported as e:  # the limits still hold in the guest's cgroups
+            log.warning("the VM stays at %d vCPUs, fewer than its containers may use (%d): "
+                        "%s", self.vcpus, target, e)
+            return
         except HypervisorError as e:
             raise UnavailableError(f"failed to add vCPUs to sandbox {self.id}: {e}") from e
         online = await self.guest.online_cpus(target)

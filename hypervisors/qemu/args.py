@@ -7,6 +7,12 @@ order after the binary path. Cold-plugged devices (`hypervisors.base`) become op
 too; a tap's fds keep their numbers in QEMU, which inherits them (``pass_fds``).
 `build/bootguest.py` builds its command line here as well, so the two cannot drift.
 
+Two transports: ``q35`` (and other PC machines) put virtio devices on PCI (``-pci``
+drivers); ``microvm`` has no PCI bus, so the same devices are virtio-mmio (``-device``
+drivers), described to the guest in microvm's small ACPI DSDT (the guest kernel's
+virtio_mmio driver binds them), guest RAM for virtio-fs comes from ``memory-backend=`` (no
+NUMA there), and there is no vCPU or memory hot-plug headroom to reserve.
+
 Rules: QEMU is never daemonized (we keep it as our child and learn of its exit from
 asyncio); everything it would print goes to files in the state directory; the guest console
 is the first serial port (``console=ttyS0``), written to ``console.log``.
@@ -27,6 +33,24 @@ from hypervisors.qemu.config import QemuConfig
 from hypervisors.statepaths import StatePaths
 
 BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=1")
+MICROVM = "microvm"
+#: microvm without PCI or option ROMs (it keeps the ISA serial console, the RTC and the
+#: IO-APIC; its ACPI tables are a DSDT listing the virtio-mmio slots, and the MADT).
+MICROVM_OPTIONS = ("pcie=off", "x-option-roms=off")
+#: Under TCG there is no kvmclock: without the PIT the guest cannot calibrate its TSC and
+#: hangs at boot (seen here), so TCG keeps the PIT and PIC that KVM's "auto" leaves out.
+MICROVM_TCG_OPTIONS = ("pit=on", "pic=on")
+
+
+def is_mmio(machine_type: str) -> bool:
+    """Whether virtio devices of this machine are virtio-mmio (no PCI bus)."""
+    return machine_type == MICROVM
+
+
+def virtio(kind: str, mmio: bool) -> str:
+    """The QEMU driver of a virtio device on the machine's transport:
+    ``virtio-net`` -> ``virtio-net-pci`` (q35) or ``virtio-net-device`` (microvm)."""
+    return f"{kind}-device" if mmio else f"{kind}-pci"
 
 
 class AgentChannel(enum.Enum):
@@ -75,14 +99,23 @@ class Name:
 
 @dataclass(frozen=True)
 class Machine:
-    """``-machine <type>,accel=<kvm|tcg>``."""
+    """``-machine <type>,accel=<kvm|tcg>``; microvm trimmed (`MICROVM_OPTIONS`), its RAM
+    from the ``mem`` backend when `Memory` makes one."""
 
     machine_type: str
     accelerator: Accelerator
+    memory_backend: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
-        return ["-machine", f"{self.machine_type},accel={self.accelerator}"]
+        opts = [self.machine_type, f"accel={self.accelerator}"]
+        if is_mmio(self.machine_type):
+            opts += MICROVM_OPTIONS
+            if self.accelerator == "tcg":
+                opts += MICROVM_TCG_OPTIONS
+            if self.memory_backend:
+                opts.append("memory-backend=mem")
+        return ["-machine", ",".join(opts)]
 
 
 @dataclass(frozen=True)
@@ -112,13 +145,15 @@ class Smp:
 
 @dataclass(frozen=True)
 class Memory:
-    """``-m``; shared (memfd) guest RAM when a vhost-user device must map it (virtio-fs)."""
+    """``-m``; shared (memfd) guest RAM when a vhost-user device must map it (virtio-fs):
+    a NUMA node on PC machines, the machine's ``memory-backend`` on microvm (`Machine`)."""
 
     size_mib: int
     shared: bool
     #: Hot-plug headroom: DIMM slots and the most memory the VM may reach (0: none).
     slots: int = 0
     max_mib: int = 0
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
@@ -127,10 +162,9 @@ class Memory:
             size += f",slots={self.slots},maxmem={self.max_mib}M"
         argv = ["-m", size]
         if self.shared:
-            argv += [
-                "-object", f"memory-backend-memfd,id=mem,size={self.size_mib}M,share=on",
-                "-numa", "node,memdev=mem",
-            ]
+            argv += ["-object", f"memory-backend-memfd,id=mem,size={self.size_mib}M,share=on"]
+            if not self.mmio:
+                argv += ["-numa", "node,memdev=mem"]
         return argv
 
 
@@ -212,11 +246,12 @@ class AgentSerial:
     """virtio-serial port ``agent.channel.0`` backed by a listening unix socket."""
 
     path: Path
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
         return [
-            "-device", "virtio-serial-pci,id=serial0",
+            "-device", f"{virtio('virtio-serial', self.mmio)},id=serial0",
             "-chardev", f"socket,id=agent,path={self.path},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
@@ -227,10 +262,12 @@ class AgentVsock:
     """vhost-vsock device with the guest's context id."""
 
     guest_cid: int
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
-        return ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={self.guest_cid}"]
+        driver = virtio("vhost-vsock", self.mmio)
+        return ["-device", f"{driver},id=vsock0,guest-cid={self.guest_cid}"]
 
 
 @dataclass(frozen=True)
@@ -239,12 +276,13 @@ class VirtioFs:
 
     socket: Path
     tag: str
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
         return [
             "-chardev", f"socket,id=vfs,path={self.socket}",
-            "-device", f"vhost-user-fs-pci,chardev=vfs,tag={self.tag}",
+            "-device", f"{virtio('vhost-user-fs', self.mmio)},chardev=vfs,tag={self.tag}",
         ]
 
 
@@ -254,12 +292,13 @@ class Virtio9p:
 
     path: Path
     tag: str
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
         return [
             "-fsdev", f"local,id=fs9p,path={self.path},security_model=none",
-            "-device", f"virtio-9p-pci,fsdev=fs9p,mount_tag={self.tag}",
+            "-device", f"{virtio('virtio-9p', self.mmio)},fsdev=fs9p,mount_tag={self.tag}",
         ]
 
 
@@ -268,15 +307,17 @@ class VirtioNet:
     """A virtio-net NIC on tap queue fds QEMU inherits (one fd per queue, no vhost)."""
 
     device: NetworkDevice
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
         d = self.device
         fds = ":".join(str(fd) for fd in d.tap_fds)
         netdev = f"tap,id=netdev-{d.id},{'fds' if len(d.tap_fds) > 1 else 'fd'}={fds}"
-        nic = f"virtio-net-pci,netdev=netdev-{d.id},id={d.id},mac={d.mac},host_mtu={d.mtu}"
+        nic = (f"{virtio('virtio-net', self.mmio)},netdev=netdev-{d.id},id={d.id},"
+               f"mac={d.mac},host_mtu={d.mtu}")
         if len(d.tap_fds) > 1:
-            nic += f",mq=on,vectors={2 * len(d.tap_fds) + 2}"
+            nic += ",mq=on" if self.mmio else f",mq=on,vectors={2 * len(d.tap_fds) + 2}"
         return ["-netdev", netdev, "-device", nic]
 
 
@@ -285,6 +326,7 @@ class VirtioBlock:
     """A virtio-blk disk on a host file or block device."""
 
     device: BlockDevice
+    mmio: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
@@ -294,7 +336,7 @@ class VirtioBlock:
         return [
             "-blockdev",
             f"driver={driver},node-name=drive-{d.id},filename={d.path},read-only={readonly}",
-            "-device", f"virtio-blk-pci,drive=drive-{d.id},id={d.id}",
+            "-device", f"{virtio('virtio-blk', self.mmio)},drive=drive-{d.id},id={d.id}",
         ]
 
 
@@ -306,37 +348,41 @@ def kernel_params(config: QemuConfig, vm: VmParams) -> tuple[str, ...]:
 def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     """The option groups for one VM, in command-line order."""
     fs = vm.shared_fs
-    memory = vm.memory_mib or config.default_memory
+    mmio = is_mmio(config.machine_type)
+    shared_memory = fs is not None and fs.kind == "virtio-fs"
+    vcpus = vm.vcpus or config.default_vcpus
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
-        Machine(config.machine_type, vm.accelerator),
+        Machine(config.machine_type, vm.accelerator, memory_backend=shared_memory),
         Cpu(vm.accelerator),
-        Smp(vm.vcpus or config.default_vcpus, config.default_maxvcpus),
-        Memory(memory, shared=fs is not None and fs.kind == "virtio-fs",
-               slots=config.memory_slots, max_mib=vm.max_memory_mib),
+        # microvm cannot hot-plug vCPUs or memory: no headroom to reserve.
+        Smp(vcpus, vcpus if mmio else config.default_maxvcpus),
+        Memory(vm.memory_mib or config.default_memory, shared=shared_memory,
+               slots=0 if mmio else config.memory_slots, max_mib=vm.max_memory_mib,
+               mmio=mmio),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
         SeccompSandbox(config.seccompsandbox),
         SerialConsole(vm.paths.console_socket),
         QmpSocket(vm.paths.qmp_socket),
         PidFile(vm.paths.vmm_pidfile),
-        _agent_param(vm),
+        _agent_param(vm, mmio),
     ]
     if fs is not None and fs.kind == "virtio-fs":
-        params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag))
+        params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag, mmio))
     elif fs is not None:
-        params.append(Virtio9p(fs.source, fs.tag))
-    params += [VirtioNet(n) for n in vm.networks]
-    params += [VirtioBlock(b) for b in vm.blocks]
+        params.append(Virtio9p(fs.source, fs.tag, mmio))
+    params += [VirtioNet(n, mmio) for n in vm.networks]
+    params += [VirtioBlock(b, mmio) for b in vm.blocks]
     return params
 
 
-def _agent_param(vm: VmParams) -> QemuParam:
+def _agent_param(vm: VmParams, mmio: bool) -> QemuParam:
     if vm.agent_channel is AgentChannel.SERIAL:
-        return AgentSerial(vm.paths.agent_socket)
+        return AgentSerial(vm.paths.agent_socket, mmio)
     if vm.guest_cid is None:
         raise ValueError("failed to build QEMU arguments: vsock agent channel needs a guest cid")
-    return AgentVsock(vm.guest_cid)
+    return AgentVsock(vm.guest_cid, mmio)
 
 
 def render(params: Sequence[QemuParam]) -> list[str]:
