@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 GUEST_DIR ?= $(CURDIR)/build/out
 CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
-.PHONY: all deps venv protos guest lint unit e2e test soak bench demo install uninstall clean
+.PHONY: all deps venv protos guest lint unit e2e test test-microvm test-stratovirt soak bench \
+	demo install uninstall clean
 
 all: venv
 
@@ -42,6 +43,18 @@ e2e: deps venv guest
 
 test: deps venv guest lint
 	$(PY) -m pytest -q tests
+
+# The whole e2e suite on QEMU's microvm machine (configuration-qemu-microvm.toml); `make test`
+# runs a subset of it (tests/e2e/test_microvm.py).
+test-microvm: deps venv guest
+	KATA_TEST_CONFIG=$(CURDIR)/configuration-qemu-microvm.toml $(PY) -m pytest -q tests/e2e
+
+# The e2e suite on StratoVirt, for hosts that have it and KVM (docs/stratovirt.md).
+test-stratovirt: deps venv guest
+	@test -n "$(STRATOVIRT)" || { echo "usage: make test-stratovirt STRATOVIRT=/path/to/stratovirt" >&2; exit 2; }
+	@test -x "$(STRATOVIRT)" || { echo "test-stratovirt: $(STRATOVIRT) is not an executable" >&2; exit 2; }
+	KATA_TEST_CONFIG=$(CURDIR)/configuration-stratovirt.toml KATA_TEST_VMM=$(STRATOVIRT) \
+		$(PY) -m pytest -q tests/e2e
 
 # Long run: 200 container cycles in one pod and 50 pod cycles, resources before/after
 # (figures in docs/reliability.md). `make test` runs a few cycles of it.

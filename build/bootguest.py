@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the runtime's own packages, run from anywhere
 
 from common.constants import SHARED_FS_TAG  # noqa: E402
+from hypervisors.accel import host_tsc_khz  # noqa: E402
 from hypervisors.base import SharedFsDevice  # noqa: E402
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv  # noqa: E402
 from hypervisors.qemu.config import QemuConfig  # noqa: E402
@@ -94,7 +95,8 @@ class Guest:
             share_dir.resolve(), "virtio-fs", SHARED_FS_TAG)
         vm = VmParams(sandbox_id=f"bootguest-{os.getpid()}", paths=paths,
                       accelerator="kvm" if accel == "kvm" else "tcg",
-                      agent_channel=AgentChannel.SERIAL, shared_fs=share)  # fmt: skip
+                      agent_channel=AgentChannel.SERIAL, shared_fs=share,
+                      host_tsc_khz=host_tsc_khz())  # fmt: skip
         self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._console.bind(str(paths.console_socket))  # QEMU connects at start-up

@@ -59,6 +59,42 @@ def cpu_virt_flag(cpuinfo: str) -> str | None:
     return None
 
 
+def tsc_khz(cpuinfo: str) -> int | None:
+    """The host TSC's rate in kHz from /proc/cpuinfo: the first CPU's ``cpu MHz`` when its
+    flags say the TSC runs at a constant, known rate (``constant_tsc`` and
+    ``tsc_known_freq``); None otherwise.
+
+    Why: a TCG guest's TSC ticks at the host's rate, and a guest with neither HPET nor
+    kvmclock (QEMU microvm) must calibrate it against the PIT, which under TCG fails on a
+    busy host and hangs the boot (seen here on 2 of 3 boots). ``tsc_early_khz=`` tells the
+    guest the rate instead."""
+    mhz: float | None = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                return None
+        elif key == "flags":
+            flags = set(value.split())
+            if not {"constant_tsc", "tsc_known_freq"} <= flags:
+                return None
+            break
+    return round(mhz * 1000) if mhz else None
+
+
+@functools.cache
+def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int | None:
+    """`tsc_khz` of this host (cached; None where unreadable)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            return tsc_khz(f.read(65536))
+    except OSError:
+        return None
+
+
 def probe_kvm(device: str = "/dev/kvm", cpuinfo: str = "/proc/cpuinfo") -> KvmProbe:
     """Open ``device``, check the API version, create and drop one VM, read the CPU flags."""
     try:

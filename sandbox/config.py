@@ -2,9 +2,15 @@
 
 Lookup order, first hit wins: the runtime options' ``ConfigPath`` (containerd passes it to
 the shim), ``$KATA_CONF_FILE``, ``/etc/kata-containers/configuration.toml``,
-``/usr/share/defaults/kata-containers/configuration.toml``. Loading checks types only; file
-paths (kernel, initrd, VMM) are checked when a sandbox starts, so that ``shim delete`` can
-always read ``state_dir`` and clean up, even under a broken configuration.
+``/usr/share/defaults/kata-containers/configuration.toml``. A shim started under a variant
+name, ``containerd-shim-kata-<variant>-v2`` (containerd's binary for the runtime type
+``io.containerd.kata-<variant>.v2``: ``kata-qemu``, ``kata-qemu-microvm``,
+``kata-stratovirt``), reads ``configuration-<variant>.toml`` instead, from beside
+``$KATA_CONF_FILE`` or the two default directories; ConfigPath still wins.
+
+Loading checks types only; file paths (kernel, initrd, VMM) are checked when a sandbox
+starts, so that ``shim delete`` can always read ``state_dir`` and clean up, even under a
+broken configuration.
 
 The hypervisor is whichever single ``[hypervisor.<name>]`` section the file has
 (`hypervisors.factory`). Keys this version does not know, and keys it parses but does not
@@ -37,6 +43,8 @@ DEFAULT_PATHS = (
     Path("/usr/share/defaults/kata-containers/configuration.toml"),
 )
 CONFIG_ENV = "KATA_CONF_FILE"
+#: ``containerd-shim-kata-<variant>-v2``: the shim of runtime ``io.containerd.kata-<variant>.v2``.
+VARIANT_BINARY = re.compile(r"containerd-shim-kata-([a-z0-9][a-z0-9-]*)-v2")
 #: Tables this version reads, with the keys it knows in each.
 AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules"})
 RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model",
@@ -78,10 +86,37 @@ class RuntimeConfig:
     warnings: tuple[str, ...] = ()
 
 
-def find_config(config_path: str | None = None) -> Path:
-    """The configuration file to use, following the lookup order above."""
+def variant_of(program: str) -> str:
+    """The runtime variant a shim binary's name selects: ``containerd-shim-kata-qemu-v2``
+    (what containerd runs for ``io.containerd.kata-qemu.v2``) -> ``qemu``; '' for
+    ``containerd-shim-kata-v2`` or any other name."""
+    m = VARIANT_BINARY.fullmatch(os.path.basename(program))
+    return m.group(1) if m else ""
+
+
+def variant_paths(variant: str) -> tuple[Path, ...]:
+    """Where a variant's ``configuration-<variant>.toml`` may be: beside $KATA_CONF_FILE
+    (the default runtime's file), then the default directories."""
+    name = f"configuration-{variant}.toml"
+    env = os.environ.get(CONFIG_ENV)
+    dirs = ([Path(env).parent] if env else []) + [p.parent for p in DEFAULT_PATHS]
+    return tuple(d / name for d in dirs)
+
+
+def find_config(config_path: str | None = None, variant: str = "") -> Path:
+    """The configuration file to use, following the lookup order above; a runtime
+    `variant` (the shim's name, `variant_of`) looks for its own file first."""
     if config_path:
         return Path(config_path)
+    if variant:
+        candidates = variant_paths(variant)
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            tried = ", ".join(str(p) for p in candidates)
+            raise ConfigNotFoundError(
+                f"failed to find the configuration of runtime variant {variant!r}: tried "
+                f"{tried}; run `make install`, or set ConfigPath in the runtime options")
+        return found
     env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env)
@@ -95,9 +130,9 @@ def find_config(config_path: str | None = None) -> Path:
     )
 
 
-def load_config(config_path: str | None = None) -> RuntimeConfig:
+def load_config(config_path: str | None = None, variant: str = "") -> RuntimeConfig:
     """Read and parse the configuration; raise InvalidArgumentError naming file and key."""
-    path = find_config(config_path)
+    path = find_config(config_path, variant)
     try:
         text = path.read_text(encoding="utf-8")
         doc = tomllib.loads(text)

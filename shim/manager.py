@@ -42,7 +42,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from common import constants
 from protocols import runtimeoptions_pb2, task_pb2, ttrpc_pb2
 from sandbox.cleanup import cleanup_after_crash, unmount_container
-from sandbox.config import RuntimeConfig, load_config
+from sandbox.config import RuntimeConfig, load_config, variant_of
 from sandbox.errors import FailedPreconditionError, InvalidArgumentError
 from shim.bundle import (
     CONTAINER_TYPE_ANNOTATION,
@@ -142,7 +142,8 @@ def start(
 ) -> str:
     """Run the ``start`` action in the bundle (cwd); return the address to print."""
     bundle = Path.cwd()
-    config = load_config(config_path_from_options(options, bundle) or None)
+    config = load_config(config_path_from_options(options, bundle) or None,
+                         variant_of(sys.argv[0] if sys.argv else ""))
     write_atomic(bundle / CONFIG_PATH_FILE, str(config.path))
     spec = read_spec(bundle)
     group = group_id(spec, flags.id)
@@ -238,7 +239,7 @@ def _delete_config(bundle: Path) -> Path:
     recorded = bundle / CONFIG_PATH_FILE
     config_path = recorded.read_text().strip() if recorded.is_file() else None
     try:
-        return load_config(config_path).state_dir
+        return load_config(config_path, variant_of(sys.argv[0] if sys.argv else "")).state_dir
     except InvalidArgumentError as e:
         log.warning("using state dir %s: %s", DEFAULT_STATE_DIR, e)
         return DEFAULT_STATE_DIR

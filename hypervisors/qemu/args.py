@@ -76,6 +76,8 @@ class VmParams:
     shared_fs: SharedFsDevice | None = None
     networks: tuple[NetworkDevice, ...] = ()
     blocks: tuple[BlockDevice, ...] = ()
+    #: The host TSC rate, told to a microvm guest under TCG (`hypervisors.accel.tsc_khz`).
+    host_tsc_khz: int | None = None
 
 
 class QemuParam(Protocol):
@@ -115,7 +117,12 @@ class Machine:
                 opts += MICROVM_TCG_OPTIONS
             if self.memory_backend:
                 opts.append("memory-backend=mem")
-        return ["-machine", ",".join(opts)]
+        argv = ["-machine", ",".join(opts)]
+        if is_mmio(self.machine_type):
+            # QEMU's virtio-mmio is legacy (virtio 0.9) by default, which vhost-user
+            # back-ends refuse: virtiofsd exits "virtio legacy devices aren't supported".
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+        return argv
 
 
 @dataclass(frozen=True)
@@ -341,8 +348,13 @@ class VirtioBlock:
 
 
 def kernel_params(config: QemuConfig, vm: VmParams) -> tuple[str, ...]:
-    """Our base parameters, then the configuration's, then the VM's extras."""
-    return (*BASE_KERNEL_PARAMS, *config.kernel_params.split(), *vm.extra_kernel_params)
+    """Our base parameters, then the configuration's, then the VM's extras. A microvm
+    guest under TCG is told the TSC rate: it has no HPET or kvmclock to calibrate against."""
+    timing: tuple[str, ...] = ()
+    if is_mmio(config.machine_type) and vm.accelerator == "tcg" and vm.host_tsc_khz:
+        timing = (f"tsc_early_khz={vm.host_tsc_khz}",)
+    return (*BASE_KERNEL_PARAMS, *timing, *config.kernel_params.split(),
+            *vm.extra_kernel_params)
 
 
 def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:

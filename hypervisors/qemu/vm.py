@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
-from hypervisors.accel import AccelChoice, choose_accelerator
+from hypervisors.accel import AccelChoice, choose_accelerator, host_tsc_khz
 from hypervisors.base import (
     BlockDevice,
     Device,
@@ -92,6 +92,7 @@ class Qemu(VmmVm[QemuConfig]):
             shared_fs=shares[0] if shares else None,
             networks=tuple(self._devices.of(NetworkDevice)),
             blocks=tuple(self._devices.of(BlockDevice)),
+            host_tsc_khz=host_tsc_khz() if is_mmio(self.config.machine_type) else None,
         )
 
     def build_argv(self) -> list[str]:

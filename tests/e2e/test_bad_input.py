@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.harness import procs, scenarios
+from tests.harness import kataconfig, procs, scenarios
 from tests.harness.kata import Kata
 from tests.harness.scenarios import KATA, explain, run_detached, run_rm
 
@@ -14,7 +14,7 @@ MISSING_KERNEL = "/no/such/dir/vmlinuz-ktest"
 
 
 def test_missing_kernel_is_named(kata: Kata) -> None:
-    kata.write_config({"hypervisor.qemu": {"kernel": MISSING_KERNEL}})
+    kata.write_config({kataconfig.HYPERVISOR: {"kernel": MISSING_KERNEL}})
     res = run_rm(kata.cd, KATA, "t1", "true")
     assert res.returncode != 0, explain(res)
     assert MISSING_KERNEL in res.stderr, explain(res)
@@ -92,7 +92,7 @@ def test_virtiofsd_killed_ends_the_pod_within_seconds(kata: Kata) -> None:
 
 def test_9p_share_on_a_kernel_without_9p_is_named(kata: Kata) -> None:
     """The cloud guest kernel has no 9p: asking for it must fail clearly, not hang."""
-    kata.write_config({"hypervisor.qemu": {"shared_fs": "virtio-9p"}})
+    kata.write_config({kataconfig.HYPERVISOR: {"shared_fs": "virtio-9p"}})
     res = run_rm(kata.cd, KATA, "t1", "true")
     assert res.returncode != 0, explain(res)
     assert "9p" in res.stderr, explain(res)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from tests.harness import kataconfig
 from tests.harness.kata import Kata
 from tests.harness.scenarios import KATA, explain, run_rm
 
@@ -15,13 +16,13 @@ def line_of(text: str, key: str) -> int:
 
 
 def test_unknown_and_unsupported_keys_are_logged_with_file_and_line(kata: Kata) -> None:
-    path = kata.write_config({"hypervisor.qemu": {"defualt_vcpus": 2},
+    path = kata.write_config({kataconfig.HYPERVISOR: {"defualt_vcpus": 2},
                               "agent.kata": {"kernel_modules": ["nbd"]}})
     text = path.read_text()
     res = run_rm(kata.cd, KATA, "t1", "true")
     assert res.returncode == 0, explain(res)
     log = kata.cd.log_path.read_text(errors="replace")
-    unknown = (f"unknown key hypervisor.qemu.defualt_vcpus in {path}:"
+    unknown = (f"unknown key {kataconfig.HYPERVISOR}.defualt_vcpus in {path}:"
                f"{line_of(text, 'defualt_vcpus')}: ignored")
     unsupported = (f"agent.kata.kernel_modules in {path}:"
                    f"{line_of(text, 'kernel_modules')} is set but not supported")

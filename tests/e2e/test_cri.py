@@ -12,7 +12,7 @@ import uuid
 import grpc
 import pytest
 
-from tests.harness import procs
+from tests.harness import kataconfig, procs
 from tests.harness.cri import streaming
 from tests.harness.cri.client import ContainerOptions, Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
@@ -241,7 +241,7 @@ def test_a_container_sees_the_pods_limits_not_the_hosts(cri: tuple[Kata, Kubelet
 
 def test_a_pod_larger_than_the_maximum_is_refused_clearly(cri: tuple[Kata, Kubelet]) -> None:
     kata, kubelet = cri
-    kata.write_config({"hypervisor.qemu": {"default_maxmemory": 1024}})
+    kata.write_config({kataconfig.HYPERVISOR: {"default_maxmemory": 1024}})
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as raised:
         kubelet.run_pod("huge", CRI_HANDLER, PodOptions(memory_limit_bytes=4 << 30))
@@ -251,6 +251,8 @@ def test_a_pod_larger_than_the_maximum_is_refused_clearly(cri: tuple[Kata, Kubel
 
 
 HV = "io.katacontainers.config.hypervisor."
+NEEDS_HOTPLUG = pytest.mark.skipif(not kataconfig.can_hotplug(),
+                                   reason="this machine type cannot hot-plug (microvm)")
 
 
 def test_hypervisor_annotations_are_honoured_only_where_the_configuration_allows(
@@ -262,7 +264,7 @@ def test_hypervisor_annotations_are_honoured_only_where_the_configuration_allows
                         PodOptions(annotations={HV + "kernel_params": "ktest.mark=1"}))
     assert f"annotation {HV}kernel_params is not enabled" in (raised.value.details() or "")
 
-    kata.write_config({"hypervisor.qemu": {
+    kata.write_config({kataconfig.HYPERVISOR: {
         "enable_annotations": ["kernel_params", "path"],
         "valid_hypervisor_paths": ["/usr/bin/qemu-system-*"]}})
     # A hypervisor binary outside valid_hypervisor_paths: refused before anything runs.
@@ -336,11 +338,12 @@ def test_exec_and_attach_through_the_streaming_server(cri: tuple[Kata, Kubelet])
     assert b"tick\ntick\n" in attached.stdout, attached
 
 
+@NEEDS_HOTPLUG
 def test_a_pod_whose_cpu_limit_grows_gets_vcpus_hot_plugged(cri: tuple[Kata, Kubelet]) -> None:
     from tests.harness.cri.api_pb2 import LinuxContainerResources
 
     kata, kubelet = cri
-    kata.write_config({"hypervisor.qemu": {"default_maxvcpus": 2}})
+    kata.write_config({kataconfig.HYPERVISOR: {"default_maxvcpus": 2}})
     one_cpu = {"cpu_quota": 100000, "cpu_period": 100000}
     pod = kubelet.run_pod("growing", CRI_HANDLER, PodOptions(**one_cpu))
     cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],
@@ -352,12 +355,13 @@ def test_a_pod_whose_cpu_limit_grows_gets_vcpus_hot_plugged(cri: tuple[Kata, Kub
     assert cpu_max == "200000 100000"
 
 
+@NEEDS_HOTPLUG
 def test_a_pod_whose_memory_limit_grows_gets_memory_hot_plugged(
         cri: tuple[Kata, Kubelet]) -> None:
     from tests.harness.cri.api_pb2 import LinuxContainerResources
 
     kata, kubelet = cri
-    kata.write_config({"hypervisor.qemu": {"memory_slots": 10}})  # off by default
+    kata.write_config({kataconfig.HYPERVISOR: {"memory_slots": 10}})  # off by default
     small, large = 256 << 20, 768 << 20
     pod = kubelet.run_pod("swelling", CRI_HANDLER, PodOptions(memory_limit_bytes=small))
     cid = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"],

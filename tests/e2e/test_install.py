@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv"
 
 
+VARIANT_SHIMS = ("containerd-shim-kata-qemu-v2", "containerd-shim-kata-qemu-microvm-v2",
+                 "containerd-shim-kata-stratovirt-v2")
+
+
 def install(dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(REPO / "build" / "install.sh"), *args], capture_output=True,
                           text=True, env={**os.environ, "DESTDIR": str(dest)}, timeout=60)
@@ -33,9 +37,17 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     settings = config.hypervisor.settings()
     assert Path(settings["kernel"]) == Path("/") / kernel.relative_to(dest)
     assert Path(settings["initrd"]) == Path("/") / initrd.relative_to(dest)
-    for name in ("containerd-shim-kata-v2", "kata-runtime"):
+    for name in ("containerd-shim-kata-v2", "kata-runtime", *VARIANT_SHIMS):
         link = dest / "usr/local/bin" / name
         assert link.is_symlink() and link.resolve() == (VENV / "bin" / name).resolve()
+    # Each runtime variant's configuration is installed and loads; the qemu variant's is the
+    # default configuration.
+    conf_dir = config_path.parent
+    machines = {v: load_config(str(conf_dir / f"configuration-{v}.toml")).hypervisor
+                for v in ("qemu", "qemu-microvm", "stratovirt")}
+    assert machines["qemu"] == config.hypervisor
+    assert machines["qemu-microvm"].settings()["machine_type"] == "microvm"
+    assert machines["stratovirt"].name == "stratovirt"
 
     # The installed CLI accepts the installed configuration (guest paths moved under DESTDIR).
     moved = tmp_path / "moved.toml"

@@ -25,7 +25,7 @@ TRIGGER = "ListProcesses"  # `ctr task ps`; its deadline is 10 s (agent_client T
 def lying(kata: Kata, mode: str) -> None:
     base = tomllib.loads(kataconfig.DEFAULT_CONFIG.read_text())["hypervisor"]["qemu"]
     params = f"{base['kernel_params']} KATA_AGENT_HOSTILE={mode}:{TRIGGER}"
-    kata.write_config({"hypervisor.qemu": {"kernel_params": params}})
+    kata.write_config({kataconfig.HYPERVISOR: {"kernel_params": params}})
     run_detached(kata.cd, KATA, "liar", "sleep", "300")
 
 

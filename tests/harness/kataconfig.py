@@ -1,18 +1,48 @@
 """Test configurations for containerd-shim-kata-v2 (a copy of configuration.toml with
-overrides), written to a file that containerd exports to its shims as KATA_CONF_FILE."""
+overrides), written to a file that containerd exports to its shims as KATA_CONF_FILE.
+
+The base is the shipped configuration.toml unless ``KATA_TEST_CONFIG`` names another
+shipped file (``make test-microvm``: configuration-qemu-microvm.toml; ``make
+test-stratovirt``: configuration-stratovirt.toml), and ``KATA_TEST_VMM`` may replace its
+hypervisor binary (``path``). Tests write their overrides to `HYPERVISOR`, the base's one
+``[hypervisor.<name>]`` section, so the same suite runs on every hypervisor."""
 
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configuration.toml"
+DEFAULT_CONFIG = Path(os.environ.get("KATA_TEST_CONFIG") or REPO / "configuration.toml")
 GUEST_DIR = REPO / "build" / "out"
 Overrides = Mapping[str, Mapping[str, Any]]  # {"hypervisor.qemu": {"kernel": "/x"}}
+
+
+def _hypervisor_table(base: Path = DEFAULT_CONFIG) -> tuple[str, dict[str, Any]]:
+    tables = tomllib.loads(base.read_text()).get("hypervisor", {})
+    if len(tables) != 1:
+        raise ValueError(f"{base}: expected one [hypervisor.<name>] section, got {list(tables)}")
+    name, table = next(iter(tables.items()))
+    return f"hypervisor.{name}", table
+
+
+#: The base configuration's hypervisor section, e.g. "hypervisor.qemu".
+HYPERVISOR, _BASE_TABLE = _hypervisor_table()
+#: The section's settings as shipped ("machine_type", "path", ...).
+BASE_HYPERVISOR: Mapping[str, Any] = _BASE_TABLE
+
+
+def is_qemu() -> bool:
+    return HYPERVISOR == "hypervisor.qemu"
+
+
+def can_hotplug() -> bool:
+    """Whether the base's VMs can grow (QEMU on a PC machine: q35; not microvm)."""
+    return is_qemu() and BASE_HYPERVISOR.get("machine_type", "q35") != "microvm"
 
 
 def _value(v: Any) -> str:
@@ -51,14 +81,15 @@ def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, dict[str, Any
 
 def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
                    memory_mib: int = 512) -> dict[str, dict[str, Any]]:
-    return {
-        "hypervisor.qemu": {"kernel": str(guest_dir / "vmlinuz"),
-                            "initrd": str(guest_dir / "initrd.img"),
-                            "default_memory": memory_mib,
-                            # These machines have no usable KVM (docs: environment.md).
-                            "allow_tcg": True},
-        "runtime": {"state_dir": str(state_dir), "enable_debug": True},
-    }
+    hypervisor: dict[str, Any] = {"kernel": str(guest_dir / "vmlinuz"),
+                                  "initrd": str(guest_dir / "initrd.img"),
+                                  "default_memory": memory_mib}
+    if is_qemu():
+        hypervisor["allow_tcg"] = True  # these machines have no usable KVM (environment.md)
+    if os.environ.get("KATA_TEST_VMM"):
+        hypervisor["path"] = os.environ["KATA_TEST_VMM"]
+    return {HYPERVISOR: hypervisor,
+            "runtime": {"state_dir": str(state_dir), "enable_debug": True}}
 
 
 def write(path: Path, *overrides: Overrides, base: Path = DEFAULT_CONFIG) -> Path:
