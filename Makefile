@@ -68,6 +68,7 @@ bench: deps venv guest
 	$(PY) -m benchmarks.e2e_latency -n 7
 	$(PY) -m benchmarks.footprint
 	$(PY) -m benchmarks.pod_network -n 3 --mib 32
+	$(PY) -m benchmarks.machines -n 5
 
 demo: deps venv guest
 	$(PY) -m tests.demo

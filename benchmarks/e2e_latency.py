@@ -27,7 +27,7 @@ ANSI = re.compile(rb"\x1b(?:\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 KERNEL_TS = re.compile(rb"^\[\s*(\d+\.\d+)\]", re.M)
 UPTIME = re.compile(rb"([\w-]+)[^\n|]*?uptime (\d+\.\d+)s")
 # The shim's own measure of the VM boot: QEMU spawned -> agent answering -> sandbox created.
-SHIM_BOOT = re.compile(r'msg="sandbox started" sandbox=(bench-\d+) .*?boot_seconds=(\d+\.\d+)')
+SHIM_BOOT = re.compile(r'msg="sandbox started" sandbox=(bench-[\w-]+) .*?boot_seconds=(\d+\.\d+)')
 
 
 class ConsoleWatcher(threading.Thread):

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+from pathlib import Path
 
 from tests.harness import kataconfig, procs, scenarios
+from tests.harness.containerd import VENV_BIN
 from tests.harness.kata import Kata
 from tests.harness.scenarios import KATA, explain, run_detached, run_rm
 
@@ -19,6 +22,27 @@ def test_missing_kernel_is_named(kata: Kata) -> None:
     assert res.returncode != 0, explain(res)
     assert MISSING_KERNEL in res.stderr, explain(res)
     assert "t1" not in kata.cd.containers(), "ctr run --rm left its container"
+
+
+def test_a_hypervisor_binary_that_cannot_run_is_named_with_key_path_and_file(
+        kata: Kata, tmp_path: Path) -> None:
+    """At sandbox creation, and in `kata-runtime check` on the same file."""
+    section = kataconfig.HYPERVISOR
+    not_exe = tmp_path / "vmm-not-executable"
+    not_exe.write_text("#!/bin/sh\n")
+    for path, problem in ((tmp_path / "no-such-vmm", "does not exist"),
+                          (not_exe, "is not executable")):
+        config = kata.write_config({section: {"path": str(path)}})
+        expected = f"{section}.path: {path} {problem}"
+        res = run_rm(kata.cd, KATA, "t1", "true")
+        assert res.returncode != 0, explain(res)
+        assert expected in res.stderr and f"(in {config})" in res.stderr, explain(res)
+        check = subprocess.run([str(VENV_BIN / "kata-runtime"), "--config", str(config),
+                                "check"], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 1, check.stdout + check.stderr
+        fails = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+        assert any(expected in line and str(config) in line for line in fails), check.stdout
+        assert not kata.qemu_processes()
 
 
 def test_missing_command_is_named(kata: Kata) -> None:

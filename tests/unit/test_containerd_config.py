@@ -142,11 +142,16 @@ def test_the_committed_cri_modules_are_not_stale(tmp_path: Path) -> None:
             "run `python -m tests.harness.cri.generate`"
 
 
-def test_the_shipped_runtimeclass_names_our_handler() -> None:
+def test_the_shipped_runtimeclasses_name_our_handlers() -> None:
     text = (REPO / "build" / "kubernetes" / "runtimeclass.yaml").read_text()
-    fields = dict(line.split(":", 1) for line in text.splitlines()
-                  if line and not line.startswith(("#", " ")) and ":" in line)
-    assert fields["apiVersion"].strip() == "node.k8s.io/v1"
-    assert fields["kind"].strip() == "RuntimeClass"
-    assert fields["handler"].strip() == cc.DEFAULT_HANDLER
-    assert 'memory: "300Mi"' in text  # docs/kubernetes.md: the measured overhead
+    handlers = []
+    for doc in text.split("\n---\n"):
+        lines = [line for line in doc.splitlines() if line and not line.startswith("#")]
+        fields = dict(line.strip().split(":", 1) for line in lines if ":" in line)
+        assert fields["apiVersion"].strip() == "node.k8s.io/v1"
+        assert fields["kind"].strip() == "RuntimeClass"
+        assert fields["name"].strip() == fields["handler"].strip()
+        assert fields["memory"].strip() == '"300Mi"'  # docs/kubernetes.md: measured
+        handlers.append(fields["handler"].strip())
+    # The default, then one per runtime variant (docs/hypervisors.md).
+    assert handlers == [cc.DEFAULT_HANDLER, "kata-qemu", "kata-qemu-microvm", "kata-stratovirt"]

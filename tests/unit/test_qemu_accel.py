@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hypervisors.accel import KvmProbe, cpu_virt_flag, decide, probe_kvm
+from hypervisors.accel import KvmProbe, cpu_virt_flag, decide, probe_kvm, tsc_khz
 from hypervisors.errors import HypervisorError
 
 INTEL = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme vmx sse2 hypervisor\n"
@@ -66,3 +66,19 @@ def test_probe_not_a_kvm_device(tmp_path: Path) -> None:
     assert not probe.device_usable
     assert probe.cpu_virt_flag is None
     assert "ioctl" in probe.problem
+
+
+@pytest.mark.parametrize(("cpuinfo", "khz"), [
+    ("processor\t: 0\ncpu MHz\t\t: 2000.000\nflags\t\t: fpu constant_tsc tsc_known_freq\n",
+     2000000),
+    ("cpu MHz\t\t: 2893.204\nflags\t\t: constant_tsc tsc_known_freq nonstop_tsc\n", 2893204),
+    # A TSC whose rate the host kernel only estimated, or that varies: no hint.
+    ("cpu MHz\t\t: 2000.000\nflags\t\t: fpu constant_tsc\n", None),
+    ("cpu MHz\t\t: 2000.000\nflags\t\t: fpu\n", None),
+    ("flags\t\t: constant_tsc tsc_known_freq\n", None),
+    ("cpu MHz\t\t: fast\nflags\t\t: constant_tsc tsc_known_freq\n", None),
+    ("", None),
+])
+def test_the_host_tsc_rate_comes_from_cpuinfo_only_when_known(cpuinfo: str,
+                                                              khz: int | None) -> None:
+    assert tsc_khz(cpuinfo) == khz

@@ -152,3 +152,42 @@ def test_seccomp_sandbox_is_on_unless_emptied() -> None:
     assert option(argv, "-sandbox") == [
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert "-sandbox" not in build_argv(QemuConfig(seccompsandbox=""), vm())
+
+
+MICROVM = QemuConfig(kernel="/k/vmlinuz", initrd="/k/initrd.img", default_memory=512,
+                     machine_type="microvm", default_maxvcpus=4, memory_slots=10)
+
+
+def test_microvm_has_mmio_devices_no_pci_no_numa_and_no_hotplug_headroom() -> None:
+    nic = NetworkDevice("eth0", "02:00:00:00:00:01", 1500, (7, 8))
+    disk = BlockDevice("d0", Path("/dev/sdz"))
+    argv = build_argv(MICROVM, vm(vcpus=2, max_memory_mib=4096, networks=(nic,),
+                                  blocks=(disk,), host_tsc_khz=2000000))
+    machine = option(argv, "-machine")
+    assert machine == ["microvm,accel=tcg,pcie=off,x-option-roms=off,pit=on,pic=on,"
+                       "memory-backend=mem"]
+    assert option(argv, "-global") == ["virtio-mmio.force-legacy=false"]
+    drivers = [d.split(",")[0] for d in option(argv, "-device")]
+    assert drivers == ["virtio-serial-device", "virtserialport", "vhost-user-fs-device",
+                       "virtio-net-device", "virtio-blk-device"]
+    assert "-numa" not in argv
+    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["512M"]
+    nic_arg = next(d for d in option(argv, "-device") if d.startswith("virtio-net-device"))
+    assert nic_arg.endswith(",mq=on") and "vectors" not in nic_arg
+    # Under TCG the guest is told the TSC rate: it has nothing to calibrate it against.
+    assert option(argv, "-append")[0].startswith("console=ttyS0 panic=1 tsc_early_khz=2000000")
+
+
+def test_microvm_under_kvm_keeps_qemus_timer_defaults_and_no_tsc_hint() -> None:
+    argv = build_argv(MICROVM, vm(accelerator="kvm", shared_fs=None, host_tsc_khz=2000000))
+    assert option(argv, "-machine") == ["microvm,accel=kvm,pcie=off,x-option-roms=off"]
+    assert "tsc_early_khz" not in option(argv, "-append")[0]
+    assert "-object" not in argv
+
+
+def test_vsock_and_9p_on_microvm_are_mmio_too() -> None:
+    argv = build_argv(MICROVM, vm(agent_channel=AgentChannel.VSOCK, guest_cid=9,
+                                  shared_fs=SharedFsDevice(STATE, "virtio-9p", "kataShared")))
+    drivers = [d.split(",")[0] for d in option(argv, "-device")]
+    assert drivers == ["vhost-vsock-device", "virtio-9p-device"]

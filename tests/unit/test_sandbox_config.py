@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli import main as cli
-from sandbox.config import ConfigNotFoundError, load_config
+from sandbox.config import ConfigNotFoundError, find_config, load_config, variant_of
 from sandbox.errors import InvalidArgumentError
 from sandbox.oci import sandbox_spec
 from sandbox.types import PodResources
@@ -120,3 +120,59 @@ def test_sandbox_spec_of_a_bare_spec_and_of_junk() -> None:
             "annotations": ["not", "a", "map"], "hostname": None}
     got = sandbox_spec(junk)
     assert (got.hostname, got.annotations, got.resources) == ("", {}, PodResources())
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("program", "variant"), [
+    ("/usr/local/bin/containerd-shim-kata-v2", ""),
+    ("containerd-shim-kata-qemu-v2", "qemu"),
+    ("/opt/bin/containerd-shim-kata-qemu-microvm-v2", "qemu-microvm"),
+    ("containerd-shim-kata-stratovirt-v2", "stratovirt"),
+    ("python3", ""),
+    ("containerd-shim-kata-../x-v2", ""),
+])
+def test_the_shims_name_selects_a_runtime_variant(program: str, variant: str) -> None:
+    assert variant_of(program) == variant
+
+
+def test_a_variant_reads_its_own_file_beside_kata_conf_file_then_the_defaults(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, defaults = tmp_path / "conf", tmp_path / "defaults"
+    conf.mkdir()
+    defaults.mkdir()
+    monkeypatch.setenv("KATA_CONF_FILE", str(conf / "configuration.toml"))
+    monkeypatch.setattr("sandbox.config.DEFAULT_PATHS", (defaults / "configuration.toml",))
+    (defaults / "configuration-qemu-microvm.toml").write_text("")
+    assert find_config(None, "qemu-microvm") == defaults / "configuration-qemu-microvm.toml"
+    (conf / "configuration-qemu-microvm.toml").write_text("")
+    assert find_config(None, "qemu-microvm") == conf / "configuration-qemu-microvm.toml"
+    # ConfigPath (runtime options) still wins; no variant: $KATA_CONF_FILE.
+    assert find_config("/x/c.toml", "qemu-microvm") == Path("/x/c.toml")
+    assert find_config(None, "") == conf / "configuration.toml"
+    with pytest.raises(ConfigNotFoundError) as missing:
+        find_config(None, "stratovirt")
+    assert str(missing.value) == (
+        "failed to find the configuration of runtime variant 'stratovirt': tried "
+        f"{conf}/configuration-stratovirt.toml, {defaults}/configuration-stratovirt.toml; "
+        "run `make install`, or set ConfigPath in the runtime options")
+
+
+@pytest.mark.parametrize("name", ["configuration.toml", "configuration-qemu-microvm.toml",
+                                  "configuration-stratovirt.toml"])
+def test_every_shipped_configuration_loads_without_warnings(name: str) -> None:
+    config = load_config(str(REPO / name))
+    assert config.warnings == ()
+
+
+def test_the_microvm_configuration_differs_from_the_default_only_in_the_machine() -> None:
+    import tomllib
+
+    default = tomllib.loads((REPO / "configuration.toml").read_text())
+    microvm = tomllib.loads((REPO / "configuration-qemu-microvm.toml").read_text())
+    q35, mvm = default["hypervisor"]["qemu"], microvm["hypervisor"]["qemu"]
+    assert (q35.pop("machine_type"), mvm.pop("machine_type")) == ("q35", "microvm")
+    assert q35.pop("kernel_params").replace("pci=lastbus=0", "pci=off") == \
+        mvm.pop("kernel_params")
+    assert default == microvm
