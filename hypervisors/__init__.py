@@ -12,7 +12,8 @@ Shared modules, one job each:
   bounded event log);
 * `virtiofsd`: the shared-directory daemon; `console`: the size-capped guest console;
 * `timeouts`: the one table of deadlines; `errors`: the error types;
-* `vmm`: the VM lifecycle the drivers share (virtiofsd, console, spawn, QMP, quit/kill).
+* `vmm`: the VM lifecycle the drivers share (virtiofsd, console, spawn, QMP, quit/kill);
+* `hostchecks`: the `kata-runtime check` lines every driver has (files, version).
 
 One package per hypervisor: `qemu`, and `stratovirt` (checked against StratoVirt's
 documentation and a scripted stand-in only, see docs/stratovirt.md). This package knows

@@ -7,16 +7,13 @@ detail says how to fix it.
 
 from __future__ import annotations
 
-import subprocess
-
+from hypervisors import hostchecks
 from hypervisors.accel import choose_accelerator
 from hypervisors.base import HostCheck
-from hypervisors.config import ConfigError, need_file
 from hypervisors.errors import HypervisorError
 from hypervisors.qemu.config import SECTION, QemuConfig
 from hypervisors.qemu.vm import VHOST_VSOCK_DEVICE, host_has_vhost_vsock
 
-VERSION_TIMEOUT = 10.0
 #: What to call each file key in the report.
 FILE_NAMES = {
     "path": "QEMU binary",
@@ -28,36 +25,14 @@ FILE_NAMES = {
 
 def check_files(config: QemuConfig, source: str = "<config>") -> list[HostCheck]:
     """One line per file the configuration needs, every missing one reported."""
-    checks = []
-    for key, fix, exe in config.file_keys():
-        value = getattr(config, key)
-        name = f"{FILE_NAMES[key]} ({key})"
-        try:
-            need_file(SECTION, key, value, fix, source, exe=exe)
-        except ConfigError as e:
-            checks.append(HostCheck(name, False, str(e)))
-        else:
-            checks.append(HostCheck(name, True, f"{value} present"))
-    return checks
+    values = {key: getattr(config, key) for key, _, _ in config.file_keys()}
+    return hostchecks.check_files(SECTION, config.file_keys(), values, FILE_NAMES, source)
 
 
 def check_version(qemu_path: str) -> HostCheck:
     """Run ``<qemu> --version``; its first line."""
-    try:
-        done = subprocess.run(
-            [qemu_path, "--version"], capture_output=True, text=True,
-            timeout=VERSION_TIMEOUT, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return HostCheck("QEMU version", False, f"failed to run {qemu_path} --version: {e}")
-    first = (done.stdout.strip().splitlines() or [""])[0]
-    if done.returncode != 0 or not first:
-        err = done.stderr.strip().splitlines()[:1] or [f"exit status {done.returncode}"]
-        return HostCheck(
-            "QEMU version", False,
-            f"{qemu_path} --version failed: {err[0]}; reinstall qemu-system-x86 (make deps)",
-        )
-    return HostCheck("QEMU version", True, first)
+    return hostchecks.check_version("QEMU", [qemu_path, "--version"],
+                                    "reinstall qemu-system-x86 (make deps)")
 
 
 def check_accelerator(requested: str, allow_tcg: bool) -> list[HostCheck]:

@@ -7,16 +7,13 @@ do. A failing line's detail says how to fix it.
 
 from __future__ import annotations
 
-import subprocess
-
+from hypervisors import hostchecks
 from hypervisors.base import HostCheck
-from hypervisors.config import ConfigError, need_file
 from hypervisors.errors import HypervisorError
 from hypervisors.stratovirt import vm
 from hypervisors.stratovirt.config import SECTION, StratovirtConfig
 from hypervisors.vmm import VHOST_VSOCK_DEVICE, host_has_vhost_vsock
 
-VERSION_TIMEOUT = 10.0
 #: ``stratovirt --help``: "-V, --version  Prints version information" ("StratoVirt x.y.z").
 VERSION_FLAG = "-V"
 FILE_NAMES = {
@@ -29,33 +26,13 @@ FILE_NAMES = {
 
 def check_files(config: StratovirtConfig, source: str = "<config>") -> list[HostCheck]:
     """One line per file the configuration needs, every missing one reported."""
-    checks = []
-    for key, fix, exe in config.file_keys():
-        value = getattr(config, key)
-        name = f"{FILE_NAMES[key]} ({key})"
-        try:
-            need_file(SECTION, key, value, fix, source, exe=exe)
-        except ConfigError as e:
-            checks.append(HostCheck(name, False, str(e)))
-        else:
-            checks.append(HostCheck(name, True, f"{value} present"))
-    return checks
+    values = {key: getattr(config, key) for key, _, _ in config.file_keys()}
+    return hostchecks.check_files(SECTION, config.file_keys(), values, FILE_NAMES, source)
 
 
 def check_version(path: str) -> HostCheck:
     """Run ``<stratovirt> -V``; its first line."""
-    try:
-        done = subprocess.run([path, VERSION_FLAG], capture_output=True, text=True,
-                              timeout=VERSION_TIMEOUT, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return HostCheck("StratoVirt version", False,
-                         f"failed to run {path} {VERSION_FLAG}: {e}")  # fmt: skip
-    first = (done.stdout.strip().splitlines() or [""])[0]
-    if done.returncode != 0 or not first:
-        err = done.stderr.strip().splitlines()[:1] or [f"exit status {done.returncode}"]
-        return HostCheck("StratoVirt version", False,
-                         f"{path} {VERSION_FLAG} failed: {err[0]}; reinstall StratoVirt")
-    return HostCheck("StratoVirt version", True, first)
+    return hostchecks.check_version("StratoVirt", [path, VERSION_FLAG], "reinstall StratoVirt")
 
 
 def check_kvm() -> HostCheck:
