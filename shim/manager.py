@@ -128,7 +128,8 @@ def self_command() -> list[str]:
     if getattr(sys, "frozen", False):
         return [sys.executable]
     launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if launcher is not None and launcher.name == BINARY_NAME and launcher.is_file():
+    ours = launcher is not None and (launcher.name == BINARY_NAME or variant_of(launcher.name))
+    if launcher is not None and ours and launcher.is_file():
         return [sys.executable, str(launcher)]
     return [sys.executable, "-P", "-m", "shim"]
 

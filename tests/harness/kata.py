@@ -53,7 +53,7 @@ class Kata:
     def shim_daemons(self) -> list[procs.Proc]:
         """Long-running kata shims of this containerd (not `start`/`delete` invocations)."""
         return [p for p in self.cd.shim_processes()
-                if "containerd-shim-kata-v2" in p.cmdline and p.argv[-1] not in
+                if "containerd-shim-kata" in p.cmdline and p.argv[-1] not in
                 ("start", "delete")]
 
 

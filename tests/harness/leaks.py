@@ -20,7 +20,7 @@ from tests.harness import mounts, procs
 from tests.harness.containerd import Containerd
 
 KATA_STATE_DIR = "/run/kata-py"
-PROCESS_PATTERNS = ("qemu-system", "stratovirt", "virtiofsd", "containerd-shim-kata-v2",
+PROCESS_PATTERNS = ("qemu-system", "stratovirt", "virtiofsd", "containerd-shim-kata",
                     "containerd-shim-runc-v2")
 TAP_PATTERN = r"^(tap\d+_kata|ktap|kata-tap)"
 
