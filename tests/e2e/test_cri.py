@@ -385,8 +385,8 @@ def test_a_pod_whose_memory_limit_grows_gets_memory_hot_plugged(
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
             raise
-        # Known regression, open: since 2026-12-02 (guest kernel 6.1.0-57, and this stop's
-        # changes) this probe runs past its 120 s here while MemTotal still grows. Reported
-        # as XFAIL so it stays visible in every run until it is found.
+        # Known regression, open: since the guest kernel became 6.1.0-57 (2026-12-02) this
+        # probe runs past its 120 s here while MemTotal still grows; the previous code fails
+        # the same way on that kernel. XFAIL, so that it stays visible until it is fixed.
         pytest.xfail("holding 400 MiB of hot-plugged memory timed out (known regression)")
     assert res.exit_code == 0 and res.stdout.strip() == b"419430400", res
