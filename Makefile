@@ -5,10 +5,12 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 # Guest artifacts (kernel, initrd, modules): see build/README.md.
 GUEST_DIR ?= $(CURDIR)/build/out
+# The host runtime frozen with PyInstaller (build/freeze-runtime.sh).
+RUNTIME_DIR ?= $(CURDIR)/build/out/runtime
 CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
 .PHONY: all deps venv protos guest lint unit e2e test test-microvm test-stratovirt soak bench \
-	demo install uninstall clean
+	demo install uninstall clean runtime deb
 
 all: venv
 
@@ -31,6 +33,15 @@ protos: venv
 guest: deps venv
 	$(MAKE) --no-print-directory -f build/guest.mk GUEST_DIR=$(GUEST_DIR) PY=$(PY) VENV=$(VENV)
 
+# Shim + kata-runtime frozen (one onedir bundle); rebuilt only when an input changed.
+runtime: venv
+	$(MAKE) --no-print-directory -f build/runtime.mk RUNTIME_DIR=$(RUNTIME_DIR) VENV=$(VENV)
+
+# The Debian package (build/out/kata-py_<version>_amd64.deb, checked by lintian); cached.
+deb: deps venv guest runtime
+	$(MAKE) --no-print-directory -f build/runtime.mk RUNTIME_DIR=$(RUNTIME_DIR) VENV=$(VENV) \
+		GUEST_DIR=$(GUEST_DIR) deb
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy $(CORE_PACKAGES)
@@ -38,10 +49,11 @@ lint: venv
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
-e2e: deps venv guest
+# tests/e2e/test_install.py and test_package.py use the frozen runtime and the .deb (cached).
+e2e: deps venv guest runtime deb
 	$(PY) -m pytest -q tests/e2e
 
-test: deps venv guest lint
+test: deps venv guest runtime deb lint
 	$(PY) -m pytest -q tests
 
 # The whole e2e suite on QEMU's microvm machine (configuration-qemu-microvm.toml); `make test`
@@ -73,8 +85,8 @@ bench: deps venv guest
 demo: deps venv guest
 	$(PY) -m tests.demo
 
-install: deps venv guest
-	build/install.sh $(VENV) $(GUEST_DIR)
+install: deps venv guest runtime
+	build/install.sh $(RUNTIME_DIR)/kata-py $(GUEST_DIR)
 
 uninstall:
 	build/install.sh --uninstall

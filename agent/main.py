@@ -32,8 +32,11 @@ from typing import TYPE_CHECKING
 import agent
 
 if TYPE_CHECKING:
+    import asyncio
+
     from agent.channel import ServeFn
     from agent.container import Containers
+    from agent.reaper import Reaper
 
 USAGE = """\
 usage: kata-agent [--listen unix:PATH | vsock:PORT | serial:DEV] [--run-dir DIR]
@@ -177,12 +180,41 @@ async def _serve(opts: Options, guest: bool) -> None:
     if not guest:  # host mode: a clean stop that leaves no container behind
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+    console = _start_debug_console(reaper) if guest and wants_debug_console() else None
     try:
         await channel.serve(_connection_handler(server.serve_connection), opts.listen,
                             on_ready)
     finally:
+        if console is not None:
+            console.cancel()
         await asyncio.shield(_teardown(containers))
         reaper.uninstall()
+
+
+#: common.constants.DEBUG_CONSOLE_KERNEL_PARAM, spelt out so that a guest without the console
+#: imports nothing for it (a unit test keeps the two equal).
+DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
+
+
+def wants_debug_console(cmdline: str = "/proc/cmdline") -> bool:
+    """Whether the kernel command line asks for the debug console (``agent.debug_console``,
+    which the host sets only where the configuration enables it). One small read: the
+    console's own code is imported only when it is asked for."""
+    try:
+        with open(cmdline) as f:
+            return DEBUG_CONSOLE_KERNEL_PARAM in f.read().split()
+    except OSError:
+        return False
+
+
+def _start_debug_console(reaper: Reaper) -> asyncio.Future[None]:
+    import asyncio
+
+    from agent import debugconsole
+
+    debugconsole.log("enabled by the kernel command line (a root shell for the host's "
+                     "kata-runtime exec)")  # fmt: skip
+    return asyncio.ensure_future(debugconsole.serve(reaper))
 
 
 def _connection_handler(serve: ServeFn) -> ServeFn:

@@ -122,3 +122,19 @@ class Reaper:
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )
         return pid, self.register(pid)
+
+    def spawn_on_tty(
+        self, argv: Sequence[str], tty: str, env: dict[str, str]
+    ) -> tuple[int, asyncio.Future[int]]:
+        """Start ``argv`` as the leader of a new session whose stdin, stdout, stderr and
+        controlling terminal are the terminal ``tty`` (a pty slave's path): the child opens
+        it after ``setsid`` and without O_NOCTTY, which is what makes it the controlling
+        terminal. Returns (pid, exit future), as `spawn`."""
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, tty, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+        pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
+                             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        return pid, self.register(pid)

@@ -85,6 +85,7 @@ class AgentService:
             "CreateSandbox": (pb.CreateSandboxRequest, self.create_sandbox),
             "DestroySandbox": (pb.DestroySandboxRequest, self.destroy_sandbox),
             "GetGuestDetails": (pb.GuestDetailsRequest, self.get_guest_details),
+            "GetGuestStats": (pb.GuestStatsRequest, self.get_guest_stats),
             "CreateContainer": (pb.CreateContainerRequest, self.create_container),
             "StartContainer": (pb.StartContainerRequest, self.start_container),
             "RemoveContainer": (pb.RemoveContainerRequest, self.remove_container),
@@ -215,6 +216,11 @@ class AgentService:
     async def port_forward_close(self, req: pb.PortForwardRequest) -> Message:
         self.forwards.close(req.id)
         return empty_pb2.Empty()
+
+    async def get_guest_stats(self, req: pb.GuestStatsRequest) -> Message:
+        from agent import sysstats  # only when metrics are scraped: keep start-up lean
+
+        return pb.GuestStatsResponse(**sysstats.guest_stats())  # type: ignore[arg-type]
 
     async def check(self, req: pb.CheckRequest) -> Message:
         return pb.HealthCheckResponse(status=pb.HealthCheckResponse.SERVING)

@@ -57,8 +57,11 @@ class _FdEnd:
         fd, self.fd = self.fd, None
         if fd is None:
             return
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
+        if self._ready is not None:  # parked, or woken but not yet back: still registered
+            if not self._ready.done():
+                self._ready.set_result(None)
+            # Unregister now: the parked task, once back, sees the fd closed and leaves the
+            # number alone, and a stale registration would break the next fd given it.
             loop = asyncio.get_running_loop()
             loop.remove_reader(fd)
             loop.remove_writer(fd)

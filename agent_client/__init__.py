@@ -9,6 +9,7 @@ from agent_client.types import (
     GuestInterface,
     GuestNeighbour,
     GuestRoute,
+    GuestStats,
     ProcessExit,
     StorageSpec,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "GuestInterface",
     "GuestNeighbour",
     "GuestRoute",
+    "GuestStats",
     "ProcessExit",
     "StorageSpec",
     "bounded",

@@ -15,6 +15,7 @@ from agent_client.types import (
     GuestInterface,
     GuestNeighbour,
     GuestRoute,
+    GuestStats,
     ProcessExit,
     StorageSpec,
 )
@@ -35,6 +36,9 @@ class AgentApi(Protocol):
 
     async def guest_details(self) -> GuestDetails:
         """Kernel release, agent version and start-up times."""
+
+    async def guest_stats(self) -> GuestStats:
+        """The guest's memory and load averages (for metrics)."""
 
     async def create_sandbox(
         self, sandbox_id: str, hostname: str, storages: Iterable[StorageSpec]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from agent_client.types import (
     GuestInterface,
     GuestNeighbour,
     GuestRoute,
+    GuestStats,
     ProcessExit,
     StorageSpec,
 )
@@ -38,6 +40,7 @@ TIMEOUTS: Mapping[str, float | None] = {
     "Check": 5.0,
     "Version": 5.0,
     "GetGuestDetails": 10.0,
+    "GetGuestStats": 10.0,
     "CreateSandbox": 60.0,
     "DestroySandbox": 30.0,
     "CreateContainer": 120.0,
@@ -278,6 +281,17 @@ class AgentClient:
         """PortForwardClose: forget the connection."""
         await self._call("PortForwardClose", pb.PortForwardRequest(id=conn_id), Empty)
 
+    async def guest_stats(self) -> GuestStats:
+        """GetGuestStats: the guest's memory and load (untrusted: only finite, non-negative
+        numbers pass; anything else reads as 0)."""
+        r = await self._call("GetGuestStats", pb.GuestStatsRequest(), pb.GuestStatsResponse)
+        return GuestStats(
+            mem_total_bytes=r.mem_total_bytes, mem_free_bytes=r.mem_free_bytes,
+            mem_available_bytes=r.mem_available_bytes, load1=_gauge(r.load1),
+            load5=_gauge(r.load5), load15=_gauge(r.load15),
+            uptime_seconds=_gauge(r.uptime_seconds),
+        )
+
     async def stats_container(self, container_id: str) -> CgroupStats:
         """StatsContainer: the container's cgroup figures (maps bounded: the guest sent them)."""
         request = pb.StatsContainerRequest(container_id=container_id)
@@ -346,6 +360,11 @@ def _bounded_map(values: Mapping[str, int]) -> dict[str, int]:
         if len(key) <= MAX_STAT_KEY and key.replace("_", "").isalnum() and key.isascii():
             kept[key] = value
     return kept
+
+
+def _gauge(value: float) -> float:
+    """A guest-sent double as a gauge: NaN, infinities and negatives read as 0."""
+    return value if math.isfinite(value) and value >= 0 else 0.0
 
 
 def _printable(text: str, limit: int) -> str:

@@ -27,6 +27,19 @@ class GuestDetails:
 
 
 @dataclass(frozen=True)
+class GuestStats:
+    """The guest's memory (bytes) and load, as it reports them (checked by the client)."""
+
+    mem_total_bytes: int = 0
+    mem_free_bytes: int = 0
+    mem_available_bytes: int = 0
+    load1: float = 0.0
+    load5: float = 0.0
+    load15: float = 0.0
+    uptime_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class ProcessExit:
     """How a process ended: its status (code, or 128+signal) and, for a container's init
     process, whether its cgroup's memory limit killed a process (an OOM kill)."""

@@ -4,7 +4,8 @@
 set -euo pipefail
 pkgs=(qemu-system-x86 containerd runc crun busybox-static containernetworking-plugins
       iproute2 cpio python3-venv zstd
-      kmod)  # kmod: depmod for the guest kernel modules (build/extract-debs.sh)
+      kmod   # kmod: depmod for the guest kernel modules (build/extract-debs.sh)
+      lintian patchelf)  # `make deb` (checks the package) and `make runtime` (build/freeze-runtime.sh)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,16 +5,25 @@ The configuration is loaded as the shim loads it (its warnings become informatio
 lines); the configured hypervisor's driver contributes its own lines (files, binary
 version, accelerator, agent channel) through `sandbox.inspect.host_checks`, so the verdict
 matches what a sandbox start would do. Then the exec wrapper every helper is spawned
-through, and root. A failing line's detail says how to fix it; the exit code is 0 only when
-no required check failed.
+through, root, and containerd: its version (``containerd --version``) and whether its
+configuration has a CRI runtime handler of ours (runtime_type ``io.containerd.kata.v2`` or
+``io.containerd.kata-<variant>.v2``). The containerd lines are warnings, not failures: `ctr`
+needs no handler, and a containerd may live outside PATH. A failing line's detail says how
+to fix it; the exit code is 0 only when no required check failed. ``--json`` prints the
+same lines and verdict as one object (docs/cli.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
+from cli import containerd_config
 from sandbox.config import ConfigNotFoundError, RuntimeConfig, load_config
 from sandbox.errors import SandboxError
 from sandbox.inspect import HostCheck, exec_wrapper, host_checks
@@ -22,7 +31,7 @@ from sandbox.inspect import HostCheck, exec_wrapper, host_checks
 
 def line(check: HostCheck) -> str:
     """``ok    <name>: <detail>``, ``FAIL  <name>: <detail>`` or ``warn  ...``."""
-    word = "ok" if check.ok else ("FAIL" if check.required else "warn")
+    word = {"ok": "ok", "fail": "FAIL", "warn": "warn"}[result(check)]
     return f"{word:<5} {check.name}: {check.detail}"
 
 
@@ -59,22 +68,85 @@ def check_root() -> HostCheck:
     )
 
 
-def run_checks(config_path: str | None) -> list[HostCheck]:
+CONTAINERD_TIMEOUT = 10.0
+
+
+def check_containerd_version() -> HostCheck:
+    """``containerd --version``; a warning when there is no containerd to ask."""
+    binary = shutil.which("containerd")
+    if binary is None:
+        return HostCheck("containerd", False, "`containerd` not found on PATH (Debian: "
+                         "apt-get install containerd)", required=False)
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                              timeout=CONTAINERD_TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return HostCheck("containerd", False, f"{binary} --version failed: {e}", required=False)
+    first = (done.stdout.strip().splitlines() or [""])[0]
+    if done.returncode != 0 or not first:
+        why = done.stderr.strip()[:200] or f"exit status {done.returncode}"
+        return HostCheck("containerd", False, f"{binary} --version failed: {why}",
+                         required=False)
+    return HostCheck("containerd", True, first, required=False)
+
+
+def check_containerd_handler(file: str) -> HostCheck:
+    """Does containerd's configuration `file` have a CRI runtime handler of ours?"""
+    name = "containerd CRI handler"
+    fix = "`kata-runtime containerd-config add`, then restart containerd"
+    try:
+        doc = containerd_config.parse_file(Path(file))
+    except FileNotFoundError:
+        return HostCheck(name, False, f"{file} does not exist: containerd runs with its "
+                         f"built-in defaults, which have no handler for this runtime; {fix}",
+                         required=False)
+    except (OSError, containerd_config.ConfigEditError) as e:
+        return HostCheck(name, False, f"{file}: {e}", required=False)
+    handlers = containerd_config.kata_handlers(doc)
+    if not handlers:
+        return HostCheck(name, False, f"no runtime handler with runtime_type "
+                         f"{containerd_config.RUNTIME_TYPE} (or io.containerd.kata-<variant>.v2)"
+                         f" in {file}; {fix}", required=False)
+    found = ", ".join(f"{handler} ({kind})" for handler, kind in handlers)
+    return HostCheck(name, True, f"{found} in {file}", required=False)
+
+
+def run_checks(config_path: str | None,
+               containerd_file: str = containerd_config.DEFAULT_CONTAINERD_CONFIG,
+               ) -> list[HostCheck]:
     """All checks, in report order."""
     checks, config = check_config(config_path)
     if config is not None:
         checks += host_checks(config)
-    checks += [check_exec_wrapper(), check_root()]
+    checks += [check_exec_wrapper(), check_root(), check_containerd_version(),
+               check_containerd_handler(containerd_file)]
     return checks
 
 
-def run(config_path: str | None, out: TextIO | None = None) -> int:
+def result(check: HostCheck) -> str:
+    """``ok``, ``fail`` (a required check failed) or ``warn``."""
+    return "ok" if check.ok else ("fail" if check.required else "warn")
+
+
+def report_doc(checks: list[HostCheck]) -> dict[str, Any]:
+    """The ``--json`` object: the verdict, the failed required checks, every line."""
+    failed = [c.name for c in checks if c.required and not c.ok]
+    return {"ok": not failed, "failed": failed,
+            "checks": [{"name": c.name, "result": result(c), "required": c.required,
+                        "detail": c.detail} for c in checks]}
+
+
+def run(config_path: str | None, out: TextIO | None = None, as_json: bool = False,
+        containerd_file: str = containerd_config.DEFAULT_CONTAINERD_CONFIG) -> int:
     """Print the report (to stdout by default); 0 if every required check passed, else 1."""
     out = out or sys.stdout
-    checks = run_checks(config_path)
+    checks = run_checks(config_path, containerd_file)
+    failed = [c for c in checks if c.required and not c.ok]
+    if as_json:
+        out.write(json.dumps(report_doc(checks), indent=2) + "\n")
+        return 1 if failed else 0
     for check in checks:
         out.write(line(check) + "\n")
-    failed = [c for c in checks if c.required and not c.ok]
     if failed:
         names = ", ".join(c.name for c in failed)
         skipped = "" if checks[0].ok else " (the hypervisor's checks need it)"

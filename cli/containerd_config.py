@@ -93,6 +93,40 @@ def _runtimes(doc: dict[str, object]) -> dict[str, object]:
     return node if isinstance(node, dict) else {}
 
 
+#: Where CRI keeps its runtime handlers, by configuration version (1: containerd 1.x's old
+#: format; 2: 1.x; 3: 2.x).
+RUNTIMES_TABLES = {1: ("plugins", "cri", "containerd", "runtimes"),
+                   2: ("plugins", CRI_PLUGIN, "containerd", "runtimes"),
+                   3: ("plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes")}
+#: ``io.containerd.kata.v2`` and the variants' ``io.containerd.kata-<variant>.v2``.
+KATA_RUNTIME_TYPE = re.compile(r"io\.containerd\.kata(-[a-z0-9][a-z0-9-]*)?\.v2")
+
+
+def _table(doc: dict[str, object], keys: tuple[str, ...]) -> dict[str, object]:
+    node: object = doc
+    for key in keys:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def kata_handlers(doc: dict[str, object]) -> list[tuple[str, str]]:
+    """(handler name, runtime_type) of every CRI runtime handler in a parsed containerd
+    configuration whose runtime_type is ours, in the file's order."""
+    version = doc.get("version", 1)
+    keys = RUNTIMES_TABLES.get(version if isinstance(version, int) else 1, RUNTIMES_TABLES[2])
+    found = []
+    for name, table in _table(doc, keys).items():
+        kind = table.get("runtime_type") if isinstance(table, dict) else None
+        if isinstance(kind, str) and KATA_RUNTIME_TYPE.fullmatch(kind):
+            found.append((name, kind))
+    return found
+
+
+def parse_file(path: Path) -> dict[str, object]:
+    """A containerd configuration file, parsed; OSError or ConfigEditError."""
+    return _parse(path.read_text(), str(path))
+
+
 def _needs_default_runc(doc: dict[str, object]) -> bool:
     node: object = doc
     for key in ("plugins", CRI_PLUGIN, "containerd"):

@@ -1,33 +1,42 @@
-"""kata-runtime: the operator CLI (check, list, env, containerd-config; exec and metrics are not
-implemented yet).
+"""kata-runtime: the operator CLI (check, list, env, version, containerd-config; exec, a
+debug shell in the guest, in `cli.debug_console`; metrics, a pod's Prometheus text, in
+`cli.metrics`).
 
 This module only parses arguments and dispatches: `cli.check` holds the host checks,
-`cli.info` the sandbox listing and the configuration dump. ``--config PATH`` is
-accepted before or after the command; without it the configuration is looked up as the shim
-does (``$KATA_CONF_FILE``, then /etc, then /usr/share/defaults). Exit codes: 0 success,
-1 failure (including "not implemented yet"), 2 usage error (missing or unknown command).
+`cli.listing` the sandbox listing, `cli.info` the configuration dump, and
+`sandbox.versioninfo` the version report the shim's ``-v`` shares (docs/cli.md).
+``--config PATH`` is accepted before or after the command; without it the configuration is
+looked up as the shim does (``$KATA_CONF_FILE``, then /etc, then /usr/share/defaults).
+Exit codes: 0 success, 1 failure (including "not implemented yet"), 2 usage error (missing
+or unknown command).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 
 from cli import check as cli_check
 from cli import containerd_config
+from cli import debug_console as cli_debug_console
 from cli import info as cli_info
-from common.constants import RUNTIME_VERSION as VERSION
+from cli import listing as cli_list
+from cli import metrics as cli_metrics
+from common import buildinfo
 from sandbox.config import RuntimeConfig, load_config
 from sandbox.errors import SandboxError
+from sandbox.versioninfo import format_version, version_doc
 
 PROG = "kata-runtime"
 COMMANDS = {
     "check": "check that this host can run VM-isolated containers",
     "list": "list sandboxes and their VMs",
     "env": "show the configuration in use",
-    "exec": "run a command in a sandbox's VM (not implemented yet)",
-    "metrics": "show a sandbox's metrics (not implemented yet)",
+    "version": "show the version, the commit and the guest image (as the shim's -v does)",
+    "exec": "open a root shell in a sandbox's VM (needs debug_console_enabled)",
+    "metrics": "print a sandbox's metrics (Prometheus text, from its shim)",
     "containerd-config": "add or remove the CRI runtime handler in containerd's configuration",
 }
 
@@ -41,17 +50,34 @@ def _load(args: argparse.Namespace) -> RuntimeConfig | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    return cli_check.run(args.config)
+    return cli_check.run(args.config, as_json=args.json, containerd_file=args.containerd_config)
 
 
 def _list(args: argparse.Namespace) -> int:
     config = _load(args)
-    return 1 if config is None else cli_info.run_list(config, args.json)
+    return 1 if config is None else cli_list.run(config, args.format, args.quiet, args.all)
+
+
+def _version(args: argparse.Namespace) -> int:
+    doc = version_doc(args.config)
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json
+                     else format_version(PROG, doc))
+    return 0
 
 
 def _env(args: argparse.Namespace) -> int:
     config = _load(args)
     return 1 if config is None else cli_info.run_env(config, args.json)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return 1 if config is None else cli_debug_console.run(config, args)
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return 1 if config is None else cli_metrics.run(config, args)
 
 
 def _not_implemented(args: argparse.Namespace) -> int:
@@ -72,8 +98,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _check,
     "list": _list,
     "env": _env,
-    "exec": _not_implemented,
-    "metrics": _not_implemented,
+    "version": _version,
+    "exec": _exec,
+    "metrics": _metrics,
     "containerd-config": _containerd_config,
 }
 
@@ -83,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Operator CLI of containerd-shim-kata-v2 (VM-isolated containers).",
     )
-    parser.add_argument("-v", "--version", action="version", version=f"{PROG} {VERSION}")
+    parser.add_argument("-v", "--version", action="version",
+                        version=f"{PROG} {buildinfo.version()}")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="configuration.toml to use (default: $KATA_CONF_FILE, "
                              "/etc/kata-containers/, /usr/share/defaults/kata-containers/)")
@@ -94,13 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="<command>")
     for name, text in COMMANDS.items():
         sub = subs.add_parser(name, help=text, description=text, parents=[common])
-        if name in ("list", "env"):
+        if name == "list":
+            _list_args(sub)
+        elif name in ("env", "check", "version"):
             sub.add_argument("--json", action="store_true", help="print JSON")
-        elif name in ("exec", "metrics"):
-            sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            if name == "check":
+                sub.add_argument("--containerd-config", metavar="PATH",
+                                 default=containerd_config.DEFAULT_CONTAINERD_CONFIG,
+                                 help="containerd's configuration to look for our CRI runtime "
+                                      "handler in (default: %(default)s)")
+        elif name == "exec":
+            cli_debug_console.add_arguments(sub)
+        elif name == "metrics":
+            cli_metrics.add_arguments(sub)
         elif name == "containerd-config":
             _containerd_config_args(sub)
     return parser
+
+
+def _list_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--format", choices=cli_list.FORMATS, default="table",
+                     help="table (default) or json (schema: docs/kata-runtime-list.schema.json)")
+    sub.add_argument("--json", dest="format", action="store_const", const="json",
+                     help="the same as --format json")
+    sub.add_argument("-q", "--quiet", action="store_true", help="print sandbox ids only")
+    sub.add_argument("--all", action="store_true",
+                     help="table: add hypervisor, accelerator, guest kernel release, kernel "
+                          "and initrd columns")
 
 
 def _containerd_config_args(sub: argparse.ArgumentParser) -> None:

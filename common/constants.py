@@ -8,6 +8,15 @@ SHARED_FS_TAG = "kataShared"
 GUEST_SHARED_DIR = "/run/kata-containers/shared"
 #: Name of the virtio-serial port that carries the agent channel.
 AGENT_PORT_NAME = "agent.channel.0"
+#: Name of the virtio-serial port of the guest's debug console (``kata-runtime exec``);
+#: the VM has it only when ``[agent.kata] debug_console_enabled = true``.
+DEBUG_CONSOLE_PORT_NAME = "agent.debug_console.0"
+#: Kernel parameter (Kata's name) that tells the agent to serve the debug console.
+DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
+#: What the agent writes on the debug console port when the shell has exited: virtio-serial
+#: cannot close the host's end, so the end of a session is said in-band. An OSC sequence,
+#: which a terminal shown it by mistake ignores.
+DEBUG_CONSOLE_EXIT = b"\x1b]6573;kata-debug-console-exit\x07"
 #: AF_VSOCK port the agent listens on.
 AGENT_VSOCK_PORT = 1024
 #: 128 + SIGKILL: the status of a process killed, or deleted before it ever ran.

@@ -50,6 +50,9 @@ class VmSpec:
     #: Where the VM's unix sockets live: a short path (sun_path holds 107 bytes, and a CRI
     #: sandbox id alone is 64), owned by the sandbox too. None = ``state_dir``.
     socket_dir: Path | None = None
+    #: A second virtio-serial port, ``DEBUG_CONSOLE_PORT_NAME``, on a unix socket the VMM
+    #: listens on (`StatePaths.debug_console_socket`, 0600): the guest's debug console.
+    debug_console: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,14 @@ class HypervisorConfig(Protocol):
     @property
     def shared_fs(self) -> str:
         """``virtio-fs``, ``virtio-9p`` or ``none``."""
+
+    @property
+    def kernel(self) -> str:
+        """The guest kernel's path."""
+
+    @property
+    def initrd(self) -> str:
+        """The guest initrd's path ("" when the guest boots without one)."""
 
     @property
     def default_vcpus(self) -> int:

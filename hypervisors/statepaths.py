@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The debug console socket's name in a sandbox's socket dir (``kata-runtime exec`` dials it).
+DEBUG_CONSOLE_SOCKET = "debug-console.sock"
+
 
 @dataclass(frozen=True)
 class StatePaths:
@@ -27,6 +30,11 @@ class StatePaths:
     def agent_socket(self) -> Path:
         """Host end of the virtio-serial agent port (the VMM listens)."""
         return self._sockets / "agent.sock"
+
+    @property
+    def debug_console_socket(self) -> Path:
+        """Host end of the debug console's virtio-serial port (the VMM listens)."""
+        return self._sockets / DEBUG_CONSOLE_SOCKET
 
     @property
     def virtiofsd_socket(self) -> Path:
@@ -60,4 +68,5 @@ class StatePaths:
 
     def sockets(self) -> tuple[Path, ...]:
         """Every socket path a VM may create (removed on stop)."""
-        return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket, self.console_socket)
+        return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket, self.console_socket,
+                self.debug_console_socket)

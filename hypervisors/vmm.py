@@ -231,6 +231,10 @@ class VmmVm(abc.ABC, Generic[C]):
                 await self._console_after_spawn(stack)
                 self._qmp = await self._connect_qmp()
                 stack.push_async_callback(self._close_qmp)
+                if self.spec.debug_console:
+                    # A root shell in the guest: root only, whatever the VMM's umask was
+                    # (its chardevs exist once QMP answers).
+                    os.chmod(self.paths.debug_console_socket, 0o600)
                 if self._virtiofsd is not None:
                     watch = asyncio.ensure_future(self._watch_virtiofsd(self._virtiofsd))
                     stack.callback(watch.cancel)  # first thing undone: stop() is no death

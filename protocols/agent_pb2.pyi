@@ -99,6 +99,28 @@ class GuestDetailsResponse(_message.Message):
     agent_init_seconds: float
     def __init__(self, mem_block_size_bytes: _Optional[int] = ..., agent_details: _Optional[_Union[AgentDetails, _Mapping]] = ..., support_mem_hotplug_probe: _Optional[bool] = ..., kernel_release: _Optional[str] = ..., agent_startup_seconds: _Optional[float] = ..., agent_init_seconds: _Optional[float] = ...) -> None: ...
 
+class GuestStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuestStatsResponse(_message.Message):
+    __slots__ = ("mem_total_bytes", "mem_free_bytes", "mem_available_bytes", "load1", "load5", "load15", "uptime_seconds")
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    mem_total_bytes: int
+    mem_free_bytes: int
+    mem_available_bytes: int
+    load1: float
+    load5: float
+    load15: float
+    uptime_seconds: float
+    def __init__(self, mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+
 class CreateContainerRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "storages", "oci_spec_json", "sandbox_pidns", "terminal", "stdin")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -46,7 +46,7 @@ CONFIG_ENV = "KATA_CONF_FILE"
 #: ``containerd-shim-kata-<variant>-v2``: the shim of runtime ``io.containerd.kata-<variant>.v2``.
 VARIANT_BINARY = re.compile(r"containerd-shim-kata-([a-z0-9][a-z0-9-]*)-v2")
 #: Tables this version reads, with the keys it knows in each.
-AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules"})
+AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules", "debug_console_enabled"})
 RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model",
                           "static_sandbox_resource_mgmt", "static_sandbox_base_memory",
                           "sandbox_cgroup_only"})
@@ -65,6 +65,8 @@ class AgentConfig:
 
     dial_timeout: float = 90.0
     kernel_modules: tuple[str, ...] = ()
+    #: A root shell in the guest for ``kata-runtime exec`` (security.md): off by default.
+    debug_console_enabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ def _parse(path: Path, doc: Mapping[str, Any], text: str) -> RuntimeConfig:
         agent=AgentConfig(
             dial_timeout=float(_typed(agent_table, "dial_timeout", (int, float), 90.0, path)),
             kernel_modules=tuple(_typed(agent_table, "kernel_modules", list, [], path)),
+            debug_console_enabled=bool(
+                _typed(agent_table, "debug_console_enabled", bool, False, path)),
         ),
         state_dir=Path(_typed(runtime, "state_dir", str, DEFAULT_STATE_DIR, path)),
         enable_debug=bool(_typed(runtime, "enable_debug", bool, False, path)),

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from agent_client import AgentApi, AgentCallError, CgroupStats, ProcessExit
+from agent_client import AgentApi, AgentCallError, CgroupStats, GuestStats, ProcessExit
 from sandbox.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -103,6 +103,11 @@ class Guest:
         """The container's cgroup figures, from the guest."""
         async with agent_errors(f"collect the stats of container {container_id}"):
             return await self._agent().stats_container(container_id)
+
+    async def guest_stats(self) -> GuestStats:
+        """The guest's memory and load averages."""
+        async with agent_errors("collect the guest's stats"):
+            return await self._agent().guest_stats()
 
     async def signal_process(
         self, container_id: str, exec_id: str, signal: int, all: bool = False

@@ -7,27 +7,55 @@ helper counts as alive only if its pid exists, is not a zombie and still has the
 start time; the shim's pid is checked with its start time too when the record has one).
 A directory without a readable, valid state.json (a sandbox still starting, or debris of a
 crash) is listed with the problem instead of aborting the listing.
+
+Each entry has a ``status`` (docs/cli.md; the JSON schema is docs/kata-runtime-list.schema.json):
+
+- ``running``: the recorded shim and VMM are alive;
+- ``stale``: the shim is gone (dead, zombie or its pid reused) or the VMM is: a sandbox
+  nothing serves any more, whose state waits for containerd's ``delete`` (or a crash debris);
+- ``partial``: no state.json yet (starting, or left by a crash), or a record without a
+  VMM yet while its shim lives (the VM is starting or stopping);
+- ``invalid``: state.json is unreadable, not valid, or names another sandbox.
+
+``problem`` says why, for every status but ``running`` ("" then).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from hostos.procs import process_state, wrapper_path
 from hypervisors.base import HostCheck
 from hypervisors.factory import driver
+from hypervisors.statepaths import DEBUG_CONSOLE_SOCKET
 from sandbox.config import RuntimeConfig
-from sandbox.state import STATE_FILE, VMM_ROLE, SandboxRecord
+from sandbox.state import (
+    STATE_FILE,
+    VMM_ROLE,
+    SandboxRecord,
+    monitor_socket_path,
+    read_record,
+    sandbox_path,
+    socket_dir_path,
+)
+
+STATUSES = ("running", "stale", "partial", "invalid")
+#: process_state() values of a process that is no longer the one recorded.
+GONE = frozenset({"dead", "zombie", "pid reused"})
 
 __all__ = [
+    "STATUSES",
+    "DebugConsole",
     "HostCheck",
+    "debug_console",
     "describe_sandbox",
     "exec_wrapper",
     "host_checks",
     "list_sandboxes",
+    "monitor_socket_path",
     "settings",
 ]
 
@@ -44,13 +72,14 @@ def exec_wrapper() -> str:
 
 
 def describe_sandbox(path: Path, namespace: str = "") -> dict[str, Any]:
-    """One sandbox directory as a JSON-ready dict; ``problem`` is set when it is not usable."""
+    """One sandbox directory as a JSON-ready dict, with its ``status`` and ``problem``."""
     entry: dict[str, Any] = {"id": path.name, "namespace": namespace, "path": str(path),
-                             "problem": ""}  # fmt: skip
+                             "status": "invalid", "problem": ""}  # fmt: skip
     try:
         raw = (path / STATE_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
-        entry["problem"] = f"partial: no {STATE_FILE} (starting, or left by a crash)"
+        entry.update(status="partial",
+                     problem=f"partial: no {STATE_FILE} (starting, or left by a crash)")
         return entry
     except OSError as e:
         entry["problem"] = f"unreadable: {e.strerror or e}"
@@ -60,25 +89,46 @@ def describe_sandbox(path: Path, namespace: str = "") -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as e:
         entry["problem"] = f"invalid {STATE_FILE}: {type(e).__name__}: {e}"
         return entry
+    entry.update(_record_fields(record))
+    if record.sandbox_id != path.name:
+        entry["problem"] = f"{STATE_FILE} names sandbox {record.sandbox_id!r}"
+        return entry
+    entry["status"], entry["problem"] = sandbox_status(entry["shim"], entry["vmm"])
+    return entry
+
+
+def _record_fields(record: SandboxRecord) -> dict[str, Any]:
+    """What a valid record says, with the recorded processes checked against /proc."""
     processes = [
         {"role": p.role, "pid": p.pid, "start_time": p.start_time,
          "state": process_state(p.pid, p.start_time)}
         for p in record.processes
     ]
     shim_started = record.shim_start_time or None
-    entry.update(
-        hypervisor=record.hypervisor,
-        shim={"pid": record.shim_pid, "state": process_state(record.shim_pid, shim_started)},
-        vmm=next((p for p in processes if p["role"] == VMM_ROLE), None),
-        processes=processes,
-        accelerator=record.accelerator,
-        accelerator_reason=record.accelerator_reason,
-        guest_kernel=record.guest_kernel_release,
-        containers=list(record.containers),
-    )
-    if record.sandbox_id != path.name:
-        entry["problem"] = f"state.json names sandbox {record.sandbox_id!r}"
-    return entry
+    return {
+        "hypervisor": record.hypervisor,
+        "shim": {"pid": record.shim_pid, "state": process_state(record.shim_pid, shim_started)},
+        "vmm": next((p for p in processes if p["role"] == VMM_ROLE), None),
+        "processes": processes,
+        "accelerator": record.accelerator,
+        "accelerator_reason": record.accelerator_reason,
+        "guest_kernel": record.guest_kernel_release,
+        "kernel": record.kernel,
+        "initrd": record.initrd,
+        "containers": list(record.containers),
+    }
+
+
+def sandbox_status(shim: dict[str, Any], vmm: dict[str, Any] | None) -> tuple[str, str]:
+    """(status, problem) of a valid record from its shim's and VMM's process states. A
+    shim pid of 0 (a record that never named it) is judged by the VMM alone."""
+    if shim["state"] in GONE:
+        return "stale", f"stale: shim {shim['pid']} {shim['state']}"
+    if vmm is not None and vmm["state"] in GONE:
+        return "stale", f"stale: VMM {vmm['pid']} {vmm['state']}"
+    if vmm is None:
+        return "partial", "partial: no VMM recorded yet (starting or stopping)"
+    return "running", ""
 
 
 def _is_legacy_sandbox(path: Path) -> bool:
@@ -115,3 +165,24 @@ def settings(config: RuntimeConfig) -> dict[str, dict[str, Any]]:
             "internetworking_model": config.internetworking_model,
         },
     }
+
+
+@dataclass(frozen=True)
+class DebugConsole:
+    """What ``kata-runtime exec`` needs of a sandbox: whether its VM has the debug console,
+    the configuration it was started with (to say where to enable it), the socket to dial."""
+
+    enabled: bool
+    config_path: str
+    socket: Path
+
+
+def debug_console(state_dir: Path, namespace: str, sandbox_id: str) -> DebugConsole:
+    """The debug console of ``<state_dir>/sbs/<namespace>/<id>`` as its state.json records
+    it; disabled when there is no readable record."""
+    record = read_record(sandbox_path(state_dir, namespace, sandbox_id))
+    return DebugConsole(
+        enabled=record is not None and record.debug_console,
+        config_path=record.config_path if record is not None else "",
+        socket=socket_dir_path(state_dir, namespace, sandbox_id) / DEBUG_CONSOLE_SOCKET,
+    )

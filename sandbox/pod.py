@@ -244,6 +244,10 @@ class Pod:
         if memory > 0:
             await self.sandbox.fit_memory(-(-memory // (1 << 20)))
 
+    def live_containers(self) -> list[str]:
+        """Ids of the containers whose init process is running or paused."""
+        return sorted(cid for cid, c in self._containers.items() if c.init.state in LIVE)
+
     async def stats(self, container_id: str) -> CgroupStats:
         """The container's cgroup figures (Stats)."""
         container = self.container(container_id)

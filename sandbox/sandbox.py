@@ -17,6 +17,8 @@ mount, VM (with the share cold-plugged), agent connection (racing the VM's exit)
 details, CreateSandbox. Each step registers its undo right away, so a failure at any step
 unwinds everything already done, and ``stop`` is that same unwinding after DestroySandbox.
 What a crashed shim's ``delete`` needs is written to ``state.json`` as soon as it exists.
+The last step starts ``monitor`` (the shim's metrics endpoint, when set), so that it serves
+exactly while the sandbox runs and its socket goes before the sandbox's directories.
 ``_lock`` serialises start and stop.
 
 Once running, a supervisor task watches the VMM (`Hypervisor.wait_exited`) and the agent
@@ -39,13 +41,13 @@ import logging
 import os
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 from agent_client import AgentApi, AgentCallError, AgentConnector, StorageSpec, bounded
 from agent_client import connect_agent as default_connector
-from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
+from common.constants import DEBUG_CONSOLE_KERNEL_PARAM, GUEST_SHARED_DIR, SHARED_FS_TAG
 from hostos import cgroups
 from hostos.cgroups import HostCgroup
 from hostos.procs import start_time
@@ -70,6 +72,7 @@ from sandbox.errors import (
 )
 from sandbox.guest import Guest, agent_errors
 from sandbox.lifecycle import Refusal, transition
+from sandbox.logfields import kv
 from sandbox.oci import SharedBind, spec_for_guest
 from sandbox.portforward import PortMirror
 from sandbox.sizing import Limits, VmSize, vm_size
@@ -78,6 +81,7 @@ from sandbox.state import (
     ProcessRecord,
     SandboxRecord,
     make_sandbox_dir,
+    monitor_socket_path,
     read_record,
     remove_namespace_dir_if_empty,
     remove_socket_dir,
@@ -91,6 +95,8 @@ from sandbox.types import ContainerConfig, SandboxSpec, validate_id
 log = logging.getLogger(__name__)
 
 HypervisorFactory = Callable[[HypervisorConfig, VmSpec], Hypervisor]
+#: Starts the shim's metrics endpoint on a socket path; returns its stop.
+MonitorStarter = Callable[[Path], Awaitable[Callable[[], Awaitable[None]]]]
 
 #: The agent is asked every HEALTH_INTERVAL seconds whether it answers (within
 #: HEALTH_TIMEOUT; guests under TCG are slow); HEALTH_FAILURES misses in a row end the pod.
@@ -204,6 +210,9 @@ class Sandbox:
         self._network_model = network_model
         #: The guest's listening ports on the pod netns's loopback (port-forward).
         self.port_mirror: PortMirror | None = None
+        #: Started once the sandbox runs, stopped first when it stops (the shim sets it).
+        self.monitor: MonitorStarter | None = None
+        self.monitor_socket = monitor_socket_path(config.state_dir, self.namespace, self.id)
         self._lock = asyncio.Lock()  # serialises start and stop
         self._vm: Hypervisor | None = None
         self._agent: AgentApi | None = None
@@ -214,6 +223,7 @@ class Sandbox:
             sandbox_id=self.id, namespace=self.namespace, hypervisor=config.hypervisor.name,
             shim_pid=os.getpid(),
             shim_start_time=start_time(os.getpid()) or 0,
+            config_path=str(config.path), debug_console=config.agent.debug_console_enabled,
         )
 
     # evidence for logs and the demo
@@ -304,9 +314,20 @@ class Sandbox:
                 stack.push_async_callback(self.port_mirror.close)
             self._record.guest_kernel_release = guest.kernel_release
             self._save()
+            await self._start_monitor(stack)
             self._undo = stack.pop_all()
         self.boot_seconds = time.monotonic() - started
         self._supervisor = asyncio.ensure_future(self._supervise(vm, agent))
+
+    async def _start_monitor(self, stack: AsyncExitStack) -> None:
+        """The metrics endpoint: a pod runs without it rather than not at all."""
+        if self.monitor is None:
+            return
+        try:
+            stack.push_async_callback(await self.monitor(self.monitor_socket))
+        except OSError as e:
+            log.warning("sandbox %s: no metrics endpoint at %s: %s", self.id,
+                        self.monitor_socket, e)
 
     async def _make_state_dir(self, stack: AsyncExitStack) -> None:
         if self.state_path.exists():
@@ -445,9 +466,11 @@ class Sandbox:
     async def _start_vm(self, stack: AsyncExitStack, size: VmSize,
                         network: pod_network.PodNetwork | None = None) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)
+        console = self.config.agent.debug_console_enabled
         vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(
             self.id, self.state_path, vcpus=size.vcpus, memory_mib=size.memory_mib,
-            socket_dir=self.socket_dir))
+            socket_dir=self.socket_dir, debug_console=console,
+            kernel_params=(DEBUG_CONSOLE_KERNEL_PARAM,) if console else ()))
         await vm.add_device(SharedFsDevice(self.shared_dir, kind, SHARED_FS_TAG))
         for nic in network.devices() if network is not None else ():
             await vm.add_device(nic)
@@ -465,6 +488,8 @@ class Sandbox:
                 network.close_fds()
         self._record.accelerator = vm.accelerator
         self._record.accelerator_reason = vm.accelerator_reason
+        self._record.kernel = self.config.hypervisor.kernel
+        self._record.initrd = self.config.hypervisor.initrd
         self._record.processes = [
             ProcessRecord(pid=r.pid, start_time=r.start_time, role=r.role)
             for r in vm.process_records()
@@ -475,6 +500,11 @@ class Sandbox:
             self.id, self.config.hypervisor.name, vm.pid, vm.accelerator,
             vm.accelerator_reason,
         )
+        if console:  # a root shell into the pod's VM: never enabled silently
+            log.warning("debug console enabled: a root shell in the guest for kata-runtime "
+                        "exec", extra=kv(sandbox=self.id, namespace=self.namespace,
+                                         config=str(self.config.path),
+                                         key="agent.kata.debug_console_enabled"))
         return vm
 
     async def _connect_agent(self, vm: Hypervisor, stack: AsyncExitStack) -> AgentApi:
@@ -591,6 +621,12 @@ class Sandbox:
                 raise UnavailableError(f"failed to stop sandbox {self.id} cleanly: {e}") from e
             finally:
                 self.state = self._step(SandboxOp.STOPPED)
+
+    def host_processes(self) -> list[ProcessRecord]:
+        """The VMM (role ``vmm``) and its helpers while the VM runs."""
+        if self._vm is None:
+            return []
+        return [ProcessRecord(r.pid, r.start_time, r.role) for r in self._vm.process_records()]
 
     def _agent_or_raise(self) -> AgentApi:
         self._step(SandboxOp.USE)

@@ -21,6 +21,7 @@ from typing import Any
 
 STATE_FILE = "state.json"
 SOCKET_DIGEST = 20
+MONITOR_SOCKET = "shim-monitor.sock"
 FORMAT_VERSION = 2
 VMM_ROLE = "vmm"
 _LEGACY_ROLES = {"qemu": VMM_ROLE}
@@ -37,6 +38,12 @@ def socket_dir_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
     enough for sun_path (107 bytes) whatever the namespace and id (a CRI id is 64 chars)."""
     digest = hashlib.sha256(f"{namespace}/{sandbox_id}".encode()).hexdigest()[:SOCKET_DIGEST]
     return state_dir / "sk" / digest
+
+
+def monitor_socket_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
+    """The shim's metrics endpoint (HTTP on a unix socket): beside the VM's sockets, since
+    a path in the sandbox dir can pass sun_path's limit with a CRI id."""
+    return socket_dir_path(state_dir, namespace, sandbox_id) / MONITOR_SOCKET
 
 
 def remove_socket_dir(path: Path) -> None:
@@ -109,6 +116,14 @@ class SandboxRecord:
     accelerator: str = ""
     accelerator_reason: str = ""
     guest_kernel_release: str = ""
+    #: The configuration file the sandbox was started with, and whether its VM has the
+    #: debug console (``kata-runtime exec`` reads both).
+    config_path: str = ""
+    debug_console: bool = False
+    #: The guest kernel and initrd the VM booted (after the pod's annotations); "" in
+    #: records written before they were kept.
+    kernel: str = ""
+    initrd: str = ""
     processes: list[ProcessRecord] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
     #: Host cgroup directories made for the VMM and virtiofsd (removed at the end).
@@ -145,6 +160,10 @@ class SandboxRecord:
             accelerator=str(doc.get("accelerator", "")),
             accelerator_reason=str(doc.get("accelerator_reason", "")),
             guest_kernel_release=str(doc.get("guest_kernel_release", "")),
+            config_path=str(doc.get("config_path", "")),
+            debug_console=doc.get("debug_console") is True,
+            kernel=str(doc.get("kernel", "")),
+            initrd=str(doc.get("initrd", "")),
             processes=procs,
             containers=[str(c) for c in doc.get("containers", [])],
             host_cgroups=[str(d) for d in doc.get("host_cgroups", [])],

@@ -10,8 +10,9 @@ as stdio, in a new session, with cwd = the bundle of the pod's first container. 
    container mounts never reach the host and die with the daemon and its helpers;
 2. loads configuration.toml (the path ``start`` resolved; its warnings are logged, and
    ``[runtime] enable_debug`` turns on debug lines as ``-debug`` does), builds the publisher
-   (events to ``$TTRPC_ADDRESS``), the `sandbox.pod.Pod` with its `sandbox.Sandbox`, and
-   the Task service;
+   (events to ``$TTRPC_ADDRESS``), the `sandbox.pod.Pod` with its `sandbox.Sandbox`, the
+   Task service, and the metrics endpoint (`shim.monitor`, which the sandbox serves while
+   it runs: docs/metrics.md);
 3. runs one asyncio loop serving ttrpc on fd 3 (``Server.serve_listener``). Children (the
    VMM, virtiofsd, binary loggers) are waited for by pid or pidfd; there is no
    ``waitpid(-1)`` reaper and the daemon is not a subreaper;
@@ -41,6 +42,7 @@ from shim import log as shimlog
 from shim.events import Publisher, TaskEvents
 from shim.flags import Flags
 from shim.log import kv
+from shim.monitor import Monitor
 from shim.service import TASK_SERVICE, TaskService
 from ttrpc import Server
 
@@ -110,6 +112,7 @@ async def _serve(flags: Flags, listener: socket.socket) -> int:
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
     sandbox = Sandbox(flags.sandbox_id or flags.id, config, namespace=flags.namespace)
     pod = Pod(sandbox, TaskEvents(publisher))
+    sandbox.monitor = Monitor(pod).start  # the metrics endpoint, while the VM runs
     shutdown, terminate = asyncio.Event(), asyncio.Event()
     server = Server()
     server.register(TASK_SERVICE, TaskService(pod, flags.namespace, shutdown.set).methods())

@@ -13,17 +13,22 @@ import sys
 from pathlib import Path
 
 from sandbox.errors import SandboxError
-from shim import VERSION, manager
 from shim import log as shimlog
+from shim import manager
 from shim.flags import Flags, UsageError, parse, usage
 
 PROGRAM = "containerd-shim-kata-v2"
 
 
 def version_text() -> str:
-    """What ``-v`` prints."""
-    python = ".".join(str(n) for n in sys.version_info[:3])
-    return f"{PROGRAM}:\n  Version:  {VERSION}\n  Runtime:  kata-py (Python {python})\n"
+    """What ``-v`` prints: the same as ``kata-runtime version`` (sandbox/versioninfo.py), for
+    the configuration this shim's name selects. Imported here: only ``-v`` pays for it."""
+    from sandbox.config import variant_of
+    from sandbox.versioninfo import version_text as text
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    name = argv0 if variant_of(argv0) else PROGRAM
+    return text(name, None, variant_of(argv0))
 
 
 def main(argv: list[str] | None = None) -> int:

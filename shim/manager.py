@@ -119,16 +119,41 @@ def write_atomic(path: Path, text: str) -> None:
 BINARY_NAME = "containerd-shim-kata-v2"
 
 
+def _is_shim_name(name: str) -> bool:
+    return name == BINARY_NAME or bool(variant_of(name))
+
+
+def _frozen_self_path() -> str | None:
+    """The path the frozen program was run by, when it names the shim (a symlink to the
+    bundle's executable, build/runtime-entry.py); None otherwise."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if "/" in invoked:  # containerd runs shims by their full path
+        path: str | None = os.path.abspath(invoked)
+    else:
+        import shutil  # only for a bare name: `start` and `delete` keep their imports small
+
+        path = shutil.which(invoked)
+    if not path or not _is_shim_name(os.path.basename(path)):
+        return None
+    try:
+        return path if os.path.samefile(path, sys.executable) else None
+    except OSError:
+        return None
+
+
 def self_command() -> list[str]:
     """How to execute this program again: frozen binary, launcher script, or ``-m shim``.
 
     The launcher is preferred so that the daemon's command line names
-    containerd-shim-kata-v2, as operators (and `ps`-based tooling) expect.
+    containerd-shim-kata-v2, as operators (and `ps`-based tooling) expect. Frozen, one
+    program answers to every shim name: it is re-executed by the path it was run by, so the
+    daemon keeps its name (the variant); ``-m shim.main`` is the frozen program's fallback.
     """
     if getattr(sys, "frozen", False):
-        return [sys.executable]
+        path = _frozen_self_path()
+        return [path] if path else [sys.executable, "-m", "shim.main"]
     launcher = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    ours = launcher is not None and (launcher.name == BINARY_NAME or variant_of(launcher.name))
+    ours = launcher is not None and _is_shim_name(launcher.name)
     if launcher is not None and ours and launcher.is_file():
         return [sys.executable, str(launcher)]
     return [sys.executable, "-P", "-m", "shim"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from common.constants import AGENT_PORT_NAME
+from common.constants import AGENT_PORT_NAME, DEBUG_CONSOLE_PORT_NAME
 from hypervisors.accel import Accelerator
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.qemu.config import QemuConfig
@@ -78,6 +78,8 @@ class VmParams:
     blocks: tuple[BlockDevice, ...] = ()
     #: The host TSC rate, told to a microvm guest under TCG (`hypervisors.accel.tsc_khz`).
     host_tsc_khz: int | None = None
+    #: The guest's debug console port (`hypervisors.base.VmSpec.debug_console`).
+    debug_console: bool = False
 
 
 class QemuParam(Protocol):
@@ -265,6 +267,26 @@ class AgentSerial:
 
 
 @dataclass(frozen=True)
+class DebugConsoleSerial:
+    """virtio-serial port ``agent.debug_console.0`` backed by a listening unix socket, for
+    ``kata-runtime exec``. It joins the agent's virtio-serial bus; with the agent on vsock
+    there is none, so it brings its own (``with_bus``)."""
+
+    path: Path
+    mmio: bool = False
+    with_bus: bool = False
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        bus = ["-device", f"{virtio('virtio-serial', self.mmio)},id=serial0"]
+        return [
+            *(bus if self.with_bus else []),
+            "-chardev", f"socket,id=debugconsole,path={self.path},server=on,wait=off",
+            "-device", f"virtserialport,chardev=debugconsole,name={DEBUG_CONSOLE_PORT_NAME}",
+        ]
+
+
+@dataclass(frozen=True)
 class AgentVsock:
     """vhost-vsock device with the guest's context id."""
 
@@ -380,6 +402,9 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         PidFile(vm.paths.vmm_pidfile),
         _agent_param(vm, mmio),
     ]
+    if vm.debug_console:
+        params.append(DebugConsoleSerial(vm.paths.debug_console_socket, mmio,
+                                         with_bus=vm.agent_channel is not AgentChannel.SERIAL))
     if fs is not None and fs.kind == "virtio-fs":
         params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag, mmio))
     elif fs is not None:

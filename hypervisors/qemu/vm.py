@@ -93,6 +93,7 @@ class Qemu(VmmVm[QemuConfig]):
             networks=tuple(self._devices.of(NetworkDevice)),
             blocks=tuple(self._devices.of(BlockDevice)),
             host_tsc_khz=host_tsc_khz() if is_mmio(self.config.machine_type) else None,
+            debug_console=self.spec.debug_console,
         )
 
     def build_argv(self) -> list[str]:

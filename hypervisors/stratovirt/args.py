@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from common.constants import AGENT_PORT_NAME
+from common.constants import AGENT_PORT_NAME, DEBUG_CONSOLE_PORT_NAME
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.statepaths import StatePaths
 from hypervisors.stratovirt.config import StratovirtConfig
@@ -62,6 +62,8 @@ class VmParams:
     shared_fs: SharedFsDevice | None = None
     networks: tuple[NetworkDevice, ...] = ()
     blocks: tuple[BlockDevice, ...] = ()
+    #: The guest's debug console port (`hypervisors.base.VmSpec.debug_console`).
+    debug_console: bool = False
 
 
 class StratovirtParam(Protocol):
@@ -200,6 +202,23 @@ class AgentSerial:
 
 
 @dataclass(frozen=True)
+class DebugConsoleSerial:
+    """The guest's debug console, as `AgentSerial` (2.4) with the port ``id``
+    ``agent.debug_console.0``. A microvm has one virtserialport (see docs/stratovirt.md), so
+    this is only built when the agent is on vsock and the virtio-serial-device is free."""
+
+    path: Path
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return [
+            "-device", "virtio-serial-device,id=virtio-serial0",
+            "-chardev", f"socket,id=debugconsole,path={self.path},server,nowait",
+            "-device", f"virtserialport,id={DEBUG_CONSOLE_PORT_NAME},chardev=debugconsole",
+        ]
+
+
+@dataclass(frozen=True)
 class AgentVsock:
     """2.5 Virtio-vsock: ``-device vhost-vsock-device,id=<vsock_id>,guest-cid=<N>``."""
 
@@ -283,6 +302,8 @@ def stratovirt_params(config: StratovirtConfig, vm: VmParams) -> list[Stratovirt
         PidFile(vm.paths.vmm_pidfile),
         _agent_param(vm),
     ]
+    if vm.debug_console:
+        params.append(_debug_console_param(vm))
     if fs is not None:
         params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag))
     params += [VirtioNet(n) for n in vm.networks]
@@ -297,6 +318,16 @@ def _agent_param(vm: VmParams) -> StratovirtParam:
         raise ValueError("failed to build StratoVirt arguments: vsock agent channel needs a "
                          "guest cid")  # fmt: skip
     return AgentVsock(vm.guest_cid)
+
+
+def _debug_console_param(vm: VmParams) -> StratovirtParam:
+    if vm.agent_channel is AgentChannel.SERIAL:
+        raise ValueError(
+            "failed to build StratoVirt arguments: debug_console_enabled needs a second "
+            "virtio-serial port, and a StratoVirt microvm has one, taken by the agent channel "
+            "here; set use_vsock = true (with vhost_vsock loaded on the host) or turn the "
+            "debug console off")  # fmt: skip
+    return DebugConsoleSerial(vm.paths.debug_console_socket)
 
 
 def render(params: Sequence[StratovirtParam]) -> list[str]:

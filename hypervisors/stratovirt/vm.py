@@ -166,6 +166,7 @@ class Stratovirt(VmmVm[StratovirtConfig]):
             memory_mib=self.spec.memory_mib, shared_fs=shares[0] if shares else None,
             networks=tuple(self._devices.of(NetworkDevice)),
             blocks=tuple(self._devices.of(BlockDevice)),
+            debug_console=self.spec.debug_console,
         )
 
     def build_argv(self) -> list[str]:

@@ -1,5 +1,7 @@
-"""`make install` (build/install.sh) under DESTDIR: what it puts where, that the installed
-entry points and configuration work together, and that --uninstall removes exactly that."""
+"""`make install` (build/install.sh) under DESTDIR: what it puts where (the frozen runtime of
+`make runtime` under /usr/libexec/kata-py, entry points linked to it), that the installed
+entry points and configuration work together without the checkout, and that --uninstall
+removes exactly that."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ import subprocess
 from pathlib import Path
 
 from sandbox.config import load_config
+from tests.conftest import require
 from tests.harness import kataconfig
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv"
+BUNDLE = REPO / "build/out/runtime/kata-py"  # make runtime
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 VARIANT_SHIMS = ("containerd-shim-kata-qemu-v2", "containerd-shim-kata-qemu-microvm-v2",
@@ -24,8 +29,9 @@ def install(dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_install_then_uninstall(tmp_path: Path) -> None:
+    require((BUNDLE / "kata-py").is_file(), f"{BUNDLE} (run `make runtime`)")
     dest = tmp_path / "root"
-    res = install(dest, str(VENV), str(kataconfig.GUEST_DIR))
+    res = install(dest, str(BUNDLE), str(kataconfig.GUEST_DIR))
     assert res.returncode == 0, res.stderr
     share = dest / "usr/share/kata-containers"
     kernel, initrd = share / "vmlinuz.container", share / "kata-containers-initrd.img"
@@ -37,9 +43,16 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     settings = config.hypervisor.settings()
     assert Path(settings["kernel"]) == Path("/") / kernel.relative_to(dest)
     assert Path(settings["initrd"]) == Path("/") / initrd.relative_to(dest)
+    program = dest / "usr/libexec/kata-py/kata-py"
+    assert program.is_file() and (program.parent / "_internal").is_dir()
+    assert not (program.parent / "bin").exists()  # the build tree's links stay there
     for name in ("containerd-shim-kata-v2", "kata-runtime", *VARIANT_SHIMS):
         link = dest / "usr/local/bin" / name
-        assert link.is_symlink() and link.resolve() == (VENV / "bin" / name).resolve()
+        # relative: the same links work below DESTDIR and once installed at /
+        assert link.is_symlink() and os.readlink(link) == "../../libexec/kata-py/kata-py"
+        assert link.resolve() == program
+    links = [p for p in dest.rglob("*") if p.is_symlink()]
+    assert [str(p) for p in links if str(REPO) in str(p.resolve())] == []
     # Each runtime variant's configuration is installed and loads; the qemu variant's is the
     # default configuration.
     conf_dir = config_path.parent
@@ -53,8 +66,10 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     moved = tmp_path / "moved.toml"
     kataconfig.write(moved, {"hypervisor.qemu": {"kernel": str(kernel), "initrd": str(initrd)}},
                      base=config_path)
+    # No venv on PATH: the installed program carries its own Python.
+    env = {"PATH": SYSTEM_PATH}
     check = subprocess.run([str(dest / "usr/local/bin/kata-runtime"), "--config", str(moved),
-                            "check"], capture_output=True, text=True, timeout=60)
+                            "check"], capture_output=True, text=True, timeout=60, env=env)
     fails = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
     if "ok    accelerator: tcg" in check.stdout:
         # The shipped configuration refuses pods under TCG, and says how to allow them.
@@ -64,7 +79,8 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
                                                      "initrd": str(initrd), "allow_tcg": True}},
                          base=config_path)  # fmt: skip
         check = subprocess.run([str(dest / "usr/local/bin/kata-runtime"), "--config",
-                                str(moved), "check"], capture_output=True, text=True, timeout=60)
+                                str(moved), "check"], capture_output=True, text=True, timeout=60,
+                               env=env)
     assert check.returncode == 0, check.stdout + check.stderr
 
     res = install(dest, "--uninstall")
@@ -74,7 +90,14 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
 
 
 def test_install_refuses_a_missing_guest(tmp_path: Path) -> None:
-    res = install(tmp_path / "root", str(VENV), str(tmp_path / "no-guest"))
+    res = install(tmp_path / "root", str(BUNDLE), str(tmp_path / "no-guest"))
     assert res.returncode != 0
     assert "make guest" in res.stderr, res.stderr
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*.img"))
+
+
+def test_install_refuses_what_is_not_the_frozen_runtime(tmp_path: Path) -> None:
+    res = install(tmp_path / "root", str(VENV), str(kataconfig.GUEST_DIR))
+    assert res.returncode != 0
+    assert "make runtime" in res.stderr, res.stderr
+    assert not (tmp_path / "root").exists()

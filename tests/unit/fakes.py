@@ -19,7 +19,14 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from agent_client import AgentCallError, CgroupStats, GuestDetails, ProcessExit, StorageSpec
+from agent_client import (
+    AgentCallError,
+    CgroupStats,
+    GuestDetails,
+    GuestStats,
+    ProcessExit,
+    StorageSpec,
+)
 from hostos.procs import ProcessRecord, record, spawn, terminate
 from hypervisors.annotations import AnnotationError
 from hypervisors.base import Device, DeviceList, HostCheck, VmSpec
@@ -39,6 +46,8 @@ class FakeHypervisorConfig:
 
     name: str = "fake"
     shared_fs: str = "virtio-fs"
+    kernel: str = "/fake/vmlinuz"
+    initrd: str = "/fake/initrd.img"
     default_vcpus: int = 1
     default_memory: int = 256
     default_maxvcpus: int = 0
@@ -233,6 +242,12 @@ class FakeAgent:
     async def guest_details(self) -> GuestDetails:
         self._call("guest_details")
         return GuestDetails("6.1.0-fake", "0.1.0", 0.5, 0.2)
+
+    async def guest_stats(self) -> GuestStats:
+        self._call("guest_stats")
+        if "guest_stats_hangs" in self.fail_at:
+            await asyncio.sleep(3600)
+        return GuestStats(256 << 20, 100 << 20, 200 << 20, 0.5, 0.25, 0.125, 42.0)
 
     async def create_sandbox(self, sandbox_id: str, hostname: str,
                              storages: Any) -> None:  # fmt: skip

@@ -45,6 +45,33 @@ def test_close_wakes_parked_reader() -> None:
     asyncio.run(main())
 
 
+def test_close_between_wake_up_and_resume_leaves_no_registration() -> None:
+    """A reader woken (its fd readable) but not yet resumed when the fd is closed: the loop
+    must not keep the fd's number registered, or the next fd given that number cannot be
+    waited on (epoll forgot the closed one: asyncio's MOD fails with ENOENT)."""
+    async def main() -> None:
+        r, w = os.pipe()
+        reader = StreamReader(r)
+        parked = asyncio.ensure_future(reader.read(10))
+        await asyncio.sleep(0.01)
+        assert reader._ready is not None
+        reader._ready.set_result(None)  # what the loop's readiness callback does
+        reader.close_now()              # before the parked task is back
+        os.close(w)
+        assert await asyncio.wait_for(parked, 1) == b""
+        r2, w2 = os.pipe()             # the lowest free numbers: r's again
+        assert r2 == r
+        again = StreamReader(r2)
+        later = asyncio.ensure_future(again.read(10))
+        await asyncio.sleep(0.01)
+        os.write(w2, b"ok")
+        assert await asyncio.wait_for(later, 1) == b"ok"
+        again.close_now()
+        os.close(w2)
+
+    asyncio.run(main())
+
+
 def test_writer_blocks_until_drained_then_closes() -> None:
     async def main() -> None:
         r, w = os.pipe()

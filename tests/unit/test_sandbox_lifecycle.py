@@ -70,6 +70,7 @@ def test_start_then_stop(tmp_path: Path) -> None:
         assert record is not None and record.hypervisor == "fake"
         assert record.vmm is not None and record.vmm.pid == world.vm.pid
         assert record.guest_kernel_release == "6.1.0-fake"
+        assert (record.kernel, record.initrd) == ("/fake/vmlinuz", "/fake/initrd.img")
         assert sandbox.spec == SPEC and str(sandbox.shared_dir) in mounts_under(tmp_path)
         await sandbox.stop()
         assert sandbox.state is SandboxState.STOPPED

@@ -89,7 +89,7 @@ def test_main_without_action_or_daemon_is_a_usage_error() -> None:
 def test_kata_runtime_unfinished_commands_say_so(capsys: pytest.CaptureFixture[str]) -> None:
     from cli.main import main as cli
 
-    assert cli(["exec"]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+    assert cli(["exec"]) == 2  # needs a sandbox id (tests/unit/test_debug_console.py)
+    assert "sandbox-id" in capsys.readouterr().err
     assert cli([]) == 2
     assert cli(["--version"]) == 0
