@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import failed, require, require_root, require_tools
 from tests.harness import kataconfig, leaks
-from tests.harness.containerd import VENV_BIN, Containerd, reap_stale
+from tests.harness.containerd import RUNTIME_BIN, Containerd, reap_stale
 from tests.harness.cri.client import Kubelet
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import Kata, kata_containerd, kata_cri_containerd
@@ -28,7 +28,7 @@ from tests.harness.kata import guest_release as kata_guest_release
 HOST_TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "umount")
 QEMU = "/usr/bin/qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-KATA_SHIM = VENV_BIN / "containerd-shim-kata-v2"
+KATA_SHIM = RUNTIME_BIN / "containerd-shim-kata-v2"
 GUEST_FILES = ("vmlinuz", "initrd.img", "kernel-release")
 LEAK_TIMEOUT = 30.0
 

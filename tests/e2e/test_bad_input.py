@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.harness import kataconfig, procs, scenarios
-from tests.harness.containerd import VENV_BIN
+from tests.harness.containerd import RUNTIME_BIN
 from tests.harness.kata import Kata
 from tests.harness.scenarios import KATA, explain, run_detached, run_rm
 
@@ -37,7 +37,7 @@ def test_a_hypervisor_binary_that_cannot_run_is_named_with_key_path_and_file(
         res = run_rm(kata.cd, KATA, "t1", "true")
         assert res.returncode != 0, explain(res)
         assert expected in res.stderr and f"(in {config})" in res.stderr, explain(res)
-        check = subprocess.run([str(VENV_BIN / "kata-runtime"), "--config", str(config),
+        check = subprocess.run([str(RUNTIME_BIN / "kata-runtime"), "--config", str(config),
                                 "check"], capture_output=True, text=True, timeout=60)
         assert check.returncode == 1, check.stdout + check.stderr
         fails = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]

@@ -10,10 +10,11 @@ import pytest
 
 from tests.conftest import require, require_root
 from tests.harness import kataconfig
+from tests.harness.containerd import RUNTIME_BIN
 
 pytestmark = pytest.mark.e2e
 
-KATA_RUNTIME = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kata-runtime"
+KATA_RUNTIME = RUNTIME_BIN / "kata-runtime"
 
 
 def test_check_passes_with_the_built_guest(tmp_path: Path) -> None:

@@ -22,14 +22,14 @@ from typing import Any
 import jsonschema
 
 from tests.harness import kataconfig, procs
-from tests.harness.containerd import REPO, VENV_BIN, Containerd, wait_task_status
+from tests.harness.containerd import REPO, RUNTIME_BIN, Containerd, wait_task_status
 from tests.harness.cri.client import Kubelet
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, CRI_NAMESPACE, Kata
 from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain
 
-KATA_RUNTIME = VENV_BIN / "kata-runtime"
-SHIM = VENV_BIN / "containerd-shim-kata-v2"
+KATA_RUNTIME = RUNTIME_BIN / "kata-runtime"
+SHIM = RUNTIME_BIN / "containerd-shim-kata-v2"
 SCHEMA = json.loads((REPO / "docs" / "kata-runtime-list.schema.json").read_text())
 CTR_NAMESPACE = "ktest-list"
 SETTLE = 60.0

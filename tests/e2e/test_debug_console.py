@@ -14,11 +14,12 @@ import stat
 import subprocess
 from pathlib import Path
 
+from tests.harness.containerd import RUNTIME_BIN
 from tests.harness.kata import Kata
 from tests.harness.pty import PtyProcess
 from tests.harness.scenarios import KATA, detached
 
-KATA_RUNTIME = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kata-runtime"
+KATA_RUNTIME = RUNTIME_BIN / "kata-runtime"
 ENABLED = {"agent.kata": {"debug_console_enabled": True}}
 #: Seconds for a guest shell to answer under TCG (the VM is already up).
 ANSWER = 60.0

@@ -34,6 +34,9 @@ from tests.harness import mounts, procs
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
+#: Where the runtime's programs (containerd-shim-kata-v2, kata-runtime) come from: the source
+#: tree's venv, or another install, e.g. the frozen bundle (`make test-frozen`).
+RUNTIME_BIN = Path(os.environ.get("KATA_TEST_BIN") or VENV_BIN).resolve()
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 RUNC_ROOT = Path("/run/containerd/runc")  # runc shim's default: <root>/<namespace>/<id>
 CTR_TIMEOUT = 120.0
@@ -189,7 +192,7 @@ class Containerd:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}:/usr/local/sbin:/usr/sbin:/sbin"
+        env["PATH"] = f"{RUNTIME_BIN}:{env.get('PATH', '')}:/usr/local/sbin:/usr/sbin:/sbin"
         env.update(self.extra_env)
         env["KTEST_SCOPE"] = str(self.dir)
         return env

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness import kataconfig, procs
-from tests.harness.containerd import VENV_BIN, Containerd
+from tests.harness.containerd import RUNTIME_BIN, Containerd
 from tests.harness.images import IMAGE_REF, PAUSE_REF, busybox_image_tar, pause_image_tar
 
 CRI_NAMESPACE = "k8s.io"
@@ -86,7 +86,7 @@ def accelerator(argv: tuple[str, ...]) -> str | None:
 def add_cri_handler(kata_config: Path, containerd_config: Path,
                     handler: str = CRI_HANDLER) -> None:
     """Add our CRI runtime handler exactly as an operator does (the shipped command)."""
-    subprocess.run([str(VENV_BIN / "kata-runtime"), "containerd-config", "add",
+    subprocess.run([str(RUNTIME_BIN / "kata-runtime"), "containerd-config", "add",
                     "--file", str(containerd_config), "--handler", handler,
                     "--kata-config", str(kata_config)],
                    check=True, capture_output=True, text=True, timeout=30)
