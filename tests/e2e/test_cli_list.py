@@ -22,7 +22,7 @@ from typing import Any
 import jsonschema
 
 from tests.harness import kataconfig, procs
-from tests.harness.containerd import REPO, RUNTIME_BIN, Containerd, wait_task_status
+from tests.harness.containerd import REPO, RUNTIME_BIN, VENV_BIN, Containerd, wait_task_status
 from tests.harness.cri.client import Kubelet
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, CRI_NAMESPACE, Kata
@@ -120,6 +120,22 @@ def test_list_shows_ctr_and_cri_sandboxes_and_marks_a_killed_shim_stale(
     assert kata_runtime(kata.config_path, "list", "-q").stdout == ""
 
 
+def expected_commit() -> str:
+    """The source tree reports HEAD. A frozen bundle (`make test-frozen`) reports the commit
+    it was built from (its BUILD_INFO: `make runtime` rebuilds only when its inputs change),
+    which must be HEAD or one of its ancestors."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD").stdout.strip()
+    if VENV_BIN.resolve() == RUNTIME_BIN:
+        return head
+    info = json.loads((RUNTIME_BIN.parent / "BUILD_INFO").read_text())
+    built = str(info["commit"]).removesuffix("-dirty")
+    assert git("merge-base", "--is-ancestor", built, head).returncode == 0, (built, head)
+    return built
+
+
 def test_version_and_shim_v_print_the_same_build_and_guest_image(tmp_path: Path) -> None:
     config = kataconfig.write(tmp_path / "configuration.toml",
                               kataconfig.overrides_for_tests(tmp_path / "state"))
@@ -129,11 +145,9 @@ def test_version_and_shim_v_print_the_same_build_and_guest_image(tmp_path: Path)
     assert cli.splitlines()[0] == "kata-runtime:"
     assert shim.splitlines()[0] == "containerd-shim-kata-v2:"
     assert cli.splitlines()[1:] == shim.splitlines()[1:], (cli, shim)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
     lines = shim.splitlines()
     assert lines[1].startswith("  Version:  ") and len(lines[1].split()) == 2, lines
-    assert lines[2].split()[1].removesuffix("-dirty") == head, lines
+    assert lines[2].split()[1].removesuffix("-dirty") == expected_commit(), lines
     manifest = kataconfig.GUEST_DIR / "MANIFEST"
     doc = json.loads(kata_runtime(config, "version", "--json").stdout)
     assert doc["guest_image"]["manifest"] == str(manifest), doc
