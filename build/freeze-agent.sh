@@ -33,34 +33,9 @@ done
 tmp="$out/.pyi"
 rm -rf "$tmp" "$out/kata-agent.new"
 mkdir -p "$tmp"
-
-# PyInstaller adds its runtime hook pyi_rth_inspect whenever `inspect` is in the graph
-# (dataclasses imports it). That hook imports zipfile (+ pathlib, urllib.parse, ipaddress)
-# and reads base_library.zip's name list at every start, only to fix
-# inspect.getsourcefile() for frozen code, which the agent never calls: ~25 ms on the host,
-# ~0.4 s under TCG. A user hook directory's rthooks.dat takes precedence over the built-in
-# one per module, so a no-op hook for `inspect` replaces it.
-mkdir -p "$tmp/hooks/rthooks"
-echo "{'inspect': ['pyi_rth_kata_noop.py']}" >"$tmp/hooks/rthooks.dat"
-echo "# replaces PyInstaller's pyi_rth_inspect (see freeze-agent.sh)" \
-    >"$tmp/hooks/rthooks/pyi_rth_kata_noop.py"
-(
-    cd "$root"
-    # PYTHONPATH: PyInstaller's analysis imports hooks in a subprocess; the repo root must
-    # resolve there too. -O level 1 keeps docstrings (some code reads __doc__).
-    # --debug noarchive: modules are plain .pyc files under _internal/ loaded by the
-    # standard path finder, instead of zlib-compressed entries of the PYZ archive (and
-    # base_library.zip via zipimport) unpacked by PyInstaller's pure-Python importer:
-    # host exec->serving 145 -> 79 ms median (bundle 13 -> 16 MiB); see build/README.md.
-    PYTHONPATH="$root" PYTHONDONTWRITEBYTECODE=1 "$venv/bin/pyinstaller" \
-        --onedir --noconfirm --clean --log-level WARN \
-        --name kata-agent --paths "$root" \
-        --distpath "$tmp/dist" --workpath "$tmp/build" --specpath "$tmp" \
-        --strip --optimize 1 --debug noarchive \
-        --additional-hooks-dir "$tmp/hooks" \
-        "${collect[@]}" "${excl[@]}" \
-        "$entry"
-)
+# shellcheck source=build/pyinstaller-onedir.sh
+. "$here/pyinstaller-onedir.sh"
+pyinstaller_onedir "$venv" "$root" "$tmp" kata-agent "$entry" "${collect[@]}" "${excl[@]}"
 [ -x "$tmp/dist/kata-agent/kata-agent" ] || die "PyInstaller produced no $tmp/dist/kata-agent/kata-agent"
 mv "$tmp/dist/kata-agent" "$out/kata-agent.new"
 rm -rf "$out/kata-agent" "$tmp"

@@ -35,25 +35,10 @@ done
 
 tmp="$out/.pyi"
 rm -rf "$tmp" "$out/kata-py.new"
-mkdir -p "$tmp/hooks/rthooks"
-# As for the agent (freeze-agent.sh): a no-op instead of PyInstaller's pyi_rth_inspect,
-# which imports zipfile & co at every start only to fix inspect.getsourcefile().
-echo "{'inspect': ['pyi_rth_kata_noop.py']}" >"$tmp/hooks/rthooks.dat"
-echo "# replaces PyInstaller's pyi_rth_inspect (see freeze-runtime.sh)" \
-    >"$tmp/hooks/rthooks/pyi_rth_kata_noop.py"
-(
-    cd "$root"
-    # --debug noarchive: plain .pyc files on the standard path finder, not the PYZ archive
-    # and its pure-Python importer: `start` and `delete` run once per container.
-    PYTHONPATH="$root" PYTHONDONTWRITEBYTECODE=1 "$venv/bin/pyinstaller" \
-        --onedir --noconfirm --clean --log-level WARN \
-        --name kata-py --paths "$root" \
-        --distpath "$tmp/dist" --workpath "$tmp/build" --specpath "$tmp" \
-        --strip --optimize 1 --debug noarchive \
-        --additional-hooks-dir "$tmp/hooks" \
-        "${collect[@]}" "${excl[@]}" \
-        "$here/runtime-entry.py"
-)
+mkdir -p "$tmp"
+# shellcheck source=build/pyinstaller-onedir.sh
+. "$here/pyinstaller-onedir.sh"
+pyinstaller_onedir "$venv" "$root" "$tmp" kata-py "$here/runtime-entry.py" "${collect[@]}" "${excl[@]}"
 bundle="$tmp/dist/kata-py"
 [ -x "$bundle/kata-py" ] || die "PyInstaller produced no $bundle/kata-py"
 

@@ -59,7 +59,7 @@ $(WORK)/debs.stamp: $(CACHE)/debs.lock $(DEBS) $(B)/extract-debs.sh
 
 # The agent frozen with PyInstaller -> build/work/agent/kata-agent/.
 $(WORK)/agent.stamp: $(AGENT_SRCS) $(WORK)/agent.cfg $(VENV_STAMP) \
-                     $(B)/freeze-agent.sh $(B)/agent-excludes.txt
+                     $(B)/freeze-agent.sh $(B)/pyinstaller-onedir.sh $(B)/agent-excludes.txt
 	@[ -f "$(AGENT_ENTRY)" ] || { echo "guest.mk: agent entry $(AGENT_ENTRY) not found" \
 	    "(the guest agent is agent/__main__.py; AGENT_ENTRY=... to use another)" >&2; exit 1; }
 	$(B)/freeze-agent.sh $(VENV) $(AGENT_ENTRY) $(WORK)/agent

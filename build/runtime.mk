@@ -30,7 +30,7 @@ BUNDLE := $(RUNTIME_DIR)/kata-py
 runtime: $(RUNTIME_DIR)/BUILD_INFO
 deb: $(RUNTIME_DIR)/deb.stamp
 
-$(RUNTIME_DIR)/BUILD_INFO: $(RUNTIME_SRCS) $(VENV_STAMP) $(B)/freeze-runtime.sh $(B)/runtime.mk
+$(RUNTIME_DIR)/BUILD_INFO: $(RUNTIME_SRCS) $(VENV_STAMP) $(B)/freeze-runtime.sh $(B)/pyinstaller-onedir.sh $(B)/runtime.mk
 	$(B)/freeze-runtime.sh $(VENV) $(RUNTIME_DIR)
 	cp $(BUNDLE)/BUILD_INFO $@
 
