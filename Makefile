@@ -13,7 +13,7 @@ E2E_JOBS ?= 2
 E2E_PYTEST = $(PY) -m pytest -q -n $(E2E_JOBS) --dist loadfile
 CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
-.PHONY: all deps venv protos guest lint unit e2e test test-frozen test-microvm test-stratovirt soak bench \
+.PHONY: all deps venv protos guest lint unit e2e test test-frozen try-deb test-microvm test-stratovirt soak bench \
 	demo install uninstall clean runtime deb
 
 all: venv
@@ -60,6 +60,12 @@ e2e: deps venv guest runtime deb
 test: deps venv guest runtime deb lint
 	$(PY) -m pytest -q tests/unit
 	$(E2E_PYTEST) tests/e2e
+
+# The .deb as a new user installs it on a fresh Debian 12 root (debootstrap, from the
+# mirror): apt-get install, a container in a VM, apt-get purge (build/try-deb-fresh.sh).
+try-deb: deb
+	build/try-deb-fresh.sh "$$(cat $(RUNTIME_DIR)/deb.stamp)" \
+		"$$($(PY) -c 'from tests.harness.images import busybox_image_tar as t; print(t())')"
 
 # The whole e2e suite against the frozen runtime (the bundle the .deb ships), not the source tree.
 test-frozen: deps venv guest runtime

@@ -12,6 +12,7 @@ RESOLVE_NO_MAGICLINKS)`` relative to a directory fd, and mounts then target
 
 from __future__ import annotations
 
+import errno
 import os
 from functools import cache
 from typing import Any
@@ -104,6 +105,11 @@ def bind(source: str, target: str, recursive: bool = True) -> None:
     mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
 
 
+NOT_A_MOUNT_ROOT = ("'/' is not a mount point here (a chroot?), so the sandbox's mounts cannot "
+                    "be kept from the host's; run the shim where '/' is a mount point, e.g. "
+                    "bind-mount the chroot's directory onto itself before entering it")
+
+
 def private_mount_namespace() -> None:
     """Move this process into a mount namespace of its own that receives the host's mounts
     but sends none back (``unshare(CLONE_NEWNS)``, then ``/`` recursively slave).
@@ -112,7 +118,14 @@ def private_mount_namespace() -> None:
     """
     _, lib = _lib()
     _check(lib.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    mount("none", "/", None, MS_REC | MS_SLAVE)
+    try:
+        mount("none", "/", None, MS_REC | MS_SLAVE)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        # Seen in a plain chroot: its "/" is a directory, not a mount, so it cannot be made
+        # a slave, and our mounts could propagate to the host's.
+        raise OSError(errno.EINVAL, NOT_A_MOUNT_ROOT) from e
 
 
 def setns(fd: int, nstype: int, what: str) -> None:

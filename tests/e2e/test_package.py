@@ -226,3 +226,18 @@ def test_installed_package_runs_containers_without_the_checkout(
             assert qemu.argv[qemu.argv.index("-machine") + 1].startswith("microvm,")
     assert processes_under(root) == []
     assert_removed(root, files)
+
+
+def test_the_deb_installs_and_runs_on_a_fresh_debian_root(deb: Path, busybox_image: Path) -> None:
+    """The README's .deb path as a new user takes it (build/try-deb-fresh.sh): a fresh
+    bookworm root from debootstrap, `apt-get install ./kata-py_*.deb` there (apt fetches
+    the dependencies), that root's own containerd runs busybox in a VM, `apt-get purge`
+    leaves nothing. Needs the Debian mirror, as `make guest` does."""
+    before = set(Path("/var/tmp").glob("kata-fresh.*"))
+    done = subprocess.run([str(REPO / "build/try-deb-fresh.sh"), str(deb), str(busybox_image)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, explain(done)
+    guest = [line for line in done.stdout.splitlines() if "guest kernel:" in line]
+    assert guest and kataconfig.GUEST_DIR.joinpath("kernel-release").read_text().strip() in guest[0]
+    assert "nothing of kata-py left" in done.stdout, done.stdout
+    assert set(Path("/var/tmp").glob("kata-fresh.*")) == before  # the fresh root is removed
