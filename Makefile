@@ -89,13 +89,19 @@ soak: deps venv guest
 	$(PY) -m benchmarks.soak
 	KATA_FAULT_ROUNDS=3 $(PY) -m pytest -q tests/e2e/test_fault_matrix.py
 
-# Side by side with runc, in one run each (figures in the README). `make test` runs each
-# once, small.
+# Every figure of docs/performance.md side by side with runc in one run (benchmarks/suite.py):
+# samples as JSON, a chart and the table under build/out/bench/, the table also rewritten in
+# docs/performance.md. QUICK=1: a few samples each, docs untouched (what `make test` runs).
+# Then the pod network and q35-against-microvm figures (README).
+QUICK ?=
 bench: deps venv guest
-	$(PY) -m benchmarks.e2e_latency -n 7
-	$(PY) -m benchmarks.footprint
+ifeq ($(QUICK),)
+	$(PY) -m benchmarks.suite --doc docs/performance.md
 	$(PY) -m benchmarks.pod_network -n 3 --mib 32
 	$(PY) -m benchmarks.machines -n 5
+else
+	$(PY) -m benchmarks.suite --quick
+endif
 
 demo: deps venv guest
 	$(PY) -m tests.demo

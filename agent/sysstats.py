@@ -1,6 +1,7 @@
-"""The guest's memory and load (GetGuestStats), from /proc/meminfo, loadavg and uptime.
+"""The guest's memory and load (GetGuestStats), from /proc/meminfo, loadavg, uptime and
+the agent's own /proc/self/status.
 
-Three small reads of in-memory files: cheap even under TCG, so they run inline on the loop.
+Four small reads of in-memory files: cheap even under TCG, so they run inline on the loop.
 A field the kernel does not report reads as 0.
 """
 
@@ -46,10 +47,21 @@ def parse_uptime(text: str) -> dict[str, float]:
         return {}
 
 
+def parse_status_rss(text: str) -> dict[str, int]:
+    """The process's resident set (VmRSS) in bytes, from /proc/<pid>/status."""
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            words = line.split()
+            if len(words) == 3 and words[1].isdigit() and words[2] == "kB":
+                return {"agent_rss_bytes": int(words[1]) * 1024}
+    return {}
+
+
 def guest_stats(proc: Path = PROC) -> dict[str, float | int]:
     """GetGuestStats' fields; OSError if /proc cannot be read."""
     return {
         **parse_meminfo((proc / "meminfo").read_text()),
         **parse_loadavg((proc / "loadavg").read_text()),
         **parse_uptime((proc / "uptime").read_text()),
+        **parse_status_rss((proc / "self" / "status").read_text()),
     }

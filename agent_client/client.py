@@ -289,7 +289,7 @@ class AgentClient:
             mem_total_bytes=r.mem_total_bytes, mem_free_bytes=r.mem_free_bytes,
             mem_available_bytes=r.mem_available_bytes, load1=_gauge(r.load1),
             load5=_gauge(r.load5), load15=_gauge(r.load15),
-            uptime_seconds=_gauge(r.uptime_seconds),
+            uptime_seconds=_gauge(r.uptime_seconds), agent_rss_bytes=r.agent_rss_bytes,
         )
 
     async def stats_container(self, container_id: str) -> CgroupStats:

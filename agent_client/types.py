@@ -37,6 +37,7 @@ class GuestStats:
     load5: float = 0.0
     load15: float = 0.0
     uptime_seconds: float = 0.0
+    agent_rss_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class GuestStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GuestStatsResponse(_message.Message):
-    __slots__ = ("mem_total_bytes", "mem_free_bytes", "mem_available_bytes", "load1", "load5", "load15", "uptime_seconds")
+    __slots__ = ("mem_total_bytes", "mem_free_bytes", "mem_available_bytes", "load1", "load5", "load15", "uptime_seconds", "agent_rss_bytes")
     MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEM_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class GuestStatsResponse(_message.Message):
     LOAD5_FIELD_NUMBER: _ClassVar[int]
     LOAD15_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     mem_total_bytes: int
     mem_free_bytes: int
     mem_available_bytes: int
@@ -119,7 +120,8 @@ class GuestStatsResponse(_message.Message):
     load5: float
     load15: float
     uptime_seconds: float
-    def __init__(self, mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    agent_rss_bytes: int
+    def __init__(self, mem_total_bytes: _Optional[int] = ..., mem_free_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., agent_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "storages", "oci_spec_json", "sandbox_pidns", "terminal", "stdin")

@@ -34,6 +34,7 @@ GUEST_GAUGES = (
     ("load5", "load5", "5-minute load average of the guest"),
     ("load15", "load15", "15-minute load average of the guest"),
     ("uptime_seconds", "uptime_seconds", "seconds since the guest booted"),
+    ("agent_rss_bytes", "agent_rss_bytes", "resident set of the agent (the guest's PID 1)"),
 )
 
 

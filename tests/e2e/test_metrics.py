@@ -93,6 +93,7 @@ def test_metrics_while_a_pod_runs_and_none_after_it(kata: Kata) -> None:
         assert procs.wait_until(
             lambda: value(scrape(kata, cid)[0], "kata_guest_load1", **sb) > 0, 30)
         assert value(samples, "kata_guest_uptime_seconds", **sb) > 0
+        assert 1 << 20 < value(samples, "kata_guest_agent_rss_bytes", **sb) < total
 
         cpu = value(samples, "kata_container_cpu_seconds_total", **box)
         assert cpu > value(first, "kata_container_cpu_seconds_total", **box) > 0

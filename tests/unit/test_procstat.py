@@ -131,7 +131,10 @@ def test_guest_stats_from_a_fake_proc(tmp_path: Path) -> None:
     (tmp_path / "meminfo").write_text(MEMINFO)
     (tmp_path / "loadavg").write_text("1.00 2.00 3.00 1/80 321\n")
     (tmp_path / "uptime").write_text("7.25 1.00\n")
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "status").write_text("Name:\tkata-agent\nVmRSS:\t   31416 kB\n")
     stats = sysstats.guest_stats(tmp_path)
+    assert stats["agent_rss_bytes"] == 31416 * 1024
     assert stats["mem_total_bytes"] == 2014512 * 1024 and stats["load15"] == 3.0
     assert stats["uptime_seconds"] == 7.25
 
@@ -142,3 +145,9 @@ def test_guest_stats_of_this_host_fit_the_response() -> None:
     response = pb.GuestStatsResponse(**sysstats.guest_stats())  # type: ignore[arg-type]
     assert 0 < response.mem_available_bytes <= response.mem_total_bytes
     assert response.uptime_seconds > 0
+    assert 0 < response.agent_rss_bytes < response.mem_total_bytes
+
+
+@pytest.mark.parametrize("text", ["", "VmRSS:\t12 MB\n", "VmRSS:\tx kB\n", "VmRSS:\n"])
+def test_broken_status_reports_no_rss(text: str) -> None:
+    assert sysstats.parse_status_rss(text) == {}

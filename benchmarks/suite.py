@@ -1,0 +1,298 @@
+"""`make bench`: every figure of docs/performance.md, our runtime beside runc, in one run.
+
+    sudo .venv/bin/python -m benchmarks.suite [--quick] [--out build/out/bench] [--doc FILE]
+
+One private containerd (with its CRI plugin) runs both ``io.containerd.runc.v2`` and ours
+(``io.containerd.kata.v2``; CRI handlers ``runc`` and ``kata``), the test guest, a
+2048 MiB VM (Kata's default). Runs of the two runtimes interleave, so host noise falls on
+both. Figures (issue 11): cold run with its phase breakdown, the boot floor, CRI pod start,
+pods started at once, host memory per pod, shim cost, exec latency, stdout throughput.
+Every sample goes to ``<out>/bench-<time>.json`` (`benchmarks.results`), with a chart
+(``.png``) and the Markdown table (``.md``); ``--doc`` rewrites the table in that file.
+`--quick` is the short form `make test` runs to prove the bench works; never timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks import floor, results
+from benchmarks.measure import (
+    ShimCpu,
+    mem_available_mib,
+    pss_mib,
+    role_pids,
+    timed_ctr,
+    timed_tty_exec,
+)
+from benchmarks.phases import breakdown, shim_events
+from cli.metrics import fetch, find_socket
+from tests.harness.cri.client import Kubelet
+from tests.harness.images import IMAGE_REF
+from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
+from tests.harness.kataconfig import REPO
+from tests.harness.scenarios import KATA, RUNC, remove
+
+RUNTIMES = {"runc": RUNC, "kata": KATA}
+HANDLERS = {"runc": "runc", "kata": CRI_HANDLER}
+GUEST_MEMORY_MIB = 2048
+ACCEL = re.compile(r'msg="sandbox started" .*?accelerator=(\w+)')
+#: What the chart shows: one panel per figure.
+CHART = {"cold run": "wall s", "CRI pod start": "pod running s", "exec": "exec true s",
+         "memory, 1 pod": "PSS per pod MiB", "shim": "CPU s per lifecycle"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many samples of each figure."""
+
+    cold: int = 10
+    floor: int = 5
+    cri: int = 5
+    singles: int = 3
+    parallel: int = 8
+    lifecycles: int = 5
+    execs: int = 10
+    #: Bytes ours prints for the stdout figure; runc prints `RUNC_STDOUT_SCALE` times more,
+    #: so that writing them to /dev/null takes long enough against the exec's own latency.
+    stdout_bytes: int = 8 << 20
+    settle: float = 10.0
+
+
+RUNC_STDOUT_SCALE = 16
+QUICK = Plan(cold=2, floor=1, cri=1, singles=1, parallel=2, lifecycles=1, execs=2,
+             stdout_bytes=256 << 10, settle=1.0)
+Figures = dict[str, dict[str, dict[str, list[float]]]]
+
+
+def run_argv(kata: Kata, name: str, *flags: str) -> list[str]:
+    """`ctr run` arguments up to the image for runtime `name` (ours gets the bench's
+    configuration file as its runtime options' ConfigPath, as a CRI handler does)."""
+    extra = ["--runtime-config-path", str(kata.config_path)] if name == "kata" else []
+    return ["run", *flags, "--runtime", RUNTIMES[name], *extra, IMAGE_REF]
+
+
+def cold_runs(kata: Kata, plan: Plan, figs: Figures) -> None:
+    """(1) `ctr run --rm busybox true`, and where our runtime's time went."""
+    fig, timed = figs["cold run"], []
+    for i in range(plan.cold):
+        for name in RUNTIMES:
+            cid = f"cold-{name}-{i}"
+            started = time.time()
+            timed_ctr(kata.cd, *run_argv(kata, name, "--rm"), cid, "true")
+            ended = time.time()
+            fig[name]["wall s"].append(ended - started)
+            if name == "kata":
+                timed.append((cid, started, ended))
+    time.sleep(0.5)  # the shim's last lines reach containerd's log asynchronously
+    lines = kata.cd.log_path.read_text(errors="replace").splitlines()
+    for cid, started, ended in timed:
+        for phase, secs in breakdown(started, ended, shim_events(lines, cid)).items():
+            fig["kata"][f"{phase} s"].append(secs)
+
+
+def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
+    """(2) QEMU with the same kernel, initrd, parameters and memory until /init runs."""
+    for _ in range(plan.floor):
+        figs["boot floor"]["kata"]["QEMU spawn to /init s"].append(
+            floor.seconds_to_init(kata.config_path))
+
+
+def cri_pod_starts(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None:
+    """(3) RunPodSandbox + CreateContainer + StartContainer until the container runs.
+    A handler whose pod cannot start is noted and left out (runc's, on some hosts)."""
+    fig = figs["CRI pod start"]
+    handlers = dict(HANDLERS)
+    with Kubelet(kata.cd.address, kata.cd.dir / "pod-logs") as kubelet:
+        for i in range(plan.cri):
+            for name, handler in list(handlers.items()):
+                start = time.monotonic()
+                try:
+                    pod = kubelet.run_pod(f"bench-{name}-{i}", handler)
+                except grpc.RpcError as e:
+                    if name == "kata":
+                        raise
+                    notes.append(f"CRI pod start: no {name} figure, its pod failed: "
+                                 f"{e.details()}")  # type: ignore[attr-defined]
+                    del handlers[name]
+                    continue
+                try:
+                    kubelet.start_container(pod, "idle", IMAGE_REF, ["sleep", "3600"])
+                    fig[name]["pod running s"].append(time.monotonic() - start)
+                finally:
+                    stop = time.monotonic()
+                    kubelet.stop_pod(pod.id)
+                    kubelet.remove_pod(pod.id)
+                    fig[name]["stop + remove s"].append(time.monotonic() - stop)
+
+
+def agent_rss_mib(kata: Kata, sandbox_id: str) -> float:
+    """The agent's resident set in the guest, from the pod's metrics endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = fetch(find_socket(kata.state_dir, sandbox_id)).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kata_guest_agent_rss_bytes":
+                return sample.value / (1 << 20)
+    raise RuntimeError(f"{sandbox_id}: no kata_guest_agent_rss_bytes in its metrics")
+
+
+def start_at_once(kata: Kata, name: str, ids: list[str]) -> tuple[float, list[float]]:
+    """Wall time of `ctr run -d` for every id at once, and each one's own time."""
+    def one(cid: str) -> float:
+        return timed_ctr(kata.cd, *run_argv(kata, name, "-d"), cid, "sleep", "3600")[0]
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(ids)) as pool:
+        each = list(pool.map(one, ids))
+    return time.monotonic() - start, each
+
+
+def remove_all(kata: Kata, ids: list[str]) -> None:
+    with ThreadPoolExecutor(len(ids)) as pool:
+        list(pool.map(lambda cid: remove(kata.cd, cid), ids))
+
+
+def pods_at_once(kata: Kata, name: str, count: int, plan: Plan, round_: int,
+                 figs: Figures) -> float:
+    """(4)(5) `count` idle containers started at once: times, then host memory per pod.
+    Returns the wall time."""
+    ids = [f"mem-{name}-{count}-{round_}-{i}" for i in range(count)]
+    before = mem_available_mib()
+    wall, each = start_at_once(kata, name, ids)
+    try:
+        time.sleep(plan.settle)  # let boot-time work (and page cache churn) settle
+        fig = figs[f"memory, {'1 pod' if count == 1 else f'{count} pods'}"][name]
+        pids = role_pids(kata.cd)
+        fig["MemAvailable drop per pod MiB"].append((before - mem_available_mib()) / count)
+        fig["PSS per pod MiB"].append(pss_mib(p for g in pids.values() for p in g) / count)
+        for role, group in pids.items():
+            if group:
+                fig[f"{role} PSS per pod MiB"].append(pss_mib(group) / count)
+        if name == "kata":
+            rss = [agent_rss_mib(kata, cid) for cid in ids]
+            fig["agent RSS (guest) MiB"].append(statistics.mean(rss))
+        starts = figs["pods at once" if count > 1 else "pod alone"][name]
+        starts["start s (each)"].extend(each)
+        starts["wall s"].append(wall)
+    finally:
+        remove_all(kata, ids)
+    return wall
+
+
+def pod_memory_and_parallel(kata: Kata, plan: Plan, figs: Figures) -> None:
+    for name in RUNTIMES:
+        alone = [pods_at_once(kata, name, 1, plan, i, figs) for i in range(plan.singles)]
+        wall = pods_at_once(kata, name, plan.parallel, plan, 0, figs)
+        # How much faster than one after the other: serial time / parallel wall time.
+        speedup = plan.parallel * statistics.median(alone) / wall
+        figs["pods at once"][name]["speed-up over serial x"].append(speedup)
+
+
+def shim_cost(kata: Kata, plan: Plan, figs: Figures) -> None:
+    """(6) shim CPU per `ctr run --rm true` lifecycle, and its PSS with one idle pod."""
+    fig = figs["shim"]
+    for i in range(plan.lifecycles):
+        for name in RUNTIMES:
+            with ShimCpu(kata.cd) as cpu:
+                timed_ctr(kata.cd, *run_argv(kata, name, "--rm"), f"cpu-{name}-{i}", "true")
+            fig[name]["CPU s per lifecycle"].append(cpu.seconds)
+    for name in RUNTIMES:
+        fig[name]["PSS MiB"] = list(figs["memory, 1 pod"][name].get("shim PSS per pod MiB", []))
+
+
+def exec_and_stdout(kata: Kata, plan: Plan, figs: Figures) -> None:
+    """(7) `ctr task exec ... true`; (8) stdout through a pipe and a tty against /dev/null."""
+    for name in RUNTIMES:
+        size = plan.stdout_bytes * (RUNC_STDOUT_SCALE if name == "runc" else 1)
+        make = f"yes 0123456789abcdef | head -c {size}"
+        cid = f"exec-{name}"
+        timed_ctr(kata.cd, *run_argv(kata, name, "-d"), cid, "sleep", "3600")
+        try:
+            ex = figs["exec"][name]
+            for i in range(plan.execs):
+                ex["exec true s"].append(timed_ctr(kata.cd, "task", "exec", "--exec-id",
+                                                   f"t{i}", cid, "true")[0])
+            base = statistics.median(ex["exec true s"])
+            out = figs["stdout"][name]
+            for i in range(max(1, plan.execs // 2)):
+                null, _ = timed_ctr(kata.cd, "task", "exec", "--exec-id", f"n{i}", cid,
+                                    "sh", "-c", f"{make} >/dev/null")
+                pipe, res = timed_ctr(kata.cd, "task", "exec", "--exec-id", f"p{i}", cid,
+                                      "sh", "-c", make)
+                if len(res.stdout) != size:
+                    raise RuntimeError(f"{name}: {len(res.stdout)} bytes through the pipe, "
+                                       f"not {size}")
+                tty, printed = timed_tty_exec(kata.cd, cid, f"y{i}", make)
+                if printed < size:  # the tty turns \n into \r\n: more, never less
+                    raise RuntimeError(f"{name}: {printed} bytes through the tty, not {size}")
+                net_null = max(null - base, 1e-3)
+                out["MiB printed"].append(size / (1 << 20))
+                out["to /dev/null s"].append(null)
+                out["pipe s"].append(pipe)
+                out["tty s"].append(tty)
+                out["pipe / devnull x"].append((pipe - base) / net_null)
+                out["tty / devnull x"].append((tty - base) / net_null)
+        finally:
+            remove(kata.cd, cid)
+
+
+STEPS = (cold_runs, boot_floor, pod_memory_and_parallel, shim_cost, exec_and_stdout)
+
+
+def measure(plan: Plan) -> tuple[Figures, str, list[str]]:
+    """Every figure, the accelerator our VMs ran under, and notes on what is missing."""
+    figs: Figures = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    notes: list[str] = []
+    steps = [*STEPS[:2], functools.partial(cri_pod_starts, notes=notes), *STEPS[2:]]
+    with kata_cri_containerd() as kata:
+        kata.write_config({"hypervisor.qemu": {"default_memory": GUEST_MEMORY_MIB}})
+        for step in steps:
+            print(f"bench: {getattr(step, '__name__', 'cri_pod_starts')} ...",
+                  file=sys.stderr, flush=True)
+            step(kata, plan, figs)
+        m = ACCEL.search(kata.cd.log_path.read_text(errors="replace"))
+    return figs, m[1] if m else "unknown", notes
+
+
+def plain(figs: Figures) -> dict[str, Any]:
+    return {f: {r: dict(metrics) for r, metrics in runtimes.items()}
+            for f, runtimes in figs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few samples of each figure")
+    ap.add_argument("--out", type=Path, default=REPO / "build/out/bench")
+    ap.add_argument("--doc", type=Path, help="rewrite the results table in this file")
+    args = ap.parse_args(argv)
+    figs, accel, notes = measure(QUICK if args.quick else Plan())
+    meta = {**results.machine_meta(REPO, accel, args.quick), "notes": notes}
+    run = {"meta": meta, "figures": plain(figs)}
+    stem = args.out / f"bench-{run['meta']['date'].replace(':', '')[:17]}"
+    results.write_json(run, stem.with_suffix(".json"))
+    text = results.table(run)
+    stem.with_suffix(".md").write_text(text)
+    results.chart(run, stem.with_suffix(".png"), CHART)
+    if args.doc:
+        results.update_doc(args.doc, text)
+    print(text)
+    print(f"bench: results in {stem}.json, .md, .png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

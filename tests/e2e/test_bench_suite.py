@@ -1,0 +1,45 @@
+"""`make bench` kept working: its QUICK form runs every figure against the real stack and
+writes results that validate against their schema, a chart and a table (the numbers are
+the benchmark's business, never this test's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from benchmarks import suite
+from benchmarks.phases import PHASES
+
+REPO = Path(__file__).resolve().parents[2]
+FIGURES = {"cold run", "boot floor", "CRI pod start", "pod alone", "pods at once",
+           "memory, 1 pod", f"memory, {suite.QUICK.parallel} pods", "shim", "exec", "stdout"}
+
+
+def test_the_quick_bench_writes_every_figure(guest_release: str, tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    doc.write_text((REPO / "docs" / "performance.md").read_text())
+    assert suite.main(["--quick", "--out", str(tmp_path / "out"), "--doc", str(doc)]) == 0
+
+    [result] = (tmp_path / "out").glob("bench-*.json")
+    run = json.loads(result.read_text())
+    jsonschema.validate(run, json.loads((REPO / "docs/bench-results.schema.json").read_text()))
+    figures = run["figures"]
+    assert set(figures) == FIGURES
+    cri_runc_failed = any(n.startswith("CRI pod start: no runc") for n in run["meta"]["notes"])
+    for name, runtimes in figures.items():
+        expected = {"kata"} if name == "boot floor" or (
+            name == "CRI pod start" and cri_runc_failed) else {"runc", "kata"}
+        assert set(runtimes) == expected, (name, runtimes)
+    kata = figures["cold run"]["kata"]
+    assert len(kata["wall s"]) == suite.QUICK.cold
+    assert {f"{p} s" for p in PHASES} <= set(kata), "the breakdown is missing phases"
+    assert sum(kata[f"{p} s"][0] for p in PHASES) == pytest.approx(kata["wall s"][0], abs=0.05)
+    assert figures["memory, 1 pod"]["kata"]["vmm PSS per pod MiB"][0] > 32
+    assert figures["memory, 1 pod"]["kata"]["agent RSS (guest) MiB"][0] > 1
+
+    assert result.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    table = result.with_suffix(".md").read_text()
+    assert "| cold run | wall s |" in table and table in doc.read_text()
