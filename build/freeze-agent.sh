@@ -12,32 +12,19 @@ die() { echo "freeze-agent: $*" >&2; exit 1; }
 venv=$1 entry=$2 out=$3
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-[ -x "$venv/bin/pyinstaller" ] || die "$venv/bin/pyinstaller not found (make venv)"
 [ -f "$entry" ] || die "agent entry $entry not found (the agent package is agent/__main__.py)"
 entry=$(cd "$(dirname "$entry")" && pwd)/$(basename "$entry")
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-
-excl=()
-while read -r m; do
-    case "$m" in ''|'#'*) continue ;; esac
-    excl+=(--exclude-module "$m")
-done <"$here/agent-excludes.txt"
-
-# Submodules the agent may import lazily (importlib / inside functions) are collected too.
-collect=()
-for pkg in agent ttrpc protocols common; do
-    [ -f "$root/$pkg/__init__.py" ] && collect+=(--collect-submodules "$pkg")
-done
-
-tmp="$out/.pyi"
-rm -rf "$tmp" "$out/kata-agent.new"
-mkdir -p "$tmp"
 # shellcheck source=build/pyinstaller-onedir.sh
 . "$here/pyinstaller-onedir.sh"
-pyinstaller_onedir "$venv" "$root" "$tmp" kata-agent "$entry" "${collect[@]}" "${excl[@]}"
-[ -x "$tmp/dist/kata-agent/kata-agent" ] || die "PyInstaller produced no $tmp/dist/kata-agent/kata-agent"
-mv "$tmp/dist/kata-agent" "$out/kata-agent.new"
-rm -rf "$out/kata-agent" "$tmp"
-mv "$out/kata-agent.new" "$out/kata-agent"
+
+# Submodules the agent may import lazily (importlib / inside functions) are collected too.
+args=()
+add_each args --collect-submodules agent ttrpc protocols common
+mapfile -t excluded < <(grep -Ev '^[[:space:]]*(#|$)' "$here/agent-excludes.txt")
+add_each args --exclude-module "${excluded[@]}"
+
+pyinstaller_onedir "$venv" "$root" "$out" kata-agent "$entry" "${args[@]}"
+onedir_install "$out" kata-agent
 echo "freeze-agent: $(du -sh "$out/kata-agent" | cut -f1) in $out/kata-agent"

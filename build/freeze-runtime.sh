@@ -12,35 +12,27 @@ die() { echo "freeze-runtime: $*" >&2; exit 1; }
 venv=$1 out=$2
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-[ -x "$venv/bin/pyinstaller" ] || die "$venv/bin/pyinstaller not found (make venv)"
+command -v patchelf >/dev/null || die "patchelf not found (make deps)"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# shellcheck source=build/pyinstaller-onedir.sh
+. "$here/pyinstaller-onedir.sh"
 
 # Everything the host side may import lazily (importlib, imports inside functions): our
 # packages (not the guest agent), pyroute2 (the netlink worker), the protobuf runtime.
-collect=()
-for pkg in cli common hostos shim sandbox hypervisors agent_client network ttrpc protocols; do
-    collect+=(--collect-submodules "$pkg")
-done
-collect+=(--collect-submodules pyroute2 --collect-submodules google.protobuf)
+args=()
+add_each args --collect-submodules cli common hostos shim sandbox hypervisors agent_client \
+    network ttrpc protocols pyroute2 google.protobuf
 if "$venv/bin/python" -c 'import prometheus_client' 2>/dev/null; then
-    collect+=(--collect-submodules prometheus_client)
+    add_each args --collect-submodules prometheus_client
 fi
-# Development and guest-only modules never belong in the host runtime.
-excl=()
-for m in agent tests benchmarks pytest _pytest hypothesis grpc grpc_tools mypy ruff \
-         PyInstaller setuptools pip tkinter readline pyexpat; do
-    excl+=(--exclude-module "$m")
-done
+# Development and guest-only modules never belong in the host runtime (numpy: protobuf imports
+# it lazily for __array__; it is in the venv for the benchmarks' charts only).
+add_each args --exclude-module agent tests benchmarks pytest _pytest hypothesis grpc \
+    grpc_tools mypy ruff PyInstaller setuptools pip tkinter readline pyexpat numpy matplotlib
 
-tmp="$out/.pyi"
-rm -rf "$tmp" "$out/kata-py.new"
-mkdir -p "$tmp"
-# shellcheck source=build/pyinstaller-onedir.sh
-. "$here/pyinstaller-onedir.sh"
-pyinstaller_onedir "$venv" "$root" "$tmp" kata-py "$here/runtime-entry.py" "${collect[@]}" "${excl[@]}"
-bundle="$tmp/dist/kata-py"
-[ -x "$bundle/kata-py" ] || die "PyInstaller produced no $bundle/kata-py"
+pyinstaller_onedir "$venv" "$root" "$out" kata-py "$here/runtime-entry.py" "${args[@]}"
+bundle="$out/.pyi/dist/kata-py"
 
 # Shared libraries Debian 12 ships are taken from the system (the .deb depends on their
 # packages, build/debian/control.in), not carried in the bundle: security updates reach
@@ -51,27 +43,25 @@ for lib in libz.so.1 libbz2.so.1.0 liblzma.so.5 libffi.so.8 libssl.so.3 libcrypt
            libgcc_s.so.1; do
     rm -f "$bundle/_internal/$lib"
 done
-command -v patchelf >/dev/null || die "patchelf not found (make deps)"
 find "$bundle" -type f \( -name '*.so' -o -name '*.so.*' -o -name kata-py \) -print0 \
     | while IFS= read -r -d '' f; do
         if [ -n "$(patchelf --print-rpath "$f" 2>/dev/null)" ]; then patchelf --remove-rpath "$f"; fi
         case "$f" in *.so|*.so.*) chmod 0644 "$f" ;; esac
     done
 
-version=$("$venv/bin/python" -c 'import sys; sys.path.insert(0, sys.argv[1]);
-from common.constants import RUNTIME_VERSION; print(RUNTIME_VERSION)' "$root")
-commit=$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)
-if [ "$commit" != unknown ] && [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
-    commit="$commit-dirty"
-fi
-printf '{"version": "%s", "commit": "%s"}\n' "$version" "$commit" >"$bundle/BUILD_INFO"
+# The version and commit as the runtime reports them without a BUILD_INFO (common/buildinfo.py:
+# git's HEAD, -dirty when tracked files changed, without rewriting the shared index).
+PYTHONPATH="$root" PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -c '
+import json
+from common import buildinfo
+commit = buildinfo.git_commit() or buildinfo.UNKNOWN
+print(json.dumps({"version": buildinfo.RUNTIME_VERSION, "commit": commit}))' >"$bundle/BUILD_INFO"
 
 mkdir -p "$bundle/bin"
 for e in containerd-shim-kata-v2 containerd-shim-kata-qemu-v2 \
          containerd-shim-kata-qemu-microvm-v2 containerd-shim-kata-stratovirt-v2 kata-runtime; do
     ln -s ../kata-py "$bundle/bin/$e"
 done
-mv "$bundle" "$out/kata-py.new"
-rm -rf "$out/kata-py" "$tmp"
-mv "$out/kata-py.new" "$out/kata-py"
-echo "freeze-runtime: $(du -sh "$out/kata-py" | cut -f1) in $out/kata-py ($version, $commit)"
+onedir_install "$out" kata-py
+echo "freeze-runtime: $(du -sh "$out/kata-py" | cut -f1) in $out/kata-py:" \
+    "$(cat "$out/kata-py/BUILD_INFO")"

@@ -2,14 +2,9 @@
 # Called by the top-level Makefile: $(MAKE) -f build/guest.mk GUEST_DIR=... PY=... VENV=...
 # Every step is rebuilt only when one of its inputs changed; with nothing changed a second
 # run does nothing.
-SHELL := /bin/bash
-.SHELLFLAGS := -euo pipefail -c
-.DELETE_ON_ERROR:
-.SUFFIXES:
-MAKEFLAGS += --no-builtin-rules
-
-ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))..)
-B := $(ROOT)/build
+# This file's path (before the include appends to MAKEFILE_LIST), for `refresh`.
+THIS_MK := $(lastword $(MAKEFILE_LIST))
+include $(dir $(THIS_MK))common.mk
 GUEST_DIR ?= $(B)/out
 WORK ?= $(B)/work
 CACHE ?= $(B)/cache
@@ -96,7 +91,7 @@ $(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)
 # Pick up newer Debian packages (the .debs stay cached until then).
 refresh:
 	rm -f $(CACHE)/debs.lock
-	$(MAKE) -f $(lastword $(MAKEFILE_LIST)) guest
+	$(MAKE) -f $(THIS_MK) guest
 
 clean-guest:
 	rm -rf $(GUEST_DIR) $(WORK)

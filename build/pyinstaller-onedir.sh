@@ -1,10 +1,37 @@
-# Sourced by build/freeze-agent.sh and build/freeze-runtime.sh: one PyInstaller --onedir
-# call with the settings both frozen programs share.
-#   pyinstaller_onedir VENV ROOT TMP NAME ENTRY [PYINSTALLER ARGS...]
-# The bundle lands in TMP/dist/NAME; TMP also holds PyInstaller's work files.
+# Sourced by build/freeze-agent.sh and build/freeze-runtime.sh: what both frozen programs
+# share, from the PyInstaller --onedir call to putting the bundle in place.
+#   add_each ARRAY FLAG WORD...        appends FLAG WORD to the array named ARRAY, per WORD
+#   pyinstaller_onedir VENV ROOT OUT NAME ENTRY [PYINSTALLER ARGS...]
+#                                      builds OUT/.pyi/dist/NAME (OUT/.pyi: PyInstaller's
+#                                      work files), ready for changes before it is installed
+#   onedir_install OUT NAME            replaces OUT/NAME with it (atomically), removes OUT/.pyi
+# OUT must be an absolute path.
+
+add_each() {
+    local -n _add_each_to=$1
+    local flag=$2 word
+    shift 2
+    for word in "$@"; do _add_each_to+=("$flag" "$word"); done
+}
+
+onedir_install() {
+    local out=$1 name=$2
+    rm -rf "$out/$name.new"
+    mv "$out/.pyi/dist/$name" "$out/$name.new"
+    rm -rf "$out/$name" "$out/.pyi"
+    mv "$out/$name.new" "$out/$name"
+}
+
 pyinstaller_onedir() {
-    local venv=$1 root=$2 tmp=$3 name=$4 entry=$5
+    local venv=$1 root=$2 out=$3 name=$4 entry=$5
     shift 5
+    local tmp="$out/.pyi"
+    if [ ! -x "$venv/bin/pyinstaller" ]; then
+        echo "$venv/bin/pyinstaller not found (make venv)" >&2
+        return 1
+    fi
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
     # PyInstaller adds its runtime hook pyi_rth_inspect whenever `inspect` is in the graph
     # (dataclasses imports it). That hook imports zipfile (+ pathlib, urllib.parse,
     # ipaddress) and reads base_library.zip's name list at every start, only to fix
@@ -32,4 +59,8 @@ pyinstaller_onedir() {
             --additional-hooks-dir "$tmp/hooks" \
             "$@" "$entry"
     )
+    if [ ! -x "$tmp/dist/$name/$name" ]; then
+        echo "PyInstaller produced no $tmp/dist/$name/$name" >&2
+        return 1
+    fi
 }

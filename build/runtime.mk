@@ -3,14 +3,7 @@
 # the top-level Makefile:
 #   $(MAKE) -f build/runtime.mk RUNTIME_DIR=... VENV=... [GUEST_DIR=... deb]
 # Rebuilt only when one of its inputs changed; with nothing changed a second run does nothing.
-SHELL := /bin/bash
-.SHELLFLAGS := -euo pipefail -c
-.DELETE_ON_ERROR:
-.SUFFIXES:
-MAKEFLAGS += --no-builtin-rules
-
-ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))..)
-B := $(ROOT)/build
+include $(dir $(lastword $(MAKEFILE_LIST)))common.mk
 RUNTIME_DIR ?= $(B)/out/runtime
 VENV ?= $(ROOT)/.venv
 GUEST_DIR ?= $(B)/out
@@ -30,7 +23,8 @@ BUNDLE := $(RUNTIME_DIR)/kata-py
 runtime: $(RUNTIME_DIR)/BUILD_INFO
 deb: $(RUNTIME_DIR)/deb.stamp
 
-$(RUNTIME_DIR)/BUILD_INFO: $(RUNTIME_SRCS) $(VENV_STAMP) $(B)/freeze-runtime.sh $(B)/pyinstaller-onedir.sh $(B)/runtime.mk
+$(RUNTIME_DIR)/BUILD_INFO: $(RUNTIME_SRCS) $(VENV_STAMP) $(B)/freeze-runtime.sh \
+                           $(B)/pyinstaller-onedir.sh $(B)/runtime.mk $(B)/common.mk
 	$(B)/freeze-runtime.sh $(VENV) $(RUNTIME_DIR)
 	cp $(BUNDLE)/BUILD_INFO $@
 

@@ -86,9 +86,10 @@ def _parse(text: str, what: str) -> dict[str, object]:
         raise ConfigEditError(f"{what} is not valid TOML ({e}); fix it first") from e
 
 
-def _runtimes(doc: dict[str, object]) -> dict[str, object]:
+def _table(doc: dict[str, object], keys: tuple[str, ...]) -> dict[str, object]:
+    """The table at ``keys`` in a parsed document ({} where a key is missing or no table)."""
     node: object = doc
-    for key in ("plugins", CRI_PLUGIN, "containerd", "runtimes"):
+    for key in keys:
         node = node.get(key, {}) if isinstance(node, dict) else {}
     return node if isinstance(node, dict) else {}
 
@@ -100,13 +101,6 @@ RUNTIMES_TABLES = {1: ("plugins", "cri", "containerd", "runtimes"),
                    3: ("plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes")}
 #: ``io.containerd.kata.v2`` and the variants' ``io.containerd.kata-<variant>.v2``.
 KATA_RUNTIME_TYPE = re.compile(r"io\.containerd\.kata(-[a-z0-9][a-z0-9-]*)?\.v2")
-
-
-def _table(doc: dict[str, object], keys: tuple[str, ...]) -> dict[str, object]:
-    node: object = doc
-    for key in keys:
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    return node if isinstance(node, dict) else {}
 
 
 def kata_handlers(doc: dict[str, object]) -> list[tuple[str, str]]:
@@ -128,11 +122,9 @@ def parse_file(path: Path) -> dict[str, object]:
 
 
 def _needs_default_runc(doc: dict[str, object]) -> bool:
-    node: object = doc
-    for key in ("plugins", CRI_PLUGIN, "containerd"):
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    default = node.get("default_runtime_name", "runc") if isinstance(node, dict) else "runc"
-    return default == "runc" and "runc" not in _runtimes(doc)
+    containerd = _table(doc, ("plugins", CRI_PLUGIN, "containerd"))
+    default = containerd.get("default_runtime_name", "runc")
+    return default == "runc" and "runc" not in _table(containerd, ("runtimes",))
 
 
 def strip_block(text: str, name: str) -> str:
@@ -163,7 +155,7 @@ def add(text: str, handler: Handler, what: str = "the configuration") -> str:
             f"{what} is containerd configuration version {version or 1}: this command writes "
             "version 2: convert the file first (containerd 1.7+: `containerd config migrate`), "
             "or add `version = 2` at its top if it has no plugin sections yet")
-    if handler.name in _runtimes(doc):
+    if handler.name in _table(doc, RUNTIMES_TABLES[2]):
         raise ConfigEditError(f"{what} already defines the runtime handler {handler.name!r} "
                               "outside our block: remove it, or choose another --handler")
     head = base if base.strip() else "version = 2\n"

@@ -37,9 +37,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from cli.listing import SandboxNotFound, add_sandbox_arguments, find_sandbox
 from common.constants import DEBUG_CONSOLE_EXIT
 from sandbox.config import RuntimeConfig
-from sandbox.inspect import debug_console, list_sandboxes
+from sandbox.inspect import debug_console
 
 PROG = "kata-runtime"
 #: Ctrl-], as telnet.
@@ -58,9 +59,7 @@ class ExecRefused(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``exec``'s own arguments."""
-    parser.add_argument("sandbox_id", metavar="sandbox-id", help="the sandbox (pod) id")
-    parser.add_argument("--namespace", "-n", default=None,
-                        help="containerd namespace of the sandbox, when the id is in several")
+    add_sandbox_arguments(parser)
 
 
 def run(config: RuntimeConfig, args: argparse.Namespace, err: TextIO | None = None) -> int:
@@ -85,7 +84,7 @@ def run(config: RuntimeConfig, args: argparse.Namespace, err: TextIO | None = No
 
 def connect(config: RuntimeConfig, sandbox_id: str, namespace: str | None) -> socket.socket:
     """A connection to the sandbox's debug console; `ExecRefused` saying why not."""
-    entry = find_sandbox(config.state_dir, sandbox_id, namespace)
+    entry = running_sandbox(config.state_dir, sandbox_id, namespace)
     ns = str(entry["namespace"])
     console = debug_console(config.state_dir, ns, sandbox_id)
     if not console.enabled:
@@ -103,19 +102,12 @@ def connect(config: RuntimeConfig, sandbox_id: str, namespace: str | None) -> so
     return sock
 
 
-def find_sandbox(state_dir: Path, sandbox_id: str, namespace: str | None) -> dict[str, Any]:
-    """The one running sandbox of that id (in ``namespace`` if given)."""
-    found = [e for e in list_sandboxes(state_dir) if e["id"] == sandbox_id
-             and (namespace is None or e["namespace"] == namespace)]  # fmt: skip
-    where = f" in namespace {namespace}" if namespace is not None else ""
-    if not found:
-        raise ExecRefused(f"sandbox {sandbox_id} not found{where} (in {state_dir / 'sbs'}); "
-                          "`kata-runtime list` shows the sandboxes")  # fmt: skip
-    if len(found) > 1:
-        names = ", ".join(str(e["namespace"]) for e in found)
-        raise ExecRefused(f"sandbox {sandbox_id} exists in namespaces {names}: pick one with "
-                          "--namespace")  # fmt: skip
-    entry = found[0]
+def running_sandbox(state_dir: Path, sandbox_id: str, namespace: str | None) -> dict[str, Any]:
+    """The one running sandbox of that id (in ``namespace`` if given); `ExecRefused` if none."""
+    try:
+        entry = find_sandbox(state_dir, sandbox_id, namespace)
+    except SandboxNotFound as e:
+        raise ExecRefused(str(e)) from e
     if not _running(entry):
         why = entry.get("problem") or "its shim or VM is not running"
         raise ExecRefused(f"sandbox {sandbox_id} is not running: {why}")

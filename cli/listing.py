@@ -5,13 +5,17 @@ state dir, its processes checked against /proc, and a ``status``). The JSON is t
 unchanged; its schema is docs/kata-runtime-list.schema.json and docs/cli.md describes it.
 The default table stays narrow (one line per sandbox on a terminal); ``--all`` adds where
 each VM came from: hypervisor, accelerator, guest kernel release, kernel and initrd paths.
+`find_sandbox` picks one entry by id for the commands that act on one sandbox (``exec``,
+``metrics``), with the same messages for both.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from sandbox.config import RuntimeConfig
@@ -19,6 +23,34 @@ from sandbox.inspect import list_sandboxes
 
 FORMATS = ("table", "json")
 Cell = Callable[[dict[str, Any]], str]
+
+
+class SandboxNotFound(Exception):
+    """No one sandbox has that id (in that namespace); the message says why and what to do."""
+
+
+def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
+    """``<sandbox-id> [--namespace NS]``, for the commands that act on one sandbox."""
+    parser.add_argument("sandbox_id", metavar="sandbox-id",
+                        help="the sandbox (pod) id, as `kata-runtime list` shows it")
+    parser.add_argument("--namespace", "-n", default=None,
+                        help="containerd namespace of the sandbox, when the id is in several")
+
+
+def find_sandbox(state_dir: Path, sandbox_id: str, namespace: str | None) -> dict[str, Any]:
+    """The `list_sandboxes` entry of that id (in ``namespace`` if given); `SandboxNotFound`
+    when there is none or the id is in several namespaces."""
+    found = [e for e in list_sandboxes(state_dir) if e["id"] == sandbox_id
+             and (namespace is None or e["namespace"] == namespace)]  # fmt: skip
+    if not found:
+        where = f" in namespace {namespace}" if namespace is not None else ""
+        raise SandboxNotFound(f"no sandbox {sandbox_id}{where} under {state_dir / 'sbs'}; "
+                              "`kata-runtime list` shows the sandboxes")  # fmt: skip
+    if len(found) > 1:
+        names = ", ".join(str(e["namespace"]) for e in found)
+        raise SandboxNotFound(f"sandbox {sandbox_id} exists in namespaces {names}: choose one "
+                              "with --namespace")  # fmt: skip
+    return found[0]
 
 
 def _pid(role: str) -> Cell:

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from cli.listing import SandboxNotFound, add_sandbox_arguments, find_sandbox
 from sandbox.config import RuntimeConfig
-from sandbox.inspect import list_sandboxes, monitor_socket_path
+from sandbox.inspect import monitor_socket_path
 
 PROG = "kata-runtime"
 #: A scrape waits for the guest (AGENT_TIMEOUT 5 s per call in the shim) and reads /proc.
@@ -30,23 +31,13 @@ class MetricsError(Exception):
 
 def add_arguments(sub: argparse.ArgumentParser) -> None:
     """The sub-command's arguments."""
-    sub.add_argument("sandbox_id", help="the sandbox (pod) id, as `kata-runtime list` shows")
-    sub.add_argument("--namespace", default="",
-                     help="the containerd namespace, when the id is in several")
+    add_sandbox_arguments(sub)
 
 
-def find_socket(state_dir: Path, sandbox_id: str, namespace: str = "") -> Path:
-    """The endpoint's socket of the sandbox; MetricsError if there is no such sandbox."""
-    found = sorted({e["namespace"] for e in list_sandboxes(state_dir)
-                    if e["id"] == sandbox_id and e["namespace"]
-                    and (not namespace or e["namespace"] == namespace)})
-    where = f" in namespace {namespace}" if namespace else ""
-    if not found:
-        raise MetricsError(f"no sandbox {sandbox_id}{where} under {state_dir / 'sbs'}")
-    if len(found) > 1:
-        raise MetricsError(f"sandbox {sandbox_id} exists in namespaces {', '.join(found)}: "
-                           "choose one with --namespace")
-    return monitor_socket_path(state_dir, found[0], sandbox_id)
+def find_socket(state_dir: Path, sandbox_id: str, namespace: str | None = None) -> Path:
+    """The endpoint's socket of the sandbox; `SandboxNotFound` if there is no such sandbox."""
+    entry = find_sandbox(state_dir, sandbox_id, namespace)
+    return monitor_socket_path(state_dir, str(entry["namespace"]), sandbox_id)
 
 
 def fetch(path: Path, timeout: float = TIMEOUT) -> bytes:
@@ -90,7 +81,7 @@ def run(config: RuntimeConfig, args: argparse.Namespace, out: TextIO | None = No
     """Print the sandbox's metrics; the exit code."""
     try:
         path = find_socket(config.state_dir, args.sandbox_id, args.namespace)
-    except MetricsError as e:
+    except SandboxNotFound as e:
         sys.stderr.write(f"{PROG} metrics: {e}\n")
         return 1
     try:

@@ -91,17 +91,21 @@ def git_commit(root: Path = SOURCE_ROOT) -> str | None:
     return f"{head}-dirty" if changes else head
 
 
+def recorded_build_info() -> BuildInfo | None:
+    """The first BUILD_INFO found (`build_info_paths`), or None."""
+    return next((b for b in map(read_build_info, build_info_paths()) if b), None)
+
+
 def build_info() -> BuildInfo:
     """This program's version and commit (runs git in a source checkout: not for hot paths)."""
-    for path in build_info_paths():
-        found = read_build_info(path)
-        if found is not None:
-            return found
+    found = recorded_build_info()
+    if found is not None:
+        return found
     commit = None if getattr(sys, "frozen", False) else git_commit()
     return BuildInfo(RUNTIME_VERSION, commit or UNKNOWN, "git" if commit else "")
 
 
 def version() -> str:
     """The version alone: reads BUILD_INFO if there is one, never runs git."""
-    found = next((b for b in map(read_build_info, build_info_paths()) if b), None)
+    found = recorded_build_info()
     return found.version if found else RUNTIME_VERSION

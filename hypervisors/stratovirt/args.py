@@ -184,37 +184,24 @@ class PidFile:
 
 
 @dataclass(frozen=True)
-class AgentSerial:
+class SerialPort:
     """2.4 Virtio-console, "virtio mmio device using generic port": a virtio-serial-device
-    and one virtserialport on a listening unix socket. The port's ``id`` is the name the
-    guest sees (/sys/class/virtio-ports/*/name), so it is ``agent.channel.0``; ``nr`` is
-    left to StratoVirt (2.4: "nr = 0 is only allowed for virtconsole")."""
+    and one virtserialport on a listening unix socket. The port's ``name`` is its ``id``,
+    the name the guest sees (/sys/class/virtio-ports/*/name): `AGENT_PORT_NAME` for the
+    agent channel, `DEBUG_CONSOLE_PORT_NAME` for the debug console. ``nr`` is left to
+    StratoVirt (2.4: "nr = 0 is only allowed for virtconsole"). A microvm has one
+    virtserialport (docs/stratovirt.md), so a VM gets at most one of these."""
 
     path: Path
+    name: str
+    chardev: str
 
     def to_argv(self) -> list[str]:
         """Render."""
         return [
             "-device", "virtio-serial-device,id=virtio-serial0",
-            "-chardev", f"socket,id=agent,path={self.path},server,nowait",
-            "-device", f"virtserialport,id={AGENT_PORT_NAME},chardev=agent",
-        ]
-
-
-@dataclass(frozen=True)
-class DebugConsoleSerial:
-    """The guest's debug console, as `AgentSerial` (2.4) with the port ``id``
-    ``agent.debug_console.0``. A microvm has one virtserialport (see docs/stratovirt.md), so
-    this is only built when the agent is on vsock and the virtio-serial-device is free."""
-
-    path: Path
-
-    def to_argv(self) -> list[str]:
-        """Render."""
-        return [
-            "-device", "virtio-serial-device,id=virtio-serial0",
-            "-chardev", f"socket,id=debugconsole,path={self.path},server,nowait",
-            "-device", f"virtserialport,id={DEBUG_CONSOLE_PORT_NAME},chardev=debugconsole",
+            "-chardev", f"socket,id={self.chardev},path={self.path},server,nowait",
+            "-device", f"virtserialport,id={self.name},chardev={self.chardev}",
         ]
 
 
@@ -313,7 +300,7 @@ def stratovirt_params(config: StratovirtConfig, vm: VmParams) -> list[Stratovirt
 
 def _agent_param(vm: VmParams) -> StratovirtParam:
     if vm.agent_channel is AgentChannel.SERIAL:
-        return AgentSerial(vm.paths.agent_socket)
+        return SerialPort(vm.paths.agent_socket, AGENT_PORT_NAME, "agent")
     if vm.guest_cid is None:
         raise ValueError("failed to build StratoVirt arguments: vsock agent channel needs a "
                          "guest cid")  # fmt: skip
@@ -327,7 +314,7 @@ def _debug_console_param(vm: VmParams) -> StratovirtParam:
             "virtio-serial port, and a StratoVirt microvm has one, taken by the agent channel "
             "here; set use_vsock = true (with vhost_vsock loaded on the host) or turn the "
             "debug console off")  # fmt: skip
-    return DebugConsoleSerial(vm.paths.debug_console_socket)
+    return SerialPort(vm.paths.debug_console_socket, DEBUG_CONSOLE_PORT_NAME, "debugconsole")
 
 
 def render(params: Sequence[StratovirtParam]) -> list[str]:

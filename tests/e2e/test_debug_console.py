@@ -90,5 +90,5 @@ def test_exec_is_refused_when_the_console_is_disabled(kata: Kata) -> None:
         assert done.stdout == ""
     done = subprocess.run(_exec_argv(kata, cid), capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == 1 and re.search(f"sandbox {cid} (not found|is not running)",
+    assert done.returncode == 1 and re.search(f"no sandbox {cid} |sandbox {cid} is not running",
                                               done.stderr), done

@@ -157,4 +157,4 @@ def test_silent_server(tmp_path: Path) -> None:
 
 def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["metrics"]) == 2
-    assert "sandbox_id" in capsys.readouterr().err
+    assert "sandbox-id" in capsys.readouterr().err

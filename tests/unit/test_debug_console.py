@@ -242,10 +242,10 @@ def test_exec_needs_a_sandbox_id(capsys: pytest.CaptureFixture[str]) -> None:
 def test_exec_refuses_an_unknown_sandbox(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _exec(tmp_path, capsys, "nope")
-    assert code == 1 and "kata-runtime: sandbox nope not found" in err
+    assert code == 1 and "kata-runtime: no sandbox nope under " in err
     _sandbox(tmp_path / "state", "pod", ns="a")
     code, err = _exec(tmp_path, capsys, "--namespace", "b", "pod")
-    assert code == 1 and "sandbox pod not found in namespace b" in err
+    assert code == 1 and "no sandbox pod in namespace b" in err
 
 
 def test_exec_refuses_when_the_console_is_disabled(tmp_path: Path,
@@ -270,7 +270,7 @@ def test_exec_asks_for_a_namespace_when_the_id_is_in_several(
     _sandbox(tmp_path / "state", "pod", ns="a")
     _sandbox(tmp_path / "state", "pod", ns="b")
     code, err = _exec(tmp_path, capsys, "pod")
-    assert code == 1 and "exists in namespaces a, b: pick one with --namespace" in err
+    assert code == 1 and "exists in namespaces a, b: choose one with --namespace" in err
 
 
 def test_exec_says_when_the_socket_does_not_answer(tmp_path: Path,
