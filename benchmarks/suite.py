@@ -67,7 +67,7 @@ class Plan:
     execs: int = 10
     #: Bytes ours prints for the stdout figure; runc prints `RUNC_STDOUT_SCALE` times more,
     #: so that writing them to /dev/null takes long enough against the exec's own latency.
-    stdout_bytes: int = 8 << 20
+    stdout_bytes: int = 1 << 20  # ~10 s through a tty under TCG here
     settle: float = 10.0
 
 
@@ -228,7 +228,7 @@ def exec_and_stdout(kata: Kata, plan: Plan, figs: Figures) -> None:
                                                    f"t{i}", cid, "true")[0])
             base = statistics.median(ex["exec true s"])
             out = figs["stdout"][name]
-            for i in range(max(1, plan.execs // 2)):
+            for i in range(max(1, plan.execs // 3)):
                 null, _ = timed_ctr(kata.cd, "task", "exec", "--exec-id", f"n{i}", cid,
                                     "sh", "-c", f"{make} >/dev/null")
                 pipe, res = timed_ctr(kata.cd, "task", "exec", "--exec-id", f"p{i}", cid,
@@ -240,10 +240,13 @@ def exec_and_stdout(kata: Kata, plan: Plan, figs: Figures) -> None:
                 if printed < size:  # the tty turns \n into \r\n: more, never less
                     raise RuntimeError(f"{name}: {printed} bytes through the tty, not {size}")
                 net_null = max(null - base, 1e-3)
-                out["MiB printed"].append(size / (1 << 20))
+                mib = size / (1 << 20)
+                out["MiB printed"].append(mib)
                 out["to /dev/null s"].append(null)
                 out["pipe s"].append(pipe)
                 out["tty s"].append(tty)
+                out["pipe MiB/s"].append(mib / max(pipe - base, 1e-3))
+                out["tty MiB/s"].append(mib / max(tty - base, 1e-3))
                 out["pipe / devnull x"].append((pipe - base) / net_null)
                 out["tty / devnull x"].append((tty - base) / net_null)
         finally:
