@@ -7,7 +7,11 @@ else a container host needs is done here with direct syscalls (no fork: every fo
 costs ~20x under TCG):
 
 1. kernel modules from ``/etc/kata-agent/modules.list`` (absolute .ko paths, in
-   dependency order) via finit_module(2); EEXIST means built in or loaded: fine;
+   dependency order) via finit_module(2); EEXIST means built in or loaded: fine; then
+   those of ``modules.virtio`` (``<virtio device id> <path>...`` per line) whose device
+   the guest has (``/sys/bus/virtio/devices/*/device``, filled synchronously while
+   virtio_pci / virtio_mmio load): each module costs start-up time under TCG, so e.g.
+   virtio_balloon loads only when the host gave the VM a balloon;
 2. mounts: /dev/pts (a new devpts instance, ptmx usable by all), /dev/shm, /run, /tmp,
    and cgroup2 on /sys/fs/cgroup with the container controllers (cpu, memory, pids, io,
    where present) enabled in the root's ``cgroup.subtree_control`` so crun can use them;
@@ -25,6 +29,8 @@ import sys
 from agent import syscalls
 
 MODULES_LIST = "/etc/kata-agent/modules.list"
+DEVICE_MODULES_LIST = "/etc/kata-agent/modules.virtio"
+VIRTIO_DEVICES = "/sys/bus/virtio/devices"
 CGROUP_CONTROLLERS = ("cpu", "memory", "pids", "io")
 
 # (fstype, source, target, flags, data)
@@ -46,6 +52,7 @@ def warn(message: str) -> None:
 def setup() -> None:
     """Everything PID 1 must do before serving (see module docstring)."""
     load_modules(MODULES_LIST)
+    load_device_modules(DEVICE_MODULES_LIST, VIRTIO_DEVICES)
     mount_basics()
     enable_cgroup_controllers("/sys/fs/cgroup")
     link_virtio_ports()
@@ -62,6 +69,40 @@ def load_modules(list_path: str) -> None:
             syscalls.finit_module(path)
         except OSError as exc:
             warn(f"cannot load module {path}: {exc}")
+
+
+def virtio_device_ids(devices_dir: str) -> set[int]:
+    """The virtio device ids (``device`` files, e.g. ``0x0005``) of the guest's devices."""
+    try:
+        entries = os.listdir(devices_dir)
+    except FileNotFoundError:
+        return set()
+    ids: set[int] = set()
+    for entry in entries:
+        try:
+            with open(os.path.join(devices_dir, entry, "device")) as f:
+                ids.add(int(f.read(16).strip(), 16))
+        except (OSError, ValueError):
+            continue
+    return ids
+
+
+def load_device_modules(list_path: str, devices_dir: str) -> None:
+    """The modules of ``list_path`` whose virtio device is present (module docstring)."""
+    try:
+        with open(list_path) as f:
+            lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        return
+    present = virtio_device_ids(devices_dir)
+    for device_id, *paths in lines:
+        if not device_id.isdigit() or int(device_id) not in present:
+            continue
+        for path in paths:
+            try:
+                syscalls.finit_module(path)
+            except OSError as exc:
+                warn(f"cannot load module {path}: {exc}")
 
 
 def mounted_targets() -> set[str]:

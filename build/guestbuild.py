@@ -39,10 +39,15 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_net",
     "virtio_blk",
 )
+# Modules the agent loads only when the guest has the virtio device (by virtio device id)
+# that needs them: each costs guest start-up time under TCG. 5: the balloon, present only
+# with reclaim_guest_freed_memory (free page reporting).
+DEVICE_MODULES: tuple[tuple[int, str], ...] = ((5, "virtio_balloon"),)
 LIB_DIR = "lib/x86_64-linux-gnu"
 LOADER = "lib64/ld-linux-x86-64.so.2"
 AGENT_DIR = "opt/kata-agent"
 MODULES_LIST = "etc/kata-agent/modules.list"
+DEVICE_MODULES_LIST = "etc/kata-agent/modules.virtio"
 KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
@@ -268,6 +273,7 @@ INIT_DEVICES = (  # created in the archive so no mknod is needed at build time
 class TreeInfo:
     kernel_release: str
     modules: list[str] = field(default_factory=list)
+    device_modules: list[str] = field(default_factory=list)  # "<virtio id> <path>..."
     builtin_skipped: list[str] = field(default_factory=list)
     libraries: dict[str, str] = field(default_factory=dict)  # guest path -> host source
     agent_bytes: int = 0
@@ -298,25 +304,40 @@ def add_modules(tree: Path, kernel_root: Path, wanted: Sequence[str], info: Tree
     builtin = parse_modules_builtin(builtin_file.read_text()) if builtin_file.is_file() else set()
     order, skipped = module_closure(wanted, deps, builtin)
     dst_dir = tree / "lib/modules" / rel
-    guest_paths: list[str] = []
-    for path in order:
-        out_rel = decompressed_name(path)
-        out = dst_dir / out_rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(read_module(src_dir / path))
-        out.chmod(0o644)
-        guest_paths.append(f"/lib/modules/{rel}/{out_rel}")
+    guest_paths = [_add_module(src_dir, dst_dir, rel, path) for path in order]
+    # Per device: what its module needs beyond the list, dependencies first.
+    device_lines: list[str] = []
+    on_demand: list[str] = []
+    for device_id, name in DEVICE_MODULES:
+        extra, _ = module_closure([name], deps, builtin)
+        extra = [p for p in extra if p not in order]
+        on_demand += [p for p in extra if p not in on_demand]
+        if extra:
+            paths = [_add_module(src_dir, dst_dir, rel, p) for p in extra]
+            device_lines.append(" ".join([str(device_id), *paths]))
     # A modules.dep for the chosen set, so busybox modprobe works for debugging.
     lines = [
         f"{decompressed_name(p)}: {' '.join(decompressed_name(d) for d in deps.get(p, []))}"
-        for p in order
+        for p in [*order, *on_demand]
     ]
     (dst_dir / "modules.dep").write_text("\n".join(lines) + "\n")
     ml = tree / MODULES_LIST
     ml.parent.mkdir(parents=True, exist_ok=True)
     ml.write_text("".join(p + "\n" for p in guest_paths))
+    (tree / DEVICE_MODULES_LIST).write_text("".join(line + "\n" for line in device_lines))
     info.modules = guest_paths
+    info.device_modules = device_lines
     info.builtin_skipped = skipped
+
+
+def _add_module(src_dir: Path, dst_dir: Path, rel: str, path: str) -> str:
+    """Copy one module (uncompressed) into the tree; its path in the guest."""
+    out_rel = decompressed_name(path)
+    out = dst_dir / out_rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(read_module(src_dir / path))
+    out.chmod(0o644)
+    return f"/lib/modules/{rel}/{out_rel}"
 
 
 def add_libraries(
@@ -484,6 +505,8 @@ def write_manifest(args: argparse.Namespace) -> None:
         lines.append(f"{guest} <- {host} ({debian_package_of(host)})")
     lines += ["", f"[modules]  kernel {info['kernel_release']}, load order"]
     lines += info["modules"]
+    lines += ["", "[device modules]  virtio device id, modules loaded when the guest has it"]
+    lines += info.get("device_modules", [])
     if info["builtin_skipped"]:
         lines.append(f"# built in, skipped: {' '.join(info['builtin_skipped'])}")
     lines += ["", "[outputs]  file bytes sha256"]

@@ -104,15 +104,19 @@ class Name:
 @dataclass(frozen=True)
 class Machine:
     """``-machine <type>,accel=<kvm|tcg>``; microvm trimmed (`MICROVM_OPTIONS`), its RAM
-    from the ``mem`` backend when `Memory` makes one."""
+    from the ``mem`` backend when `Memory` makes one. A bounded TCG translation cache needs
+    ``-accel tcg,tb-size=N`` instead of ``accel=`` (QEMU refuses the two together)."""
 
     machine_type: str
     accelerator: Accelerator
     memory_backend: bool = False
+    #: MiB of TCG translation cache; 0 = QEMU's default. Only under TCG.
+    tb_size_mib: int = 0
 
     def to_argv(self) -> list[str]:
         """Render."""
-        opts = [self.machine_type, f"accel={self.accelerator}"]
+        tb_size = self.tb_size_mib if self.accelerator == "tcg" else 0
+        opts = [self.machine_type] if tb_size else [self.machine_type, f"accel={self.accelerator}"]
         if is_mmio(self.machine_type):
             opts += MICROVM_OPTIONS
             if self.accelerator == "tcg":
@@ -124,6 +128,8 @@ class Machine:
             # QEMU's virtio-mmio is legacy (virtio 0.9) by default, which vhost-user
             # back-ends refuse: virtiofsd exits "virtio legacy devices aren't supported".
             argv += ["-global", "virtio-mmio.force-legacy=false"]
+        if tb_size:
+            argv += ["-accel", f"tcg,tb-size={tb_size}"]
         return argv
 
 
@@ -202,6 +208,18 @@ class KernelBoot:
         if self.initrd:
             argv += ["-initrd", self.initrd]
         return [*argv, "-append", " ".join(self.params)]
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """``-bios <file>`` (e.g. qboot, which only boots ``-kernel`` images); nothing when
+    unset: QEMU's own firmware for the machine."""
+
+    path: str
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return ["-bios", self.path] if self.path else []
 
 
 @dataclass(frozen=True)
@@ -351,6 +369,19 @@ class VirtioNet:
 
 
 @dataclass(frozen=True)
+class FreePageReporting:
+    """A virtio-balloon that is never inflated, only there for free page reporting: the
+    guest tells QEMU which pages it freed and QEMU gives them back to the host."""
+
+    mmio: bool = False
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return ["-device", f"{virtio('virtio-balloon', self.mmio)},id=balloon0,"
+                "free-page-reporting=on"]
+
+
+@dataclass(frozen=True)
 class VirtioBlock:
     """A virtio-blk disk on a host file or block device."""
 
@@ -387,13 +418,15 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     vcpus = vm.vcpus or config.default_vcpus
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
-        Machine(config.machine_type, vm.accelerator, memory_backend=shared_memory),
+        Machine(config.machine_type, vm.accelerator, memory_backend=shared_memory,
+                tb_size_mib=config.tcg_tb_size_mib),
         Cpu(vm.accelerator),
         # microvm cannot hot-plug vCPUs or memory: no headroom to reserve.
         Smp(vcpus, vcpus if mmio else config.default_maxvcpus),
         Memory(vm.memory_mib or config.default_memory, shared=shared_memory,
                slots=0 if mmio else config.memory_slots, max_mib=vm.max_memory_mib,
                mmio=mmio),
+        Firmware(config.firmware),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
         SeccompSandbox(config.seccompsandbox),
@@ -411,6 +444,8 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         params.append(Virtio9p(fs.source, fs.tag, mmio))
     params += [VirtioNet(n, mmio) for n in vm.networks]
     params += [VirtioBlock(b, mmio) for b in vm.blocks]
+    if config.reclaim_guest_freed_memory:
+        params.append(FreePageReporting(mmio))
     return params
 
 

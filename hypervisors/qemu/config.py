@@ -70,6 +70,15 @@ class QemuConfig:
     #: Whether pods may run under TCG, which QEMU's security policy does not treat as a
     #: security boundary. Off unless the configuration says so.
     allow_tcg: bool = False
+    #: Firmware for ``-bios``; "" = QEMU's own for the machine (SeaBIOS on q35, qboot on
+    #: microvm). Kata's key.
+    firmware: str = ""
+    #: MiB of TCG translation cache (``-accel tcg,tb-size=``); 0 = QEMU's default (1 GiB,
+    #: reserved, filled as guest code is translated). Ignored under KVM.
+    tcg_tb_size_mib: int = 0
+    #: A virtio-balloon with free page reporting: the guest hands pages it frees back to the
+    #: host. Kata's key.
+    reclaim_guest_freed_memory: bool = False
     #: Keys found in the table that this version does not know (ignored, reported).
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
@@ -113,6 +122,9 @@ class QemuConfig:
                 ("kernel", "run `make guest`", False)]  # fmt: skip
         if self.initrd:
             keys.append(("initrd", "run `make guest`", False))
+        if self.firmware:
+            keys.append(("firmware", "install qemu-system-x86 (it ships /usr/share/qemu/"
+                         "qboot.rom)", False))
         if self.shared_fs == "virtio-fs":
             keys.append(("virtio_fs_daemon",
                          "install qemu-system-x86 (it ships /usr/lib/qemu/virtiofsd)", True))
@@ -144,4 +156,7 @@ _PARSERS: dict[str, Parser] = {
     "enable_annotations": str_list,
     "seccompsandbox": string,
     "allow_tcg": boolean,
+    "firmware": optional_abs_path,
+    "tcg_tb_size_mib": int_at_least(0),
+    "reclaim_guest_freed_memory": boolean,
 }

@@ -258,6 +258,21 @@ def test_modules_list(initrd: dict[str, Entry], release: str) -> None:
             assert dep in names[:i], f"{names[i]} needs {dep}, which is not listed before it"
 
 
+def test_device_modules_are_in_the_image_but_not_in_the_load_list(
+        initrd: dict[str, Entry]) -> None:
+    listing = initrd["/etc/kata-agent/modules.list"].data.decode().splitlines()
+    lines = [line.split() for line in
+             initrd["/etc/kata-agent/modules.virtio"].data.decode().splitlines()]
+    by_id = {int(device): paths for device, *paths in lines}
+    assert set(by_id) == {device for device, _ in gb.DEVICE_MODULES}
+    balloon = by_id[5]
+    # virtio_balloon alone: what it needs (virtio, virtio_ring) is loaded from the list.
+    assert [gb.module_name(p) for p in balloon] == ["virtio_balloon"]
+    for path in balloon:
+        assert path not in listing, f"{path} would load on every boot"
+        assert initrd[path].data[:4] == b"\x7fELF"
+
+
 def test_kernel_release_matches(initrd: dict[str, Entry], release: str) -> None:
     mod_dirs = {
         p.split("/")[3] for p in initrd if p.startswith("/lib/modules/") and p.count("/") > 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,45 @@ def test_vsock_and_9p_on_microvm_are_mmio_too() -> None:
                                   shared_fs=SharedFsDevice(STATE, "virtio-9p", "kataShared")))
     drivers = [d.split(",")[0] for d in option(argv, "-device")]
     assert drivers == ["vhost-vsock-device", "virtio-9p-device"]
+
+
+def test_tcg_translation_cache_bounded_with_accel_option() -> None:
+    argv = build_argv(dataclasses.replace(CONFIG, tcg_tb_size_mib=32), vm())
+    # QEMU refuses "-machine accel=" together with "-accel": the accelerator moves.
+    assert option(argv, "-machine") == ["q35"]
+    assert option(argv, "-accel") == ["tcg,tb-size=32"]
+
+
+def test_tcg_translation_cache_size_is_ignored_under_kvm() -> None:
+    argv = build_argv(dataclasses.replace(CONFIG, tcg_tb_size_mib=32), vm(accelerator="kvm"))
+    assert option(argv, "-machine") == ["q35,accel=kvm"]
+    assert "-accel" not in argv
+
+
+def test_tcg_translation_cache_on_microvm_keeps_its_options() -> None:
+    argv = build_argv(dataclasses.replace(MICROVM, tcg_tb_size_mib=64), vm())
+    assert option(argv, "-machine") == ["microvm,pcie=off,x-option-roms=off,pit=on,pic=on,"
+                                        "memory-backend=mem"]
+    assert option(argv, "-accel") == ["tcg,tb-size=64"]
+
+
+def test_no_translation_cache_option_by_default() -> None:
+    assert "-accel" not in build_argv(CONFIG, vm())
+
+
+def test_firmware_is_bios_and_absent_by_default() -> None:
+    assert "-bios" not in build_argv(CONFIG, vm())
+    argv = build_argv(dataclasses.replace(CONFIG, firmware="/usr/share/qemu/qboot.rom"), vm())
+    assert option(argv, "-bios") == ["/usr/share/qemu/qboot.rom"]
+    assert argv.index("-bios") < argv.index("-kernel")
+
+
+@pytest.mark.parametrize(("config", "driver"), [(CONFIG, "virtio-balloon-pci"),
+                                                (MICROVM, "virtio-balloon-device")])
+def test_reclaim_guest_freed_memory_adds_a_reporting_balloon(config: QemuConfig,
+                                                             driver: str) -> None:
+    assert not any("balloon" in d for d in option(build_argv(config, vm()), "-device"))
+    on = dataclasses.replace(config, reclaim_guest_freed_memory=True)
+    devices = option(build_argv(on, vm()), "-device")
+    # Last: the devices before it keep their PCI slots.
+    assert devices[-1] == f"{driver},id=balloon0,free-page-reporting=on"

@@ -134,3 +134,50 @@ def test_only_a_vm_sized_for_a_pod_reserves_memory_hot_plug_headroom(tmp_path: P
     assert Qemu(config, VmSpec("b", tmp_path, memory_mib=768)).max_memory_mib() == 4096
     off = QemuConfig(default_maxmemory=4096, memory_slots=0)
     assert Qemu(off, VmSpec("c", tmp_path, memory_mib=768)).max_memory_mib() == 0
+
+
+def test_lever_keys_default_to_qemus_behaviour_and_parse() -> None:
+    config = QemuConfig.from_table({})
+    assert (config.firmware, config.reclaim_guest_freed_memory) == ("", False)
+    config = QemuConfig.from_table({"firmware": "/usr/share/qemu/qboot.rom",
+                                    "tcg_tb_size_mib": 64,
+                                    "reclaim_guest_freed_memory": True})
+    assert config.firmware == "/usr/share/qemu/qboot.rom"
+    assert config.tcg_tb_size_mib == 64 and config.reclaim_guest_freed_memory is True
+    assert QemuConfig.from_table({"tcg_tb_size_mib": 0}).tcg_tb_size_mib == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("firmware", "qboot.rom", "is not an absolute path"),
+        ("tcg_tb_size_mib", -1, "is below 0"),
+        ("tcg_tb_size_mib", "32", "is not an integer"),
+        ("reclaim_guest_freed_memory", "yes", "is not a boolean"),
+    ],
+)
+def test_bad_lever_values(key: str, value: object, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        QemuConfig.from_table({key: value})
+
+
+def test_missing_firmware_is_reported(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    table = {"kernel": str(kernel), "initrd": "", "path": "/bin/true", "shared_fs": "none",
+             "firmware": str(tmp_path / "qboot.rom")}
+    with pytest.raises(ConfigError, match=r"firmware: .*qboot.rom does not exist"):
+        QemuConfig.from_table(table).check_files()
+    (tmp_path / "qboot.rom").write_bytes(b"f")
+    QemuConfig.from_table(table).check_files()
+
+
+def test_firmware_from_a_pod_must_be_a_valid_path() -> None:
+    from hypervisors.annotations import PREFIX, AnnotationError
+
+    config = QemuConfig.from_table({"enable_annotations": ["firmware"],
+                                    "valid_hypervisor_paths": ["/usr/share/qemu/*"]})
+    ok = config.with_annotations({PREFIX + "firmware": "/usr/share/qemu/qboot.rom"}, "c")
+    assert ok.firmware == "/usr/share/qemu/qboot.rom"
+    with pytest.raises(AnnotationError, match="valid_hypervisor_paths"):
+        config.with_annotations({PREFIX + "firmware": "/tmp/evil.rom"}, "c")

@@ -1,0 +1,73 @@
+"""agent.init: modules loaded only for the virtio devices the guest has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import init, syscalls
+
+
+def virtio_devices(root: Path, ids: dict[str, str]) -> Path:
+    """A fake /sys/bus/virtio/devices: {entry: content of its ``device`` file}."""
+    for entry, device in ids.items():
+        (root / entry).mkdir(parents=True)
+        (root / entry / "device").write_text(device)
+    return root
+
+
+@pytest.fixture()
+def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+
+    def finit_module(path: str, params: str = "") -> bool:
+        calls.append(path)
+        return True
+
+    monkeypatch.setattr(syscalls, "finit_module", finit_module)
+    return calls
+
+
+def test_device_ids_read_from_sysfs(tmp_path: Path) -> None:
+    root = virtio_devices(tmp_path, {"virtio0": "0x0003\n", "virtio1": "0x0005\n",
+                                     "virtio2": "junk\n"})
+    (root / "virtio3").mkdir()  # no device file: skipped
+    assert init.virtio_device_ids(str(root)) == {3, 5}
+    assert init.virtio_device_ids(str(tmp_path / "absent")) == set()
+
+
+def test_balloon_module_loads_only_with_a_balloon(tmp_path: Path, loaded: list[str]) -> None:
+    listing = tmp_path / "modules.virtio"
+    listing.write_text("# id paths\n5 /m/virtio_balloon.ko\n16 /m/a.ko /m/b.ko\n")
+    without = virtio_devices(tmp_path / "without", {"virtio0": "0x0003"})
+    init.load_device_modules(str(listing), str(without))
+    assert loaded == []
+    with_both = virtio_devices(tmp_path / "with", {"virtio0": "0x0003", "virtio1": "0x0005",
+                                                   "virtio2": "0x0010"})
+    init.load_device_modules(str(listing), str(with_both))
+    assert loaded == ["/m/virtio_balloon.ko", "/m/a.ko", "/m/b.ko"]
+
+
+def test_a_failing_module_is_reported_and_the_rest_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "modules.virtio"
+    listing.write_text("bad /m/x.ko\n5 /m/bad.ko /m/good.ko\n")
+    calls: list[str] = []
+
+    def finit_module(path: str, params: str = "") -> bool:
+        calls.append(path)
+        if "bad" in path:
+            raise OSError(8, "Exec format error", path)
+        return True
+
+    monkeypatch.setattr(syscalls, "finit_module", finit_module)
+    init.load_device_modules(str(listing), str(virtio_devices(tmp_path / "d", {"v": "0x5"})))
+    assert calls == ["/m/bad.ko", "/m/good.ko"]
+    assert "cannot load module /m/bad.ko" in capsys.readouterr().err
+
+
+def test_no_list_no_work(tmp_path: Path, loaded: list[str]) -> None:
+    init.load_device_modules(str(tmp_path / "none"), str(tmp_path))
+    assert loaded == []
