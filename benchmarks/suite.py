@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "build/out/bench")
     ap.add_argument("--doc", type=Path, help="rewrite the results table in this file")
     args = ap.parse_args(argv)
+    started = results.machine_meta(REPO, "unknown", args.quick)  # the date it began
     figs, accel, notes = measure(QUICK if args.quick else Plan())
-    meta = {**results.machine_meta(REPO, accel, args.quick), "notes": notes}
+    meta = {**started, "accelerator": accel, "notes": notes}
     run = {"meta": meta, "figures": plain(figs)}
     stem = args.out / f"bench-{run['meta']['date'].replace(':', '')[:17]}"
     results.write_json(run, stem.with_suffix(".json"))

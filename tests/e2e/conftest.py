@@ -37,7 +37,7 @@ LEAK_TIMEOUT = 30.0
 #: runs on another hypervisor (``make test-stratovirt``).
 QEMU_ONLY = frozenset({"test_qemu_vm.py", "test_guest_boot.py", "test_microvm.py",
                        "test_qemu_levers.py",
-                       "test_bench_machines.py",
+                       "test_bench_machines.py", "test_bench_suite.py",
                        "test_bench_network.py", "test_install.py"})
 
 
