@@ -292,6 +292,11 @@ def systemd_parent() -> str:
     return f"/{top}.slice/{top}-pod{uuid.uuid4().hex[:8]}.slice"
 
 
+def vm_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 @pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
 def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
         cri: tuple[Kata, Kubelet], driver: str) -> None:
@@ -312,8 +317,13 @@ def test_the_vm_runs_in_the_pods_cgroup_and_pod_stats_see_it(
         assert sandbox_cgroup in cgroup_of(p.pid), (p.argv[0], cgroup_of(p.pid))
     time.sleep(2)
     stats = kubelet.pod_stats(pod.id)
+    qemu_rss = sum(vm_rss_bytes(p.pid) for p in kata.qemu_processes())
     assert stats.linux.cpu.usage_core_nano_seconds.value > 0, stats
-    assert stats.linux.memory.working_set_bytes.value > 256 << 20, "the VM's memory is missing"
+    # The guest's RAM is QEMU's: the pod's working set holds most of QEMU's resident memory
+    # (free page reporting hands freed guest pages back, so no fixed size is right).
+    working_set = stats.linux.memory.working_set_bytes.value
+    assert working_set > max(64 << 20, qemu_rss // 2), \
+        f"the VM's memory is missing: working set {working_set}, QEMU RSS {qemu_rss}"
     listed = {s.attributes.id: s for s in kubelet.list_pod_stats()}
     assert listed[pod.id].linux.cpu.usage_core_nano_seconds.value > 0
     pod_cgroup = kubelet.pod_cgroups[-1]
