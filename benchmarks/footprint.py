@@ -17,24 +17,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.harness import procs
+from benchmarks.measure import ROLES, memory_kib, role_pids
 from tests.harness.kata import Kata, kata_containerd
 from tests.harness.scenarios import KATA, RUNC, remove, run_detached
-
-ROLES = {"shim": "containerd-shim", "qemu": "qemu-system", "virtiofsd": "virtiofsd"}
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, Pss) of a process in KiB; (0, 0) if it is gone."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            pss = next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
-    except OSError:
-        pass
-    return rss, pss
 
 
 @contextmanager
@@ -49,11 +34,8 @@ def running(kata: Kata, runtime: str, cid: str) -> Iterator[None]:
 def sample(kata: Kata, runtime: str, cid: str) -> dict[str, tuple[int, int]]:
     """Memory per role (summed over that role's processes) while `cid` runs."""
     with running(kata, runtime, cid):
-        scope = [str(kata.cd.dir), kata.cd.address]
         found: dict[str, tuple[int, int]] = {}
-        for role, pattern in ROLES.items():
-            pids = [p.pid for p in procs.matching([pattern], scope=scope)
-                    if not (role == "shim" and p.argv[-1] in ("start", "delete"))]
+        for role, pids in role_pids(kata.cd).items():
             if pids:
                 mems = [memory_kib(pid) for pid in pids]
                 found[role] = (sum(m[0] for m in mems), sum(m[1] for m in mems))

@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from benchmarks.e2e_latency import shim_boot_seconds
-from benchmarks.footprint import memory_kib
+from benchmarks.machines import report
+from benchmarks.measure import cpu_ticks, memory_kib
 from tests.harness.kata import Kata, kata_containerd
 from tests.harness.scenarios import KATA, explain, remove, run_detached, run_rm
 
@@ -89,16 +88,6 @@ def code_buffer_rss_kib(pid: int) -> int:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (less noisy than wall time on a busy host)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def qemu_figures(kata: Kata, base_avail: int) -> dict[str, float]:
     """QEMU RSS/PSS/code buffer and the MemAvailable drop (MiB), QEMU's CPU time (s)."""
     pids = [p.pid for p in kata.qemu_processes()]
@@ -108,7 +97,8 @@ def qemu_figures(kata: Kata, base_avail: int) -> dict[str, float]:
     return {"qemu RSS MiB": rss / 1024, "qemu PSS MiB": pss / 1024,
             "tcg buffer RSS MiB": code_buffer_rss_kib(pids[0]) / 1024,
             "MemAvailable drop MiB": (base_avail - mem_available_kib()) / 1024,
-            "qemu CPU s": cpu_seconds(pids[0])}
+            # CPU time: less noisy than wall time on a busy host
+            "qemu CPU s": cpu_ticks(pids[0]) / os.sysconf("SC_CLK_TCK")}
 
 
 def cold_run(kata: Kata, cid: str) -> float:
@@ -175,18 +165,6 @@ def _tag(variant: str) -> str:
     return "".join(c for c in variant if c.isalnum())
 
 
-def report(results: Mapping[str, Mapping[str, list[float]]]) -> None:
-    keys = sorted({k for r in results.values() for k in r})
-    print(f"{'':<36}" + "".join(f"{name:>12}" for name in results) + "   (median)")
-    for key in keys:
-        cells = []
-        for series in results.values():
-            values = series.get(key, [])
-            cells.append(f"{statistics.median(values):>12.2f}" if values else f"{'-':>12}")
-        n = max(len(s.get(key, [])) for s in results.values())
-        print(f"{key:<36}" + "".join(cells) + f"   n={n}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("lever", choices=list(LEVERS))
@@ -199,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every sample here")
     args = ap.parse_args(argv)
     results = measure(args.lever, args)
-    report(results)
+    report(results, key_width=36)
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=1))
     return 0

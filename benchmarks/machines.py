@@ -11,7 +11,7 @@ runtimes, so host noise falls on all of them alike. Per round and runtime:
   (``boot_seconds``: QEMU spawned -> agent answering);
 * a ``sleep`` container: RSS and PSS of the VMM, virtiofsd and the shim while it runs.
 
-Medians are printed. Not part of `make test` (which runs it once, small).
+Medians are printed. Not part of `make test` (which runs one round of runc and microvm).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
 from benchmarks.e2e_latency import shim_boot_seconds
 from benchmarks.footprint import sample
@@ -33,7 +34,9 @@ RUNTIMES = {"runc": RUNC, "q35": KATA, "microvm": MICROVM}
 
 
 def one_round(kata: Kata, i: int, results: dict[str, dict[str, list[float]]]) -> None:
-    for name, runtime in RUNTIMES.items():
+    """One run of each runtime in `results` (names of `RUNTIMES`), in turn."""
+    for name in results:
+        runtime = RUNTIMES[name]
         cid = f"bench-{name}-{i}"
         start = time.monotonic()
         res = run_rm(kata.cd, runtime, cid, "uname", "-r")
@@ -45,22 +48,27 @@ def one_round(kata: Kata, i: int, results: dict[str, dict[str, list[float]]]) ->
             results[name][f"{role} PSS MiB"].append(pss / 1024)
 
 
-def report(results: dict[str, dict[str, list[float]]]) -> None:
+def report(results: Mapping[str, Mapping[str, list[float]]], key_width: int = 20) -> None:
+    """A table of medians: a row per figure, a column per runtime (or variant)."""
     keys = sorted({k for r in results.values() for k in r})
-    print(f"{'':<20}" + "".join(f"{name:>12}" for name in results) + "   (median)")
+    print(f"{'':<{key_width}}" + "".join(f"{name:>12}" for name in results) + "   (median)")
     for key in keys:
         cells = []
         for series in results.values():
             values = series.get(key, [])
             cells.append(f"{statistics.median(values):>12.2f}" if values else f"{'-':>12}")
         n = max(len(s.get(key, [])) for s in results.values())
-        print(f"{key:<20}" + "".join(cells) + f"   n={n}")
+        print(f"{key:<{key_width}}" + "".join(cells) + f"   n={n}")
 
 
-def measure(n: int, memory_mib: int) -> dict[str, dict[str, list[float]]]:
-    """{runtime: {figure: values}} over `n` interleaved rounds."""
+def measure(n: int, memory_mib: int,
+            runtimes: Iterable[str] = RUNTIMES) -> dict[str, dict[str, list[float]]]:
+    """{runtime: {figure: values}} over `n` interleaved rounds of `runtimes` (names of
+    `RUNTIMES`; all by default)."""
     results: dict[str, dict[str, list[float]]] = {
-        name: defaultdict(list) for name in RUNTIMES}
+        name: defaultdict(list) for name in runtimes}
+    if unknown := results.keys() - RUNTIMES.keys():
+        raise ValueError(f"unknown runtimes {sorted(unknown)}, not in {list(RUNTIMES)}")
     with kata_containerd() as kata:
         overrides = {"hypervisor.qemu": {"default_memory": memory_mib}}
         kata.write_config(overrides)
@@ -69,7 +77,7 @@ def measure(n: int, memory_mib: int) -> dict[str, dict[str, list[float]]]:
         for i in range(n):
             one_round(kata, i, results)
         booted = shim_boot_seconds(kata)
-    for name in ("q35", "microvm"):
+    for name in results.keys() - {"runc"}:
         results[name]["VM boot s (shim)"] = [
             secs for sid, secs in booted.items() if sid.startswith(f"bench-{name}-")]
     return results

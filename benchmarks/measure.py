@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterable
 
-from benchmarks.footprint import memory_kib
 from tests.harness import procs
 from tests.harness.containerd import Containerd
 from tests.harness.pty import set_winsize
@@ -21,6 +20,19 @@ from tests.harness.scenarios import BOOT_TIMEOUT, explain
 #: Process roles of one pod on the host, by what their program's name contains (not the
 #: whole command line: QEMU's names virtiofsd's socket).
 ROLES = {"shim": "containerd-shim", "vmm": "qemu-system", "virtiofsd": "virtiofsd"}
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, Pss) of a process in KiB; (0, 0) if it is gone."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            pss = next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        pass
+    return rss, pss
 
 
 def mem_available_mib() -> float:

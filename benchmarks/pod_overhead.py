@@ -17,33 +17,12 @@ import os
 import statistics
 import time
 
-from benchmarks.footprint import memory_kib
-from tests.harness import procs
+from benchmarks.measure import cpu_ticks, memory_kib, role_pids
 from tests.harness.cri.client import ContainerOptions, Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
 
-ROLES = {"shim": "containerd-shim-kata", "qemu": "qemu-system", "virtiofsd": "virtiofsd"}
 IDLE_SECONDS = 10.0
-
-
-def pod_processes(kata: Kata) -> dict[str, list[int]]:
-    scope = [str(kata.cd.dir), kata.cd.address]
-    return {role: [p.pid for p in procs.matching([pattern], scope=scope)
-                   if p.argv[-1] not in ("start", "delete")]
-            for role, pattern in ROLES.items()}
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def sample(kata: Kata, kubelet: Kubelet, memory_mib: int, n: int,
@@ -54,10 +33,11 @@ def sample(kata: Kata, kubelet: Kubelet, memory_mib: int, n: int,
         kubelet.start_container(pod, "idle", IMAGE_REF, ["sleep", "3600"],
                                 ContainerOptions(memory_limit_bytes=limit))
         time.sleep(settle)  # let the boot's transient work settle
-        pids = pod_processes(kata)
-        before = cpu_seconds([p for group in pids.values() for p in group])
+        pids = role_pids(kata.cd)  # only kata pods run here: every shim is ours
+        every = [p for group in pids.values() for p in group]
+        before = sum(map(cpu_ticks, every))
         time.sleep(IDLE_SECONDS)
-        used = cpu_seconds([p for group in pids.values() for p in group]) - before
+        used = (sum(map(cpu_ticks, every)) - before) / os.sysconf("SC_CLK_TCK")
         result = {f"{role}_pss_mib": sum(memory_kib(p)[1] for p in group) / 1024
                   for role, group in pids.items()}
         result["total_pss_mib"] = sum(result.values())

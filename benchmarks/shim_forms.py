@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.footprint import memory_kib, sample
+from benchmarks.footprint import sample
+from benchmarks.measure import memory_kib
 from tests.harness import procs
 from tests.harness.containerd import REPO, VENV_BIN, shim_socket
 from tests.harness.kata import Kata, kata_containerd

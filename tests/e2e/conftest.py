@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -38,7 +40,8 @@ LEAK_TIMEOUT = 30.0
 QEMU_ONLY = frozenset({"test_qemu_vm.py", "test_guest_boot.py", "test_microvm.py",
                        "test_qemu_levers.py",
                        "test_bench_machines.py", "test_bench_suite.py",
-                       "test_bench_network.py", "test_install.py"})
+                       "test_bench_network.py", "test_bench_template.py",
+                       "test_install.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -124,3 +127,27 @@ def cri(guest_release: str, request: pytest.FixtureRequest) -> Iterator[tuple[Ka
             with contextlib.suppress(Exception):
                 kubelet.remove_all()
             kubelet.close()
+
+
+@pytest.fixture
+def bench_leak_checked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                       ) -> Iterator[Callable[[ModuleType, str], None]]:
+    """For a benchmark that starts its own containerd: ``patch(module, "kata_containerd")``
+    wraps that factory in `module` with the `kata` fixture's leak check, run as soon as the
+    benchmark is done with its containerd (the harness's close() kills whatever is left,
+    which would hide a leak). The test errors if the benchmark never used the factory."""
+    used: list[str] = []
+
+    def patch(module: ModuleType, factory: str) -> None:
+        make = getattr(module, factory)
+
+        @contextlib.contextmanager
+        def checked(*args: Any, **kwargs: Any) -> Iterator[Kata]:
+            used.append(factory)
+            with make(*args, **kwargs) as env, leak_checked(env.cd, request, env.state_dir):
+                yield env
+
+        monkeypatch.setattr(module, factory, checked)
+
+    yield patch
+    assert used, "the benchmark never started a containerd through the patched factory"

@@ -5,7 +5,9 @@ the benchmark's business, never this test's)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import jsonschema
 import pytest
@@ -18,7 +20,10 @@ FIGURES = {"cold run", "boot floor", "CRI pod start", "pod alone", "pods at once
            "memory, 1 pod", f"memory, {suite.QUICK.parallel} pods", "shim", "exec", "stdout"}
 
 
-def test_the_quick_bench_writes_every_figure(guest_release: str, tmp_path: Path) -> None:
+def test_the_quick_bench_writes_every_figure(
+        guest_release: str, tmp_path: Path,
+        bench_leak_checked: Callable[[ModuleType, str], None]) -> None:
+    bench_leak_checked(suite, "kata_cri_containerd")
     doc = tmp_path / "performance.md"
     doc.write_text((REPO / "docs" / "performance.md").read_text())
     assert suite.main(["--quick", "--out", str(tmp_path / "out"), "--doc", str(doc)]) == 0
