@@ -30,8 +30,7 @@ import contextlib
 import os
 import signal
 import stat
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent import cgroup, validate
 from agent.crun import Crun, CrunConfig, CrunError
@@ -60,12 +59,11 @@ from agent.spec import (
 _CONSOLE_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(NamedTuple):  # see agent.crun.CrunConfig: why not a dataclass
     run_dir: str = "/run/kata-containers"
     cgroup_root: str = "/sys/fs/cgroup"
     cgroup_parent: str = "/kata"  # "" = no cgroups (crun --cgroup-manager=disabled)
-    crun: CrunConfig = field(default_factory=CrunConfig)
+    crun: CrunConfig = CrunConfig()
 
 
 class Container:

@@ -20,14 +20,15 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.errors import AgentError, InvalidArgument
 from agent.reaper import Reaper
 
 
-@dataclass(frozen=True)
-class CrunConfig:
+# The agent's records are NamedTuples, not frozen dataclasses: defining a dataclass compiles
+# its methods (~1 ms each on the host, ~20 ms under TCG), paid on every guest's start-up.
+class CrunConfig(NamedTuple):
     binary: str = "/usr/bin/crun"
     root: str = "/run/crun"
     cgroups: bool = True

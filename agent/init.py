@@ -58,17 +58,25 @@ def setup() -> None:
     link_virtio_ports()
 
 
-def load_modules(list_path: str) -> None:
+def _list_lines(list_path: str) -> list[list[str]]:
+    """The words of each line of a module list (no blank lines, no comments); [] if absent."""
     try:
         with open(list_path) as f:
-            paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            return [line.split() for line in f if line.strip() and not line.startswith("#")]
     except FileNotFoundError:
-        return
+        return []
+
+
+def _load(paths: list[str]) -> None:
     for path in paths:
         try:
             syscalls.finit_module(path)
         except OSError as exc:
             warn(f"cannot load module {path}: {exc}")
+
+
+def load_modules(list_path: str) -> None:
+    _load([words[0] for words in _list_lines(list_path)])
 
 
 def virtio_device_ids(devices_dir: str) -> set[int]:
@@ -89,20 +97,11 @@ def virtio_device_ids(devices_dir: str) -> set[int]:
 
 def load_device_modules(list_path: str, devices_dir: str) -> None:
     """The modules of ``list_path`` whose virtio device is present (module docstring)."""
-    try:
-        with open(list_path) as f:
-            lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
-    except FileNotFoundError:
-        return
-    present = virtio_device_ids(devices_dir)
+    lines = _list_lines(list_path)
+    present = virtio_device_ids(devices_dir) if lines else set()
     for device_id, *paths in lines:
-        if not device_id.isdigit() or int(device_id) not in present:
-            continue
-        for path in paths:
-            try:
-                syscalls.finit_module(path)
-            except OSError as exc:
-                warn(f"cannot load module {path}: {exc}")
+        if device_id.isdigit() and int(device_id) in present:
+            _load(paths)
 
 
 def mounted_targets() -> set[str]:

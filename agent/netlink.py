@@ -15,8 +15,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # ipaddress costs the agent's start-up ~0.1 s under TCG: types only
     import ipaddress
@@ -116,11 +115,10 @@ def encode_addaddr(seq: int, index: int, cidr: ipaddress.IPv4Interface | ipaddre
                    body)
 
 
-@dataclass(frozen=True)
-class RouteRequest:
+class RouteRequest(NamedTuple):  # not a dataclass: see agent.crun.CrunConfig
     """A route to add; ``destination`` None is the default route."""
 
-    index: int
+    ifindex: int  # not "index": that is tuple's method
     destination: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     source: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
@@ -139,7 +137,7 @@ def encode_addroute(seq: int, route: RouteRequest) -> bytes:
         body += attr(RTA_GATEWAY, route.gateway.packed)
     if route.source is not None:
         body += attr(RTA_PREFSRC, route.source.packed)
-    body += attr(RTA_OIF, struct.pack("=i", route.index))
+    body += attr(RTA_OIF, struct.pack("=i", route.ifindex))
     return message(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq,
                    body)
 
@@ -153,8 +151,7 @@ def encode_addneigh(seq: int, index: int,
                    body)
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """One message of a reply: its type, sequence and body (after the header)."""
 
     kind: int
@@ -187,11 +184,10 @@ def parse_attrs(data: bytes) -> dict[int, bytes]:
     return found
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(NamedTuple):
     """A guest network interface as RTM_NEWLINK describes it."""
 
-    index: int
+    ifindex: int
     name: str
     mac: str
     flags: int
@@ -280,6 +276,6 @@ def loopback_up() -> None:
     with Netlink() as nl:
         for link in nl.links():
             if link.name == "lo":
-                nl.request(encode_setlink(nl.next_seq(), link.index, up=True), "bring lo up")
+                nl.request(encode_setlink(nl.next_seq(), link.ifindex, up=True), "bring lo up")
                 return
     raise NetlinkError(errno.ENODEV, "no lo in the guest")

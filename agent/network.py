@@ -97,14 +97,14 @@ class GuestNetwork:
         with netlink.Netlink() as nl:
             link = _wait_for_mac(nl, mac)
             if link.name != name:
-                nl.request(netlink.encode_setlink(nl.next_seq(), link.index, up=False),
+                nl.request(netlink.encode_setlink(nl.next_seq(), link.ifindex, up=False),
                            f"bring {link.name} down")
-                nl.request(netlink.encode_setlink(nl.next_seq(), link.index, name=name),
+                nl.request(netlink.encode_setlink(nl.next_seq(), link.ifindex, name=name),
                            f"rename {link.name} to {name}")
-            nl.request(netlink.encode_setlink(nl.next_seq(), link.index, mtu=mtu, up=True),
+            nl.request(netlink.encode_setlink(nl.next_seq(), link.ifindex, mtu=mtu, up=True),
                        f"set {name} up with MTU {mtu}")
             for cidr in cidrs:
-                nl.request(netlink.encode_addaddr(nl.next_seq(), link.index, cidr),
+                nl.request(netlink.encode_addaddr(nl.next_seq(), link.ifindex, cidr),
                            f"add {cidr} to {name}")
             return link.name
 
@@ -144,7 +144,7 @@ def _route(r: pb.Route) -> tuple[str, netlink.RouteRequest]:
 
 def _indexes(nl: netlink.Netlink) -> dict[str, int]:
     """The guest's links by name (one dump per request, not one per route)."""
-    return {link.name: link.index for link in nl.links()}
+    return {link.name: link.ifindex for link in nl.links()}
 
 
 def _index(indexes: dict[str, int], name: str) -> int:

@@ -18,7 +18,6 @@ import os
 import re
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import empty_pb2
@@ -46,12 +45,15 @@ Req = TypeVar("Req", bound=Message)
 Handler = Callable[[Any], Awaitable[Message]]
 
 
-@dataclass
 class StartupInfo:
-    """Measured by main when serving began; reported by GetGuestDetails."""
+    """Measured by main when serving began; reported by GetGuestDetails. (A plain class:
+    a dataclass costs the guest's start-up ~20 ms under TCG.)"""
 
-    init_seconds: float = 0.0     # agent exec (interpreter start) -> serving
-    uptime_seconds: float = 0.0   # guest uptime when serving began
+    __slots__ = ("init_seconds", "uptime_seconds")
+
+    def __init__(self, init_seconds: float = 0.0, uptime_seconds: float = 0.0) -> None:
+        self.init_seconds = init_seconds      # agent exec (interpreter start) -> serving
+        self.uptime_seconds = uptime_seconds  # guest uptime when serving began
 
 
 def _api(fn: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[Message]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent import syscalls, validate
 from agent.errors import InvalidArgument
@@ -29,8 +29,7 @@ _DRIVERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-@dataclass(frozen=True)
-class StorageRequest:
+class StorageRequest(NamedTuple):  # not a dataclass: see agent.crun.CrunConfig
     driver: str
     source: str
     fstype: str

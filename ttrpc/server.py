@@ -38,8 +38,8 @@ import contextvars
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -63,13 +63,12 @@ Handler = Callable[[Any], Awaitable[Message]]
 Method = tuple[type[Message], Handler]
 
 
-@dataclass(frozen=True)
-class RequestInfo:
+class RequestInfo(NamedTuple):  # not a dataclass: see ttrpc.frames.Frame
     """What a handler may want to know about the call it serves."""
 
     service: str
     method: str
-    metadata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    metadata: Mapping[str, tuple[str, ...]] = MappingProxyType({})
     timeout_nano: int = 0
 
 
