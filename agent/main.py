@@ -118,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def end_startup_gc() -> None:
+    """Turn the garbage collector back on (``agent/__main__.py`` keeps it off during the
+    start-up). What start-up made lives as long as the agent: freezing it keeps the
+    collections that follow from walking it again."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
+
+
 def uptime() -> float:
     with open("/proc/uptime") as f:
         return float(f.read().split()[0])
@@ -170,6 +180,7 @@ async def _serve(opts: Options, guest: bool) -> None:
     server.register(SERVICE, service.methods())
 
     def on_ready(where: str) -> None:
+        end_startup_gc()
         startup.uptime_seconds = now = uptime()
         startup.init_seconds = seconds_since_exec(now)
         init.warn(f"serving on {where} after {startup.init_seconds:.2f}s "
