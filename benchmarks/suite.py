@@ -5,7 +5,8 @@
 One private containerd (with its CRI plugin) runs both ``io.containerd.runc.v2`` and ours
 (``io.containerd.kata.v2``; CRI handlers ``runc`` and ``kata``), the test guest, a
 2048 MiB VM (Kata's default). Runs of the two runtimes interleave, so host noise falls on
-both. Figures (issue 11): cold run with its phase breakdown, the boot floor, CRI pod start,
+both. Figures (issue 11): cold run with its phase breakdown, the boot floor, a VM template
+restored against a cold boot (the lever of pre-booted VMs, QEMU alone), CRI pod start,
 pods started at once, host memory per pod, shim cost, exec latency, stdout throughput.
 Every sample goes to ``<out>/bench-<time>.json`` (`benchmarks.results`), with a chart
 (``.png``) and the Markdown table (``.md``); ``--doc`` rewrites the table in that file.
@@ -15,6 +16,7 @@ Every sample goes to ``<out>/bench-<time>.json`` (`benchmarks.results`), with a 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import re
 import statistics
@@ -28,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks import floor, results
+from benchmarks import floor, results, template
 from benchmarks.measure import (
     ShimCpu,
     mem_available_mib,
@@ -60,6 +62,7 @@ class Plan:
 
     cold: int = 10
     floor: int = 5
+    template: int = 5  # rounds of cold and restored (benchmarks/template.py)
     cri: int = 5
     singles: int = 3
     parallel: int = 8
@@ -74,7 +77,7 @@ class Plan:
 RUNC_STDOUT_SCALE = 16
 #: `make test`'s proof that every figure is taken: one sample each (each kata one is a VM
 #: boot, ~10 s under TCG), 2 pods at once for the parallel path, 64 KiB through the tty.
-QUICK = Plan(cold=1, floor=1, cri=1, singles=1, parallel=2, lifecycles=1, execs=1,
+QUICK = Plan(cold=1, floor=1, template=1, cri=1, singles=1, parallel=2, lifecycles=1, execs=1,
              stdout_bytes=64 << 10, settle=1.0)
 Figures = dict[str, dict[str, dict[str, list[float]]]]
 
@@ -110,6 +113,20 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
     for _ in range(plan.floor):
         figs["boot floor"]["kata"]["QEMU spawn to /init s"].append(
             floor.seconds_to_init(kata.config_path))
+
+
+def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
+    """(b)'s lever, before the feature: restoring a saved agent-ready VM (with the share
+    hot-plugged) against a cold boot, QEMU alone, both until CreateSandbox is done."""
+    image = template.GuestImage.from_config(kata.config_path)
+    result = asyncio.run(template.measure(plan.template, image))
+    fig = figs["VM template"]["kata"]
+    for sample in result["cold"]:
+        fig["cold: spawn to sandbox s"].append(sample["to sandbox s"])
+    for sample in result["restored"]:
+        fig["restored: spawn to sandbox s"].append(sample["to sandbox s"])
+        fig["restored: QEMU PSS MiB"].append(sample["qemu PSS MiB"])
+    fig["template state MiB"].append(result["template"]["state MiB"])
 
 
 def cri_pod_starts(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None:
@@ -255,14 +272,15 @@ def exec_and_stdout(kata: Kata, plan: Plan, figs: Figures) -> None:
             remove(kata.cd, cid)
 
 
-STEPS = (cold_runs, boot_floor, pod_memory_and_parallel, shim_cost, exec_and_stdout)
+STEPS = (cold_runs, boot_floor, vm_template, pod_memory_and_parallel, shim_cost,
+         exec_and_stdout)
 
 
 def measure(plan: Plan) -> tuple[Figures, str, list[str]]:
     """Every figure, the accelerator our VMs ran under, and notes on what is missing."""
     figs: Figures = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     notes: list[str] = []
-    steps = [*STEPS[:2], functools.partial(cri_pod_starts, notes=notes), *STEPS[2:]]
+    steps = [*STEPS[:3], functools.partial(cri_pod_starts, notes=notes), *STEPS[3:]]
     with kata_cri_containerd() as kata:
         kata.write_config({"hypervisor.qemu": {"default_memory": GUEST_MEMORY_MIB}})
         for step in steps:

@@ -1,10 +1,12 @@
 """What a VM template would give a pod's start: cold boot against restoring a saved VM.
 
-    sudo .venv/bin/python -m benchmarks.template [-n 5] [--json FILE]
+    sudo .venv/bin/python -m benchmarks.template [-n 5] [--json FILE] [--config FILE]
 
 Measures the lever of issue 11's pre-booted VMs before the feature exists, with QEMU alone
-(`build/bootguest.py`'s `Guest`: the runtime's own command line, kernel and initrd from
-build/out, a 2048 MiB q35 guest, the agent on virtio-serial). Both paths end when the agent
+(`build/bootguest.py`'s `Guest`: the runtime's own command line, the agent on
+virtio-serial; kernel, initrd, parameters and memory from ``--config``'s
+``[hypervisor.qemu]``, else build/out's with bootguest's defaults and 2048 MiB; q35 only).
+`make bench` runs it as its "VM template" figure. Both paths end when the agent
 has answered ``CreateSandbox`` with the shared filesystem mounted, so they do the same work:
 
 * cold: QEMU with virtiofsd and its ``vhost-user-fs-pci`` on the command line, boot,
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +58,32 @@ ROOT_PORT = "rp0"
 #: The template's hot-plug slot, on the command line of the saved guest and of every restore.
 ROOT_PORT_ARGS = ("-device", f"pcie-root-port,id={ROOT_PORT},bus=pcie.0,chassis=1,slot=1")
 SERVING = "kata-agent: serving on"
+WORK_PREFIX = "kata-template-bench-"  # its directory in /tmp: the state file and the share
 TIMEOUT = 120.0
 
 
-def _guest(share: Path | None, extra: tuple[str, ...] = ()) -> Any:
+@dataclass(frozen=True)
+class GuestImage:
+    """What every guest of one measurement boots."""
+
+    kernel: Path = OUT / "vmlinuz"
+    initrd: Path = OUT / "initrd.img"
+    params: str = ""  # "" = bootguest's DEFAULT_PARAMS
+    memory_mib: int = 2048
+
+    @classmethod
+    def from_config(cls, path: Path) -> GuestImage:
+        qemu = tomllib.loads(path.read_text())["hypervisor"]["qemu"]
+        if qemu.get("machine_type", "q35") != "q35":
+            raise ValueError(f"{path}: the template needs a q35 machine (a PCIe root port)")
+        return cls(Path(qemu["kernel"]), Path(qemu["initrd"]), qemu.get("kernel_params", ""),
+                   int(qemu.get("default_memory", 2048)))
+
+
+def _guest(image: GuestImage, share: Path | None, extra: tuple[str, ...] = ()) -> Any:
     bg = _bootguest()
-    return bg.Guest(OUT / "vmlinuz", OUT / "initrd.img", bg.DEFAULT_PARAMS, share_dir=share,
-                    extra_args=list(extra))
+    return bg.Guest(image.kernel, image.initrd, image.params or bg.DEFAULT_PARAMS,
+                    memory_mib=image.memory_mib, share_dir=share, extra_args=list(extra))
 
 
 async def _socket(guest: Any, path: Path) -> Path:
@@ -99,9 +122,9 @@ def _pss_mib(pid: int) -> float:
     return memory_kib(pid)[1] / 1024
 
 
-async def save_template(state: Path) -> dict[str, float]:
+async def save_template(image: GuestImage, state: Path) -> dict[str, float]:
     """Boot a guest without the share until its agent serves; pause it and save it."""
-    with _guest(None, ROOT_PORT_ARGS) as guest:
+    with _guest(image, None, ROOT_PORT_ARGS) as guest:
         if guest.wait_for(SERVING, TIMEOUT) is None:
             raise RuntimeError(f"the template guest's agent never served:\n{guest.console()}")
         booted = time.monotonic() - guest.t0
@@ -128,17 +151,17 @@ async def _migration_end(qmp: QmpClient) -> dict[str, Any]:
         await asyncio.sleep(0.05)
 
 
-async def cold(share: Path) -> dict[str, float]:
+async def cold(image: GuestImage, share: Path) -> dict[str, float]:
     """Boot with the share on the command line, until the sandbox is created."""
-    with _guest(share) as guest:
+    with _guest(image, share) as guest:
         await _create_sandbox(guest)
         return {"to sandbox s": time.monotonic() - guest.t0,
                 "qemu PSS MiB": _pss_mib(guest.proc.pid)}
 
 
-async def restored(state: Path, share: Path) -> dict[str, float]:
+async def restored(image: GuestImage, state: Path, share: Path) -> dict[str, float]:
     """Restore the template, hot-plug the share, until the sandbox is created."""
-    with _guest(None, (*ROOT_PORT_ARGS, "-incoming", "defer")) as guest:
+    with _guest(image, None, (*ROOT_PORT_ARGS, "-incoming", "defer")) as guest:
         qmp = await _qmp(guest)
         virtiofsd = None
         try:
@@ -181,20 +204,21 @@ def _start_virtiofsd(tmp: Path, share: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def measure(n: int) -> dict[str, Any]:
+async def measure(n: int, image: GuestImage = GuestImage()) -> dict[str, Any]:
     """The template's own figures, then ``n`` interleaved rounds of cold and restored."""
-    work = Path(tempfile.mkdtemp(prefix="kata-template-bench-"))
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     try:
         os.chmod(work, 0o700)
         share = work / "share"
         share.mkdir()
         state = work / "template.state"
-        result: dict[str, Any] = {"template": await save_template(state),
+        result: dict[str, Any] = {"template": await save_template(image, state),
                                   "cold": [], "restored": []}
         for i in range(n):
             order = ("cold", "restored") if i % 2 == 0 else ("restored", "cold")
             for path in order:
-                sample = await (cold(share) if path == "cold" else restored(state, share))
+                sample = await (cold(image, share) if path == "cold"
+                                else restored(image, state, share))
                 result[path].append(sample)
         return result
     finally:
@@ -209,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=5, help="rounds (one cold, one restored each)")
     ap.add_argument("--json", type=Path, help="write every sample here")
+    ap.add_argument("--config", type=Path, help="boot what this configuration.toml names")
     args = ap.parse_args(argv)
-    result = asyncio.run(measure(args.n))
+    image = GuestImage.from_config(args.config) if args.config else GuestImage()
+    result = asyncio.run(measure(args.n, image))
     cold_m, restored_m = medians(result["cold"]), medians(result["restored"])
     print("template: " + ", ".join(f"{k} {v:.2f}" for k, v in result["template"].items()))
     for name, m in (("cold", cold_m), ("restored", restored_m)):

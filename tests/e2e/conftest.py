@@ -40,8 +40,7 @@ LEAK_TIMEOUT = 30.0
 QEMU_ONLY = frozenset({"test_qemu_vm.py", "test_guest_boot.py", "test_microvm.py",
                        "test_qemu_levers.py",
                        "test_bench_machines.py", "test_bench_suite.py",
-                       "test_bench_network.py", "test_bench_template.py",
-                       "test_install.py"})
+                       "test_bench_network.py", "test_install.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
