@@ -13,12 +13,16 @@ import importlib.util
 import re
 import sys
 import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from tests.harness.kataconfig import REPO
 
 TIMEOUT = 120.0
+OUT = REPO / "build" / "out"
 
 
 def _bootguest() -> ModuleType:
@@ -32,14 +36,35 @@ def _bootguest() -> ModuleType:
     return sys.modules["bootguest"]
 
 
+@dataclass(frozen=True)
+class GuestImage:
+    """What a bench guest boots: a configuration's ``[hypervisor.qemu]`` kernel, initrd,
+    parameters, memory and machine (defaults: build/out's, bootguest's parameters)."""
+
+    kernel: Path = OUT / "vmlinuz"
+    initrd: Path = OUT / "initrd.img"
+    params: str = ""  # "" = bootguest's DEFAULT_PARAMS
+    memory_mib: int = 2048
+    machine_type: str = "q35"
+
+    @classmethod
+    def from_config(cls, path: Path) -> GuestImage:
+        qemu = tomllib.loads(path.read_text())["hypervisor"]["qemu"]
+        return cls(Path(qemu["kernel"]), Path(qemu["initrd"]), qemu.get("kernel_params", ""),
+                   int(qemu.get("default_memory", 2048)), qemu.get("machine_type", "q35"))
+
+    def guest(self, share: Path | None = None, extra: Sequence[str] = ()) -> Any:
+        """A started `bootguest.Guest` of this image."""
+        bg = _bootguest()
+        return bg.Guest(self.kernel, self.initrd, self.params or bg.DEFAULT_PARAMS,
+                        memory_mib=self.memory_mib, machine_type=self.machine_type,
+                        share_dir=share, extra_args=list(extra))
+
+
 def seconds_to_init(config_path: Path) -> float:
     """Host seconds from QEMU's spawn to the guest's /init, for this configuration."""
     bg = _bootguest()
-    qemu = tomllib.loads(config_path.read_text())["hypervisor"]["qemu"]
-    params = qemu.get("kernel_params", "")
-    with bg.Guest(Path(qemu["kernel"]), Path(qemu["initrd"]), params,
-                  memory_mib=int(qemu.get("default_memory", 2048)),
-                  machine_type=qemu.get("machine_type", "q35")) as guest:
+    with GuestImage.from_config(config_path).guest() as guest:
         seen = guest.wait_for(re.escape(bg.INIT_MARKER), TIMEOUT)
         if seen is None:
             raise RuntimeError(f"the guest did not reach /init in {TIMEOUT}s:\n"

@@ -118,7 +118,7 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
 def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
     """(b)'s lever, before the feature: restoring a saved agent-ready VM (with the share
     hot-plugged) against a cold boot, QEMU alone, both until CreateSandbox is done."""
-    image = template.GuestImage.from_config(kata.config_path)
+    image = floor.GuestImage.from_config(kata.config_path)
     result = asyncio.run(template.measure(plan.template, image))
     fig = figs["VM template"]["kata"]
     for sample in result["cold"]:

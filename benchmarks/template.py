@@ -37,22 +37,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent_client.client import AgentClient
 from agent_client.types import StorageSpec
-from benchmarks.floor import _bootguest
+from benchmarks.floor import GuestImage, _bootguest
 from benchmarks.measure import memory_kib
 from common.constants import SHARED_FS_TAG
 from hypervisors.qmp import QmpClient
 from hypervisors.statepaths import StatePaths
 from hypervisors.virtiofsd import virtiofsd_argv
-from tests.harness.kataconfig import REPO
 
-OUT = REPO / "build" / "out"
 GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
 ROOT_PORT = "rp0"
 #: The template's hot-plug slot, on the command line of the saved guest and of every restore.
@@ -62,28 +58,11 @@ WORK_PREFIX = "kata-template-bench-"  # its directory in /tmp: the state file an
 TIMEOUT = 120.0
 
 
-@dataclass(frozen=True)
-class GuestImage:
-    """What every guest of one measurement boots."""
-
-    kernel: Path = OUT / "vmlinuz"
-    initrd: Path = OUT / "initrd.img"
-    params: str = ""  # "" = bootguest's DEFAULT_PARAMS
-    memory_mib: int = 2048
-
-    @classmethod
-    def from_config(cls, path: Path) -> GuestImage:
-        qemu = tomllib.loads(path.read_text())["hypervisor"]["qemu"]
-        if qemu.get("machine_type", "q35") != "q35":
-            raise ValueError(f"{path}: the template needs a q35 machine (a PCIe root port)")
-        return cls(Path(qemu["kernel"]), Path(qemu["initrd"]), qemu.get("kernel_params", ""),
-                   int(qemu.get("default_memory", 2048)))
-
-
 def _guest(image: GuestImage, share: Path | None, extra: tuple[str, ...] = ()) -> Any:
-    bg = _bootguest()
-    return bg.Guest(image.kernel, image.initrd, image.params or bg.DEFAULT_PARAMS,
-                    memory_mib=image.memory_mib, share_dir=share, extra_args=list(extra))
+    if image.machine_type != "q35":
+        raise ValueError(f"the template needs a q35 machine (a PCIe root port), not "
+                         f"{image.machine_type}")
+    return image.guest(share, extra)
 
 
 async def _socket(guest: Any, path: Path) -> Path:
@@ -204,8 +183,9 @@ def _start_virtiofsd(tmp: Path, share: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def measure(n: int, image: GuestImage = GuestImage()) -> dict[str, Any]:
+async def measure(n: int, image: GuestImage | None = None) -> dict[str, Any]:
     """The template's own figures, then ``n`` interleaved rounds of cold and restored."""
+    image = image or GuestImage()
     work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     try:
         os.chmod(work, 0o700)
