@@ -30,6 +30,7 @@ from agent.netlink import loopback_up
 from agent.storage import StorageRequest, Storages
 
 if TYPE_CHECKING:
+    from agent.handover import Handover
     from agent.network import GuestNetwork
     from agent.portforward import PortForwards
 from protocols import agent_pb2 as pb
@@ -71,8 +72,10 @@ def _api(fn: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[M
 
 class AgentService:
     def __init__(self, containers: Containers, storages: Storages, startup: StartupInfo,
-                 set_hostname: bool, network: bool = False) -> None:
+                 set_hostname: bool, network: bool = False,
+                 handover: Handover | None = None) -> None:
         self._containers = containers
+        self._handover = handover  # made on first use (see `handover`)
         self._in_guest_network = network  # False outside a guest: the host's is not ours
         self._network: GuestNetwork | None = None
         self._forwards: PortForwards | None = None
@@ -107,6 +110,8 @@ class AgentService:
             "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
             "OnlineCPUs": (pb.OnlineCPUsRequest, self.online_cpus),
             "OnlineMemory": (pb.OnlineMemoryRequest, self.online_memory),
+            "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
+            "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
             "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
             "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
             "AddARPNeighbors": (pb.AddARPNeighborsRequest, self.add_arp_neighbors),
@@ -133,8 +138,8 @@ class AgentService:
         if self._in_guest_network:
             await asyncio.to_thread(loopback_up)
         for st in req.storages:
-            self._storages.add(StorageRequest(st.driver, st.source, st.fstype,
-                                              tuple(st.options), st.mount_point))
+            await self._storages.add(StorageRequest(st.driver, st.source, st.fstype,
+                                                    tuple(st.options), st.mount_point))
         return empty_pb2.Empty()
 
     async def destroy_sandbox(self, req: pb.DestroySandboxRequest) -> Message:
@@ -296,6 +301,26 @@ class AgentService:
 
         wanted = min(req.wanted_mib, 1 << 24)
         return pb.OnlineMemoryResponse(online_mib=await hotplug.bring_memory_online(wanted))
+
+    # -- a VM restored from a template ------------------------------------------------
+
+    @property
+    def handover(self) -> Handover:
+        """Clock and RNG hand-over (the module is imported on first use: only a VM
+        restored from a template needs it)."""
+        if self._handover is None:
+            from agent.handover import Handover
+
+            self._handover = Handover()
+        return self._handover
+
+    async def set_guest_date_time(self, req: pb.SetGuestDateTimeRequest) -> Message:
+        self.handover.set_time(req.Sec, req.Usec)
+        return empty_pb2.Empty()
+
+    async def reseed_random_dev(self, req: pb.ReseedRandomDevRequest) -> Message:
+        self.handover.reseed(req.data)
+        return empty_pb2.Empty()
 
     # -- stdio ------------------------------------------------------------------------
 

@@ -117,6 +117,13 @@ class AgentApi(Protocol):
     async def online_memory(self, wanted_mib: int) -> int:
         """Bring hot-plugged memory online (waits, bounded); the MiB online."""
 
+    async def set_guest_time(self, sec: int, usec: int) -> None:
+        """Set the guest's wall clock (a VM restored from a template wakes with a stale one)."""
+
+    async def reseed_random(self, data: bytes) -> None:
+        """Mix ``data`` into the guest kernel's RNG and reseed it (clones of a template
+        share its RNG state)."""
+
     async def list_processes(self, container_id: str) -> list[int]:
         """Guest pids of the container."""
 

@@ -58,6 +58,8 @@ TIMEOUTS: Mapping[str, float | None] = {
     "StatsContainer": 10.0,
     "OnlineCPUs": 30.0,
     "OnlineMemory": 30.0,
+    "SetGuestDateTime": 10.0,
+    "ReseedRandomDev": 10.0,
     "UpdateInterface": 30.0,  # waits up to 10 s for a cold-plugged NIC to be probed
     "UpdateRoutes": 10.0,
     "AddARPNeighbors": 10.0,
@@ -218,6 +220,17 @@ class AgentClient:
         r = await self._call("OnlineMemory", pb.OnlineMemoryRequest(wanted_mib=wanted_mib),
                              pb.OnlineMemoryResponse)
         return int(r.online_mib)
+
+    # a VM restored from a template
+    async def set_guest_time(self, sec: int, usec: int) -> None:
+        """SetGuestDateTime: set the guest's wall clock (seconds and microseconds since the
+        Epoch)."""
+        request = pb.SetGuestDateTimeRequest(Sec=sec, Usec=usec)
+        await self._call("SetGuestDateTime", request, Empty)
+
+    async def reseed_random(self, data: bytes) -> None:
+        """ReseedRandomDev: mix ``data`` into the guest kernel's RNG and reseed it."""
+        await self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), Empty)
 
     # network
     async def update_interface(self, interface: GuestInterface) -> None:

@@ -5,8 +5,8 @@
 One private containerd (with its CRI plugin) runs both ``io.containerd.runc.v2`` and ours
 (``io.containerd.kata.v2``; CRI handlers ``runc`` and ``kata``), the test guest, a
 2048 MiB VM (Kata's default). Runs of the two runtimes interleave, so host noise falls on
-both. Figures (issue 11): cold run with its phase breakdown, the boot floor, a VM template
-restored against a cold boot (the lever of pre-booted VMs, QEMU alone), CRI pod start,
+both. Figures (issue 11): cold run with its phase breakdown, the boot floor, runs whose VM
+is restored from a VM template against cold runs of the same configuration, CRI pod start,
 pods started at once, host memory per pod, shim cost, exec latency, stdout throughput.
 Every sample goes to ``<out>/bench-<time>.json`` (`benchmarks.results`), with a chart
 (``.png``) and the Markdown table (``.md``); ``--doc`` rewrites the table in that file.
@@ -16,12 +16,14 @@ Every sample goes to ``<out>/bench-<time>.json`` (`benchmarks.results`), with a 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
+import json
 import re
 import statistics
+import subprocess
 import sys
 import time
+import tomllib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks import floor, results, template
+from benchmarks import floor, results
 from benchmarks.measure import (
     ShimCpu,
     mem_available_mib,
@@ -41,18 +43,21 @@ from benchmarks.measure import (
 )
 from benchmarks.phases import breakdown, shim_events
 from cli.metrics import fetch, find_socket
+from tests.harness import kataconfig
+from tests.harness.containerd import RUNTIME_BIN
 from tests.harness.cri.client import Kubelet
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, Kata, kata_cri_containerd
 from tests.harness.kataconfig import REPO
-from tests.harness.scenarios import KATA, RUNC, remove
+from tests.harness.scenarios import KATA, RUNC, explain, remove
 
 RUNTIMES = {"runc": RUNC, "kata": KATA}
 HANDLERS = {"runc": "runc", "kata": CRI_HANDLER}
 GUEST_MEMORY_MIB = 2048
 ACCEL = re.compile(r'msg="sandbox started" .*?accelerator=(\w+)')
 #: What the chart shows: one panel per figure.
-CHART = {"cold run": "wall s", "CRI pod start": "pod running s", "exec": "exec true s",
+CHART = {"cold run": "wall s", "VM template": "restored: wall s",
+         "CRI pod start": "pod running s", "exec": "exec true s",
          "memory, 1 pod": "PSS per pod MiB", "shim": "CPU s per lifecycle"}
 
 
@@ -62,7 +67,7 @@ class Plan:
 
     cold: int = 10
     floor: int = 5
-    template: int = 5  # rounds of cold and restored (benchmarks/template.py)
+    template: int = 5  # rounds of one cold run and one restored from the VM template
     cri: int = 5
     singles: int = 3
     parallel: int = 8
@@ -116,17 +121,51 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
 
 
 def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
-    """(b)'s lever, before the feature: restoring a saved agent-ready VM (with the share
-    hot-plugged) against a cold boot, QEMU alone, both until CreateSandbox is done."""
-    image = floor.GuestImage.from_config(kata.config_path)
-    result = asyncio.run(template.measure(plan.template, image))
+    """(b) pre-booted VMs: `ctr run --rm busybox true` with the pod's VM restored from a VM
+    template (`[factory] enable_template`), interleaved with cold runs of the same
+    configuration; and what making the template took (`kata-runtime factory init`)."""
     fig = figs["VM template"]["kata"]
-    for sample in result["cold"]:
-        fig["cold: spawn to sandbox s"].append(sample["to sandbox s"])
-    for sample in result["restored"]:
-        fig["restored: spawn to sandbox s"].append(sample["to sandbox s"])
-        fig["restored: QEMU PSS MiB"].append(sample["qemu PSS MiB"])
-    fig["template state MiB"].append(result["template"]["state MiB"])
+    config, template_dir = template_config(kata)
+    made = factory(config, "init")
+    fig["template boot s"].append(made["boot_seconds"])
+    fig["template save s"].append(made["save_seconds"])
+    fig["template state MiB"].append(made["state_mib"])
+    try:
+        for i in range(plan.template):
+            order = (("cold", kata.config_path), ("restored", config))
+            for name, path in order if i % 2 == 0 else order[::-1]:
+                took, _ = timed_ctr(kata.cd, "run", "--rm", "--runtime", KATA,
+                                    "--runtime-config-path", str(path), IMAGE_REF,
+                                    f"tpl-{name}-{i}", "true")
+                fig[f"{name}: wall s"].append(took)
+    finally:
+        factory(config, "destroy")
+    if template_dir.exists():
+        raise RuntimeError(f"kata-runtime factory destroy left {template_dir}")
+    restored = kata.cd.log_path.read_text(errors="replace").count("restored from the VM template")
+    if restored < plan.template:
+        raise RuntimeError(f"{restored} of {plan.template} pods were restored from the template")
+
+
+def template_config(kata: Kata) -> tuple[Path, Path]:
+    """The bench's configuration with templates on, beside it, and the template's dir."""
+    template_dir = kata.config_path.parent / "template"
+    path = kata.config_path.with_name("configuration-template.toml")
+    tables = tomllib.loads(kata.config_path.read_text())
+    tables["factory"] = {"enable_template": True, "template_path": str(template_dir)}
+    path.write_text(kataconfig.dumps(kataconfig.flatten(tables)))
+    return path, template_dir
+
+
+def factory(config: Path, action: str) -> dict[str, Any]:
+    """`kata-runtime factory <action> --json`'s answer; a failure raises with its output."""
+    res = subprocess.run([str(RUNTIME_BIN / "kata-runtime"), "--config", str(config), "factory",
+                          action, "--json"], capture_output=True, text=True, timeout=600,
+                         check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"kata-runtime factory {action}: {explain(res)}")
+    doc: dict[str, Any] = json.loads(res.stdout)
+    return doc
 
 
 def cri_pod_starts(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None:

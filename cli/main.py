@@ -1,6 +1,6 @@
 """kata-runtime: the operator CLI (check, list, env, version, containerd-config; exec, a
 debug shell in the guest, in `cli.debug_console`; metrics, a pod's Prometheus text, in
-`cli.metrics`).
+`cli.metrics`; factory, the VM template, in `cli.factory`).
 
 This module only parses arguments and dispatches: `cli.check` holds the host checks,
 `cli.listing` the sandbox listing, `cli.info` the configuration dump, and
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from cli import check as cli_check
 from cli import containerd_config
 from cli import debug_console as cli_debug_console
+from cli import factory as cli_factory
 from cli import info as cli_info
 from cli import listing as cli_list
 from cli import metrics as cli_metrics
@@ -38,6 +39,7 @@ COMMANDS = {
     "exec": "open a root shell in a sandbox's VM (needs debug_console_enabled)",
     "metrics": "print a sandbox's metrics (Prometheus text, from its shim)",
     "containerd-config": "add or remove the CRI runtime handler in containerd's configuration",
+    "factory": "make, check or remove the VM template pods are restored from",
 }
 
 
@@ -80,6 +82,11 @@ def _metrics(args: argparse.Namespace) -> int:
     return 1 if config is None else cli_metrics.run(config, args)
 
 
+def _factory(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return 1 if config is None else cli_factory.run(config, args)
+
+
 def _not_implemented(args: argparse.Namespace) -> int:
     sys.stderr.write(f"{PROG}: failed to run {args.command}: not implemented yet\n")
     return 1
@@ -102,6 +109,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "exec": _exec,
     "metrics": _metrics,
     "containerd-config": _containerd_config,
+    "factory": _factory,
 }
 
 
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
             cli_metrics.add_arguments(sub)
         elif name == "containerd-config":
             _containerd_config_args(sub)
+        elif name == "factory":
+            cli_factory.add_arguments(sub)
     return parser
 
 

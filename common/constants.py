@@ -23,5 +23,9 @@ AGENT_VSOCK_PORT = 1024
 EXIT_STATUS_KILLED = 137
 #: Where per-sandbox host state lives unless ``[runtime] state_dir`` says otherwise.
 DEFAULT_STATE_DIR = "/run/kata-py"
+#: ``[factory] template_path``'s default: beside the state dir, not in it (that holds sandboxes).
+DEFAULT_TEMPLATE_DIR = "/run/kata-py-template"
+#: What the agent prints on the guest console once it serves (a VM template is saved then).
+AGENT_SERVING_MARK = "kata-agent: serving on"
 #: Version of the host runtime (shim and operator CLI).
 RUNTIME_VERSION = "0.1.0"

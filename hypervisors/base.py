@@ -53,6 +53,9 @@ class VmSpec:
     #: A second virtio-serial port, ``DEBUG_CONSOLE_PORT_NAME``, on a unix socket the VMM
     #: listens on (`StatePaths.debug_console_socket`, 0600): the guest's debug console.
     debug_console: bool = False
+    #: A VM template's directory (``[factory] enable_template``): restore the VM from it
+    #: when the template matches this VM, boot it otherwise (the driver logs why).
+    template_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,19 @@ Device = SharedFsDevice | NetworkDevice | BlockDevice | VsockDevice
 
 
 @dataclass(frozen=True)
+class TemplateInfo:
+    """A saved VM template (``kata-runtime factory``)."""
+
+    path: Path
+    #: When it was saved (seconds since the epoch) and how long boot and save took.
+    created: float
+    boot_seconds: float
+    save_seconds: float
+    #: The size of the saved VM state.
+    state_bytes: int
+
+
+@dataclass(frozen=True)
 class HostCheck:
     """One line of ``kata-runtime check`` that a driver contributes."""
 
@@ -125,6 +141,11 @@ class Hypervisor(Protocol):
     @property
     def pid(self) -> int | None:
         """The VMM's host pid once started."""
+
+    @property
+    def from_template(self) -> bool:
+        """Whether `start` restored the VM from a template instead of booting it: the guest
+        then runs with the template's clock and RNG state until the sandbox hands it over."""
 
     # -- devices
     async def add_device(self, device: Device) -> None:
@@ -228,6 +249,20 @@ class HypervisorDriver(Protocol):
 
     def host_checks(self, config: HypervisorConfig, source: str) -> list[HostCheck]:
         """Can this host run such VMs (files, binary version, accelerator, agent channel)."""
+
+    async def make_template(self, config: HypervisorConfig, vm: VmSpec,
+                            template_dir: Path, ready_mark: str) -> TemplateInfo:
+        """Boot a VM shaped like ``vm`` until its console shows ``ready_mark`` (the agent
+        serves), and save it in ``template_dir``; `HypervisorUnsupported` if this driver
+        has no templates."""
+
+    def template_mismatch(self, config: HypervisorConfig, vm: VmSpec,
+                          template_dir: Path) -> str | None:
+        """Why a VM shaped like ``vm`` could not be restored from ``template_dir``; None
+        when it could."""
+
+    def remove_template(self, template_dir: Path) -> bool:
+        """Remove the template's files and directory; False if there was none."""
 
 
 @dataclass

@@ -133,6 +133,21 @@ class VmmVm(abc.ABC, Generic[C]):
             f"failed to add {type(device).__name__} to running VM {self.sandbox_id}: "
             f"{self.vmm_name} hot-plug is not supported by this version")
 
+    def _prepare(self) -> None:
+        """The driver's last decisions before anything is spawned (accelerator chosen)."""
+
+    async def _after_connect(self) -> None:
+        """What the driver does once QMP answers, before the VM counts as started."""
+
+    def _spawn_fds(self) -> tuple[int, ...]:
+        """The fds the VMM inherits: the cold-plugged devices'."""
+        return self._devices.fds()
+
+    def _forget_failed_start(self) -> None:
+        """After a `start` that failed (and undid everything): as if never started."""
+        self._proc = self._virtiofsd = self._qmp = self._stderr = None
+        self._records.clear()
+
     def _vmm_env(self) -> Mapping[str, str] | None:
         """Environment variables the VMM gets besides PATH."""
         return None
@@ -152,6 +167,11 @@ class VmmVm(abc.ABC, Generic[C]):
     def pid(self) -> int | None:
         """The VMM's pid once spawned."""
         return self._proc.pid if self._proc else None
+
+    @property
+    def from_template(self) -> bool:
+        """Whether the VM was restored from a template (only a driver that has them)."""
+        return False
 
     @property
     def virtiofsd_pid(self) -> int | None:
@@ -223,6 +243,7 @@ class VmmVm(abc.ABC, Generic[C]):
                 stack.callback(self._remove_files)
                 self._remove_files()
                 self._accel = self._choose_accelerator()
+                self._prepare()
                 shares = self._devices.of(SharedFsDevice)
                 if shares and shares[0].kind == "virtio-fs":
                     await self._start_virtiofsd(stack, shares[0])
@@ -231,6 +252,7 @@ class VmmVm(abc.ABC, Generic[C]):
                 await self._console_after_spawn(stack)
                 self._qmp = await self._connect_qmp()
                 stack.push_async_callback(self._close_qmp)
+                await self._after_connect()
                 if self.spec.debug_console:
                     # A root shell in the guest: root only, whatever the VMM's umask was
                     # (its chardevs exist once QMP answers).
@@ -260,7 +282,7 @@ class VmmVm(abc.ABC, Generic[C]):
         log.debug("VM %s: %s", self.sandbox_id, " ".join(argv))
         try:
             self._proc = await spawn(argv, asyncio.subprocess.PIPE,
-                                     pass_fds=self._devices.fds(), env=self._vmm_env())
+                                     pass_fds=self._spawn_fds(), env=self._vmm_env())
         except OSError as exc:
             raise HypervisorError(f"failed to start {self.vmm_name} {argv[0]}: {exc}") from exc
         self._stderr = StderrLog(self._proc.stderr, self.paths.vmm_stderr)

@@ -259,6 +259,20 @@ class OnlineMemoryResponse(_message.Message):
     online_mib: int
     def __init__(self, online_mib: _Optional[int] = ...) -> None: ...
 
+class SetGuestDateTimeRequest(_message.Message):
+    __slots__ = ("Sec", "Usec")
+    SEC_FIELD_NUMBER: _ClassVar[int]
+    USEC_FIELD_NUMBER: _ClassVar[int]
+    Sec: int
+    Usec: int
+    def __init__(self, Sec: _Optional[int] = ..., Usec: _Optional[int] = ...) -> None: ...
+
+class ReseedRandomDevRequest(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class StatsContainerRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

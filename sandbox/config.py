@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.constants import DEFAULT_STATE_DIR
+from common.constants import DEFAULT_STATE_DIR, DEFAULT_TEMPLATE_DIR
 from hypervisors.config import ConfigError
 from hypervisors.factory import parse_hypervisor
 from sandbox.errors import InvalidArgumentError
@@ -50,8 +50,10 @@ AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules", "debug_console_enabled
 RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model",
                           "static_sandbox_resource_mgmt", "static_sandbox_base_memory",
                           "sandbox_cgroup_only"})
+FACTORY_KEYS = frozenset({"enable_template", "template_path", "vm_cache_number",
+                          "vm_cache_endpoint"})
 MIN_BASE_MEMORY_MIB = 64
-TOP_TABLES = frozenset({"hypervisor", "agent", "runtime"})
+TOP_TABLES = frozenset({"hypervisor", "agent", "runtime", "factory"})
 INTERNETWORKING_MODELS = ("tcfilter", "macvtap", "none")
 
 
@@ -70,6 +72,19 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class FactoryConfig:
+    """The ``[factory]`` table: VMs restored from a saved template (`sandbox.template`)."""
+
+    enable_template: bool = False
+    template_path: Path = Path(DEFAULT_TEMPLATE_DIR)
+
+    @property
+    def template_dir(self) -> Path | None:
+        """Where pods look for the template; None when templates are off."""
+        return self.template_path if self.enable_template else None
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """The whole configuration a sandbox runs with."""
 
@@ -84,6 +99,7 @@ class RuntimeConfig:
     static_sandbox_base_memory: int = 256
     #: Run the VMM and virtiofsd in the pod's cgroup on the host (hostos/cgroups.py).
     sandbox_cgroup_only: bool = False
+    factory: FactoryConfig = FactoryConfig()
     #: Unknown keys and set-but-unsupported keys, one message each (file and line).
     warnings: tuple[str, ...] = ()
 
@@ -171,8 +187,19 @@ def _parse(path: Path, doc: Mapping[str, Any], text: str) -> RuntimeConfig:
             _typed(runtime, "static_sandbox_resource_mgmt", bool, False, path)),
         static_sandbox_base_memory=_base_memory(runtime, path),
         sandbox_cgroup_only=bool(_typed(runtime, "sandbox_cgroup_only", bool, False, path)),
+        factory=_factory(_table(doc, "factory", path), path),
     )
     return _with_warnings(config, doc, text, agent_table, runtime)
+
+
+def _factory(table: Mapping[str, Any], path: Path) -> FactoryConfig:
+    template_path = str(_typed(table, "template_path", str, DEFAULT_TEMPLATE_DIR, path))
+    if not os.path.isabs(template_path):
+        raise InvalidArgumentError(f"template_path in {path} is {template_path!r}: give an "
+                                   "absolute path (a directory only root can write)")
+    return FactoryConfig(
+        enable_template=bool(_typed(table, "enable_template", bool, False, path)),
+        template_path=Path(template_path))
 
 
 def _with_warnings(
@@ -185,8 +212,14 @@ def _with_warnings(
     unknown += [(section, k) for k in config.hypervisor.unknown_keys]
     unknown += [("agent.kata", k) for k in sorted(agent.keys() - AGENT_KEYS)]
     unknown += [("runtime", k) for k in sorted(runtime.keys() - RUNTIME_KEYS)]
+    factory = _table(doc, "factory", config.path)
+    unknown += [("factory", k) for k in sorted(factory.keys() - FACTORY_KEYS)]
     unsupported = [(section, k, "this version does not act on it, so it has no effect")
                    for k in config.hypervisor.unsupported_keys]  # fmt: skip
+    if factory.get("vm_cache_number"):
+        unsupported.append(("factory", "vm_cache_number", "this version has no VM cache; "
+                            "use enable_template, which restores a pod's VM in under a "
+                            "second"))  # fmt: skip
     if config.agent.kernel_modules:
         unsupported.append(("agent.kata", "kernel_modules", "the guest loads only the modules "
                             "built into its image"))  # fmt: skip

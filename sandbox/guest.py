@@ -9,6 +9,8 @@ code, with a ``failed to <verb> <noun>`` message; the guest's text is already bo
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -45,6 +47,10 @@ async def agent_errors(what: str) -> AsyncIterator[None]:
         raise kind(f"failed to {what}: {e.message or e.code.name}") from e
 
 
+#: Bytes of the host's entropy that reseed a restored guest's RNG (512 bits).
+RESEED_BYTES = 64
+
+
 def _name(container_id: str, exec_id: str) -> str:
     return f"{container_id}/{exec_id or 'init'}"
 
@@ -54,6 +60,17 @@ class Guest:
 
     def __init__(self, agent: Callable[[], AgentApi]) -> None:
         self._agent = agent
+
+    # a VM restored from a template
+    async def hand_over(self) -> None:
+        """Make a VM restored from a template its own: set its wall clock (it wakes with
+        the template's, stale) to the host's, then reseed its kernel RNG (every clone of
+        the template shares the template's state) with fresh host entropy."""
+        sec, nsec = divmod(time.time_ns(), 1_000_000_000)
+        async with agent_errors("set the guest's clock"):
+            await self._agent().set_guest_time(sec, nsec // 1000)
+        async with agent_errors("reseed the guest's random number generator"):
+            await self._agent().reseed_random(os.urandom(RESEED_BYTES))
 
     # lifecycle
     async def start_container(self, container_id: str) -> int:

@@ -164,6 +164,10 @@ def settings(config: RuntimeConfig) -> dict[str, dict[str, Any]]:
             "enable_debug": config.enable_debug,
             "internetworking_model": config.internetworking_model,
         },
+        "factory": {
+            "enable_template": config.factory.enable_template,
+            "template_path": str(config.factory.template_path),
+        },
     }
 
 

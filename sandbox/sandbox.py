@@ -168,6 +168,16 @@ def host_memory_mib() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
 
 
+def vm_spec(config: RuntimeConfig, sandbox_id: str, state_dir: Path, socket_dir: Path | None,
+            size: VmSize) -> VmSpec:
+    """The VM of a pod (or of the VM template, `sandbox.template`, which must match it)."""
+    console = config.agent.debug_console_enabled
+    return VmSpec(sandbox_id, state_dir, vcpus=size.vcpus, memory_mib=size.memory_mib,
+                  socket_dir=socket_dir, debug_console=console,
+                  kernel_params=(DEBUG_CONSOLE_KERNEL_PARAM,) if console else (),
+                  template_dir=config.factory.template_dir)
+
+
 def shared_storage(config: HypervisorConfig) -> tuple[SharedFsKind, StorageSpec]:
     """The share's device kind and how the guest mounts it, for ``shared_fs``."""
     if config.shared_fs == "virtio-fs":
@@ -296,6 +306,10 @@ class Sandbox:
             self.memory_mib = size.memory_mib or self.config.hypervisor.default_memory
             await self._join_host_cgroup(cgroup, vm)
             agent = await self._connect_agent(vm, stack)
+            if vm.from_template:  # its clock and RNG are the template's until now
+                await Guest(lambda: agent).hand_over()  # self.guest waits for RUNNING
+                log.info("VM restored from the template %s: guest clock set, RNG reseeded",
+                         self.config.factory.template_path)
             async with agent_errors("get guest details"):
                 guest = await agent.guest_details()
             log.info(
@@ -467,10 +481,8 @@ class Sandbox:
                         network: pod_network.PodNetwork | None = None) -> Hypervisor:
         kind, _share = shared_storage(self.config.hypervisor)
         console = self.config.agent.debug_console_enabled
-        vm = self._hypervisor_factory(self.config.hypervisor, VmSpec(
-            self.id, self.state_path, vcpus=size.vcpus, memory_mib=size.memory_mib,
-            socket_dir=self.socket_dir, debug_console=console,
-            kernel_params=(DEBUG_CONSOLE_KERNEL_PARAM,) if console else ()))
+        vm = self._hypervisor_factory(self.config.hypervisor, vm_spec(
+            self.config, self.id, self.state_path, self.socket_dir, size))
         await vm.add_device(SharedFsDevice(self.shared_dir, kind, SHARED_FS_TAG))
         for nic in network.devices() if network is not None else ():
             await vm.add_device(nic)

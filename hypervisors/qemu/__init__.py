@@ -12,12 +12,13 @@ configuration code; the VM code is imported when a VM is created.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypervisors.qemu.config import NAME, QemuConfig
 
 if TYPE_CHECKING:  # loaded by every `shim start`/`delete`: types only
-    from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, VmSpec
+    from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, TemplateInfo, VmSpec
 
 
 class _QemuDriver:
@@ -37,6 +38,25 @@ class _QemuDriver:
 
         assert isinstance(config, QemuConfig), type(config)
         return host_checks(config, source)
+
+    async def make_template(self, config: HypervisorConfig, vm: VmSpec, template_dir: Path,
+                            ready_mark: str) -> TemplateInfo:
+        from hypervisors.qemu.vm import make_template
+
+        assert isinstance(config, QemuConfig), type(config)
+        return await make_template(config, vm, template_dir, ready_mark)
+
+    def template_mismatch(self, config: HypervisorConfig, vm: VmSpec,
+                          template_dir: Path) -> str | None:
+        from hypervisors.qemu.vm import template_mismatch
+
+        assert isinstance(config, QemuConfig), type(config)
+        return template_mismatch(config, vm, template_dir)
+
+    def remove_template(self, template_dir: Path) -> bool:
+        from hypervisors.qemu.template import remove_files
+
+        return remove_files(template_dir)
 
 
 DRIVER = _QemuDriver()

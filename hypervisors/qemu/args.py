@@ -80,6 +80,12 @@ class VmParams:
     host_tsc_khz: int | None = None
     #: The guest's debug console port (`hypervisors.base.VmSpec.debug_console`).
     debug_console: bool = False
+    #: Empty PCIe root ports for hot-plug, and guest RAM shared as a virtio-fs share that
+    #: comes later needs: how a VM template is shaped (`hypervisors.qemu.template`).
+    hotplug_ports: int = 0
+    hotplug_virtio_fs: bool = False
+    #: ``-incoming defer``: the VM waits for its state (a restore from a template).
+    incoming: bool = False
 
 
 class QemuParam(Protocol):
@@ -369,6 +375,32 @@ class VirtioNet:
 
 
 @dataclass(frozen=True)
+class RootPorts:
+    """Empty PCIe root ports ``rp0``.. on q35's root bus, for devices plugged later."""
+
+    count: int
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return [arg for i in range(self.count) for arg in (
+            "-device", f"pcie-root-port,id={root_port(i)},bus=pcie.0,chassis=1,slot={i + 1}")]
+
+
+def root_port(index: int) -> str:
+    """The id of the ``index``-th `RootPorts` port."""
+    return f"rp{index}"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """``-incoming defer``: start paused, waiting for ``migrate-incoming``."""
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return ["-incoming", "defer"]
+
+
+@dataclass(frozen=True)
 class FreePageReporting:
     """A virtio-balloon that is never inflated, only there for free page reporting: the
     guest tells QEMU which pages it freed and QEMU gives them back to the host."""
@@ -414,7 +446,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     """The option groups for one VM, in command-line order."""
     fs = vm.shared_fs
     mmio = is_mmio(config.machine_type)
-    shared_memory = fs is not None and fs.kind == "virtio-fs"
+    shared_memory = (fs is not None and fs.kind == "virtio-fs") or vm.hotplug_virtio_fs
     vcpus = vm.vcpus or config.default_vcpus
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
@@ -446,6 +478,10 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     params += [VirtioBlock(b, mmio) for b in vm.blocks]
     if config.reclaim_guest_freed_memory:
         params.append(FreePageReporting(mmio))
+    if vm.hotplug_ports:
+        params.append(RootPorts(vm.hotplug_ports))
+    if vm.incoming:
+        params.append(Incoming())
     return params
 
 

@@ -11,20 +11,32 @@ drivers. This module supplies what is QEMU's own:
 * hot-plug: a device into a running q35 VM needs free PCIe root ports reserved at boot; this
   version does not reserve any, so it refuses with `HypervisorUnsupported`. vCPUs are
   hot-plugged through ``query-hotpluggable-cpus``/``device_add`` up to ``default_maxvcpus``,
-  memory as pc-dimm DIMMs up to ``default_maxmemory`` (neither on microvm).
+  memory as pc-dimm DIMMs up to ``default_maxmemory`` (neither on microvm);
+* VM templates (`hypervisors.qemu.template`): with ``VmSpec.template_dir`` set and a
+  template that fits, `start` restores the VM from it instead of booting, then plugs the
+  share and NICs into the template's root ports; a template that does not fit, or a restore
+  that fails, means a normal boot and a log line saying why. `make_template` saves one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
+import time
+from pathlib import Path
 
+from common.constants import SHARED_FS_TAG
 from hypervisors.accel import AccelChoice, choose_accelerator, host_tsc_khz
 from hypervisors.base import (
     BlockDevice,
     Device,
     NetworkDevice,
     SharedFsDevice,
+    SharedFsKind,
+    TemplateInfo,
     VmSpec,
     VsockDevice,
 )
@@ -32,7 +44,9 @@ from hypervisors.errors import (
     HypervisorError,
     HypervisorRefused,
     HypervisorUnsupported,
+    QmpError,
 )
+from hypervisors.qemu import template as tpl
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv, is_mmio
 from hypervisors.qemu.config import QemuConfig
 from hypervisors.vmm import VHOST_VSOCK_DEVICE, VmmVm, host_has_vhost_vsock
@@ -41,6 +55,7 @@ __all__ = ["VHOST_VSOCK_DEVICE", "Qemu", "host_has_vhost_vsock"]
 
 log = logging.getLogger(__name__)
 
+SAVE_BOOT_TIMEOUT = 180.0  # a template boots once, under TCG maybe slowly
 HOTPLUG_CPU_PREFIX = "vcpu-hp-"
 HOTPLUG_MEM_PREFIX = "mem-hp-"
 HOTPLUG_DIMM_PREFIX = "dimm-hp-"
@@ -52,10 +67,80 @@ class Qemu(VmmVm[QemuConfig]):
 
     vmm_name = "QEMU"
 
-    def __init__(self, config: QemuConfig, vm: VmSpec) -> None:
-        """Describe the VM; nothing runs until `start`."""
+    def __init__(self, config: QemuConfig, vm: VmSpec, *, saving: bool = False) -> None:
+        """Describe the VM; nothing runs until `start`. ``saving``: boot the template view
+        of this VM, for `make_template` to save."""
         super().__init__(config, vm)
         self._dimms: list[int] = []  # MiB of each hot-plugged DIMM
+        self._saving = saving
+        self._template: tpl.Template | None = None  # the one `start` restores from
+        self._restored = False
+
+    @property
+    def from_template(self) -> bool:
+        """Whether `start` restored this VM from a template."""
+        return self._restored
+
+    async def start(self) -> None:
+        """Boot the VM, or restore it from its template; a failed restore boots."""
+        try:
+            await super().start()
+        except HypervisorError as e:
+            if self._template is None:
+                raise
+            log.warning("VM %s: restoring from the VM template %s failed, booting instead: "
+                        "%s", self.sandbox_id, self.spec.template_dir, e)
+            self._forget_failed_start()
+            self.spec = dataclasses.replace(self.spec, template_dir=None)
+            await super().start()
+
+    def _prepare(self) -> None:
+        self._template = None
+        if self.spec.template_dir is None or self._saving:
+            return
+        why, self._template = self.template_fit(self.spec.template_dir)
+        if why:
+            log.info("VM %s boots: the VM template %s does not fit it: %s", self.sandbox_id,
+                     self.spec.template_dir, why)  # fmt: skip
+
+    def template_fit(self, template_dir: Path) -> tuple[str | None, tpl.Template | None]:
+        """Why this VM cannot be restored from ``template_dir`` (None), or the template."""
+        params = self._device_params()
+        why = tpl.refusal(params, self.config.machine_type)
+        if why:
+            return why, None
+        try:
+            template = tpl.load(template_dir)
+            why = tpl.mismatch(template, tpl.shape(self.config, params),
+                               tpl.file_ids(self.config))
+        except (tpl.TemplateError, OSError) as e:
+            return str(e), None
+        return why, None if why else template
+
+    def _spawn_fds(self) -> tuple[int, ...]:
+        return () if self._template is not None else super()._spawn_fds()  # sent by getfd
+
+    async def _after_connect(self) -> None:
+        if self._template is None or self.spec.template_dir is None:
+            return
+        started = time.monotonic()
+        fd = tpl.open_state(self.spec.template_dir)
+        try:
+            await tpl.load_state(self.qmp, fd)
+            shares = self._devices.of(SharedFsDevice)
+            if shares:
+                await tpl.plug_share(self.qmp, self.paths.virtiofsd_socket, shares[0].tag, 0)
+            for port, nic in enumerate(self._devices.of(NetworkDevice), start=len(shares)):
+                await tpl.plug_nic(self.qmp, nic, port)
+        except QmpError as e:
+            raise HypervisorError(f"failed to restore VM {self.sandbox_id} from its "
+                                  f"template: {e}") from e
+        finally:
+            os.close(fd)
+        self._restored = True
+        log.info("VM %s restored from the VM template %s in %.2fs (saved %s)",
+                 self.sandbox_id, self.spec.template_dir, time.monotonic() - started,
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._template.created)))
 
     async def _hotplug(self, device: Device) -> None:
         raise HypervisorUnsupported(
@@ -79,7 +164,13 @@ class Qemu(VmmVm[QemuConfig]):
         return choice
 
     def vm_params(self) -> VmParams:
-        """The per-VM half of the command line."""
+        """The per-VM half of the command line (a template's view when saving or restoring)."""
+        params = self._device_params()
+        if self._saving or self._template is not None:
+            return tpl.template_view(self.config, params, incoming=self._template is not None)
+        return params
+
+    def _device_params(self) -> VmParams:
         assert self._accel is not None
         vsock = self._devices.of(VsockDevice)
         shares = self._devices.of(SharedFsDevice)
@@ -180,3 +271,59 @@ class Qemu(VmmVm[QemuConfig]):
     def _shares_memory(self) -> bool:
         shares = self._devices.of(SharedFsDevice)
         return bool(shares) and shares[0].kind == "virtio-fs"
+
+
+async def make_template(config: QemuConfig, spec: VmSpec, template_dir: Path,
+                        ready_mark: str) -> TemplateInfo:
+    """Boot the template view of a VM like ``spec``'s until its console shows ``ready_mark``,
+    pause it and save it in ``template_dir`` (emptied first)."""
+    why = tpl.refusal(_probe(config, spec)._device_params(), config.machine_type)
+    if why:
+        raise HypervisorUnsupported(f"failed to make a VM template: {why}")
+    tpl.prepare_dir(template_dir)
+    vm = Qemu(config, dataclasses.replace(spec, state_dir=template_dir, socket_dir=template_dir,
+                                          template_dir=None), saving=True)
+    started = time.monotonic()
+    await vm.start()
+    try:
+        exited = asyncio.ensure_future(vm.wait_exited())
+        try:
+            await tpl.wait_for_mark(vm.console_log, ready_mark, exited, SAVE_BOOT_TIMEOUT)
+        finally:
+            exited.cancel()
+        booted = time.monotonic() - started
+        fd = tpl.open_state(template_dir, write=True)
+        try:
+            await tpl.save_state(vm.qmp, fd)
+        finally:
+            os.close(fd)
+        template = tpl.Template(
+            argv=tpl.shape(config, vm._device_params()), files=tpl.file_ids(config),
+            created=time.time(), boot_seconds=booted,
+            save_seconds=time.monotonic() - started - booted,
+            state_bytes=os.stat(template_dir / tpl.STATE_FILE).st_size)
+        tpl.write_meta(template_dir, template)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            (template_dir / tpl.STATE_FILE).unlink()
+        raise
+    finally:
+        await vm.stop()
+    return TemplateInfo(template_dir, template.created, template.boot_seconds,
+                        template.save_seconds, template.state_bytes)
+
+
+def _probe(config: QemuConfig, spec: VmSpec) -> Qemu:
+    """A VM like a pod's (the configured share, no NIC), never started: for its parameters."""
+    probe = Qemu(config, spec)
+    probe._accel = choose_accelerator(config.accelerator)
+    if config.shared_fs in ("virtio-fs", "virtio-9p"):
+        kind: SharedFsKind = "virtio-fs" if config.shared_fs == "virtio-fs" else "virtio-9p"
+        probe._devices.add(SharedFsDevice(Path("/"), kind, SHARED_FS_TAG))
+    return probe
+
+
+def template_mismatch(config: QemuConfig, spec: VmSpec, template_dir: Path) -> str | None:
+    """Why a pod's VM like ``spec``'s would not be restored from ``template_dir``."""
+    why, _template = _probe(config, spec).template_fit(template_dir)
+    return why

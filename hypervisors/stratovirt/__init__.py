@@ -15,12 +15,16 @@ loads only the configuration code; the VM code is imported when a VM is created.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypervisors.stratovirt.config import NAME, StratovirtConfig
 
 if TYPE_CHECKING:  # loaded by every `shim start`/`delete`: types only
-    from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, VmSpec
+    from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, TemplateInfo, VmSpec
+
+
+NO_TEMPLATES = "StratoVirt VMs are not made from templates by this version (use QEMU)"
 
 
 class _StratovirtDriver:
@@ -40,6 +44,22 @@ class _StratovirtDriver:
 
         assert isinstance(config, StratovirtConfig), type(config)
         return host_checks(config, source)
+
+    async def make_template(self, config: HypervisorConfig, vm: VmSpec, template_dir: Path,
+                            ready_mark: str) -> TemplateInfo:
+        from hypervisors.errors import HypervisorUnsupported
+
+        raise HypervisorUnsupported(f"failed to make a VM template: {NO_TEMPLATES}")
+
+    def template_mismatch(self, config: HypervisorConfig, vm: VmSpec,
+                          template_dir: Path) -> str | None:
+        return NO_TEMPLATES
+
+    def remove_template(self, template_dir: Path) -> bool:
+        # A template is QEMU's, but one left from a former configuration can go.
+        from hypervisors.qemu.template import remove_files
+
+        return remove_files(template_dir)
 
 
 DRIVER = _StratovirtDriver()

@@ -37,7 +37,8 @@ LEAK_TIMEOUT = 30.0
 
 #: Modules about QEMU itself (its argv, QMP, bootguest, microvm): skipped when the suite
 #: runs on another hypervisor (``make test-stratovirt``).
-QEMU_ONLY = frozenset({"test_qemu_vm.py", "test_guest_boot.py", "test_microvm.py",
+QEMU_ONLY = frozenset({"test_qemu_vm.py", "test_guest_boot.py", "test_guest_handover.py",
+                       "test_microvm.py",
                        "test_qemu_levers.py",
                        "test_bench_machines.py", "test_bench_suite.py",
                        "test_bench_network.py", "test_install.py"})

@@ -135,6 +135,11 @@ class FakeHypervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def from_template(self) -> bool:
+        """Restored whenever a template is configured (the real driver checks it fits)."""
+        return self._proc is not None and self.spec.template_dir is not None
+
     async def add_device(self, device: Device) -> None:
         self._step("add_device")
         self.devices.add(device)
@@ -318,6 +323,12 @@ class FakeAgent:
     async def online_memory(self, wanted_mib: int) -> int:
         self._call("online_memory", str(wanted_mib))
         return wanted_mib
+
+    async def set_guest_time(self, sec: int, usec: int) -> None:
+        self._call("set_guest_time", str(sec), str(usec))
+
+    async def reseed_random(self, data: bytes) -> None:
+        self._call("reseed_random", data.hex())
 
     async def stats_container(self, container_id: str) -> CgroupStats:
         self._call("stats_container", container_id)

@@ -21,6 +21,7 @@ from ttrpc.server import current_request
 class FakeAgent:
     def __init__(self) -> None:
         self.deadlines: dict[str, int] = {}
+        self.requests: list[Message] = []
 
     def _seen(self) -> None:
         info = current_request()
@@ -38,6 +39,13 @@ class FakeAgent:
         self._seen()
         return Empty()
 
+    async def restore_step(self, req: Any) -> Message:
+        self._seen()
+        self.requests.append(req)
+        if isinstance(req, pb.ReseedRandomDevRequest) and not req.data:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "data is empty: nothing to reseed with")
+        return Empty()
+
     async def create_container(self, req: Any) -> Message:
         raise TtrpcError(Code.INVALID_ARGUMENT, "crun: " + "x" * (MAX_GUEST_MESSAGE * 4))
 
@@ -47,6 +55,8 @@ class FakeAgent:
             "WaitProcess": (pb.WaitProcessRequest, self.wait_process),
             "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
             "CreateContainer": (pb.CreateContainerRequest, self.create_container),
+            "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.restore_step),
+            "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.restore_step),
         }
 
 
@@ -98,3 +108,20 @@ def test_connect_to_nothing_fails_fast(tmp_path: Path) -> None:
             await AgentClient.connect(f"serial://{tmp_path}/missing.sock", timeout=2)
 
     asyncio.run(run())
+
+
+def test_clock_and_reseed_calls(tmp_path: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        await agent.set_guest_time(1_900_000_000, 123_456)
+        await agent.reseed_random(b"\x01" * 64)
+        with pytest.raises(AgentCallError) as info:
+            await agent.reseed_random(b"")
+        assert info.value.code is Code.INVALID_ARGUMENT
+        assert str(info.value) == "ReseedRandomDev: data is empty: nothing to reseed with"
+
+    fake = asyncio.run(with_agent(tmp_path, body))
+    assert fake.requests[:2] == [pb.SetGuestDateTimeRequest(Sec=1_900_000_000, Usec=123_456),
+                                 pb.ReseedRandomDevRequest(data=b"\x01" * 64)]
+    for method in ("SetGuestDateTime", "ReseedRandomDev"):  # bounded by the table
+        timeout = TIMEOUTS[method]
+        assert timeout is not None and fake.deadlines[method] == int(timeout * 1e9)

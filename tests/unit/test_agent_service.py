@@ -103,9 +103,9 @@ def test_storage_rejects_unknown_driver(tmp_path: Path) -> None:
     from agent.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument):
-        storages.add(StorageRequest("nfs", "x", "", (), f"{tmp_path}/m"))
+        asyncio.run(storages.add(StorageRequest("nfs", "x", "", (), f"{tmp_path}/m")))
     with pytest.raises(InvalidArgument):
-        storages.add(StorageRequest("virtio-fs", "x", "ext4", (), f"{tmp_path}/m"))
+        asyncio.run(storages.add(StorageRequest("virtio-fs", "x", "ext4", (), f"{tmp_path}/m")))
 
 
 def test_vsock_needs_a_virtio_vsock_device(tmp_path: Path) -> None:

@@ -647,3 +647,32 @@ def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> No
 
 
 # exec: test_debug_console.py; metrics: test_cli_metrics.py
+
+
+def _with_factory(config: Path, template: Path) -> Path:
+    config.write_text(config.read_text() + f'[factory]\nenable_template = true\n'
+                      f'template_path = "{template}"\n')
+    return config
+
+
+def test_factory_status_destroy_and_a_refused_init(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    template = tmp_path / "tpl"
+    config = str(_with_factory(write_config(tmp_path), template))
+    code, out, _ = run(capsys, "--config", config, "factory", "status")
+    assert code == 1, out
+    assert "VM templates: on" in out and "not usable: no VM template at" in out, out
+    assert "kata-runtime factory init" in out
+    code, out, _ = run(capsys, "--config", config, "factory", "destroy")
+    assert code == 0 and f"VM template {template} was not there" in out, out
+    template.mkdir(mode=0o700)
+    (template / "state").write_bytes(b"x")
+    (template / "template.json").write_text("{}")
+    code, out, _ = run(capsys, "--config", config, "factory", "destroy", "--json")
+    assert code == 0 and json.loads(out) == {"path": str(template), "removed": True}, out
+    assert not template.exists()
+    (tmp_path / "m").mkdir()
+    microvm = str(_with_factory(write_config(tmp_path / "m", machine_type="microvm"), template))
+    code, _, err = run(capsys, "--config", microvm, "factory", "init")
+    assert code == 1 and "has no PCIe root ports" in err, err
+    assert not template.exists()  # refused before anything was made

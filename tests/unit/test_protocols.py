@@ -222,3 +222,32 @@ def field(number: int, body: bytes) -> bytes:
 def test_event_type_urls() -> None:
     assert events_pb2.TaskExit.DESCRIPTOR.full_name == "containerd.events.TaskExit"
     assert runtimeoptions_pb2.Options.DESCRIPTOR.full_name == "runtimeoptions.v1.Options"
+
+
+# Agent messages that must read as Kata's (src/libs/protocols/protos/agent.proto), so that a
+# capture or a Kata tool reads them alike: message -> {field: number}.
+KATA_AGENT_FIELDS: dict[str, dict[str, int]] = {
+    "SetGuestDateTimeRequest": {"Sec": 1, "Usec": 2},
+    "ReseedRandomDevRequest": {"data": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(KATA_AGENT_FIELDS))
+def test_agent_field_numbers_match_kata(name: str) -> None:
+    from protocols import agent_pb2
+
+    descriptor = agent_pb2.DESCRIPTOR.message_types_by_name[name]
+    assert {f.name: f.number for f in descriptor.fields} == KATA_AGENT_FIELDS[name]
+
+
+def test_agent_restore_rpcs_take_kata_requests_and_return_empty() -> None:
+    from protocols import agent_pb2
+
+    service = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+    methods = {m.name: (m.input_type.name, m.output_type.full_name) for m in service.methods}
+    assert methods["SetGuestDateTime"] == ("SetGuestDateTimeRequest", "google.protobuf.Empty")
+    assert methods["ReseedRandomDev"] == ("ReseedRandomDevRequest", "google.protobuf.Empty")
+    # Sec=1, Usec=2 (varints); data=2 (length-delimited): the bytes Kata's agent decodes.
+    time_req = agent_pb2.SetGuestDateTimeRequest(Sec=1_700_000_000, Usec=5)
+    assert time_req.SerializeToString() == bytes.fromhex("08 80e2cfaa06 1005")
+    assert agent_pb2.ReseedRandomDevRequest(data=b"ab").SerializeToString() == field(2, b"ab")

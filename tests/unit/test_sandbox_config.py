@@ -176,3 +176,29 @@ def test_the_microvm_configuration_differs_from_the_default_only_in_the_machine(
     assert q35.pop("kernel_params").replace("pci=lastbus=0", "pci=off") == \
         mvm.pop("kernel_params")
     assert default == microvm
+
+
+def test_factory_table_turns_templates_on(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text('[hypervisor.qemu]\n\n[factory]\nenable_template = true\n'
+                    'template_path = "/run/tpl"\nvm_cache_number = 3\ncache_size = 1\n')
+    config = load_config(str(path))
+    assert config.factory.template_dir == Path("/run/tpl")
+    warnings = "\n".join(config.warnings)
+    assert f"factory.vm_cache_number in {path}:6 is set but not supported" in warnings
+    assert "use enable_template" in warnings
+    assert f"unknown key factory.cache_size in {path}:7" in warnings
+    assert len(config.warnings) == 2
+
+
+def test_templates_are_off_by_default_and_need_an_absolute_path(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text("[hypervisor.qemu]\n")
+    config = load_config(str(path))
+    assert config.factory.template_dir is None and not config.factory.enable_template
+    path.write_text('[hypervisor.qemu]\n[factory]\ntemplate_path = "tpl"\n')
+    with pytest.raises(InvalidArgumentError, match="give an absolute path"):
+        load_config(str(path))
+    path.write_text('[hypervisor.qemu]\n[factory]\nenable_template = "yes"\n')
+    with pytest.raises(InvalidArgumentError, match=r"enable_template .* wrong type"):
+        load_config(str(path))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from hostos.procs import process_state
+from sandbox.config import FactoryConfig
 from sandbox.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -398,5 +400,37 @@ def test_memory_grows_to_the_containers_limits_plus_the_base(tmp_path: Path) -> 
         assert "resize_memory" not in world.vm.calls
         await sandbox.fit_memory(768)
         assert sandbox.memory_mib == 1024 and ("online_memory", "1024") in world.agent.calls
+
+    run(body, tmp_path)
+
+
+def test_a_vm_restored_from_a_template_is_handed_over_first(tmp_path: Path) -> None:
+    world = FakeWorld()
+    sandbox = fake_sandbox(tmp_path, world)
+    template = tmp_path / "template"
+    sandbox.config = dataclasses.replace(
+        sandbox.config, factory=FactoryConfig(enable_template=True, template_path=template))
+
+    async def main() -> None:
+        try:
+            await sandbox.start(SPEC)
+            assert world.vm.spec.template_dir == template
+            calls = [c[0] for c in world.agent.calls]
+            assert calls[:3] == ["set_guest_time", "reseed_random", "guest_details"], calls
+            sec, usec = int(world.agent.calls[0][1]), int(world.agent.calls[0][2])
+            assert abs(sec + usec / 1e6 - time.time()) < 5 and 0 <= usec < 1_000_000
+            assert len(bytes.fromhex(world.agent.calls[1][1])) >= 32
+        finally:
+            await sandbox.stop()
+
+    asyncio.run(main())
+    assert_nothing_left(tmp_path, world, sandbox)
+
+
+def test_a_booted_vm_is_not_handed_over(tmp_path: Path) -> None:
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        assert world.vm.spec.template_dir is None  # templates are off by default
+        assert "set_guest_time" not in [c[0] for c in world.agent.calls]
 
     run(body, tmp_path)

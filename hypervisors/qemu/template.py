@@ -1,0 +1,299 @@
+"""QEMU VM templates: one guest booted and saved once, each pod's VM restored from it.
+
+Theory of operation
+-------------------
+A template is a directory, root's and 0700, holding ``state`` (the QMP ``migrate`` stream
+of a guest paused once its agent served) and ``template.json`` (`Template`: what it was
+made from). It is made by booting a VM shaped like a pod's (`template_view`: the pod's
+command line without its devices, plus `TEMPLATE_PORTS` empty PCIe root ports, and guest
+RAM shared as virtio-fs needs) and it is used by `hypervisors.qemu.vm.Qemu.start` only when
+the command line a restore gets (`shape`: with the sandbox's names and paths left out) and
+the files it names (QEMU, kernel, initrd, firmware: size and mtime) are what it was saved
+with (`mismatch`); otherwise the VM boots and the log says why.
+
+After the restore the pod's own devices are hot-plugged into the root ports (`plug_share`,
+`plug_nic`): QEMU 7.2 refuses to migrate a VM that has a vhost-user-fs device, and a pod's
+NICs and share are its own anyway. The state goes through an fd (``getfd``) because
+``exec:`` migration makes QEMU exit under its seccomp sandbox. The template is saved before
+any host has talked to the agent: a guest saved right after a host closed its agent
+session did not answer after restore (docs/performance.md, "Pre-booted VMs").
+
+What clones share, and how it is mended, is the sandbox's part (`sandbox.template`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from hypervisors.base import NetworkDevice
+from hypervisors.errors import HypervisorError
+from hypervisors.qemu.args import AgentChannel, VmParams, build_argv, is_mmio, root_port, virtio
+from hypervisors.qemu.config import QemuConfig
+from hypervisors.qmp import QmpClient
+from hypervisors.statepaths import StatePaths
+
+#: Root ports a template keeps free: the share and up to three NICs.
+TEMPLATE_PORTS = 4
+STATE_FILE = "state"
+META_FILE = "template.json"
+#: Everything a template directory may hold: its files and those of the VM that made it.
+TEMPLATE_FILES = (STATE_FILE, META_FILE, "console.log", "vmm.stderr", "vmm.pid",
+                  "virtiofsd.stderr", *(p.name for p in StatePaths(Path("/")).sockets()))
+FORMAT = 1
+META_MAX_BYTES = 1 << 20
+SAVE_TIMEOUT = 120.0
+LOAD_TIMEOUT = 60.0
+_PLACEHOLDER = StatePaths(Path("/template"))
+
+
+class TemplateError(HypervisorError):
+    """A template that cannot be used, made or removed, and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """``template.json``."""
+
+    argv: list[str]
+    files: dict[str, list[int]]
+    created: float
+    boot_seconds: float
+    save_seconds: float
+    state_bytes: int
+    format: int = FORMAT
+
+
+def refusal(vm: VmParams, machine_type: str) -> str | None:
+    """Why a VM with these devices cannot come from a template at all; None if it can."""
+    if is_mmio(machine_type):
+        return f"machine_type {machine_type!r} has no PCIe root ports to plug devices into"
+    if vm.agent_channel is not AgentChannel.SERIAL:
+        return "the agent is on vsock, and a restored guest keeps the template's CID"
+    if vm.shared_fs is not None and vm.shared_fs.kind != "virtio-fs":
+        return f"a {vm.shared_fs.kind} share cannot be hot-plugged (use virtio-fs)"
+    if vm.blocks:
+        return "block devices are not plugged into a restored VM by this version"
+    wanted = len(vm.networks) + (vm.shared_fs is not None)
+    if wanted > TEMPLATE_PORTS:
+        return f"it has {wanted} devices, more than the template's {TEMPLATE_PORTS} root ports"
+    return None
+
+
+def template_view(config: QemuConfig, vm: VmParams, incoming: bool = False) -> VmParams:
+    """``vm`` as a template has it: no devices, empty root ports, RAM shared for virtio-fs."""
+    return dataclasses.replace(vm, shared_fs=None, networks=(), blocks=(),
+                               hotplug_ports=TEMPLATE_PORTS,
+                               hotplug_virtio_fs=config.shared_fs == "virtio-fs",
+                               incoming=incoming)
+
+
+def shape(config: QemuConfig, vm: VmParams) -> list[str]:
+    """The command line of ``vm``'s template view with its own names and paths left out:
+    equal for every VM a template can serve."""
+    view = dataclasses.replace(template_view(config, vm), sandbox_id="template",
+                               paths=_PLACEHOLDER)
+    return build_argv(config, view)
+
+
+def file_ids(config: QemuConfig) -> dict[str, list[int]]:
+    """(size, mtime) of QEMU, kernel, initrd and firmware: a rebuilt guest voids a template."""
+    ids: dict[str, list[int]] = {}
+    for path in (shutil.which(config.path) or config.path, config.kernel, config.initrd,
+                 config.firmware):
+        if path:
+            st = os.stat(path)
+            ids[path] = [st.st_size, st.st_mtime_ns]
+    return ids
+
+
+def mismatch(template: Template, argv: list[str], files: dict[str, list[int]]) -> str | None:
+    """Why ``template`` does not fit a VM with this `shape` and these `file_ids`."""
+    for path in sorted(files.keys() | template.files.keys()):
+        if files.get(path) != template.files.get(path):
+            return f"{path} is not the file the template was made with"
+    if argv != template.argv:
+        pairs = list(itertools.zip_longest(argv, template.argv, fillvalue=""))
+        i = next(i for i, (a, b) in enumerate(pairs) if a != b)
+        flag = pairs[i - 1][0] + " " if i and pairs[i - 1][0].startswith("-") else ""
+        ours, theirs = (flag + pairs[i][0])[:200], (flag + pairs[i][1])[:200]
+        return (f"the VM's command line differs from the template's: {ours!r} where the "
+                f"template has {theirs!r}")
+    return None
+
+
+# -- the directory -------------------------------------------------------------------------
+
+
+def check_dir(template_dir: Path) -> None:
+    """A template directory must be a real directory that only we can write: a template is
+    guest memory every pod would run."""
+    try:
+        st = os.lstat(template_dir)
+    except FileNotFoundError as e:
+        raise TemplateError(f"no VM template at {template_dir}: run `kata-runtime factory "
+                            "init`") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise TemplateError(f"VM template {template_dir} is not a directory (a link or a "
+                            "file): remove it, then run `kata-runtime factory init`")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise TemplateError(
+            f"VM template {template_dir} is owned by uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):o}: it must be ours and 0700; run `kata-runtime "
+            "factory destroy` and `init` again")
+
+
+def prepare_dir(template_dir: Path) -> None:
+    """An empty template directory: made 0700, or emptied of a former template's files."""
+    if os.path.lexists(template_dir):
+        remove_files(template_dir)
+    template_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_dir(template_dir)
+
+
+def remove_files(template_dir: Path) -> bool:
+    """Remove a template's files (only those: a mistyped template_path loses nothing else),
+    then the directory if that left it empty. False if there was no template."""
+    if not os.path.lexists(template_dir):
+        return False
+    check_dir(template_dir)
+    for name in TEMPLATE_FILES:
+        (template_dir / name).unlink(missing_ok=True)
+    try:
+        template_dir.rmdir()
+    except OSError as e:
+        raise TemplateError(f"VM template {template_dir} still holds files that are not a "
+                            f"template's ({', '.join(sorted(os.listdir(template_dir)))[:200]})"
+                            ": not removed") from e
+    return True
+
+
+def open_state(template_dir: Path, write: bool = False) -> int:
+    """The state file, never through a link."""
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    flags |= os.O_WRONLY | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY
+    try:
+        return os.open(template_dir / STATE_FILE, flags, 0o600)
+    except OSError as e:
+        raise TemplateError(f"failed to open VM template state {template_dir / STATE_FILE}: "
+                            f"{e.strerror}") from e
+
+
+def write_meta(template_dir: Path, template: Template) -> None:
+    """``template.json``, written last: a template without it is incomplete."""
+    tmp = template_dir / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(template), indent=1) + "\n")
+    os.replace(tmp, template_dir / META_FILE)
+
+
+def load(template_dir: Path) -> Template:
+    """The template in ``template_dir``, checked; `TemplateError` says what is wrong."""
+    check_dir(template_dir)
+    try:
+        fd = os.open(template_dir / META_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise TemplateError(f"VM template {template_dir} is incomplete ({META_FILE}: "
+                            f"{e.strerror}): run `kata-runtime factory init`") from e
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(META_MAX_BYTES + 1)
+    try:
+        doc: Any = json.loads(raw) if len(raw) <= META_MAX_BYTES else None
+        template = Template(**doc)
+    except (ValueError, TypeError) as e:
+        raise TemplateError(f"VM template {template_dir}/{META_FILE} is not one this version "
+                            "wrote: run `kata-runtime factory init`") from e
+    if template.format != FORMAT:
+        raise TemplateError(f"VM template {template_dir} has format {template.format}, this "
+                            f"version reads {FORMAT}: run `kata-runtime factory init`")
+    try:
+        st = os.lstat(template_dir / STATE_FILE)
+    except OSError as e:
+        raise TemplateError(f"VM template {template_dir} has no state: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode) or st.st_size != template.state_bytes:
+        raise TemplateError(f"VM template {template_dir}/{STATE_FILE} is not the file that "
+                            "was saved: run `kata-runtime factory init`")
+    return template
+
+
+# -- QMP -----------------------------------------------------------------------------------
+
+
+async def save_state(qmp: QmpClient, fd: int) -> None:
+    """Pause the VM and write its state to ``fd``."""
+    await qmp.execute("stop")
+    await qmp.get_fd("template-state", fd)
+    await qmp.execute("migrate", {"uri": "fd:template-state"})
+    deadline = time.monotonic() + SAVE_TIMEOUT
+    while True:
+        status: dict[str, Any] = await qmp.execute("query-migrate")
+        if status.get("status") == "completed":
+            return
+        if status.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise TemplateError(f"failed to save the VM: migration {status.get('status')}: "
+                                f"{status.get('error-desc', '')}")
+        await asyncio.sleep(0.05)
+
+
+async def load_state(qmp: QmpClient, fd: int) -> None:
+    """Load a saved state into a VM started with ``-incoming defer``, and run it."""
+    await qmp.get_fd("template-state", fd)
+    await qmp.execute("migrate-incoming", {"uri": "fd:template-state"})
+    deadline = time.monotonic() + LOAD_TIMEOUT
+    while (status := await qmp.query_status()) == "inmigrate":
+        if time.monotonic() > deadline:
+            raise TemplateError(f"failed to restore the VM: still loading after {LOAD_TIMEOUT}s")
+        await asyncio.sleep(0.02)
+    if status not in ("paused", "postmigrate", "running"):
+        raise TemplateError(f"failed to restore the VM: it is {status!r} after loading")
+    await qmp.execute("cont")  # the template was saved paused, and that state travels
+
+
+async def plug_share(qmp: QmpClient, socket: Path, tag: str, port: int) -> None:
+    """virtiofsd's socket as a chardev, and a vhost-user-fs device on it."""
+    await qmp.execute("chardev-add", {"id": "vfs", "backend": {"type": "socket", "data": {
+        "server": False, "addr": {"type": "unix", "data": {"path": str(socket)}}}}})
+    await qmp.execute("device_add", {"driver": virtio("vhost-user-fs", False), "id": "vfs0",
+                                     "chardev": "vfs", "tag": tag, "bus": root_port(port)})
+
+
+async def plug_nic(qmp: QmpClient, nic: NetworkDevice, port: int) -> None:
+    """A tap NIC on the caller's queue fds (``getfd`` each), as on a booted VM's command
+    line (`hypervisors.qemu.args.VirtioNet`)."""
+    names = [f"tap-{nic.id}-{i}" for i in range(len(nic.tap_fds))]
+    for name, fd in zip(names, nic.tap_fds, strict=True):
+        await qmp.get_fd(name, fd)
+    netdev = f"netdev-{nic.id}"
+    fds = {"fds": ":".join(names)} if len(names) > 1 else {"fd": names[0]}
+    await qmp.execute("netdev_add", {"type": "tap", "id": netdev, **fds})
+    device: dict[str, Any] = {"driver": virtio("virtio-net", False), "id": nic.id,
+                              "netdev": netdev, "mac": nic.mac, "host_mtu": nic.mtu,
+                              "bus": root_port(port)}
+    if len(names) > 1:
+        device |= {"mq": True, "vectors": 2 * len(names) + 2}
+    await qmp.execute("device_add", device)
+
+
+async def wait_for_mark(console_log: Path, mark: str, exited: asyncio.Future[Any],
+                        timeout: float) -> None:
+    """Until the guest console shows ``mark`` (the agent serves), the VMM exits or time
+    runs out."""
+    deadline = time.monotonic() + timeout
+    while not exited.done():
+        try:
+            if mark.encode() in console_log.read_bytes():
+                return
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise TemplateError(f"the template VM's agent did not start within {timeout:.0f}s;"
+                                f" see {console_log}")
+        await asyncio.sleep(0.05)
+    raise TemplateError(f"the template VM exited while booting; see {console_log}")

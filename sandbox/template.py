@@ -1,0 +1,77 @@
+"""The VM template of ``[factory] enable_template``: ``kata-runtime factory init|status|destroy``.
+
+Theory of operation
+-------------------
+`make` boots one VM exactly as a pod's would be (`sandbox.sandbox.vm_spec` with the
+configuration's default size), waits until its agent serves, and saves it in
+``template_path``; from then on a pod whose VM fits restores it instead of booting
+(`hypervisors.base.VmSpec.template_dir`) and the sandbox hands the restored guest over
+(`sandbox.guest.Guest.hand_over`: its clock set, its RNG reseeded). Pods sized from their
+limits (``static_sandbox_resource_mgmt``) have another command line and boot as before.
+
+What clones of one template share, and what that means for isolation (security.md): the
+guest kernel's address layout (KASLR), the agent's memory layout and Python hash seed, and
+the kernel's boot id. The RNG state is shared too until the hand-over reseeds it, before any
+container runs. Each container's processes are new and laid out from the reseeded RNG.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+from common.constants import AGENT_SERVING_MARK
+from hypervisors.errors import HypervisorError
+from hypervisors.factory import driver
+from sandbox.config import RuntimeConfig
+from sandbox.errors import FailedPreconditionError, UnavailableError
+from sandbox.sandbox import vm_spec
+from sandbox.sizing import VmSize
+
+TEMPLATE_ID = "template"
+
+
+def _spec_dir(config: RuntimeConfig) -> Path:
+    return config.factory.template_path
+
+
+async def make(config: RuntimeConfig) -> dict[str, Any]:
+    """Boot and save the template (replacing any); what was made, as JSON values."""
+    path = _spec_dir(config)
+    spec = vm_spec(config, TEMPLATE_ID, path, path, VmSize())
+    started = time.monotonic()
+    try:
+        info = await driver(config.hypervisor.name).make_template(
+            config.hypervisor, spec, path, AGENT_SERVING_MARK)
+    except HypervisorError as e:
+        raise UnavailableError(f"failed to make the VM template in {path}: {e}") from e
+    return {"path": str(info.path), "created": _utc(info.created),
+            "boot_seconds": round(info.boot_seconds, 2),
+            "save_seconds": round(info.save_seconds, 2),
+            "state_mib": round(info.state_bytes / 2**20, 1),
+            "total_seconds": round(time.monotonic() - started, 2),
+            "enabled": config.factory.enable_template}
+
+
+def status(config: RuntimeConfig) -> dict[str, Any]:
+    """Whether templates are on, and whether a pod's VM would be restored from this one."""
+    path = _spec_dir(config)
+    spec = vm_spec(config, "status", path, path, VmSize())
+    why = driver(config.hypervisor.name).template_mismatch(config.hypervisor, spec, path)
+    return {"enabled": config.factory.enable_template, "path": str(path),
+            "usable": why is None, "reason": why or ""}
+
+
+def destroy(config: RuntimeConfig) -> bool:
+    """Remove the template; False if there was none."""
+    path = _spec_dir(config)
+    try:
+        return driver(config.hypervisor.name).remove_template(path)
+    except HypervisorError as e:
+        raise FailedPreconditionError(str(e)) from e
+
+
+def _utc(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
