@@ -130,16 +130,24 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
     fig["template boot s"].append(made["boot_seconds"])
     fig["template save s"].append(made["save_seconds"])
     fig["template state MiB"].append(made["state_mib"])
+    runs = []
     try:
         for i in range(plan.template):
             order = (("cold", kata.config_path), ("restored", config))
             for name, path in order if i % 2 == 0 else order[::-1]:
+                cid, started = f"tpl-{name}-{i}", time.time()
                 took, _ = timed_ctr(kata.cd, "run", "--rm", "--runtime", KATA,
-                                    "--runtime-config-path", str(path), IMAGE_REF,
-                                    f"tpl-{name}-{i}", "true")
+                                    "--runtime-config-path", str(path), IMAGE_REF, cid, "true")
                 fig[f"{name}: wall s"].append(took)
+                runs.append((name, cid, started))
     finally:
         factory(config, "destroy")
+    time.sleep(0.5)  # the shim's last lines reach containerd's log asynchronously
+    lines = kata.cd.log_path.read_text(errors="replace").splitlines()
+    for name, cid, started in runs:  # the pod's start: until its container runs
+        events = shim_events(lines, cid)
+        if "process started" in events:
+            fig[f"{name}: to container started s"].append(events["process started"][0] - started)
     if template_dir.exists():
         raise RuntimeError(f"kata-runtime factory destroy left {template_dir}")
     restored = kata.cd.log_path.read_text(errors="replace").count("restored from the VM template")

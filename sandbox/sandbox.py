@@ -306,16 +306,15 @@ class Sandbox:
             self.memory_mib = size.memory_mib or self.config.hypervisor.default_memory
             await self._join_host_cgroup(cgroup, vm)
             agent = await self._connect_agent(vm, stack)
-            if vm.from_template:  # its clock and RNG are the template's until now
-                await Guest(lambda: agent).hand_over()  # self.guest waits for RUNNING
-                log.info("VM restored from the template %s: guest clock set, RNG reseeded",
-                         self.config.factory.template_path)
+            if vm.from_template:
+                await self._hand_over(agent)
             async with agent_errors("get guest details"):
                 guest = await agent.guest_details()
             log.info(
                 "agent ready: started in %.2fs, serving at guest uptime %.2fs, %.2fs after "
-                "the sandbox start began", guest.agent_init_seconds,
+                "the sandbox start began%s", guest.agent_init_seconds,
                 guest.agent_startup_seconds, time.monotonic() - started,
+                " (the first two are the VM template's)" if vm.from_template else "",
             )
             _kind, share = shared_storage(self.config.hypervisor)
             async with agent_errors("create the sandbox in the guest"):
@@ -518,6 +517,16 @@ class Sandbox:
                                          config=str(self.config.path),
                                          key="agent.kata.debug_console_enabled"))
         return vm
+
+    async def _hand_over(self, agent: AgentApi) -> None:
+        """A VM restored from a template has the template's clock, RNG state and size until
+        now: set, reseed, and online what the driver hot-plugged for this pod's size."""
+        guest = Guest(lambda: agent)  # self.guest waits for RUNNING
+        await guest.hand_over()
+        vcpus = await guest.online_cpus(self.vcpus)
+        memory = await guest.online_memory(self.memory_mib)
+        log.info("VM restored from the template %s: guest clock set, RNG reseeded, %d vCPUs "
+                 "and %d MiB online", self.config.factory.template_path, vcpus, memory)
 
     async def _connect_agent(self, vm: Hypervisor, stack: AsyncExitStack) -> AgentApi:
         timeout = self.config.agent.dial_timeout

@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-`make` boots one VM exactly as a pod's would be (`sandbox.sandbox.vm_spec` with the
-configuration's default size), waits until its agent serves, and saves it in
+`make` boots one VM as a pod's would be (`sandbox.sandbox.vm_spec`) at the smallest size a
+pod can have (`template_size`), waits until its agent serves, and saves it in
 ``template_path``; from then on a pod whose VM fits restores it instead of booting
-(`hypervisors.base.VmSpec.template_dir`) and the sandbox hands the restored guest over
-(`sandbox.guest.Guest.hand_over`: its clock set, its RNG reseeded). Pods sized from their
-limits (``static_sandbox_resource_mgmt``) have another command line and boot as before.
+(`hypervisors.base.VmSpec.template_dir`; the driver hot-plugs the pod's share, NICs, and
+the vCPUs and memory its size adds), and the sandbox hands the restored guest over
+(`Sandbox._hand_over`: its clock set, its RNG reseeded, the added vCPUs and memory online).
 
 What clones of one template share, and what that means for isolation (security.md): the
 guest kernel's address layout (KASLR), the agent's memory layout and Python hash seed, and
@@ -40,7 +40,7 @@ def _spec_dir(config: RuntimeConfig) -> Path:
 async def make(config: RuntimeConfig) -> dict[str, Any]:
     """Boot and save the template (replacing any); what was made, as JSON values."""
     path = _spec_dir(config)
-    spec = vm_spec(config, TEMPLATE_ID, path, path, VmSize())
+    spec = vm_spec(config, TEMPLATE_ID, path, path, template_size(config))
     started = time.monotonic()
     try:
         info = await driver(config.hypervisor.name).make_template(
@@ -71,6 +71,15 @@ def destroy(config: RuntimeConfig) -> bool:
         return driver(config.hypervisor.name).remove_template(path)
     except HypervisorError as e:
         raise FailedPreconditionError(str(e)) from e
+
+
+def template_size(config: RuntimeConfig) -> VmSize:
+    """The smallest VM a pod may get, so that every pod's VM grows from it by hot-plug:
+    with ``static_sandbox_resource_mgmt`` one vCPU and the base memory (a pod with limits
+    has more), else the defaults every pod has."""
+    if not config.static_sandbox_resource_mgmt:
+        return VmSize()
+    return VmSize(vcpus=1, memory_mib=config.static_sandbox_base_memory)
 
 
 def _utc(epoch: float) -> str:

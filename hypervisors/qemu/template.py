@@ -7,7 +7,7 @@ of a guest paused once its agent served) and ``template.json`` (`Template`: what
 made from). It is made by booting a VM shaped like a pod's (`template_view`: the pod's
 command line without its devices, plus `TEMPLATE_PORTS` empty PCIe root ports, and guest
 RAM shared as virtio-fs needs) and it is used by `hypervisors.qemu.vm.Qemu.start` only when
-the command line a restore gets (`shape`: with the sandbox's names and paths left out) and
+the command line a restore gets (`shape`: with the sandbox's names and paths left out, at the template's size) and
 the files it names (QEMU, kernel, initrd, firmware: size and mtime) are what it was saved
 with (`mismatch`); otherwise the VM boots and the log says why.
 
@@ -65,6 +65,9 @@ class Template:
 
     argv: list[str]
     files: dict[str, list[int]]
+    #: The size it was booted at: a pod's VM may be bigger (hot-plugged after the restore).
+    vcpus: int
+    memory_mib: int
     created: float
     boot_seconds: float
     save_seconds: float
@@ -124,9 +127,20 @@ def mismatch(template: Template, argv: list[str], files: dict[str, list[int]]) -
         pairs = list(itertools.zip_longest(argv, template.argv, fillvalue=""))
         i = next(i for i, (a, b) in enumerate(pairs) if a != b)
         flag = pairs[i - 1][0] + " " if i and pairs[i - 1][0].startswith("-") else ""
-        ours, theirs = (flag + pairs[i][0])[:200], (flag + pairs[i][1])[:200]
-        return (f"the VM's command line differs from the template's: {ours!r} where the "
-                f"template has {theirs!r}")
+        ours, theirs = pairs[i]
+        if " " in ours and " " in theirs:  # a list such as -append's: name the words
+            ours = " ".join(w for w in ours.split() if w not in theirs.split()) or "-"
+            theirs = " ".join(w for w in theirs.split() if w not in pairs[i][0].split()) or "-"
+        return (f"the VM's command line differs from the template's: {(flag + ours)[:200]!r} "
+                f"where the template has {(flag + theirs)[:200]!r}")
+    return None
+
+
+def too_small(template: Template, vcpus: int, memory_mib: int) -> str | None:
+    """Why a VM of this size cannot start from ``template`` (it can only grow)."""
+    if vcpus < template.vcpus or memory_mib < template.memory_mib:
+        return (f"the VM ({vcpus} vCPUs, {memory_mib} MiB) is smaller than the template "
+                f"({template.vcpus} vCPUs, {template.memory_mib} MiB)")
     return None
 
 

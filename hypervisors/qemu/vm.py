@@ -111,11 +111,39 @@ class Qemu(VmmVm[QemuConfig]):
             return why, None
         try:
             template = tpl.load(template_dir)
-            why = tpl.mismatch(template, tpl.shape(self.config, params),
-                               tpl.file_ids(self.config))
+            why = tpl.too_small(template, *self.wanted_size()) or self._cannot_grow(
+                template) or tpl.mismatch(
+                template, tpl.shape(self.config, self._at_template_size(params, template)),
+                tpl.file_ids(self.config))
         except (tpl.TemplateError, OSError) as e:
             return str(e), None
         return why, None if why else template
+
+    def _cannot_grow(self, template: tpl.Template) -> str | None:
+        vcpus, memory = self.wanted_size()
+        if memory > template.memory_mib and not self.max_memory_mib():
+            return (f"the VM needs more memory than the template's {template.memory_mib} MiB "
+                    f"and memory_slots = {self.config.memory_slots} allows no hot-plug")
+        if vcpus > max(template.vcpus, self.config.default_maxvcpus):
+            return (f"the VM needs {vcpus} vCPUs, more than the template's {template.vcpus}, "
+                    f"and default_maxvcpus = {self.config.default_maxvcpus} allows no "
+                    "hot-plug to that many")
+        return None
+
+    @staticmethod
+    def _at_template_size(params: VmParams, template: tpl.Template) -> VmParams:
+        """A restored VM starts at its template's size and grows by hot-plug."""
+        return dataclasses.replace(params, vcpus=template.vcpus, memory_mib=template.memory_mib)
+
+    async def _grow_to_wanted_size(self) -> None:
+        """Hot-plug what the pod's size adds to the template's (the guest onlines it when
+        the sandbox asks, as after any hot-plug)."""
+        (vcpus, memory), (boot_vcpus, boot_memory) = self.wanted_size(), self.boot_size()
+        if vcpus > boot_vcpus and await self._resize_vcpus_locked(vcpus) < vcpus:
+            raise HypervisorError(f"failed to give VM {self.sandbox_id} {vcpus} vCPUs after "
+                                  "its restore: no free vCPU slot")
+        if memory > boot_memory:
+            await self._grow_memory_locked(memory)
 
     def _spawn_fds(self) -> tuple[int, ...]:
         return () if self._template is not None else super()._spawn_fds()  # sent by getfd
@@ -132,12 +160,13 @@ class Qemu(VmmVm[QemuConfig]):
                 await tpl.plug_share(self.qmp, self.paths.virtiofsd_socket, shares[0].tag, 0)
             for port, nic in enumerate(self._devices.of(NetworkDevice), start=len(shares)):
                 await tpl.plug_nic(self.qmp, nic, port)
+            self._restored = True  # from here on its size counts from the template's
+            await self._grow_to_wanted_size()
         except QmpError as e:
             raise HypervisorError(f"failed to restore VM {self.sandbox_id} from its "
                                   f"template: {e}") from e
         finally:
             os.close(fd)
-        self._restored = True
         log.info("VM %s restored from the VM template %s in %.2fs (saved %s)",
                  self.sandbox_id, self.spec.template_dir, time.monotonic() - started,
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._template.created)))
@@ -166,8 +195,11 @@ class Qemu(VmmVm[QemuConfig]):
     def vm_params(self) -> VmParams:
         """The per-VM half of the command line (a template's view when saving or restoring)."""
         params = self._device_params()
-        if self._saving or self._template is not None:
-            return tpl.template_view(self.config, params, incoming=self._template is not None)
+        if self._template is not None:
+            return tpl.template_view(self.config, self._at_template_size(params, self._template),
+                                     incoming=True)
+        if self._saving:
+            return tpl.template_view(self.config, params)
         return params
 
     def _device_params(self) -> VmParams:
@@ -193,39 +225,53 @@ class Qemu(VmmVm[QemuConfig]):
 
     # -- resources -----------------------------------------------------------------------
 
+    def boot_size(self) -> tuple[int, int]:
+        """(vCPUs, MiB) the VM started with: its template's when it was restored."""
+        if self._template is not None and self._restored:
+            return self._template.vcpus, self._template.memory_mib
+        return self.wanted_size()
+
+    def wanted_size(self) -> tuple[int, int]:
+        """(vCPUs, MiB) the VM is to have after `start`."""
+        return (self.spec.vcpus or self.config.default_vcpus,
+                self.spec.memory_mib or self.config.default_memory)
+
     async def resize_vcpus(self, count: int) -> int:
         """Hot-plug (or unplug what we plugged) vCPUs up to ``default_maxvcpus``."""
-        boot = self.spec.vcpus or self.config.default_vcpus
         self._need_hotplug(f"resize to {count} vCPUs")
-        most = max(self.config.default_maxvcpus, boot)
+        most = max(self.config.default_maxvcpus, self.boot_size()[0])
         if not 1 <= count <= most:
             raise HypervisorError(
                 f"failed to resize VM {self.sandbox_id} to {count} vCPUs: allowed 1-{most} "
                 "(raise default_maxvcpus in the configuration for more)"
             )
         async with self._lock:
-            slots = await self._qmp_command("list vCPU slots of", "query-hotpluggable-cpus")
-            plugged = [s for s in slots if "qom-path" in s]
-            if count > len(plugged):
-                for slot in [s for s in slots if "qom-path" not in s][: count - len(plugged)]:
-                    props = dict(slot["props"])
-                    ident = HOTPLUG_CPU_PREFIX + "-".join(str(v) for v in props.values())
-                    await self._qmp_command("hot-plug a vCPU into", "device_add",
-                                            driver=slot["type"], id=ident, **props)
-            ours = [s["qom-path"].rsplit("/", 1)[-1] for s in plugged
-                    if s["qom-path"].rsplit("/", 1)[-1].startswith(HOTPLUG_CPU_PREFIX)]
-            for ident in sorted(ours, reverse=True)[: max(0, len(plugged) - count)]:
-                # Completes once the guest ejects the CPU: the count may lag.
-                await self._qmp_command("unplug a vCPU from", "device_del", id=ident)
-            return len(await self._qmp_command("count vCPUs of", "query-cpus-fast"))
+            return await self._resize_vcpus_locked(count)
+
+    async def _resize_vcpus_locked(self, count: int) -> int:
+        slots = await self._qmp_command("list vCPU slots of", "query-hotpluggable-cpus")
+        plugged = [s for s in slots if "qom-path" in s]
+        if count > len(plugged):
+            for slot in [s for s in slots if "qom-path" not in s][: count - len(plugged)]:
+                props = dict(slot["props"])
+                ident = HOTPLUG_CPU_PREFIX + "-".join(str(v) for v in props.values())
+                await self._qmp_command("hot-plug a vCPU into", "device_add",
+                                        driver=slot["type"], id=ident, **props)
+        ours = [s["qom-path"].rsplit("/", 1)[-1] for s in plugged
+                if s["qom-path"].rsplit("/", 1)[-1].startswith(HOTPLUG_CPU_PREFIX)]
+        for ident in sorted(ours, reverse=True)[: max(0, len(plugged) - count)]:
+            # Completes once the guest ejects the CPU: the count may lag.
+            await self._qmp_command("unplug a vCPU from", "device_del", id=ident)
+        return len(await self._qmp_command("count vCPUs of", "query-cpus-fast"))
 
     def max_memory_mib(self) -> int:
         """The hot-plug ceiling reserved at boot: default_maxmemory, else the host's RAM.
         0 (no hot-plug) when memory_slots is 0, on microvm, or when the VM was not sized
-        for a pod (``VmSpec.memory_mib`` unset): the headroom costs ~0.25 s of boot under
-        TCG, so only VMs that may grow with their pod pay it."""
-        if (not self.config.memory_slots or self.spec.memory_mib is None
-                or is_mmio(self.config.machine_type)):
+        for a pod (``VmSpec.memory_mib`` unset) and is no template's: the headroom costs
+        ~0.25 s of boot under TCG, so only VMs that may grow with their pod pay it."""
+        may_grow = (self.spec.memory_mib is not None or self._saving
+                    or self.spec.template_dir is not None)
+        if not self.config.memory_slots or not may_grow or is_mmio(self.config.machine_type):
             return 0
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
         most = self.config.default_maxmemory or host
@@ -234,33 +280,35 @@ class Qemu(VmmVm[QemuConfig]):
     async def resize_memory(self, mib: int) -> int:
         """Grow the guest RAM to at least ``mib`` with one more DIMM (pc-dimm on a memfd
         backend when virtio-fs must map it); never shrinks. The MiB it has afterwards."""
-        boot = self.spec.memory_mib or self.config.default_memory
         async with self._lock:
-            current = boot + sum(self._dimms)
-            if mib <= current:
-                return current
-            self._need_hotplug(f"grow to {mib} MiB")
-            most = self.max_memory_mib()
-            if not most or len(self._dimms) >= self.config.memory_slots:
-                raise HypervisorUnsupported(
-                    f"failed to grow VM {self.sandbox_id} to {mib} MiB: no free memory slot "
-                    f"(memory_slots = {self.config.memory_slots})")
-            add = -(-(mib - current) // DIMM_ALIGN_MIB) * DIMM_ALIGN_MIB
-            if current + add > most:
-                raise HypervisorError(
-                    f"failed to grow VM {self.sandbox_id} to {mib} MiB: more than the "
-                    f"{most} MiB reserved (default_maxmemory)")
-            n = len(self._dimms)
-            backend = "memory-backend-memfd" if self._shares_memory() else "memory-backend-ram"
-            extra = {"share": True} if backend == "memory-backend-memfd" else {}
-            await self._qmp_command("add memory to", "object-add", **{
-                "qom-type": backend, "id": f"{HOTPLUG_MEM_PREFIX}{n}", "size": add << 20,
-                **extra})
-            await self._qmp_command("hot-plug memory into", "device_add", driver="pc-dimm",
-                                    id=f"{HOTPLUG_DIMM_PREFIX}{n}",
-                                    memdev=f"{HOTPLUG_MEM_PREFIX}{n}")
-            self._dimms.append(add)
-            return current + add
+            return await self._grow_memory_locked(mib)
+
+    async def _grow_memory_locked(self, mib: int) -> int:
+        current = self.boot_size()[1] + sum(self._dimms)
+        if mib <= current:
+            return current
+        self._need_hotplug(f"grow to {mib} MiB")
+        most = self.max_memory_mib()
+        if not most or len(self._dimms) >= self.config.memory_slots:
+            raise HypervisorUnsupported(
+                f"failed to grow VM {self.sandbox_id} to {mib} MiB: no free memory slot "
+                f"(memory_slots = {self.config.memory_slots})")
+        add = -(-(mib - current) // DIMM_ALIGN_MIB) * DIMM_ALIGN_MIB
+        if current + add > most:
+            raise HypervisorError(
+                f"failed to grow VM {self.sandbox_id} to {mib} MiB: more than the "
+                f"{most} MiB reserved (default_maxmemory)")
+        n = len(self._dimms)
+        backend = "memory-backend-memfd" if self._shares_memory() else "memory-backend-ram"
+        extra = {"share": True} if backend == "memory-backend-memfd" else {}
+        await self._qmp_command("add memory to", "object-add", **{
+            "qom-type": backend, "id": f"{HOTPLUG_MEM_PREFIX}{n}", "size": add << 20,
+            **extra})
+        await self._qmp_command("hot-plug memory into", "device_add", driver="pc-dimm",
+                                id=f"{HOTPLUG_DIMM_PREFIX}{n}",
+                                memdev=f"{HOTPLUG_MEM_PREFIX}{n}")
+        self._dimms.append(add)
+        return current + add
 
     def _need_hotplug(self, what: str) -> None:
         if is_mmio(self.config.machine_type):
@@ -280,6 +328,8 @@ async def make_template(config: QemuConfig, spec: VmSpec, template_dir: Path,
     why = tpl.refusal(_probe(config, spec)._device_params(), config.machine_type)
     if why:
         raise HypervisorUnsupported(f"failed to make a VM template: {why}")
+    if not config.memory_slots:  # pods cannot grow from a smaller template: default size
+        spec = dataclasses.replace(spec, memory_mib=None)
     tpl.prepare_dir(template_dir)
     vm = Qemu(config, dataclasses.replace(spec, state_dir=template_dir, socket_dir=template_dir,
                                           template_dir=None), saving=True)
@@ -297,8 +347,10 @@ async def make_template(config: QemuConfig, spec: VmSpec, template_dir: Path,
             await tpl.save_state(vm.qmp, fd)
         finally:
             os.close(fd)
+        vcpus, memory = vm.wanted_size()
         template = tpl.Template(
             argv=tpl.shape(config, vm._device_params()), files=tpl.file_ids(config),
+            vcpus=vcpus, memory_mib=memory,
             created=time.time(), boot_seconds=booted,
             save_seconds=time.monotonic() - started - booted,
             state_bytes=os.stat(template_dir / tpl.STATE_FILE).st_size)

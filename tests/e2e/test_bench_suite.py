@@ -66,6 +66,7 @@ def test_the_quick_bench_writes_every_figure(
     assert len(vm_template["restored: wall s"]) == len(vm_template["cold: wall s"]) == \
         suite.QUICK.template
     assert vm_template["template state MiB"][0] > 1 and vm_template["template boot s"][0] > 0
+    assert len(vm_template["restored: to container started s"]) == suite.QUICK.template
     assert our_vmm_children() == [], "the template's QEMU or virtiofsd was left running"
 
     assert result.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -9,6 +9,7 @@ has no templates).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import tomllib
@@ -17,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.harness import kataconfig
-from tests.harness.containerd import RUNTIME_BIN
+from tests.harness.containerd import RUNTIME_BIN, cni_gateway
+from tests.harness.cri.client import Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
-from tests.harness.kata import Kata
+from tests.harness.kata import CRI_HANDLER, Kata
 from tests.harness.podnet import pod_netns
-from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain, run_rm
+from tests.harness.scenarios import BOOT_TIMEOUT, KATA, explain, run_rm, run_rm_args
 
 pytestmark = pytest.mark.skipif(not kataconfig.can_hotplug(),
                                 reason="templates need QEMU on q35 (PCIe root ports)")
@@ -109,15 +111,63 @@ def test_a_pod_the_template_does_not_fit_boots(kata: Kata, tmp_path: Path) -> No
     try:
         assert factory(kata, "init").returncode == 0
         hypervisor = tomllib.loads(kata.config_path.read_text())["hypervisor"]
-        memory = next(iter(hypervisor.values()))["default_memory"] + 128
-        enable(kata, template, default_memory=memory)  # the template has less
+        params = next(iter(hypervisor.values())).get("kernel_params", "") + " loglevel=1"
+        enable(kata, template, kernel_params=params)  # the template booted without it
         status = factory(kata, "status")
         assert status.returncode == 1, explain(status)
-        assert f"not usable: the VM's command line differs from the template's: '-m {memory}M'" \
-            in status.stdout, status.stdout
-        res = run_rm(kata.cd, KATA, "tplmiss", "cat", "/proc/meminfo")
-        assert res.returncode == 0, explain(res)
+        assert "not usable: the VM's command line differs from the template's: '-append " \
+            "loglevel=1' where the template has '-append -'" in status.stdout, status.stdout
+        res = run_rm(kata.cd, KATA, "tplmiss", "cat", "/proc/cmdline")
+        assert res.returncode == 0 and "loglevel=1" in res.stdout, explain(res)
         log = shim_log(kata)
         assert RESTORED not in log and "does not fit it" in log, log[-3000:]
+    finally:
+        assert factory(kata, "destroy").returncode == 0
+
+
+def test_a_pod_with_limits_grows_from_the_smallest_template(kata: Kata, tmp_path: Path) -> None:
+    """With memory hot-plug allowed, the template is the smallest VM a pod may get (1 vCPU,
+    static_sandbox_base_memory) and a restored pod gets its limits' vCPUs and memory."""
+    template = tmp_path / "tpl"
+    enable(kata, template, memory_slots=2, default_maxvcpus=2)
+    try:
+        assert factory(kata, "init").returncode == 0
+        meta = json.loads((template / "template.json").read_text())
+        base = tomllib.loads(kata.config_path.read_text())["runtime"]["static_sandbox_base_memory"]
+        assert (meta["vcpus"], meta["memory_mib"]) == (1, base), meta
+        res = run_rm_args(kata.cd, KATA, ["--memory-limit", str(256 << 20), "--cpus", "2"],
+                          "tplbig", "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
+        assert res.returncode == 0, explain(res)
+        nproc, _, mem_kib, _ = res.stdout.split()
+        assert nproc == "2", res.stdout
+        # About the limit (as a cold pod's: more than 90 % of it, less than limit + base).
+        assert 0.9 * 256 * 1024 < int(mem_kib) <= (base + 256) * 1024, res.stdout
+        log = shim_log(kata)
+        assert RESTORED in log and f"2 vCPUs and {base + 256} MiB online" in log, log[-3000:]
+    finally:
+        assert factory(kata, "destroy").returncode == 0
+
+
+def test_a_kubernetes_pod_with_limits_is_restored_with_its_cni_network(
+        cri: tuple[Kata, Kubelet], tmp_path: Path) -> None:
+    """Through CRI: RunPodSandbox on a restored VM, the pod's CNI veth hot-plugged as its
+    NIC, its limits' memory hot-plugged, then the containers."""
+    kata, kubelet = cri
+    template = tmp_path / "tpl"
+    enable(kata, template, memory_slots=2)
+    try:
+        assert factory(kata, "init").returncode == 0
+        pod = kubelet.run_pod("tplpod", CRI_HANDLER, PodOptions(memory_limit_bytes=256 << 20))
+        ip = kubelet.pod_status(pod.id).network.ip
+        app = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"])
+        res = kubelet.exec_sync(app, ["sh", "-c", "ip -o -4 addr show eth0; date +%s; "
+                                      "ping -c 1 -W 5 " + cni_gateway(kata.cd.dir / "cni")
+                                      + " >/dev/null && echo PING-OK"], timeout=90)
+        out = res.stdout.decode()
+        assert res.exit_code == 0 and f"inet {ip}/" in out and "PING-OK" in out, (res, out)
+        assert abs(int(out.split()[-2]) - time.time()) < 60, out
+        assert RESTORED in shim_log(kata), shim_log(kata)[-3000:]
+        kubelet.stop_pod(pod.id)
+        kubelet.remove_pod(pod.id)
     finally:
         assert factory(kata, "destroy").returncode == 0

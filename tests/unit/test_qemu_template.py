@@ -33,7 +33,7 @@ def vm(sandbox_id: str = "sb1", **kw: Any) -> VmParams:
 def make_template(**kw: Any) -> tpl.Template:
     base: dict[str, Any] = {"argv": tpl.shape(CONFIG, vm()), "files": {"/k/vmlinuz": [1, 2]},
                             "created": 1.0, "boot_seconds": 2.0, "save_seconds": 1.0,
-                            "state_bytes": 5}
+                            "state_bytes": 5, "vcpus": 1, "memory_mib": 512}
     return tpl.Template(**(base | kw))
 
 
@@ -87,8 +87,21 @@ def test_mismatch_names_a_changed_file_or_the_first_differing_argument() -> None
     other = tpl.shape(CONFIG, vm(memory_mib=1024))
     why = tpl.mismatch(template, other, template.files)
     assert why is not None and "'-m 1024M' where the template has '-m 512M'" in why
+    other = tpl.shape(CONFIG, vm(extra_kernel_params=("agent.debug_console",)))
+    why = tpl.mismatch(template, other, template.files)
+    assert why is not None and why.endswith(
+        "'-append agent.debug_console' where the template has '-append -'"), why
     why = tpl.mismatch(template, template.argv[:-1], template.files)
     assert why is not None and "'-device ' where the template has '-device pcie-root-port" in why
+
+
+def test_a_vm_smaller_than_the_template_cannot_start_from_it() -> None:
+    template = make_template()
+    assert tpl.too_small(template, 1, 512) is None and tpl.too_small(template, 4, 4096) is None
+    why = tpl.too_small(template, 1, 384)
+    assert why == ("the VM (1 vCPUs, 384 MiB) is smaller than the template (1 vCPUs, "
+                   "512 MiB)")
+    assert tpl.too_small(dataclasses.replace(template, vcpus=2), 1, 4096) is not None
 
 
 # -- the directory --------------------------------------------------------------------------
@@ -243,3 +256,52 @@ def test_a_nic_is_plugged_on_its_tap_fds() -> None:
     asyncio.run(tpl.plug_nic(multi, dataclasses.replace(NIC, tap_fds=(7, 8)), 2))  # type: ignore[arg-type]
     assert multi.sent[2][1]["fds"] == "tap-eth0-0:tap-eth0-1"
     assert multi.sent[3][1]["mq"] is True and multi.sent[3][1]["vectors"] == 6
+
+
+# -- which pods a template serves (Qemu.template_fit) ----------------------------------------
+
+
+def fit(tmp: Path, vcpus: int, memory: int, **config: Any) -> str | None:
+    """Why a pod VM of this size would not be restored from a 1 vCPU, 256 MiB template."""
+    from hypervisors.accel import AccelChoice
+    from hypervisors.base import VmSpec
+    from hypervisors.qemu.vm import Qemu
+
+    for name in ("vmlinuz", "initrd.img"):
+        if not (tmp / name).exists():  # once: a rewritten file voids the template
+            (tmp / name).write_bytes(b"guest")
+    qemu_config = QemuConfig(kernel=str(tmp / "vmlinuz"), initrd=str(tmp / "initrd.img"),
+                             path="/bin/true", **config)
+    d = tmp / "tpl"
+
+    def vm_of(spec: VmSpec) -> Qemu:
+        made = Qemu(qemu_config, spec)
+        made._accel = AccelChoice("tcg", "test")
+        made._devices.add(SHARE)
+        return made
+
+    template_vm = vm_of(VmSpec("template", d, vcpus=1, memory_mib=256, template_dir=d))
+    if not d.exists():
+        tpl.prepare_dir(d)
+        fd = tpl.open_state(d, write=True)
+        os.write(fd, b"state")
+        os.close(fd)
+        tpl.write_meta(d, tpl.Template(
+            argv=tpl.shape(qemu_config, template_vm._device_params()),
+            files=tpl.file_ids(qemu_config), created=1.0, boot_seconds=1.0, save_seconds=1.0,
+            state_bytes=5, vcpus=1, memory_mib=256))
+    why, template = vm_of(VmSpec("pod", tmp / "pod", vcpus=vcpus, memory_mib=memory,
+                                 template_dir=d)).template_fit(d)
+    assert (why is None) == (template is not None)
+    return why
+
+
+def test_a_pod_grows_from_the_template_only_where_hot_plug_allows(tmp_path: Path) -> None:
+    assert fit(tmp_path, 2, 768, memory_slots=2, default_maxvcpus=4) is None
+    assert fit(tmp_path, 1, 256, memory_slots=2, default_maxvcpus=4) is None
+    why = fit(tmp_path, 1, 768, memory_slots=0, default_maxvcpus=4)
+    assert why is not None and "memory_slots = 0 allows no hot-plug" in why
+    why = fit(tmp_path, 2, 256, memory_slots=2, default_maxvcpus=0)
+    assert why is not None and "needs 2 vCPUs" in why and "default_maxvcpus = 0" in why
+    why = fit(tmp_path, 1, 128, memory_slots=2, default_maxvcpus=4)
+    assert why is not None and "smaller than the template" in why

@@ -416,7 +416,8 @@ def test_a_vm_restored_from_a_template_is_handed_over_first(tmp_path: Path) -> N
             await sandbox.start(SPEC)
             assert world.vm.spec.template_dir == template
             calls = [c[0] for c in world.agent.calls]
-            assert calls[:3] == ["set_guest_time", "reseed_random", "guest_details"], calls
+            assert calls[:5] == ["set_guest_time", "reseed_random", "online_cpus",
+                                 "online_memory", "guest_details"], calls
             sec, usec = int(world.agent.calls[0][1]), int(world.agent.calls[0][2])
             assert abs(sec + usec / 1e6 - time.time()) < 5 and 0 <= usec < 1_000_000
             assert len(bytes.fromhex(world.agent.calls[1][1])) >= 32
