@@ -6,14 +6,16 @@ A template is a directory, root's and 0700, holding ``state`` (the QMP ``migrate
 of a guest paused once its agent served) and ``template.json`` (`Template`: what it was
 made from). It is made by booting a VM shaped like a pod's (`template_view`: the pod's
 command line without its devices, plus `TEMPLATE_PORTS` empty PCIe root ports, and guest
-RAM shared as virtio-fs needs) and it is used by `hypervisors.qemu.vm.Qemu.start` only when
-the command line a restore gets (`shape`: with the sandbox's names and paths left out, at the template's size) and
-the files it names (QEMU, kernel, initrd, firmware: size and mtime) are what it was saved
-with (`mismatch`); otherwise the VM boots and the log says why.
+RAM shared as virtio-fs needs) at the smallest size a pod may have. A pod's VM is restored
+from it by `hypervisors.qemu.vm.Qemu.start` only when its command line at the template's
+size (`shape`: with the sandbox's names and paths left out) and the files it names (QEMU,
+kernel, initrd, firmware: size and mtime) are what it was saved with (`mismatch`), and
+hot-plug can grow it to the pod's size (`too_small`); otherwise the VM boots and the log
+says why.
 
 After the restore the pod's own devices are hot-plugged into the root ports (`plug_share`,
-`plug_nic`): QEMU 7.2 refuses to migrate a VM that has a vhost-user-fs device, and a pod's
-NICs and share are its own anyway. The state goes through an fd (``getfd``) because
+`plug_nic`), then its extra vCPUs and memory. Devices come late because QEMU 7.2 refuses
+to migrate a VM that has a vhost-user-fs device, and a pod's NICs and share are its own. The state goes through an fd (``getfd``) because
 ``exec:`` migration makes QEMU exit under its seccomp sandbox. The template is saved before
 any host has talked to the agent: a guest saved right after a host closed its agent
 session did not answer after restore (docs/performance.md, "Pre-booted VMs").
