@@ -15,10 +15,11 @@ says why.
 
 After the restore the pod's own devices are hot-plugged into the root ports (`plug_share`,
 `plug_nic`), then its extra vCPUs and memory. Devices come late because QEMU 7.2 refuses
-to migrate a VM that has a vhost-user-fs device, and a pod's NICs and share are its own. The state goes through an fd (``getfd``) because
-``exec:`` migration makes QEMU exit under its seccomp sandbox. The template is saved before
-any host has talked to the agent: a guest saved right after a host closed its agent
-session did not answer after restore (docs/performance.md, "Pre-booted VMs").
+to migrate a VM that has a vhost-user-fs device, and a pod's NICs and share are its own.
+The state goes through an fd (``getfd``) because ``exec:`` migration makes QEMU exit under
+its seccomp sandbox. The template is saved before any host has talked to the agent: a
+guest saved right after a host closed its agent session did not answer after restore
+(docs/performance.md, "Pre-booted VMs").
 
 What clones share, and how it is mended, is the sandbox's part (`sandbox.template`).
 """
