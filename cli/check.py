@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cli import containerd_config
+from sandbox import template
 from sandbox.config import ConfigNotFoundError, RuntimeConfig, load_config
 from sandbox.errors import SandboxError
 from sandbox.inspect import HostCheck, exec_wrapper, host_checks
@@ -46,6 +47,17 @@ def check_config(config_path: str | None) -> tuple[list[HostCheck], RuntimeConfi
     checks = [HostCheck("configuration", True, f"{config.path} (found and parsed)")]
     checks += [HostCheck("configuration", False, w, required=False) for w in config.warnings]
     return checks, config
+
+
+def check_template(config: RuntimeConfig) -> HostCheck:
+    """With ``enable_template``: will pods be restored from the template? (Informational:
+    pods boot without it.)"""
+    doc = template.status(config)
+    if doc["usable"]:
+        return HostCheck("VM template", True, f"{doc['path']}: pods are restored from it",
+                         required=False)
+    return HostCheck("VM template", False, f"{doc['path']}: not usable, pods boot: "
+                     f"{doc['reason']}", required=False)
 
 
 def check_exec_wrapper() -> HostCheck:
@@ -118,6 +130,8 @@ def run_checks(config_path: str | None,
     checks, config = check_config(config_path)
     if config is not None:
         checks += host_checks(config)
+        if config.factory.enable_template:
+            checks.append(check_template(config))
     checks += [check_exec_wrapper(), check_root(), check_containerd_version(),
                check_containerd_handler(containerd_file)]
     return checks

@@ -676,3 +676,12 @@ def test_factory_status_destroy_and_a_refused_init(
     code, _, err = run(capsys, "--config", microvm, "factory", "init")
     assert code == 1 and "has no PCIe root ports" in err, err
     assert not template.exists()  # refused before anything was made
+
+
+def test_check_says_whether_pods_are_restored_from_the_template(
+        tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(_with_factory(write_config(tmp_path), tmp_path / "tpl"))
+    code, out, _ = run(capsys, "--config", config, "check")
+    assert code == 0, out  # informational: pods boot without a template
+    assert f"warn  VM template: {tmp_path / 'tpl'}: not usable, pods boot: no VM template" \
+        in out, out
