@@ -91,6 +91,7 @@ class Qemu(VmmVm[QemuConfig]):
             log.warning("VM %s: restoring from the VM template %s failed, booting instead: "
                         "%s", self.sandbox_id, self.spec.template_dir, e)
             self._forget_failed_start()
+            self._restored = False
             self.spec = dataclasses.replace(self.spec, template_dir=None)
             await super().start()
 
