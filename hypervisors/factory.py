@@ -22,14 +22,20 @@ if TYPE_CHECKING:  # `shim start`/`delete` parse the configuration: keep their i
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def known_drivers() -> list[str]:
-    """Names of the hypervisor packages that export a ``DRIVER``."""
+def _packages() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(hypervisors.__path__) if m.ispkg)
+
+
+def known_drivers() -> list[str]:
+    """Names of the hypervisor packages that export a ``DRIVER`` (a helper package, such as
+    ``vsock``, does not)."""
+    return [name for name in _packages()
+            if getattr(importlib.import_module(f"hypervisors.{name}"), "DRIVER", None)]
 
 
 def driver(name: str, source: str = "<config>") -> HypervisorDriver:
     """The driver of ``[hypervisor.<name>]``; `ConfigError` if there is none."""
-    if _NAME.match(name) and name in known_drivers():
+    if _NAME.match(name) and name in _packages():
         module = importlib.import_module(f"hypervisors.{name}")
         found: HypervisorDriver | None = getattr(module, "DRIVER", None)
         if found is not None:

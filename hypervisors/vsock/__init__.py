@@ -1,0 +1,15 @@
+"""vsock: the pure (sans-IO) cores of a vhost-user-vsock backend (issue 12).
+
+Modules, one job each; none of them touches a socket, an mmap or a clock:
+
+* `vhost_user`: the vhost-user message layer (QEMU docs/interop/vhost-user.rst): a bounded
+  `Parser` from bytes + fds to typed messages, and the reply/message builders;
+* `virtqueue`: a split virtqueue over caller-supplied guest memory (`GuestMemory`), with
+  every descriptor chain validated and every buffer bounds-checked;
+* `packets`: the 44-byte virtio-vsock packet header (virtio 1.2, Socket Device);
+* `connections`: one stream's state machine with credit-based flow control;
+* `hybrid`: the host-side ``CONNECT <port>\\n`` / ``OK <port>\\n`` handshake (Firecracker);
+* `errors`: the error types; everything raised on bad input is a `VsockError`.
+
+Nothing here is wired into the runtime yet: see docs/vsock.md for what is left.
+"""
