@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from protocols import agent_pb2 as pb
+from tests.harness.images import busybox_rootfs
 from ttrpc import Client, Code, TtrpcError
 
 pytestmark = pytest.mark.e2e
@@ -46,15 +47,6 @@ class Agent:
     crun_root: Path
     rootfs: Path
     spec_template: dict[str, Any]
-
-
-def _build_rootfs(rootfs: Path) -> None:
-    (rootfs / "bin").mkdir(parents=True)
-    for d in ("proc", "sys", "dev", "tmp", "etc"):
-        (rootfs / d).mkdir()
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in APPLETS:
-        (rootfs / "bin" / applet).symlink_to("busybox")
 
 
 def _spec_template(workdir: Path) -> dict[str, Any]:
@@ -77,7 +69,7 @@ def agent() -> Iterator[Agent]:
     top = Path(tempfile.mkdtemp(prefix="ka-"))  # short: unix socket paths are limited
     run_dir, crun_root = top / "run", top / "crun"
     rootfs = run_dir / "shared" / "rootfs"
-    _build_rootfs(rootfs)
+    busybox_rootfs(rootfs, APPLETS)
     cgroup_parent = f"/kata-test-{uuid.uuid4().hex[:8]}"
     sock = str(top / "agent.sock")
     cmd = (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from agent_client import AgentCallError, AgentClient, StorageSpec
 from common.constants import GUEST_SHARED_DIR, SHARED_FS_TAG
 from sandbox.oci import spec_for_guest
 from tests.e2e.test_guest_boot import ACCEL, BOOT_TIMEOUT, GUEST_DIR, _leftovers, bg
+from tests.harness.images import busybox_rootfs
 from ttrpc import Code
 
 CRUN = "/usr/bin/crun"
@@ -41,14 +41,7 @@ SERVING = r"kata-agent: serving on"
 
 def _rootfs(share: Path) -> Path:
     """A busybox rootfs where the guest finds a container's (sandbox.oci.guest_rootfs)."""
-    rootfs = share / "containers" / CID / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    for d in ("proc", "sys", "dev", "tmp", "etc"):
-        (rootfs / d).mkdir()
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in APPLETS:
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    return rootfs
+    return busybox_rootfs(share / "containers" / CID / "rootfs", APPLETS)
 
 
 def _spec(workdir: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -48,6 +49,18 @@ class Blob:
 
     def descriptor(self) -> dict[str, object]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data)}
+
+
+def busybox_rootfs(rootfs: Path, applets: tuple[str, ...], busybox: Path = BUSYBOX) -> Path:
+    """A minimal container rootfs at ``rootfs``: the static busybox and links for
+    ``applets`` in /bin, and the mount points crun needs."""
+    (rootfs / "bin").mkdir(parents=True)
+    for d in ("proc", "sys", "dev", "tmp", "etc"):
+        (rootfs / d).mkdir()
+    shutil.copy2(busybox, rootfs / "bin" / "busybox")
+    for applet in applets:
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    return rootfs
 
 
 def applets(busybox: Path = BUSYBOX) -> list[str]:
