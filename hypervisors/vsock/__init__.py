@@ -1,6 +1,7 @@
 """vsock: the pure (sans-IO) cores of a vhost-user-vsock backend (issue 12).
 
-Modules, one job each; none of them touches a socket, an mmap or a clock:
+Modules, one job each; none of them touches a socket, an mmap or a clock (`device` only
+closes the fds it is handed):
 
 * `vhost_user`: the vhost-user message layer (QEMU docs/interop/vhost-user.rst): a bounded
   `Parser` from bytes + fds to typed messages, and the reply/message builders;
@@ -9,6 +10,8 @@ Modules, one job each; none of them touches a socket, an mmap or a clock:
 * `packets`: the 44-byte virtio-vsock packet header (virtio 1.2, Socket Device);
 * `connections`: one stream's state machine with credit-based flow control;
 * `hybrid`: the host-side ``CONNECT <port>\\n`` / ``OK <port>\\n`` handshake (Firecracker);
+* `streams`: the device's streams: routing guest packets, host ports, bounds, rx order;
+* `device`: the vhost-user-vsock device (control path and data path) over the above;
 * `errors`: the error types; everything raised on bad input is a `VsockError`.
 
 Nothing here is wired into the runtime yet: see docs/vsock.md for what is left.

@@ -36,3 +36,7 @@ class ConnectionStateError(VsockError):
 
 class HandshakeError(VsockError):
     """A hybrid-vsock client sent something other than ``CONNECT <port>\\n``."""
+
+
+class CapacityError(VsockError):
+    """A bound was reached (too many streams); the host client is refused."""
