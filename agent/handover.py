@@ -24,11 +24,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import sys
 import time
 from collections.abc import Callable
 
 from agent.errors import InvalidArgument
+from agent.init import warn
 
 RANDOM_DEVICE = "/dev/random"
 # _IO('R', 0x07) from <linux/random.h>: reseed the CRNG from the input pool now.
@@ -44,10 +44,6 @@ _RESEED_UNSUPPORTED = {errno.ENOTTY: "the kernel has no RNDRESEEDCRNG",
 
 SetClock = Callable[[int], None]  # nanoseconds since the Epoch
 Ioctl = Callable[[int, int], object]
-
-
-def _log(message: str) -> None:
-    print(f"kata-agent: {message}", file=sys.stderr, flush=True)
 
 
 def _set_realtime(ns: int) -> None:
@@ -79,7 +75,7 @@ class Handover:
         target = sec * 1_000_000_000 + usec * 1_000
         step = target - time.time_ns()
         self._set_clock(target)
-        _log(f"clock set: sec={sec} usec={usec} step={step / 1e9:+.3f}s")
+        warn(f"clock set: sec={sec} usec={usec} step={step / 1e9:+.3f}s")
         return step
 
     def reseed(self, data: bytes) -> bool:
@@ -100,9 +96,9 @@ class Handover:
                 why = _RESEED_UNSUPPORTED.get(exc.errno or 0)
                 if why is None:
                     raise
-                _log(f"random: {len(data)} bytes mixed in; no reseed now: {why} ({exc})")
+                warn(f"random: {len(data)} bytes mixed in; no reseed now: {why} ({exc})")
                 return False
         finally:
             os.close(fd)
-        _log(f"random: {len(data)} bytes mixed in, CRNG reseeded")
+        warn(f"random: {len(data)} bytes mixed in, CRNG reseeded")
         return True

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import NamedTuple
 
 from agent import syscalls, validate
 from agent.errors import InvalidArgument
+from agent.init import warn
 
 MountFn = Callable[[str, str, str, int, str], None]
 UmountFn = Callable[[str, int], None]
@@ -106,13 +106,13 @@ class Storages:
                 if delay is None:
                     raise _GaveUp(waited, exc) from exc
                 if tries == 1:
-                    _log(f"virtio-fs tag {source!r} not there yet ({exc.strerror}): waiting "
+                    warn(f"virtio-fs tag {source!r} not there yet ({exc.strerror}): waiting "
                          f"up to {self._virtiofs_wait:.0f}s for the device")
                 await self._sleep(delay)
                 waited += delay
                 continue
             if tries > 1:
-                _log(f"virtio-fs tag {source!r} mounted after {tries} tries ({waited:.2f}s)")
+                warn(f"virtio-fs tag {source!r} mounted after {tries} tries ({waited:.2f}s)")
             return
 
     def remove_all(self) -> list[str]:
@@ -146,7 +146,3 @@ def _delays(total: float) -> Iterator[float | None]:
         left -= step
         delay = min(delay * 2, _MAX_SLEEP)
     yield None
-
-
-def _log(message: str) -> None:
-    print(f"kata-agent: {message}", file=sys.stderr, flush=True)

@@ -522,9 +522,17 @@ class Sandbox:
         """A VM restored from a template has the template's clock, RNG state and size until
         now: set, reseed, and online what the driver hot-plugged for this pod's size."""
         guest = Guest(lambda: agent)  # self.guest waits for RUNNING
-        await guest.hand_over()
-        vcpus = await guest.online_cpus(self.vcpus)
-        memory = await guest.online_memory(self.memory_mib)
+        # Independent calls, sent at once: each guest round trip is dear under TCG.
+        steps = [asyncio.ensure_future(step) for step in (
+            guest.hand_over(), guest.online_cpus(self.vcpus),
+            guest.online_memory(self.memory_mib))]
+        try:
+            _, vcpus, memory = await asyncio.gather(*steps)
+        except BaseException:
+            for step in steps:
+                step.cancel()
+            await asyncio.gather(*steps, return_exceptions=True)
+            raise
         log.info("VM restored from the template %s: guest clock set, RNG reseeded, %d vCPUs "
                  "and %d MiB online", self.config.factory.template_path, vcpus, memory)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import time
-from pathlib import Path
 from typing import Any
 
 from common.constants import AGENT_SERVING_MARK
@@ -33,13 +32,9 @@ from sandbox.sizing import VmSize
 TEMPLATE_ID = "template"
 
 
-def _spec_dir(config: RuntimeConfig) -> Path:
-    return config.factory.template_path
-
-
 async def make(config: RuntimeConfig) -> dict[str, Any]:
     """Boot and save the template (replacing any); what was made, as JSON values."""
-    path = _spec_dir(config)
+    path = config.factory.template_path
     spec = vm_spec(config, TEMPLATE_ID, path, path, template_size(config))
     started = time.monotonic()
     try:
@@ -57,7 +52,7 @@ async def make(config: RuntimeConfig) -> dict[str, Any]:
 
 def status(config: RuntimeConfig) -> dict[str, Any]:
     """Whether templates are on, and whether a pod's VM would be restored from this one."""
-    path = _spec_dir(config)
+    path = config.factory.template_path
     spec = vm_spec(config, "status", path, path, VmSize())
     why = driver(config.hypervisor.name).template_mismatch(config.hypervisor, spec, path)
     return {"enabled": config.factory.enable_template, "path": str(path),
@@ -66,7 +61,7 @@ def status(config: RuntimeConfig) -> dict[str, Any]:
 
 def destroy(config: RuntimeConfig) -> bool:
     """Remove the template; False if there was none."""
-    path = _spec_dir(config)
+    path = config.factory.template_path
     try:
         return driver(config.hypervisor.name).remove_template(path)
     except HypervisorError as e:

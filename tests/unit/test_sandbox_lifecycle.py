@@ -435,3 +435,19 @@ def test_a_booted_vm_is_not_handed_over(tmp_path: Path) -> None:
         assert "set_guest_time" not in [c[0] for c in world.agent.calls]
 
     run(body, tmp_path)
+
+
+def test_a_failed_hand_over_fails_the_start_and_leaves_nothing(tmp_path: Path) -> None:
+    world = FakeWorld()
+    world.agent_fail_at = frozenset({"set_guest_time"})
+    sandbox = fake_sandbox(tmp_path, world)
+    sandbox.config = dataclasses.replace(sandbox.config, factory=FactoryConfig(
+        enable_template=True, template_path=tmp_path / "template"))
+
+    async def main() -> None:
+        with pytest.raises(SandboxError, match="failed to set the guest's clock"):
+            await sandbox.start(SPEC)
+        assert sandbox.state is SandboxState.NEW
+
+    asyncio.run(main())
+    assert_nothing_left(tmp_path, world, sandbox)
