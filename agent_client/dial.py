@@ -32,24 +32,65 @@ def parse_address(address: str) -> tuple[str, str, int]:
     )
 
 
+#: While the guest boots nothing listens on its vsock port: the connection is reset (kernel
+#: vsock) or closed before ``OK`` (hybrid). Try again after this, doubling up to the cap; the
+#: caller's deadline bounds the whole.
+RETRY_FIRST = 0.02
+RETRY_MAX = 0.25
+#: Longest ``OK <port>\n`` answer read.
+MAX_OK_LINE = 32
+
+
+class NotListening(ConnectionError):
+    """The guest has no listener on the port (yet)."""
+
+
 async def open_stream(address: str) -> Stream:
-    """Connect to the agent channel at ``address``."""
+    """Connect to the agent channel at ``address``; on vsock, retry while the guest does not
+    listen yet (the caller bounds the wait)."""
     scheme, where, port = parse_address(address)
     if scheme == "serial":
         return await asyncio.open_unix_connection(where)
-    if scheme == "vsock":
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.setblocking(False)
+    delay = RETRY_FIRST
+    while True:
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (int(where), port))
-        except BaseException:
-            sock.close()
-            raise
-        return await asyncio.open_connection(sock=sock)
-    reader, writer = await asyncio.open_unix_connection(where)
-    writer.write(f"CONNECT {port}\n".encode())
-    line = await reader.readline()
-    if not line.startswith(b"OK"):
+            if scheme == "vsock":
+                return await _dial_vsock(int(where), port)
+            return await _dial_hybrid(where, port)
+        except NotListening:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+
+async def _dial_vsock(cid: int, port: int) -> Stream:
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+    except (ConnectionResetError, ConnectionRefusedError, TimeoutError) as exc:
+        sock.close()
+        raise NotListening(f"vsock {cid}:{port}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+async def _dial_hybrid(path: str, port: int) -> Stream:
+    """``CONNECT <port>\n``, then ``OK <host port>\n`` once the guest accepted; the back-end
+    closes the connection when nobody listens on the port."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(f"CONNECT {port}\n".encode())
+        line = await reader.readuntil(b"\n")
+    except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
         writer.close()
-        raise ConnectionError(f"hybrid vsock {where} refused port {port}: {line!r}")
+        raise NotListening(f"hybrid vsock {path} port {port}: closed") from exc
+    except BaseException:
+        writer.close()
+        raise
+    words = line.split()
+    if len(line) > MAX_OK_LINE or len(words) != 2 or words[0] != b"OK":
+        writer.close()
+        raise ConnectionError(f"hybrid vsock {path} refused port {port}: {line[:64]!r}")
     return reader, writer

@@ -88,9 +88,11 @@ class BlockDevice:
 
 @dataclass(frozen=True)
 class VsockDevice:
-    """A virtio-vsock device with the guest's context id (the agent channel then uses it)."""
+    """A virtio-vsock device with the guest's context id (the agent channel then uses it):
+    the host kernel's (vhost-vsock), or with ``vhost_user`` our back-end process's."""
 
     guest_cid: int
+    vhost_user: bool = False
 
 
 Device = SharedFsDevice | NetworkDevice | BlockDevice | VsockDevice

@@ -42,6 +42,21 @@ class StatePaths:
         return self._sockets / "virtiofsd.sock"
 
     @property
+    def vsock_socket(self) -> Path:
+        """vhost-user socket of the vsock device (our back-end listens, the VMM connects)."""
+        return self._sockets / "vhost-vsock.sock"
+
+    @property
+    def hybrid_vsock_socket(self) -> Path:
+        """The vsock back-end's host side: ``CONNECT <port>`` here reaches a guest port."""
+        return self._sockets / "vsock.sock"
+
+    @property
+    def vsock_backend_stderr(self) -> Path:
+        """The vsock back-end's standard error (its log)."""
+        return self.state_dir / "vsock-backend.stderr"
+
+    @property
     def console_log(self) -> Path:
         """Guest serial console output."""
         return self.state_dir / "console.log"
@@ -69,4 +84,4 @@ class StatePaths:
     def sockets(self) -> tuple[Path, ...]:
         """Every socket path a VM may create (removed on stop)."""
         return (self.qmp_socket, self.agent_socket, self.virtiofsd_socket, self.console_socket,
-                self.debug_console_socket)
+                self.debug_console_socket, self.vsock_socket, self.hybrid_vsock_socket)

@@ -40,7 +40,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -54,6 +54,7 @@ from hypervisors.qmp import QEMU_DIALECT, QmpClient, QmpDialect
 from hypervisors.statepaths import StatePaths
 from hypervisors.timeouts import TIMEOUTS
 from hypervisors.virtiofsd import Virtiofsd, tail
+from hypervisors.vsock.process import VsockBackend
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class VmmVm(abc.ABC, Generic[C]):
         self._accel: AccelChoice | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._virtiofsd: Virtiofsd | None = None
+        self._vsock_backend: VsockBackend | None = None
         self._qmp: QmpClient | None = None
         self._stderr: StderrLog | None = None
         self._stopping = False  # set by stop(): helpers exiting then are expected
@@ -146,6 +148,7 @@ class VmmVm(abc.ABC, Generic[C]):
     def _forget_failed_start(self) -> None:
         """After a `start` that failed (and undid everything): as if never started."""
         self._proc = self._virtiofsd = self._qmp = self._stderr = None
+        self._vsock_backend = None
         self._records.clear()
 
     def _vmm_env(self) -> Mapping[str, str] | None:
@@ -192,6 +195,8 @@ class VmmVm(abc.ABC, Generic[C]):
     def agent_address(self) -> str:
         """``serial:///<state>/agent.sock`` or ``vsock://<cid>:1024``."""
         vsock = self._devices.of(VsockDevice)
+        if vsock and vsock[0].vhost_user:
+            return f"hvsock://{self.paths.hybrid_vsock_socket}:{AGENT_VSOCK_PORT}"
         if vsock:
             return f"vsock://{vsock[0].guest_cid}:{AGENT_VSOCK_PORT}"
         return f"serial://{self.paths.agent_socket}"
@@ -233,9 +238,10 @@ class VmmVm(abc.ABC, Generic[C]):
         async with self._lock:
             if self._stack is not None or self._proc is not None:
                 raise HypervisorError(f"failed to start VM {self.sandbox_id}: already started")
-            if not self._devices.of(VsockDevice) and self._wants_vsock():
-                # A collision makes the VMM fail loudly at start.
-                self._devices.add(VsockDevice(random.randint(3, 2**31 - 1)))
+            if not self._devices.of(VsockDevice):
+                vsock = self._agent_vsock()
+                if vsock is not None:
+                    self._devices.add(vsock)
             async with contextlib.AsyncExitStack() as stack:
                 self.paths.state_dir.mkdir(parents=True, exist_ok=True)
                 if self.paths.socket_dir is not None:
@@ -247,6 +253,9 @@ class VmmVm(abc.ABC, Generic[C]):
                 shares = self._devices.of(SharedFsDevice)
                 if shares and shares[0].kind == "virtio-fs":
                     await self._start_virtiofsd(stack, shares[0])
+                vsocks = self._devices.of(VsockDevice)
+                if vsocks and vsocks[0].vhost_user:
+                    await self._start_vsock_backend(stack, vsocks[0])
                 await self._console_before_spawn(stack)
                 await self._spawn_vmm(stack)
                 await self._console_after_spawn(stack)
@@ -257,14 +266,37 @@ class VmmVm(abc.ABC, Generic[C]):
                     # A root shell in the guest: root only, whatever the VMM's umask was
                     # (its chardevs exist once QMP answers).
                     os.chmod(self.paths.debug_console_socket, 0o600)
-                if self._virtiofsd is not None:
-                    watch = asyncio.ensure_future(self._watch_virtiofsd(self._virtiofsd))
+                for helper, wait in self._helpers():
+                    watch = asyncio.ensure_future(self._watch_helper(helper, wait))
                     stack.callback(watch.cancel)  # first thing undone: stop() is no death
                 self._stack = stack.pop_all()
 
+    def _agent_vsock(self) -> VsockDevice | None:
+        """The vsock device for the agent when none was added (None: virtio-serial)."""
+        # A CID collision makes the VMM fail loudly at start.
+        return VsockDevice(random.randint(3, 2**31 - 1)) if self._wants_vsock() else None
+
     def _wants_vsock(self) -> bool:
-        """Whether to give the agent a vsock channel when none was added."""
+        """Whether to give the agent a kernel vsock channel when none was added."""
         return host_has_vhost_vsock()
+
+    async def _start_vsock_backend(self, stack: contextlib.AsyncExitStack,
+                                   vsock: VsockDevice) -> None:
+        backend = VsockBackend(self.paths.vsock_socket, self.paths.hybrid_vsock_socket,
+                               vsock.guest_cid, self.paths.vsock_backend_stderr)
+        self._vsock_backend = backend
+        stack.push_async_callback(backend.stop)
+        await backend.start()
+        self._add_record(backend.pid, "vsock-backend")
+
+    def _helpers(self) -> list[tuple[str, Callable[[], Awaitable[int]]]]:
+        """The helper processes the VM cannot run without, and how to wait for each."""
+        helpers: list[tuple[str, Callable[[], Awaitable[int]]]] = []
+        if self._virtiofsd is not None:
+            helpers.append(("virtiofsd", self._virtiofsd.wait))
+        if self._vsock_backend is not None:
+            helpers.append(("the vsock back-end", self._vsock_backend.wait))
+        return helpers
 
     async def _start_virtiofsd(self, stack: contextlib.AsyncExitStack, fs: SharedFsDevice) -> None:
         vfs = Virtiofsd(
@@ -318,14 +350,15 @@ class VmmVm(abc.ABC, Generic[C]):
             f"stderr:\n{tail(self.paths.vmm_stderr)}"
         )
 
-    async def _watch_virtiofsd(self, vfs: Virtiofsd) -> None:
-        """A VM whose share died cannot serve its containers: end it, so that the sandbox
-        sees the VMM exit (`wait_exited`) and tears down, instead of hanging the guest."""
-        code = await vfs.wait()
+    async def _watch_helper(self, name: str, wait: Callable[[], Awaitable[int]]) -> None:
+        """A VM whose share (virtiofsd) or agent channel (the vsock back-end) died cannot
+        serve its containers: end it, so that the sandbox sees the VMM exit
+        (`wait_exited`) and tears down, instead of hanging the guest."""
+        code = await wait()
         if self._stopping:
             return
-        log.error("VM %s: virtiofsd exited (status %s) under a running VM: killing %s",
-                  self.sandbox_id, code, self.vmm_name)  # fmt: skip
+        log.error("VM %s: %s exited (status %s) under a running VM: killing %s",
+                  self.sandbox_id, name, code, self.vmm_name)  # fmt: skip
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()

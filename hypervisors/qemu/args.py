@@ -58,6 +58,7 @@ class AgentChannel(enum.Enum):
 
     SERIAL = "serial"  # virtio-serial port backed by a unix socket (works everywhere)
     VSOCK = "vsock"  # vhost-vsock-pci; needs /dev/vhost-vsock on the host
+    VHOST_USER_VSOCK = "vhost-user-vsock"  # vhost-user-vsock-pci, our back-end process
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,20 @@ class AgentVsock:
 
 
 @dataclass(frozen=True)
+class AgentVhostUserVsock:
+    """vhost-user-vsock device served by our back-end (`hypervisors.vsock.backend`) on
+    ``socket``. It has no guest-cid property: QEMU asks the back-end (GET_CONFIG)."""
+
+    socket: Path
+    mmio: bool = False
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return ["-chardev", f"socket,id=vsock0,path={self.socket}",
+                "-device", f"{virtio('vhost-user-vsock', self.mmio)},id=vsock0dev,chardev=vsock0"]
+
+
+@dataclass(frozen=True)
 class VirtioFs:
     """vhost-user-fs device talking to virtiofsd over its socket."""
 
@@ -446,7 +461,8 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     """The option groups for one VM, in command-line order."""
     fs = vm.shared_fs
     mmio = is_mmio(config.machine_type)
-    shared_memory = (fs is not None and fs.kind == "virtio-fs") or vm.hotplug_virtio_fs
+    shared_memory = ((fs is not None and fs.kind == "virtio-fs") or vm.hotplug_virtio_fs
+                     or vm.agent_channel is AgentChannel.VHOST_USER_VSOCK)
     vcpus = vm.vcpus or config.default_vcpus
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
@@ -488,6 +504,8 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
 def _agent_param(vm: VmParams, mmio: bool) -> QemuParam:
     if vm.agent_channel is AgentChannel.SERIAL:
         return AgentSerial(vm.paths.agent_socket, mmio)
+    if vm.agent_channel is AgentChannel.VHOST_USER_VSOCK:
+        return AgentVhostUserVsock(vm.paths.vsock_socket, mmio)
     if vm.guest_cid is None:
         raise ValueError("failed to build QEMU arguments: vsock agent channel needs a guest cid")
     return AgentVsock(vm.guest_cid, mmio)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypervisors.annotations import apply as apply_annotations
+from hypervisors.channel import VSOCK_BACKENDS
 from hypervisors.config import (
     ConfigError,
     Parser,
@@ -79,6 +80,10 @@ class QemuConfig:
     #: A virtio-balloon with free page reporting: the guest hands pages it frees back to the
     #: host. Kata's key.
     reclaim_guest_freed_memory: bool = False
+    #: The agent channel: vsock (false: virtio-serial), through the host kernel or our
+    #: vhost-user back-end (`hypervisors.channel`).
+    use_vsock: bool = True
+    vsock_backend: str = "auto"
     #: Keys found in the table that this version does not know (ignored, reported).
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
@@ -159,4 +164,6 @@ _PARSERS: dict[str, Parser] = {
     "firmware": optional_abs_path,
     "tcg_tb_size_mib": int_at_least(0),
     "reclaim_guest_freed_memory": boolean,
+    "use_vsock": boolean,
+    "vsock_backend": one_of(VSOCK_BACKENDS),
 }

@@ -83,7 +83,9 @@ def refusal(vm: VmParams, machine_type: str) -> str | None:
     if is_mmio(machine_type):
         return f"machine_type {machine_type!r} has no PCIe root ports to plug devices into"
     if vm.agent_channel is not AgentChannel.SERIAL:
-        return "the agent is on vsock, and a restored guest keeps the template's CID"
+        return ("the agent is on vsock (a restored guest would keep the template's CID, "
+                "and a vhost-user back-end's rings are not saved); set use_vsock = false "
+                "for templates")
     if vm.shared_fs is not None and vm.shared_fs.kind != "virtio-fs":
         return f"a {vm.shared_fs.kind} share cannot be hot-plugged (use virtio-fs)"
     if vm.blocks:

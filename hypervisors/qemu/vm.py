@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from hypervisors.base import (
     VmSpec,
     VsockDevice,
 )
+from hypervisors.channel import Channel, ChannelError, choose_channel
 from hypervisors.errors import (
     HypervisorError,
     HypervisorRefused,
@@ -56,6 +58,8 @@ __all__ = ["VHOST_VSOCK_DEVICE", "Qemu", "host_has_vhost_vsock"]
 log = logging.getLogger(__name__)
 
 SAVE_BOOT_TIMEOUT = 180.0  # a template boots once, under TCG maybe slowly
+#: The guest CID behind a vhost-user back-end (3: the first one not reserved).
+VHOST_USER_GUEST_CID = 3
 HOTPLUG_CPU_PREFIX = "vcpu-hp-"
 HOTPLUG_MEM_PREFIX = "mem-hp-"
 HOTPLUG_DIMM_PREFIX = "dimm-hp-"
@@ -209,7 +213,7 @@ class Qemu(VmmVm[QemuConfig]):
         shares = self._devices.of(SharedFsDevice)
         return VmParams(
             sandbox_id=self.sandbox_id, paths=self.paths, accelerator=self._accel.accelerator,
-            agent_channel=AgentChannel.VSOCK if vsock else AgentChannel.SERIAL,
+            agent_channel=_agent_channel(vsock[0] if vsock else None),
             guest_cid=vsock[0].guest_cid if vsock else None,
             extra_kernel_params=self.spec.kernel_params, vcpus=self.spec.vcpus,
             memory_mib=self.spec.memory_mib, max_memory_mib=self.max_memory_mib(),
@@ -319,7 +323,30 @@ class Qemu(VmmVm[QemuConfig]):
 
     def _shares_memory(self) -> bool:
         shares = self._devices.of(SharedFsDevice)
-        return bool(shares) and shares[0].kind == "virtio-fs"
+        vsock = self._devices.of(VsockDevice)
+        return ((bool(shares) and shares[0].kind == "virtio-fs")
+                or (bool(vsock) and vsock[0].vhost_user))
+
+    def _agent_vsock(self) -> VsockDevice | None:
+        try:
+            choice = choose_channel(self.config.use_vsock, self.config.vsock_backend,
+                                    host_has_vhost_vsock(),
+                                    self._saving or self.spec.template_dir is not None)
+        except ChannelError as e:
+            raise HypervisorError(f"failed to start VM {self.sandbox_id}: {e}") from e
+        log.info("VM %s: agent channel %s", self.sandbox_id, choice.reason)
+        if choice.channel is Channel.VHOST_USER_VSOCK:
+            # The back-end is the VM's own: its CID is seen by nothing else on the host.
+            return VsockDevice(VHOST_USER_GUEST_CID, vhost_user=True)
+        if choice.channel is Channel.KERNEL_VSOCK:
+            return VsockDevice(random.randint(3, 2**31 - 1))  # a collision fails the start
+        return None
+
+
+def _agent_channel(vsock: VsockDevice | None) -> AgentChannel:
+    if vsock is None:
+        return AgentChannel.SERIAL
+    return AgentChannel.VHOST_USER_VSOCK if vsock.vhost_user else AgentChannel.VSOCK
 
 
 async def make_template(config: QemuConfig, spec: VmSpec, template_dir: Path,
@@ -373,6 +400,9 @@ def _probe(config: QemuConfig, spec: VmSpec) -> Qemu:
     if config.shared_fs in ("virtio-fs", "virtio-9p"):
         kind: SharedFsKind = "virtio-fs" if config.shared_fs == "virtio-fs" else "virtio-9p"
         probe._devices.add(SharedFsDevice(Path("/"), kind, SHARED_FS_TAG))
+    vsock = probe._agent_vsock()
+    if vsock is not None:
+        probe._devices.add(vsock)
     return probe
 
 

@@ -79,6 +79,20 @@ def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, dict[str, Any
     return tables
 
 
+#: The agent channel a run of the suite uses: "serial", "vhost-user" (vsock through our
+#: back-end), or unset: the base configuration's choice.
+AGENT_CHANNEL_ENV = "KATA_TEST_AGENT_CHANNEL"
+AGENT_CHANNELS: dict[str, dict[str, Any]] = {
+    "": {}, "serial": {"use_vsock": False}, "vhost-user": {"vsock_backend": "vhost-user"}}
+
+
+def agent_channel_keys(channel: str) -> dict[str, Any]:
+    """The hypervisor keys that select ``channel`` (QEMU only has the choice)."""
+    if channel not in AGENT_CHANNELS:
+        raise ValueError(f"{AGENT_CHANNEL_ENV}={channel!r}: want one of serial, vhost-user")
+    return AGENT_CHANNELS[channel] if is_qemu() else {}
+
+
 def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
                    memory_mib: int = 512) -> dict[str, dict[str, Any]]:
     hypervisor: dict[str, Any] = {"kernel": str(guest_dir / "vmlinuz"),
@@ -88,6 +102,7 @@ def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
         hypervisor["allow_tcg"] = True  # these machines have no usable KVM (environment.md)
     if os.environ.get("KATA_TEST_VMM"):
         hypervisor["path"] = os.environ["KATA_TEST_VMM"]
+    hypervisor.update(agent_channel_keys(os.environ.get(AGENT_CHANNEL_ENV, "")))
     return {HYPERVISOR: hypervisor,
             "runtime": {"state_dir": str(state_dir), "enable_debug": True}}
 

@@ -21,7 +21,7 @@ from tests.harness.containerd import Containerd
 
 KATA_STATE_DIR = "/run/kata-py"
 PROCESS_PATTERNS = ("qemu-system", "stratovirt", "virtiofsd", "containerd-shim-kata",
-                    "containerd-shim-runc-v2")
+                    "containerd-shim-runc-v2", "hypervisors.vsock.backend")
 TAP_PATTERN = r"^(tap\d+_kata|ktap|kata-tap)"
 
 

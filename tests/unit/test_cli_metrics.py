@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,14 @@ from sandbox.state import (
 from tests.unit.test_cli import write_config
 
 TEXT = "# HELP kata_shim_threads threads\n# TYPE kata_shim_threads gauge\nkata_shim_threads 1.0\n"
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short directory: the monitor socket's path must fit AF_UNIX's 108 bytes, which
+    pytest's own (``/tmp/pytest-of-root/pytest-NNN/popen-gwN/<test name>/...``) outgrows."""
+    with tempfile.TemporaryDirectory(prefix="km-") as d:
+        yield Path(d)
 
 
 def add_sandbox(tmp_path: Path, sandbox_id: str, namespace: str = "default") -> Path:
