@@ -10,9 +10,10 @@ from __future__ import annotations
 from hypervisors import hostchecks
 from hypervisors.accel import choose_accelerator
 from hypervisors.base import HostCheck
+from hypervisors.channel import ChannelError, choose_channel
 from hypervisors.errors import HypervisorError
 from hypervisors.qemu.config import SECTION, QemuConfig
-from hypervisors.qemu.vm import VHOST_VSOCK_DEVICE, host_has_vhost_vsock
+from hypervisors.qemu.vm import host_has_vhost_vsock
 
 #: What to call each file key in the report.
 FILE_NAMES = {
@@ -55,16 +56,16 @@ def check_accelerator(requested: str, allow_tcg: bool) -> list[HostCheck]:
     return checks
 
 
-def check_agent_channel() -> HostCheck:
-    """Informational: which agent channel a VM would use."""
-    if host_has_vhost_vsock():
-        return HostCheck("agent channel", True, f"{VHOST_VSOCK_DEVICE} present -> vsock",
-                         required=False)  # fmt: skip
-    return HostCheck(
-        "agent channel", True,
-        f"{VHOST_VSOCK_DEVICE} absent -> virtio-serial (modprobe vhost_vsock to use vsock)",
-        required=False,
-    )
+def check_agent_channel(config: QemuConfig, templates: bool = False) -> HostCheck:
+    """Which agent channel a pod's VM would use and why (`hypervisors.channel`); a failure
+    when ``vsock_backend = "kernel"`` cannot be met here."""
+    try:
+        choice = choose_channel(config.use_vsock, config.vsock_backend, host_has_vhost_vsock(),
+                                templates)
+    except ChannelError as e:
+        return HostCheck("agent channel", False, str(e))
+    return HostCheck("agent channel", True, f"{choice.channel.value} ({choice.reason})",
+                     required=False)
 
 
 def host_checks(config: QemuConfig, source: str = "<config>") -> list[HostCheck]:
@@ -73,5 +74,6 @@ def host_checks(config: QemuConfig, source: str = "<config>") -> list[HostCheck]
     checks = list(files)
     if files[0].ok:  # the QEMU binary is there
         checks.append(check_version(config.path))
-    checks += [*check_accelerator(config.accelerator, config.allow_tcg), check_agent_channel()]
+    checks += [*check_accelerator(config.accelerator, config.allow_tcg),
+               check_agent_channel(config)]
     return checks
