@@ -55,6 +55,7 @@ class _Client:
     inbox: bytes = b""  # client bytes the device has not taken yet
     outbox: bytearray = field(default_factory=bytearray)  # guest bytes not yet written
     guest_eof: bool = False  # the guest will send no more: shut our write side once empty
+    lingering: bool = False  # the stream ended cleanly: close once the outbox is written
 
 
 class HostClients:
@@ -102,10 +103,15 @@ class HostClients:
             elif isinstance(event, EndOfStream):
                 client.guest_eof = True
                 self._flush(client)
+            elif isinstance(event, StreamClosed) and not event.reset:
+                # A graceful end: what the guest sent still goes out, then the client is
+                # closed (or dropped after CLOSE_TIMEOUT if it never reads it).
+                self._streams.pop(event.port, None)
+                client.lingering = client.guest_eof = True
+                self._flush(client)
+                self._loop.call_later(CLOSE_TIMEOUT, self._drop, client)
             elif isinstance(event, Rejected | StreamClosed):
                 self._streams.pop(event.port, None)
-                if isinstance(event, StreamClosed) and not event.reset:
-                    self._flush(client)  # a graceful end: what the guest sent goes out
                 self._drop(client)
 
     # -- sockets ------------------------------------------------------------------------
@@ -208,9 +214,14 @@ class HostClients:
             if client.guest_eof:
                 with contextlib.suppress(OSError):
                     client.sock.shutdown(socket.SHUT_WR)
-        if written and client.port in self._streams:
-            assert client.port is not None
-            self._apply(self._device.consumed(client.port, written))
+            if client.lingering:
+                self._drop(client)
+        # Credit back only to a stream the device still has (data and the close may come
+        # in one kick: the device has dropped the stream by the time its Data is written).
+        port = client.port
+        if written and port in self._streams and port in self._device.streams.ports():
+            assert port is not None
+            self._apply(self._device.consumed(port, written))
 
     def _client_gone(self, client: _Client) -> None:
         port = client.port

@@ -21,7 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,13 @@ def guest_ram_mapped() -> bool:
 async def readable(fd: int) -> None:
     """Until ``fd`` is readable (bounded by `TIMEOUT`)."""
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def fire() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, fire)
     try:
         await asyncio.wait_for(ready, TIMEOUT)
     finally:
@@ -93,11 +98,14 @@ async def recv_exactly(sock: socket.socket, count: int) -> bytes:
     return data
 
 
-async def recv_to_eof(sock: socket.socket) -> bytes:
+async def recv_to_eof(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
+    """What ``sock`` receives until the back-end closes it (a close with our bytes still
+    unread is a reset on AF_UNIX too: ECONNRESET counts as the end)."""
     loop = asyncio.get_running_loop()
     data = b""
-    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT):
-        data += chunk
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout):
+            data += chunk
     return data
 
 
@@ -154,6 +162,7 @@ class Rig:
         self.kicks: dict[int, int] = {}
         self.calls: dict[int, int] = {}
         self.clients: list[socket.socket] = []
+        self.fds: list[int] = []  # more fds of ours, closed at the end
 
     async def start(self) -> None:
         """QEMU's start-up sequence, as vhost-user-vsock-pci sends it."""
@@ -202,6 +211,14 @@ class Rig:
         assert len(got) == count, got
         return got
 
+    async def some_packets(self) -> list[Packet]:
+        """Every packet in the guest's rx ring, once there is at least one."""
+        got = self.guest.receive()
+        while not got:
+            await self.interrupt(RX)
+            got = self.guest.receive()
+        return got
+
     async def send(self, *sent: Packet) -> None:
         """The guest sends packets and kicks tx; returns once the device used them all
         (it handles a kick in one go, so their effects are done too)."""
@@ -245,7 +262,7 @@ class Rig:
         assert self.backend._mappings._maps == {}
         for sock in self.clients:
             sock.close()
-        for fd in (*self.kicks.values(), *self.calls.values(), self.memfd):
+        for fd in (*self.kicks.values(), *self.calls.values(), *self.fds, self.memfd):
             os.close(fd)
         self.guest.close()
         assert not guest_ram_mapped()  # the back-end unmapped its view of guest RAM
@@ -260,7 +277,7 @@ class Rig:
         self.qemu.sock.close()
         for sock in self.clients:
             sock.close()
-        for fd in (*self.kicks.values(), *self.calls.values(), self.memfd):
+        for fd in (*self.kicks.values(), *self.calls.values(), *self.fds, self.memfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
         with contextlib.suppress(Exception):
@@ -291,7 +308,7 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
 
 
 @pytest.fixture
-def memfd() -> Any:
+def memfd() -> Iterator[int]:
     fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
     os.ftruncate(fd, 4 * mmap.PAGESIZE)
     os.pwrite(fd, bytes(range(256)) * (4 * mmap.PAGESIZE // 256), 0)
@@ -357,12 +374,40 @@ def test_end_to_end_connect_data_both_ways_close_and_qemu_leaves() -> None:
     scenario(body)
 
 
+def test_only_the_first_vhost_user_connection_drives_the_device() -> None:
+    async def body(rig: Rig) -> None:
+        # The listener went with QEMU's accept: nobody else may drive the device.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as intruder, \
+                pytest.raises(ConnectionRefusedError):
+            intruder.connect(str(rig.dir / "vhost-vsock.sock"))
+        await rig.finish(0)
+
+    scenario(body)
+
+
+def test_a_graceful_close_delivers_everything_to_a_slow_client() -> None:
+    async def body(rig: Rig) -> None:
+        client, port = await rig.open_stream()
+        rig.backend._clients._streams[port].sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = bytes(i % 253 for i in range(8 * TX_CHUNK))
+        for start in range(0, len(data), TX_CHUNK):
+            await rig.send(to_host(Op.RW, port, payload=data[start:start + TX_CHUNK]))
+        await rig.send(to_host(Op.SHUTDOWN, port, flags=Shutdown.BOTH))  # a later kick
+        got = await recv_to_eof(client, 0.5)
+        assert len(got) == len(data) and got == data
+        await rig.finish(0)
+
+    scenario(body)
+
+
 def test_a_guest_that_ends_the_stream_gives_the_client_eof_after_its_data() -> None:
     async def body(rig: Rig) -> None:
         client, port = await rig.open_stream()
+        # A guest that writes its last bytes and closes at once: one kick carries both.
         await rig.send(to_host(Op.RW, port, payload=b"last words"),
                        to_host(Op.SHUTDOWN, port, flags=Shutdown.BOTH))
-        assert await recv_to_eof(client) == b"last words"
+        assert await recv_to_eof(client, 0.5) == b"last words"
         [rst] = await rig.packets(1)
         assert rst.op == Op.RST
         await rig.finish(0)
@@ -399,6 +444,7 @@ def test_qemu_leaving_mid_stream_drops_the_clients() -> None:
     async def body(rig: Rig) -> None:
         client, _ = await rig.open_stream()
         waiting = await rig.client()  # still in its handshake
+        await until(lambda: len(rig.backend._clients._handshaking) == 1, "the accept")
         rig.qemu.sock.close()
         assert await asyncio.wait_for(rig.run, TIMEOUT) == 0
         assert await recv_to_eof(client) == b""
@@ -439,9 +485,9 @@ def test_handshakes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(rig: Rig) -> None:
         handshaking = rig.backend._clients._handshaking
         silent = []
-        for n in range(3):
+        for _ in range(3):
             silent.append(await rig.client())
-            await until(lambda n=n: len(handshaking) == n + 1, "the client accepted")  # type: ignore[misc]
+            await until(lambda: len(handshaking) == len(silent), "the client accepted")
         extra = await rig.client(b"CONNECT 1024\n")
         assert await recv_to_eof(extra) == b""  # over the bound: closed at once
         assert rig.guest.receive() == []
@@ -457,41 +503,44 @@ def test_handshakes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_client_that_does_not_read_stops_the_guest_by_credit() -> None:
-    """Guest -> client back-pressure: the back-end grants the guest credit only for bytes
-    the client took, so what it holds stays within the credit; then the client reads all."""
+    """Guest -> client back-pressure: the back-end grants the guest credit back only for
+    bytes the client took, so the guest stops and what the back-end holds stays within
+    the credit; once the client reads, credit comes back and the rest flows, in order."""
 
     async def body(rig: Rig) -> None:
         client, port = await rig.open_stream()
-        # Nothing else may fill the client's socket buffer: with a small one the credit,
-        # not the kernel, is what stops the guest.
-        rig.backend._clients._streams[port].sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        peer_buf_alloc, peer_fwd_cnt, tx_cnt = DEFAULT_BUF_ALLOC, 0, 0
-        sent = bytearray()
-        counter = 0
-        while (free := peer_buf_alloc - (tx_cnt - peer_fwd_cnt)) > 0:
-            size = min(TX_CHUNK, free)
-            payload = bytes((counter + i) % 251 for i in range(size))
-            counter += size
-            await rig.send(to_host(Op.RW, port, payload=payload))
-            sent += payload
-            tx_cnt += size
-            for update in rig.guest.receive():
-                assert update.op == Op.CREDIT_UPDATE
-                peer_buf_alloc, peer_fwd_cnt = update.buf_alloc, update.fwd_cnt
-        # The guest is out of credit; the back-end holds the rest, no more than the credit.
-        held = len(rig.backend._clients._streams[port].outbox)
-        assert 0 < held <= DEFAULT_BUF_ALLOC
-        assert tx_cnt - peer_fwd_cnt == peer_buf_alloc
-        got = bytearray()
-        while len(got) < len(sent):  # the client reads: credit comes back, the guest sends
-            got += await recv_exactly(client, min(65536, len(sent) - len(got)))
-            for update in rig.guest.receive():
-                assert update.op == Op.CREDIT_UPDATE
-                peer_buf_alloc, peer_fwd_cnt = update.buf_alloc, update.fwd_cnt
-        assert got == sent
-        assert peer_fwd_cnt > 0  # credit was granted back once the client read
-        assert rig.backend._clients._streams[port].outbox == bytearray()
+        # A small socket buffer: the credit, not the kernel, is what stops the guest.
+        held = rig.backend._clients._streams[port]
+        held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = bytes(i % 251 for i in range(DEFAULT_BUF_ALLOC + 4 * TX_CHUNK))
+        credit = {"buf_alloc": DEFAULT_BUF_ALLOC, "fwd_cnt": 0}
+        sent = 0
+
+        def take_updates(got: list[Packet]) -> None:
+            for update in got:
+                assert update.op == Op.CREDIT_UPDATE, update
+                credit.update(buf_alloc=update.buf_alloc, fwd_cnt=update.fwd_cnt)
+
+        async def send_what_fits() -> None:
+            """As a Linux guest does: never more than the host's free space."""
+            nonlocal sent
+            while sent < len(data) and (
+                    free := credit["buf_alloc"] - (sent - credit["fwd_cnt"])) > 0:
+                size = min(TX_CHUNK, free, len(data) - sent)
+                await rig.send(to_host(Op.RW, port, payload=data[sent:sent + size]))
+                sent += size
+                take_updates(rig.guest.receive())
+
+        await send_what_fits()
+        # Out of credit with bytes left: the client read nothing, so no credit came back.
+        assert sent == DEFAULT_BUF_ALLOC and credit["fwd_cnt"] == 0
+        assert 0 < len(held.outbox) <= DEFAULT_BUF_ALLOC
+        reader = asyncio.ensure_future(recv_exactly(client, len(data)))
+        while sent < len(data):  # the client reads: credit comes back, the guest goes on
+            take_updates(await rig.some_packets())
+            await send_what_fits()
+        assert await reader == data
+        assert credit["fwd_cnt"] > 0 and held.outbox == bytearray()
         await rig.finish(0)
 
     scenario(body)
@@ -513,7 +562,7 @@ def test_a_guest_that_does_not_read_stops_reading_the_client() -> None:
         assert len(stream.inbox) <= clients.READ_CHUNK
         got = bytearray()
         while len(got) < len(data):
-            for packet in await rig.packets(1) + rig.guest.receive():
+            for packet in await rig.some_packets():
                 assert packet.op == Op.RW
                 got += packet.payload
             os.eventfd_write(rig.kicks[RX], 1)  # rx buffers given back
@@ -536,7 +585,8 @@ def test_a_vanished_client_closes_the_stream_and_resets_it_after_the_timeout(
         # The guest still writes: the send fails, the client is gone, the stream closes.
         await rig.send(to_host(Op.RW, port, payload=b"anyone there?"))
         [close] = await rig.packets(1)
-        assert (close.op, close.flags) == (Op.SHUTDOWN, Shutdown.BOTH)
+        # The receive half now (SEND went before): the guest ORs the bits, as Linux does.
+        assert (close.op, close.flags) == (Op.SHUTDOWN, Shutdown.RCV)
         assert port in rig.backend.device.streams.ports()
         # The guest never answers with RST: after CLOSE_TIMEOUT the back-end resets it.
         [rst] = await rig.packets(1)
@@ -547,10 +597,36 @@ def test_a_vanished_client_closes_the_stream_and_resets_it_after_the_timeout(
     scenario(body)
 
 
+def test_a_ring_restarted_with_new_eventfds_is_watched_on_the_new_kick() -> None:
+    """The kick readers follow the control messages: a stopped ring is not read, the old
+    kick fd is no longer watched (the device closed it), and the new one is."""
+
+    async def body(rig: Rig) -> None:
+        client, port = await rig.open_stream()
+        base = await rig.qemu.send(vu.Request.GET_VRING_BASE, vu.VringState(TX, 0))
+        assert base == struct.pack("=II", TX, rig.guest.avail[TX])  # every chain was used
+        assert rig.backend.device.kick_fd(TX) is None
+        rig.guest.send(to_host(Op.RW, port, payload=b"while stopped"))
+        os.eventfd_write(rig.kicks[TX], 1)  # the old kick: nobody reads it any more
+        await asyncio.sleep(0.02)
+        assert rig.guest.used_idx(TX) != rig.guest.avail[TX]
+        for fds in (rig.kicks, rig.calls):
+            os.close(fds.pop(TX))
+            fds[TX] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        await rig.qemu.send(vu.Request.SET_VRING_BASE, vu.VringState(TX, 1), ack=True)
+        await rig.qemu.send(vu.Request.SET_VRING_KICK, vu.U64(TX), (rig.kicks[TX],), ack=True)
+        await rig.qemu.send(vu.Request.SET_VRING_CALL, vu.U64(TX), (rig.calls[TX],), ack=True)
+        await rig.send()  # a kick on the new eventfd: the packet that waited is read now
+        assert await recv_exactly(client, 13) == b"while stopped"
+        await rig.finish(0)
+
+    scenario(body)
+
+
 def test_a_device_failure_signals_the_err_eventfd_and_resets_the_streams() -> None:
     async def body(rig: Rig) -> None:
         err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        rig.kicks[-1] = err  # closed with the rig's fds
+        rig.fds.append(err)
         await rig.qemu.send(vu.Request.SET_VRING_ERR, vu.U64(TX), (err,), ack=True)
         client, _ = await rig.open_stream()
         rig.guest.desc(TX, 0, BASE + 0x20000, 16, 1, 0)  # F_NEXT onto itself: a loop
