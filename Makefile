@@ -10,10 +10,10 @@ RUNTIME_DIR ?= $(CURDIR)/build/out/runtime
 # End-to-end tests run on E2E_JOBS pytest-xdist workers, a file per worker at a time (each test
 # has its own private containerd; leak checks are scoped to it). 2 halves `make test` on 2 cores.
 E2E_JOBS ?= 2
-E2E_PYTEST = $(PY) -m pytest -q -n $(E2E_JOBS) --dist loadfile
+E2E_PYTEST = $(PY) -m pytest -q -n $(E2E_JOBS) --dist loadfile --durations=15
 CORE_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network ttrpc agent
 
-.PHONY: all deps venv protos guest lint unit e2e test test-frozen try-deb test-microvm test-stratovirt soak bench \
+.PHONY: all deps venv protos guest lint unit e2e test test-frozen try-deb test-microvm test-vsock test-stratovirt soak bench \
 	demo install uninstall clean runtime deb
 
 all: venv
@@ -76,6 +76,11 @@ test-frozen: deps venv guest runtime
 test-microvm: deps venv guest
 	KATA_TEST_CONFIG=$(CURDIR)/configuration-qemu-microvm.toml $(E2E_PYTEST) tests/e2e
 
+# The whole e2e suite with the agent on vsock through our vhost-user back-end instead of
+# virtio-serial (docs/vsock.md); `make test` runs a subset (tests/e2e/test_agent_vsock.py).
+test-vsock: deps venv guest runtime deb
+	KATA_TEST_AGENT_CHANNEL=vhost-user $(E2E_PYTEST) tests/e2e
+
 # The e2e suite on StratoVirt, for hosts that have it and KVM (docs/stratovirt.md).
 test-stratovirt: deps venv guest
 	@test -n "$(STRATOVIRT)" || { echo "usage: make test-stratovirt STRATOVIRT=/path/to/stratovirt" >&2; exit 2; }
@@ -99,6 +104,7 @@ ifeq ($(QUICK),)
 	$(PY) -m benchmarks.suite --doc docs/performance.md
 	$(PY) -m benchmarks.pod_network -n 3 --mib 32
 	$(PY) -m benchmarks.machines -n 5
+	$(PY) -m benchmarks.agent_channel -n 3
 else
 	$(PY) -m benchmarks.suite --quick
 endif

@@ -47,6 +47,8 @@ CHANNELS: dict[str, dict[str, Any]] = {
 }
 MEMORY_MIB = 512
 BOOT_TIMEOUT = 180.0
+#: Seconds between the agent's first answer and the timed calls.
+SETTLE = 3.0
 
 Samples = dict[str, dict[str, list[float]]]
 
@@ -58,7 +60,8 @@ def qemu_config(keys: dict[str, Any]) -> QemuConfig:
                       default_memory=MEMORY_MIB, allow_tcg=True, **keys)
 
 
-async def channel_round(keys: dict[str, Any], calls: int, work: Path) -> dict[str, list[float]]:
+async def channel_round(keys: dict[str, Any], calls: int, work: Path,
+                        settle: float = SETTLE) -> dict[str, list[float]]:
     """One VM: seconds to a connected agent, then ``calls`` Check round trips (µs)."""
     sandbox = f"bench-{uuid.uuid4().hex[:8]}"
     share = work / sandbox / "shared"
@@ -71,6 +74,7 @@ async def channel_round(keys: dict[str, Any], calls: int, work: Path) -> dict[st
         agent = await AgentClient.connect(vm.agent_address, BOOT_TIMEOUT)
         ready = time.monotonic() - started
         try:
+            await asyncio.sleep(settle)  # the guest finishes its boot-time work first
             trips = []
             for _ in range(calls):
                 t0 = time.perf_counter()
@@ -121,8 +125,8 @@ def merge(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
         into.setdefault(key, []).extend(values)
 
 
-def run(rounds: int, calls: int, mib: int, channels: Sequence[str] = tuple(CHANNELS)
-        ) -> Samples:
+def run(rounds: int, calls: int, mib: int, channels: Sequence[str] = tuple(CHANNELS),
+        settle: float = SETTLE) -> Samples:
     """Every figure for every channel, rounds interleaved."""
     samples: Samples = defaultdict(dict)
     with tempfile.TemporaryDirectory(prefix="bch-") as tmp:
@@ -130,7 +134,7 @@ def run(rounds: int, calls: int, mib: int, channels: Sequence[str] = tuple(CHANN
             for name in channels:
                 print(f"agent channel: round {r + 1}, {name}", file=sys.stderr, flush=True)
                 merge(samples[name], asyncio.run(channel_round(CHANNELS[name], calls,
-                                                               Path(tmp))))
+                                                               Path(tmp), settle)))
     with kata_containerd() as kata:
         for r in range(rounds):
             for i, name in enumerate(channels):

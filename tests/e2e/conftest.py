@@ -41,7 +41,8 @@ QEMU_ONLY = frozenset({"test_qemu_vm.py", "test_guest_boot.py", "test_guest_hand
                        "test_microvm.py",
                        "test_qemu_levers.py",
                        "test_bench_machines.py", "test_bench_suite.py",
-                       "test_bench_network.py", "test_install.py"})
+                       "test_bench_network.py", "test_install.py",
+                       "test_agent_vsock.py", "test_bench_agent_channel.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,11 +2,12 @@
 
 This host has no /dev/vhost-vsock, so vsock here is always QEMU's vhost-user-vsock-pci
 served by `hypervisors.vsock.backend`; the guest's agent listens on AF_VSOCK port 1024 and
-the shim dials the back-end's hybrid socket (``CONNECT 1024``). The rest of the suite runs
-over this channel too with ``KATA_TEST_AGENT_CHANNEL=vhost-user`` (`make test` runs a subset
-that way); these tests check what is specific to it: the device and the process really are
-there, bulk data both ways, several streams at once, a port nobody listens on, the
-back-end's death, and the ``kernel`` back-end's refusal on a host without it.
+the shim dials the back-end's hybrid socket (``CONNECT 1024``). The whole suite runs over
+this channel with ``KATA_TEST_AGENT_CHANNEL=vhost-user`` (`make test-vsock`); `make test`
+runs some of test_ctr_run.py's checks over it here (`test_kata_over_vsock`), and what is
+specific to it: the device and the process really are there, bulk data both ways, several
+streams at once, a port nobody listens on, the back-end's death, and the ``kernel``
+back-end's refusal on a host without it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent_client.client import AgentClient
-from tests.harness import kataconfig, procs
+from tests.harness import kataconfig, procs, scenarios
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import Kata
 from tests.harness.scenarios import BOOT_TIMEOUT, KATA, detached, explain, wait_task_status
@@ -126,6 +127,18 @@ def test_killing_the_backend_ends_the_task_and_leaves_nothing(kata: Kata) -> Non
     res = kata.cd.ctr("container", "delete", "vs5")
     assert res.returncode == 0, explain(res)
     # The kata fixture then checks that no process, socket or state directory is left.
+
+
+@pytest.mark.parametrize("check", [
+    scenarios.check_exec,
+    scenarios.check_tty_resize,
+    scenarios.check_pause_resume,
+], ids=lambda c: c.__name__.removeprefix("check_"))
+def test_kata_over_vsock(kata: Kata, check: scenarios.Check) -> None:
+    """Some of test_ctr_run.py's checks over this channel in every `make test`
+    (`make test-vsock` runs the whole suite over it)."""
+    kata.write_config(VHOST_USER)
+    check(kata.cd, KATA)
 
 
 def test_the_kernel_backend_is_refused_here_with_the_fix(kata: Kata) -> None:
