@@ -1,5 +1,6 @@
 """The guest's debug console: a root shell on a pty, bridged to the virtio-serial port
-``agent.debug_console.0`` (the host's ``kata-runtime exec``).
+``agent.debug_console.0`` (the host's ``kata-runtime exec``), or to vsock port 1026 when the
+agent is on vsock (`serve_vsock`: a connection per session, no port to share).
 
 Theory of operation
 -------------------
@@ -33,6 +34,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +87,29 @@ async def serve(reaper: Reaper, port: str | None = None) -> None:
                 await asyncio.sleep(_POLL_MAX)
     finally:
         os.close(fd)
+
+
+async def serve_vsock(reaper: Reaper, port: int) -> None:
+    """Serve the debug console on AF_VSOCK ``port`` (the agent is on vsock): one shell per
+    host connection, one connection at a time; closing the connection ends the session
+    (after `DEBUG_CONSOLE_EXIT` when the shell exited first, as on virtio-serial)."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.bind((socket.VMADDR_CID_ANY, port))
+    sock.listen(1)
+    sock.setblocking(False)
+    log(f"serving on vsock port {port}")
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            try:
+                await session(reaper, conn.fileno())
+            except Exception as exc:  # one broken session must not end the console
+                log(f"session failed: {exc!r}")
+            finally:
+                conn.close()
+    finally:
+        sock.close()
 
 
 async def _open(path: str) -> int:

@@ -223,10 +223,13 @@ def wants_debug_console(cmdline: str = "/proc/cmdline") -> bool:
 def _start_debug_console(reaper: Reaper) -> asyncio.Future[None]:
     import asyncio
 
-    from agent import debugconsole
+    from agent import channel, debugconsole
+    from common.constants import DEBUG_CONSOLE_VSOCK_PORT
 
     debugconsole.log("enabled by the kernel command line (a root shell for the host's "
                      "kata-runtime exec)")  # fmt: skip
+    if channel.vsock_available():  # the agent serves on vsock: the console beside it
+        return asyncio.ensure_future(debugconsole.serve_vsock(reaper, DEBUG_CONSOLE_VSOCK_PORT))
     return asyncio.ensure_future(debugconsole.serve(reaper))
 
 

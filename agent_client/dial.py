@@ -94,3 +94,31 @@ async def _dial_hybrid(path: str, port: int) -> Stream:
         writer.close()
         raise ConnectionError(f"hybrid vsock {path} refused port {port}: {line[:64]!r}")
     return reader, writer
+
+
+def dial_blocking(address: str, timeout: float) -> socket.socket:
+    """A connected socket to ``address`` (serial, vsock or hybrid vsock) for synchronous
+    callers (the CLI); no retry: the guest is expected to listen already. `OSError` (a
+    `ConnectionError` when the hybrid back-end refuses) otherwise."""
+    scheme, where, port = parse_address(address)
+    family = socket.AF_VSOCK if scheme == "vsock" else socket.AF_UNIX
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((int(where), port) if scheme == "vsock" else where)
+        if scheme == "hvsock":
+            sock.sendall(f"CONNECT {port}\n".encode())
+            line = b""
+            while not line.endswith(b"\n") and len(line) <= MAX_OK_LINE:
+                chunk = sock.recv(1)  # byte by byte: what follows the line is the stream's
+                if not chunk:
+                    raise ConnectionError(f"hybrid vsock {where}: nothing listens on guest "
+                                          f"port {port}")
+                line += chunk
+            if not line.startswith(b"OK ") or not line.endswith(b"\n"):
+                raise ConnectionError(f"hybrid vsock {where} refused port {port}: {line!r}")
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -7,8 +7,11 @@ Only where the sandbox was started with ``[agent.kata] debug_console_enabled = t
 VM then has a second virtio-serial port, ``agent.debug_console.0``, whose host end is a unix
 socket in the sandbox's socket dir (``debug-console.sock``, 0600, the VMM listening), and its
 agent runs busybox ``sh`` on a pty behind that port, a fresh one for every session
-(docs/security.md). The sandbox's state.json says whether it has the console and which
-configuration it was started with; a sandbox without it, or not running, is refused with the
+(docs/security.md). When the agent is on vsock, the console is on its own vsock port
+instead (1026, beside the agent's 1024; through the hybrid socket of our vhost-user back-end
+where the host has no vhost-vsock), one connection per session. The sandbox's state.json
+says whether it has the console, where the agent is, and which configuration it was started
+with; a sandbox without it, or not running, is refused with the
 fix (exit 1).
 
 The session is telnet-like: with stdin on a terminal, the terminal goes raw (the guest's pty
@@ -40,9 +43,11 @@ from typing import Any, TextIO
 from cli.listing import SandboxNotFound, add_sandbox_arguments, find_sandbox
 from common.constants import DEBUG_CONSOLE_EXIT
 from sandbox.config import RuntimeConfig
-from sandbox.inspect import debug_console
+from sandbox.inspect import debug_console, dial_debug_console
 
 PROG = "kata-runtime"
+#: Seconds to reach the console (a running guest answers at once).
+DIAL_TIMEOUT = 10.0
 #: Ctrl-], as telnet.
 ESCAPE = b"\x1d"
 ESCAPE_NAME = "Ctrl-]"
@@ -92,14 +97,12 @@ def connect(config: RuntimeConfig, sandbox_id: str, namespace: str | None) -> so
         raise ExecRefused(
             f"debug console is disabled for sandbox {sandbox_id}: set debug_console_enabled "
             f"= true under [agent.kata] in {where} and restart the pod")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(console.socket))
+        return dial_debug_console(console, DIAL_TIMEOUT)
     except OSError as e:
-        sock.close()
+        target = console.address or str(console.socket)
         raise ExecRefused(f"failed to connect to the debug console of sandbox {sandbox_id} at "
-                          f"{console.socket}: {e.strerror or e}") from e  # fmt: skip
-    return sock
+                          f"{target}: {e.strerror or e}") from e  # fmt: skip
 
 
 def running_sandbox(state_dir: Path, sandbox_id: str, namespace: str | None) -> dict[str, Any]:

@@ -19,6 +19,8 @@ DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
 DEBUG_CONSOLE_EXIT = b"\x1b]6573;kata-debug-console-exit\x07"
 #: AF_VSOCK port the agent listens on.
 AGENT_VSOCK_PORT = 1024
+#: The guest's debug console when the agent is on vsock (Kata's port for it).
+DEBUG_CONSOLE_VSOCK_PORT = 1026
 #: 128 + SIGKILL: the status of a process killed, or deleted before it ever ran.
 EXIT_STATUS_KILLED = 137
 #: Where per-sandbox host state lives unless ``[runtime] state_dir`` says otherwise.

@@ -93,6 +93,9 @@ class VsockDevice:
 
     guest_cid: int
     vhost_user: bool = False
+    #: An open /dev/vhost-vsock that holds ``guest_cid`` (`hypervisors.vsock.cid`), handed
+    #: to the VMM; the VM closes its own copy once the VMM has it.
+    vhost_fd: int | None = None
 
 
 Device = SharedFsDevice | NetworkDevice | BlockDevice | VsockDevice
@@ -283,4 +286,5 @@ class DeviceList:
 
     def fds(self) -> tuple[int, ...]:
         """Every fd the VMM must inherit."""
-        return tuple(fd for d in self.of(NetworkDevice) for fd in d.tap_fds)
+        vsock = tuple(d.vhost_fd for d in self.of(VsockDevice) if d.vhost_fd is not None)
+        return (*(fd for d in self.of(NetworkDevice) for fd in d.tap_fds), *vsock)

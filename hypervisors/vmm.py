@@ -37,6 +37,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -243,6 +244,7 @@ class VmmVm(abc.ABC, Generic[C]):
                 if vsock is not None:
                     self._devices.add(vsock)
             async with contextlib.AsyncExitStack() as stack:
+                stack.callback(self._close_vhost_fds)  # if we fail before the VMM has them
                 self.paths.state_dir.mkdir(parents=True, exist_ok=True)
                 if self.paths.socket_dir is not None:
                     self.paths.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -262,7 +264,7 @@ class VmmVm(abc.ABC, Generic[C]):
                 self._qmp = await self._connect_qmp()
                 stack.push_async_callback(self._close_qmp)
                 await self._after_connect()
-                if self.spec.debug_console:
+                if self.spec.debug_console and self.paths.debug_console_socket.exists():
                     # A root shell in the guest: root only, whatever the VMM's umask was
                     # (its chardevs exist once QMP answers).
                     os.chmod(self.paths.debug_console_socket, 0o600)
@@ -288,6 +290,14 @@ class VmmVm(abc.ABC, Generic[C]):
         stack.push_async_callback(backend.stop)
         await backend.start()
         self._add_record(backend.pid, "vsock-backend")
+
+    def _close_vhost_fds(self) -> None:
+        """Close our copy of a reserved vhost-vsock instance (`hypervisors.vsock.cid`)."""
+        for i, device in enumerate(self._devices.devices):
+            if isinstance(device, VsockDevice) and device.vhost_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(device.vhost_fd)
+                self._devices.devices[i] = dataclasses.replace(device, vhost_fd=None)
 
     def _helpers(self) -> list[tuple[str, Callable[[], Awaitable[int]]]]:
         """The helper processes the VM cannot run without, and how to wait for each."""
@@ -317,6 +327,8 @@ class VmmVm(abc.ABC, Generic[C]):
                                      pass_fds=self._spawn_fds(), env=self._vmm_env())
         except OSError as exc:
             raise HypervisorError(f"failed to start {self.vmm_name} {argv[0]}: {exc}") from exc
+        finally:
+            self._close_vhost_fds()  # the VMM has its copy (or failed to start)
         self._stderr = StderrLog(self._proc.stderr, self.paths.vmm_stderr)
         stack.push_async_callback(self._stderr.stop)
         stack.push_async_callback(self._kill_vmm)

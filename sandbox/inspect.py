@@ -23,10 +23,13 @@ Each entry has a ``status`` (docs/cli.md; the JSON schema is docs/kata-runtime-l
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from agent_client.dial import dial_blocking
+from common.constants import DEBUG_CONSOLE_VSOCK_PORT
 from hostos.procs import process_state, wrapper_path
 from hypervisors.base import HostCheck
 from hypervisors.factory import driver
@@ -52,6 +55,7 @@ __all__ = [
     "HostCheck",
     "debug_console",
     "describe_sandbox",
+    "dial_debug_console",
     "exec_wrapper",
     "host_checks",
     "list_sandboxes",
@@ -179,14 +183,33 @@ class DebugConsole:
     enabled: bool
     config_path: str
     socket: Path
+    #: Beside a vsock agent, the console's own vsock port (``vsock://<cid>:1026`` or
+    #: ``hvsock://<back-end socket>:1026``); "" means `socket`.
+    address: str = ""
 
 
 def debug_console(state_dir: Path, namespace: str, sandbox_id: str) -> DebugConsole:
     """The debug console of ``<state_dir>/sbs/<namespace>/<id>`` as its state.json records
     it; disabled when there is no readable record."""
     record = read_record(sandbox_path(state_dir, namespace, sandbox_id))
+    serial = socket_dir_path(state_dir, namespace, sandbox_id) / DEBUG_CONSOLE_SOCKET
+    agent = record.agent_address if record is not None else ""
     return DebugConsole(
         enabled=record is not None and record.debug_console,
         config_path=record.config_path if record is not None else "",
-        socket=socket_dir_path(state_dir, namespace, sandbox_id) / DEBUG_CONSOLE_SOCKET,
+        socket=serial,
+        address=debug_console_address(agent),
     )
+
+
+def dial_debug_console(console: DebugConsole, timeout: float) -> socket.socket:
+    """A connection to the debug console (`OSError` if it does not answer)."""
+    return dial_blocking(console.address or f"serial://{console.socket}", timeout)
+
+
+def debug_console_address(agent_address: str) -> str:
+    """The debug console beside a vsock agent: its own vsock port (the agent serves it
+    there then); "" when the agent is not on vsock (the console's virtio-serial socket)."""
+    if agent_address.startswith(("vsock://", "hvsock://")):
+        return f"{agent_address.rpartition(':')[0]}:{DEBUG_CONSOLE_VSOCK_PORT}"
+    return ""

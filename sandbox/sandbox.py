@@ -499,6 +499,7 @@ class Sandbox:
                 network.close_fds()
         self._record.accelerator = vm.accelerator
         self._record.accelerator_reason = vm.accelerator_reason
+        self._record.agent_address = vm.agent_address
         self._record.kernel = self.config.hypervisor.kernel
         self._record.initrd = self.config.hypervisor.initrd
         self._record.processes = [

@@ -120,6 +120,9 @@ class SandboxRecord:
     #: debug console (``kata-runtime exec`` reads both).
     config_path: str = ""
     debug_console: bool = False
+    #: Where the agent was reached (``serial://``, ``vsock://`` or ``hvsock://``): the debug
+    #: console is beside it (`sandbox.inspect.debug_console`). "" in older records.
+    agent_address: str = ""
     #: The guest kernel and initrd the VM booted (after the pod's annotations); "" in
     #: records written before they were kept.
     kernel: str = ""
@@ -162,6 +165,7 @@ class SandboxRecord:
             guest_kernel_release=str(doc.get("guest_kernel_release", "")),
             config_path=str(doc.get("config_path", "")),
             debug_console=doc.get("debug_console") is True,
+            agent_address=str(doc.get("agent_address", "")),
             kernel=str(doc.get("kernel", "")),
             initrd=str(doc.get("initrd", "")),
             processes=procs,

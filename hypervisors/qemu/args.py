@@ -70,6 +70,7 @@ class VmParams:
     accelerator: Accelerator
     agent_channel: AgentChannel = AgentChannel.SERIAL
     guest_cid: int | None = None
+    vhost_fd: int | None = None  # the /dev/vhost-vsock instance holding guest_cid
     extra_kernel_params: tuple[str, ...] = ()
     vcpus: int | None = None
     memory_mib: int | None = None
@@ -294,18 +295,15 @@ class AgentSerial:
 @dataclass(frozen=True)
 class DebugConsoleSerial:
     """virtio-serial port ``agent.debug_console.0`` backed by a listening unix socket, for
-    ``kata-runtime exec``. It joins the agent's virtio-serial bus; with the agent on vsock
-    there is none, so it brings its own (``with_bus``)."""
+    ``kata-runtime exec``, on the agent's virtio-serial bus (with the agent on vsock the
+    console is on vsock too: no port)."""
 
     path: Path
     mmio: bool = False
-    with_bus: bool = False
 
     def to_argv(self) -> list[str]:
         """Render."""
-        bus = ["-device", f"{virtio('virtio-serial', self.mmio)},id=serial0"]
         return [
-            *(bus if self.with_bus else []),
             "-chardev", f"socket,id=debugconsole,path={self.path},server=on,wait=off",
             "-device", f"virtserialport,chardev=debugconsole,name={DEBUG_CONSOLE_PORT_NAME}",
         ]
@@ -313,15 +311,18 @@ class DebugConsoleSerial:
 
 @dataclass(frozen=True)
 class AgentVsock:
-    """vhost-vsock device with the guest's context id."""
+    """vhost-vsock device with the guest's context id (and the vhost-vsock instance that
+    holds it, when the shim reserved one)."""
 
     guest_cid: int
     mmio: bool = False
+    vhost_fd: int | None = None
 
     def to_argv(self) -> list[str]:
         """Render."""
         driver = virtio("vhost-vsock", self.mmio)
-        return ["-device", f"{driver},id=vsock0,guest-cid={self.guest_cid}"]
+        fd = f",vhostfd={self.vhost_fd}" if self.vhost_fd is not None else ""
+        return ["-device", f"{driver},id=vsock0,guest-cid={self.guest_cid}{fd}"]
 
 
 @dataclass(frozen=True)
@@ -483,9 +484,9 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         PidFile(vm.paths.vmm_pidfile),
         _agent_param(vm, mmio),
     ]
-    if vm.debug_console:
-        params.append(DebugConsoleSerial(vm.paths.debug_console_socket, mmio,
-                                         with_bus=vm.agent_channel is not AgentChannel.SERIAL))
+    if vm.debug_console and vm.agent_channel is AgentChannel.SERIAL:
+        # With the agent on vsock, the agent serves the console on vsock port 1026.
+        params.append(DebugConsoleSerial(vm.paths.debug_console_socket, mmio))
     if fs is not None and fs.kind == "virtio-fs":
         params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag, mmio))
     elif fs is not None:
@@ -508,7 +509,7 @@ def _agent_param(vm: VmParams, mmio: bool) -> QemuParam:
         return AgentVhostUserVsock(vm.paths.vsock_socket, mmio)
     if vm.guest_cid is None:
         raise ValueError("failed to build QEMU arguments: vsock agent channel needs a guest cid")
-    return AgentVsock(vm.guest_cid, mmio)
+    return AgentVsock(vm.guest_cid, mmio, vm.vhost_fd)
 
 
 def render(params: Sequence[QemuParam]) -> list[str]:

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from hypervisors.base import (
     VmSpec,
     VsockDevice,
 )
-from hypervisors.channel import Channel, ChannelError, choose_channel
+from hypervisors.channel import Channel, ChannelChoice, ChannelError, choose_channel
 from hypervisors.errors import (
     HypervisorError,
     HypervisorRefused,
@@ -52,6 +51,7 @@ from hypervisors.qemu import template as tpl
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv, is_mmio
 from hypervisors.qemu.config import QemuConfig
 from hypervisors.vmm import VHOST_VSOCK_DEVICE, VmmVm, host_has_vhost_vsock
+from hypervisors.vsock.cid import reserve_guest_cid
 
 __all__ = ["VHOST_VSOCK_DEVICE", "Qemu", "host_has_vhost_vsock"]
 
@@ -215,6 +215,7 @@ class Qemu(VmmVm[QemuConfig]):
             sandbox_id=self.sandbox_id, paths=self.paths, accelerator=self._accel.accelerator,
             agent_channel=_agent_channel(vsock[0] if vsock else None),
             guest_cid=vsock[0].guest_cid if vsock else None,
+            vhost_fd=vsock[0].vhost_fd if vsock else None,
             extra_kernel_params=self.spec.kernel_params, vcpus=self.spec.vcpus,
             memory_mib=self.spec.memory_mib, max_memory_mib=self.max_memory_mib(),
             shared_fs=shares[0] if shares else None,
@@ -327,19 +328,24 @@ class Qemu(VmmVm[QemuConfig]):
         return ((bool(shares) and shares[0].kind == "virtio-fs")
                 or (bool(vsock) and vsock[0].vhost_user))
 
-    def _agent_vsock(self) -> VsockDevice | None:
+    def channel(self) -> ChannelChoice:
+        """The agent channel this VM gets, and why (`hypervisors.channel`)."""
         try:
-            choice = choose_channel(self.config.use_vsock, self.config.vsock_backend,
-                                    host_has_vhost_vsock(),
-                                    self._saving or self.spec.template_dir is not None)
+            return choose_channel(self.config.use_vsock, self.config.vsock_backend,
+                                  host_has_vhost_vsock(),
+                                  self._saving or self.spec.template_dir is not None)
         except ChannelError as e:
             raise HypervisorError(f"failed to start VM {self.sandbox_id}: {e}") from e
+
+    def _agent_vsock(self) -> VsockDevice | None:
+        choice = self.channel()
         log.info("VM %s: agent channel %s", self.sandbox_id, choice.reason)
         if choice.channel is Channel.VHOST_USER_VSOCK:
             # The back-end is the VM's own: its CID is seen by nothing else on the host.
             return VsockDevice(VHOST_USER_GUEST_CID, vhost_user=True)
         if choice.channel is Channel.KERNEL_VSOCK:
-            return VsockDevice(random.randint(3, 2**31 - 1))  # a collision fails the start
+            cid, fd = reserve_guest_cid()
+            return VsockDevice(cid, vhost_fd=fd)
         return None
 
 
@@ -400,9 +406,10 @@ def _probe(config: QemuConfig, spec: VmSpec) -> Qemu:
     if config.shared_fs in ("virtio-fs", "virtio-9p"):
         kind: SharedFsKind = "virtio-fs" if config.shared_fs == "virtio-fs" else "virtio-9p"
         probe._devices.add(SharedFsDevice(Path("/"), kind, SHARED_FS_TAG))
-    vsock = probe._agent_vsock()
-    if vsock is not None:
-        probe._devices.add(vsock)
+    channel = probe.channel().channel  # no CID reserved: the probe never starts
+    if channel is not Channel.SERIAL:
+        probe._devices.add(VsockDevice(VHOST_USER_GUEST_CID,
+                                       vhost_user=channel is Channel.VHOST_USER_VSOCK))
     return probe
 
 

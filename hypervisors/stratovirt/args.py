@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from common.constants import AGENT_PORT_NAME, DEBUG_CONSOLE_PORT_NAME
+from common.constants import AGENT_PORT_NAME
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.statepaths import StatePaths
 from hypervisors.stratovirt.config import StratovirtConfig
@@ -289,8 +289,8 @@ def stratovirt_params(config: StratovirtConfig, vm: VmParams) -> list[Stratovirt
         PidFile(vm.paths.vmm_pidfile),
         _agent_param(vm),
     ]
-    if vm.debug_console:
-        params.append(_debug_console_param(vm))
+    if vm.debug_console and vm.agent_channel is AgentChannel.SERIAL:
+        _no_debug_console_port()  # on vsock, the agent serves the console on port 1026
     if fs is not None:
         params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag))
     params += [VirtioNet(n) for n in vm.networks]
@@ -307,14 +307,12 @@ def _agent_param(vm: VmParams) -> StratovirtParam:
     return AgentVsock(vm.guest_cid)
 
 
-def _debug_console_param(vm: VmParams) -> StratovirtParam:
-    if vm.agent_channel is AgentChannel.SERIAL:
-        raise ValueError(
-            "failed to build StratoVirt arguments: debug_console_enabled needs a second "
-            "virtio-serial port, and a StratoVirt microvm has one, taken by the agent channel "
-            "here; set use_vsock = true (with vhost_vsock loaded on the host) or turn the "
-            "debug console off")  # fmt: skip
-    return SerialPort(vm.paths.debug_console_socket, DEBUG_CONSOLE_PORT_NAME, "debugconsole")
+def _no_debug_console_port() -> None:
+    raise ValueError(
+        "failed to build StratoVirt arguments: debug_console_enabled needs a second "
+        "virtio-serial port, and a StratoVirt microvm has one, taken by the agent channel "
+        "here; set use_vsock = true (with vhost_vsock loaded on the host) or turn the "
+        "debug console off")  # fmt: skip
 
 
 def render(params: Sequence[StratovirtParam]) -> list[str]:

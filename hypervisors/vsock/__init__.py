@@ -1,7 +1,7 @@
-"""vsock: the pure (sans-IO) cores of a vhost-user-vsock backend (issue 12).
+"""vsock: our vhost-user-vsock back-end (issue 12, docs/vsock.md).
 
-Modules, one job each; none of them touches a socket, an mmap or a clock (`device` only
-closes the fds it is handed):
+The pure (sans-IO) cores, one job each; none of them touches a socket, an mmap or a clock
+(`device` only closes the fds it is handed):
 
 * `vhost_user`: the vhost-user message layer (QEMU docs/interop/vhost-user.rst): a bounded
   `Parser` from bytes + fds to typed messages, and the reply/message builders;
@@ -14,5 +14,6 @@ closes the fds it is handed):
 * `device`: the vhost-user-vsock device (control path and data path) over the above;
 * `errors`: the error types; everything raised on bad input is a `VsockError`.
 
-Nothing here is wired into the runtime yet: see docs/vsock.md for what is left.
+And the I/O around them: `backend` (the per-VM process and its event loop), `clients` (its
+hybrid unix clients) and `process` (the shim's handle on the process).
 """

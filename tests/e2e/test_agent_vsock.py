@@ -24,8 +24,10 @@ import pytest
 
 from agent_client.client import AgentClient
 from tests.harness import kataconfig, procs, scenarios
+from tests.harness.containerd import RUNTIME_BIN
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import Kata
+from tests.harness.pty import PtyProcess
 from tests.harness.scenarios import BOOT_TIMEOUT, KATA, detached, explain, wait_task_status
 
 pytestmark = pytest.mark.skipif(not kataconfig.is_qemu(), reason="QEMU's vsock back-ends")
@@ -139,6 +141,28 @@ def test_kata_over_vsock(kata: Kata, check: scenarios.Check) -> None:
     (`make test-vsock` runs the whole suite over it)."""
     kata.write_config(VHOST_USER)
     check(kata.cd, KATA)
+
+
+def test_the_debug_console_is_on_its_own_vsock_port(kata: Kata) -> None:
+    """With the agent on vsock, ``kata-runtime exec`` reaches the guest shell on vsock port
+    1026 through the same back-end: no virtio-serial port is added for it."""
+    kata.write_config(VHOST_USER, {"agent.kata": {"debug_console_enabled": True}})
+    with detached(kata.cd, KATA, "vs7", "sleep", "300"):
+        (qemu,) = kata.qemu_processes()
+        assert "virtserialport" not in qemu.cmdline and " agent.debug_console " in qemu.cmdline
+        assert not list((kata.state_dir / "sk").glob("*/debug-console.sock"))
+        argv = [str(RUNTIME_BIN / "kata-runtime"), "--config", str(kata.config_path), "exec"]
+        with PtyProcess([*argv, "vs7"], os.environ) as term:
+            term.expect(r"type Ctrl-\] to leave", timeout=30)
+            term.write("tr '\\0' ' ' </proc/1/cmdline; echo; echo marker-$((6*7))\r")
+            pid1 = term.expect(r"\n([^\r\n]*)\r\nmarker-42", timeout=60).group(1)
+            assert b"kata-agent" in pid1, term.output
+            term.write("exit\r")
+            assert term.wait(60) == 0, term.output
+        assert b"debug console closed (the shell exited)" in term.output, term.output
+        done = subprocess.run([*argv, "vs7"], input="echo piped-$((3*3))\n",
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and "piped-9" in done.stdout, done
 
 
 def test_the_kernel_backend_is_refused_here_with_the_fix(kata: Kata) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
 import socket
 import tempfile
@@ -193,15 +194,23 @@ def test_vhost_user_backend_gives_the_hybrid_address_and_shared_ram(
 
 
 @pytest.mark.parametrize("backend", ["auto", "kernel"])
-def test_kernel_vsock_uses_a_random_cid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        backend: str) -> None:
+def test_kernel_vsock_reserves_a_cid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     backend: str) -> None:
+    """The CID comes from `hypervisors.vsock.cid` (tests/unit/test_vsock_cid.py), with the
+    vhost-vsock instance that holds it going to QEMU as vhostfd."""
+    held = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    monkeypatch.setattr(qemu_vm, "reserve_guest_cid", lambda: (4242, held))
     vm = qemu(tmp_path, monkeypatch, True, vsock_backend=backend)
     vsock = with_agent_vsock(vm)
-    assert vsock is not None and not vsock.vhost_user and 3 <= vsock.guest_cid < 2**31
-    assert vm.agent_address == f"vsock://{vsock.guest_cid}:1024"
-    assert f"vhost-vsock-pci,id=vsock0,guest-cid={vsock.guest_cid}" in \
-        option(vm.build_argv(), "-device")
-    assert not vm._shares_memory()
+    try:
+        assert vsock is not None and not vsock.vhost_user
+        assert (vsock.guest_cid, vsock.vhost_fd) == (4242, held)
+        assert vm.agent_address == "vsock://4242:1024"
+        assert f"vhost-vsock-pci,id=vsock0,guest-cid=4242,vhostfd={held}" in \
+            option(vm.build_argv(), "-device")
+        assert not vm._shares_memory()
+    finally:
+        vm._close_vhost_fds()
 
 
 @pytest.mark.parametrize("config, templates", [

@@ -38,6 +38,7 @@ from hypervisors.stratovirt import args as sv_args
 from hypervisors.stratovirt.config import StratovirtConfig
 from sandbox.config import load_config
 from sandbox.errors import InvalidArgumentError
+from sandbox.inspect import debug_console_address
 from sandbox.state import (
     ProcessRecord,
     SandboxRecord,
@@ -116,11 +117,22 @@ def test_qemu_microvm_uses_virtio_serial_on_mmio() -> None:
     assert " ".join(PORT) in " ".join(argv)
 
 
-def test_qemu_with_the_agent_on_vsock_brings_its_own_bus() -> None:
-    argv = _qemu_argv(agent_channel=AgentChannel.VSOCK, guest_cid=7, debug_console=True)
-    assert "virtio-serial-pci,id=serial0" in argv and "agent.channel.0" not in " ".join(argv)
-    at = argv.index("virtio-serial-pci,id=serial0")
-    assert argv[at + 1:at + 5] == PORT
+@pytest.mark.parametrize("channel", [AgentChannel.VSOCK, AgentChannel.VHOST_USER_VSOCK])
+def test_qemu_with_the_agent_on_vsock_has_no_console_port(channel: AgentChannel) -> None:
+    """The agent serves the console on vsock port 1026 then: no virtio-serial at all."""
+    argv = _qemu_argv(agent_channel=channel, guest_cid=7, debug_console=True)
+    assert not [a for a in argv if "virtio-serial" in a or "virtserialport" in a], argv
+    assert argv == _qemu_argv(agent_channel=channel, guest_cid=7)
+
+
+@pytest.mark.parametrize(("agent", "console"), [
+    ("vsock://7:1024", "vsock://7:1026"),
+    ("hvsock:///run/x/vsock.sock:1024", "hvsock:///run/x/vsock.sock:1026"),
+    ("serial:///run/x/agent.sock", ""),
+    ("", ""),
+])
+def test_the_console_is_beside_a_vsock_agent(agent: str, console: str) -> None:
+    assert debug_console_address(agent) == console
 
 
 def test_the_qemu_driver_passes_the_spec_on(tmp_path: Path) -> None:
@@ -139,20 +151,16 @@ def _sv_params(**kw: object) -> sv_args.VmParams:
     return sv_args.VmParams(**{"sandbox_id": "sb1", "paths": StatePaths(STATE), **kw})  # type: ignore[arg-type]
 
 
-def test_stratovirt_with_the_agent_on_vsock_gets_the_port(tmp_path: Path) -> None:
+def test_stratovirt_with_the_agent_on_vsock_has_no_console_port(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
     config = StratovirtConfig(kernel=str(kernel), initrd="", default_memory=256)
     argv = sv_args.build_argv(config, _sv_params(
         agent_channel=sv_args.AgentChannel.VSOCK, guest_cid=9, debug_console=True))
-    assert argv[-6:] == [
-        "-device", "virtio-serial-device,id=virtio-serial0",
-        "-chardev", f"socket,id=debugconsole,path={CONSOLE_SOCK},server,nowait",
-        "-device", f"virtserialport,id={DEBUG_CONSOLE_PORT_NAME},chardev=debugconsole"]
     FakeVm(pairs(argv[1:])).check()  # StratoVirt's documented grammar
     plain = sv_args.build_argv(config, _sv_params(agent_channel=sv_args.AgentChannel.VSOCK,
                                                   guest_cid=9))
-    assert "virtio-serial-device,id=virtio-serial0" not in plain
+    assert argv == plain and "virtio-serial-device,id=virtio-serial0" not in argv
 
 
 def test_stratovirt_refuses_a_second_serial_port_with_the_fix() -> None:
