@@ -167,6 +167,7 @@ def template_config(kata: Kata) -> tuple[Path, Path]:
     tables["factory"] = {"enable_template": True, "template_path": str(template_dir)}
     for section in tables["hypervisor"].values():
         section["memory_slots"] = max(section.get("memory_slots", 0), TEMPLATE_MEMORY_SLOTS)
+        section["use_vsock"] = False  # templates keep the agent on virtio-serial
     path.write_text(kataconfig.dumps(kataconfig.flatten(tables)))
     return path, template_dir
 

@@ -14,13 +14,17 @@ import stat
 import subprocess
 from pathlib import Path
 
+from tests.harness import kataconfig
 from tests.harness.containerd import RUNTIME_BIN
 from tests.harness.kata import Kata
 from tests.harness.pty import PtyProcess
 from tests.harness.scenarios import KATA, detached
 
 KATA_RUNTIME = RUNTIME_BIN / "kata-runtime"
-ENABLED = {"agent.kata": {"debug_console_enabled": True}}
+#: The console on its virtio-serial port: the agent on serial too, also in a run of the
+#: suite that puts it on vsock (the console on vsock: tests/e2e/test_agent_vsock.py).
+ENABLED = {"agent.kata": {"debug_console_enabled": True},
+           kataconfig.HYPERVISOR: {"use_vsock": False} if kataconfig.is_qemu() else {}}
 #: Seconds for a guest shell to answer under TCG (the VM is already up).
 ANSWER = 60.0
 

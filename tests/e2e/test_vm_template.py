@@ -41,8 +41,10 @@ def factory(kata: Kata, action: str) -> subprocess.CompletedProcess[str]:
 
 
 def enable(kata: Kata, template: Path, **hypervisor: object) -> None:
+    """Templates on; the agent on virtio-serial, which templates need (docs/vsock.md), also
+    in a run of the suite that puts it on vsock (``make test-vsock``)."""
     kata.write_config({"factory": {"enable_template": True, "template_path": str(template)}},
-                      {kataconfig.HYPERVISOR: dict(hypervisor)})
+                      {kataconfig.HYPERVISOR: {"use_vsock": False, **hypervisor}})
 
 
 def shim_log(kata: Kata) -> str:
