@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import ipaddress
 import secrets
 import socket
 import subprocess
@@ -66,8 +67,9 @@ def pod_netns(kind: str = "veth", second: bool = False) -> Iterator[PodNetns]:
     end ``<host_if>b``, .1); removed afterwards with whatever is in it."""
     tag = secrets.token_hex(3)
     a, b = secrets.randbelow(200) + 50, secrets.randbelow(255)  # b + 1: the second veth
-    net = PodNetns(f"kn{tag}", f"kh{tag}", f"10.{a}.{b}.1", f"10.{a}.{b}.2",
-                   f"fd00:{a:x}:{b:x}::2", f"fd00:{a:x}:{b:x}::1")
+    # Written as `ip` prints them (b = 0 is "fd00:c0::2", not "fd00:c0:0::2"): tests compare.
+    v6 = [ipaddress.IPv6Address(f"fd00:{a:x}:{b:x}::{n}").compressed for n in (2, 1)]
+    net = PodNetns(f"kn{tag}", f"kh{tag}", f"10.{a}.{b}.1", f"10.{a}.{b}.2", *v6)
     ip("netns", "add", net.name)
     try:
         if kind == "veth":
