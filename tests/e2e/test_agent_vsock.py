@@ -60,7 +60,8 @@ def test_the_agent_is_reached_over_vsock_through_the_backend(kata: Kata) -> None
     with detached(kata.cd, KATA, "vs1", "sleep", "300"):
         (qemu,) = kata.qemu_processes()
         devices = option(qemu.argv, "-device")
-        assert any(d.startswith("vhost-user-vsock-pci,") for d in devices), devices
+        assert any(d.startswith(("vhost-user-vsock-pci,", "vhost-user-vsock-device,"))
+                   for d in devices), devices  # q35, microvm
         assert not any(d.startswith("virtserialport,chardev=agent") for d in devices), devices
         assert any("memory-backend-memfd" in o and "share=on" in o
                    for o in option(qemu.argv, "-object"))
