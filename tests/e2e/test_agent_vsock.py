@@ -72,6 +72,9 @@ def test_the_agent_is_reached_over_vsock_through_the_backend(kata: Kata) -> None
         (sandbox,) = kata.sandbox_dirs()
         console = (sandbox / "console.log").read_text(errors="replace")
         assert "serving on vsock port 1024" in console, console[-2000:]
+        # The start-up log says which channel and why (containerd quotes the message).
+        assert 'agent channel vsock_backend = \\"vhost-user\\": vsock through our back-end' \
+            in kata.cd.log_path.read_text(errors="replace")
         res = kata.cd.ctr("task", "exec", "--exec-id", "e1", "vs1", "echo", "up", timeout=60)
         assert res.returncode == 0 and res.stdout == "up\n", explain(res)
 

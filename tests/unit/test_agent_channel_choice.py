@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -177,6 +178,20 @@ def with_agent_vsock(vm: Qemu) -> VsockDevice | None:
     if vsock is not None:
         vm._devices.add(vsock)
     return vsock
+
+
+@pytest.mark.parametrize(("config", "line"), [
+    ({"vsock_backend": "vhost-user"},
+     'VM sb1: agent channel vsock_backend = "vhost-user": vsock through our back-end'),
+    ({}, "VM sb1: agent channel /dev/vhost-vsock absent: virtio-serial"),
+])
+def test_the_start_up_log_says_which_channel_and_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        config: dict[str, object], line: str) -> None:
+    vm = qemu(tmp_path, monkeypatch, False, **config)
+    with caplog.at_level(logging.INFO, logger="hypervisors.qemu.vm"):
+        with_agent_vsock(vm)
+    assert line in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("has_kernel_vsock", [True, False])
