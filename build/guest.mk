@@ -60,14 +60,23 @@ $(WORK)/agent.stamp: $(AGENT_SRCS) $(WORK)/agent.cfg $(VENV_STAMP) \
 	$(B)/freeze-agent.sh $(VENV) $(AGENT_ENTRY) $(WORK)/agent
 	touch $@
 
+# crun's libsystemd in the guest: the functions crun imports, none usable there (see the
+# source); Debian's would bring five more libraries into every crun call.
+$(WORK)/crun-libs/libsystemd.so.0: $(B)/crun-nosystemd.c $(B)/crun-nosystemd.map
+	mkdir -p $(dir $@)
+	$(CC) -O2 -Wall -Wextra -Werror -shared -fPIC -Wl,-soname,libsystemd.so.0 \
+	    -Wl,--version-script=$(B)/crun-nosystemd.map -o $@.tmp $(B)/crun-nosystemd.c
+	mv $@.tmp $@
+
 $(GUEST_DIR)/initrd.img: $(WORK)/debs.stamp $(WORK)/agent.stamp $(WORK)/initrd.cfg \
-                         $(B)/guestbuild.py $(B)/init.sh
+                         $(B)/guestbuild.py $(B)/init.sh $(WORK)/crun-libs/libsystemd.so.0
 	$(PY) $(B)/guestbuild.py initrd --tree $(WORK)/tree \
 	    --kernel-root $(WORK)/debs/linux-image \
 	    --busybox $(WORK)/debs/busybox-static/bin/busybox \
 	    --crun $(WORK)/debs/crun/usr/bin/crun \
 	    --agent $(WORK)/agent/kata-agent --init $(B)/init.sh \
 	    --modules "$(GUEST_MODULES)" --compression $(INITRD_COMPRESSION) \
+	    --lib-dir $(WORK)/crun-libs \
 	    --out $@ --info $(WORK)/initrd-info.json
 
 $(GUEST_DIR)/kernel-release: $(WORK)/debs.stamp

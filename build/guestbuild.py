@@ -168,9 +168,12 @@ def parse_ldd(text: str, what: str) -> dict[str, str]:
     return libs
 
 
-def ldd(path: Path) -> dict[str, str]:
+def ldd(path: Path, lib_dir: Path | None = None) -> dict[str, str]:
+    """``path``'s libraries as ld.so would resolve them, ``lib_dir`` searched first."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(lib_dir)} if lib_dir else None
     proc = subprocess.run(
-        ["ldd", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ["ldd", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
     )
     if proc.returncode != 0:
         if "not a dynamic executable" in proc.stdout:
@@ -341,15 +344,17 @@ def _add_module(src_dir: Path, dst_dir: Path, rel: str, path: str) -> str:
 
 
 def add_libraries(
-    tree: Path, elves: Sequence[Path], executables: int, bundled: set[str], info: TreeInfo
+    tree: Path, elves: Sequence[Path], executables: int, bundled: set[str], info: TreeInfo,
+    lib_dir: Path | None = None,
 ) -> None:
     """Copy the shared libraries ``elves`` need (per ldd) to /lib/x86_64-linux-gnu, and link
     the loader from /lib64. The first ``executables`` of ``elves`` get all their libraries;
     for the others (the agent bundle's extension modules and libraries) those the bundle
-    carries itself are left out."""
+    carries itself are left out. Libraries in ``lib_dir`` replace the host's of that name
+    (the crun-only libsystemd, build/crun-nosystemd.c), and so do their dependencies."""
     needed: dict[str, str] = {}
     for i, elf in enumerate(elves):
-        for name, path in ldd(elf).items():
+        for name, path in ldd(elf, lib_dir).items():
             if name.startswith("/"):
                 needed["ld-linux-x86-64.so.2"] = path
             elif i < executables or Path(name).name not in bundled:
@@ -389,6 +394,7 @@ def build_tree(
     agent: Path,
     init: Path,
     modules: Sequence[str],
+    lib_dir: Path | None = None,
 ) -> TreeInfo:
     if tree.exists():
         shutil.rmtree(tree)
@@ -418,7 +424,7 @@ def build_tree(
         tree / AGENT_DIR / "kata-agent",
         *(p for p in bundle_files if is_elf(p) and p.name != "kata-agent"),
     ]
-    add_libraries(tree, elves, 2, bundled, info)
+    add_libraries(tree, elves, 2, bundled, info, lib_dir)
     add_modules(tree, kernel_root, modules, info)
     info.tree_bytes = sum(
         st.st_size for st in (p.lstat() for p in tree.rglob("*")) if stat.S_ISREG(st.st_mode)
@@ -532,6 +538,7 @@ def cmd_initrd(args: argparse.Namespace) -> None:
         agent=Path(args.agent),
         init=Path(args.init),
         modules=[m for m in modules if m],
+        lib_dir=Path(args.lib_dir) if args.lib_dir else None,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -562,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--agent", required=True, help="PyInstaller onedir bundle directory")
     p.add_argument("--init", required=True)
     p.add_argument("--modules", default="", help="comma separated (default: %(default)s)")
+    p.add_argument("--lib-dir", default="",
+                   help="libraries that replace the host's of the same name (searched first)")
     p.add_argument("--compression", choices=("none", "gzip", "zstd", "lz4"), default="none")
     p.add_argument("--out", required=True)
     p.add_argument("--info", required=True, help="JSON summary for the manifest")

@@ -11,6 +11,7 @@ import io
 import os
 import stat
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -177,7 +178,8 @@ def _needed(data: bytes) -> tuple[list[str], str | None]:
     return needed, interp.rstrip(b"\0").decode() if interp else None
 
 
-def _check_libs(files: dict[str, Entry], exe: str, extra_dirs: tuple[str, ...]) -> None:
+def _check_libs(files: dict[str, Entry], exe: str, extra_dirs: tuple[str, ...]) -> set[str]:
+    """Every library ``exe`` loads is in the image; returns the paths of its closure."""
     todo = [exe]
     seen: set[str] = set()
     while todo:
@@ -193,6 +195,7 @@ def _check_libs(files: dict[str, Entry], exe: str, extra_dirs: tuple[str, ...]) 
             found = [c for c in cands if c in files]
             assert found, f"{lib} needed by {path} is not in {cands}"
             todo.append(found[0])
+    return seen
 
 
 def test_init_script(initrd: dict[str, Entry]) -> None:
@@ -225,6 +228,32 @@ def test_crun_and_its_libraries(initrd: dict[str, Entry]) -> None:
     _check_libs(initrd, "/usr/bin/crun", ())
 
 
+#: What Debian's libsystemd would bring into every crun call (build/crun-nosystemd.c).
+LIBSYSTEMD_DEPENDENCIES = ("libgcrypt", "libgpg-error", "liblzma", "libzstd", "liblz4")
+
+
+def _versioned_symbols(tmp: Path, data: bytes, which: str) -> set[str]:
+    """``name@VERSION`` of the sd_* symbols an ELF defines or imports (``nm -D``)."""
+    path = tmp / f"elf-{which}"
+    path.write_bytes(data)
+    out = subprocess.run(["nm", "-D", f"--{which}-only", str(path)], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return {line.split()[-1].replace("@@", "@") for line in out.splitlines()
+            if line.split()[-1].startswith("sd_")}
+
+
+def test_crun_gets_the_guest_libsystemd(initrd: dict[str, Entry], tmp_path: Path) -> None:
+    closure = _check_libs(initrd, "/usr/bin/crun", ())
+    brought = [p for p in closure for dep in LIBSYSTEMD_DEPENDENCIES if dep in p]
+    assert not brought, f"crun loads Debian libsystemd's dependencies: {brought}"
+    libsystemd = _resolve(initrd, "/lib/x86_64-linux-gnu/libsystemd.so.0").data
+    assert len(libsystemd) < 64 * 2**10, f"libsystemd is {len(libsystemd)} bytes, not ours"
+    imported = _versioned_symbols(tmp_path, initrd["/usr/bin/crun"].data, "undefined")
+    defined = _versioned_symbols(tmp_path, libsystemd, "defined")
+    assert imported, "crun imports no sd_* symbol: is it still linked with libsystemd?"
+    assert imported <= defined, f"missing from the guest libsystemd: {imported - defined}"
+
+
 def test_agent_bundle_and_its_libraries(initrd: dict[str, Entry]) -> None:
     exe = initrd["/opt/kata-agent/kata-agent"]
     assert stat.S_ISREG(exe.mode) and exe.mode & 0o111
@@ -232,11 +261,16 @@ def test_agent_bundle_and_its_libraries(initrd: dict[str, Entry]) -> None:
     internal = "/opt/kata-agent/_internal"
     libpython = [p for p in initrd if p.startswith(f"{internal}/libpython3")]
     assert libpython, "libpython missing from the agent bundle"
-    for lib in libpython:
+    # Every extension module's libraries too: the bundle drops libstdc++, which protobuf's
+    # upb module names but never calls (build/freeze-agent.sh).
+    objects = [p for p in initrd if p.startswith(f"{internal}/") and ".so" in p
+               and stat.S_ISREG(initrd[p].mode)]
+    for lib in [*libpython, *objects]:
         _check_libs(initrd, lib, (internal,))
     size = sum(len(e.data) for p, e in initrd.items() if p.startswith("/opt/kata-agent/"))
     assert size < 40 * 2**20, f"agent bundle grew to {size / 2**20:.1f} MiB"
-    for dead in ("tkinter", "unittest", "pydoc_data", "grpc_tools", "libcrypto", "libssl"):
+    for dead in ("tkinter", "unittest", "pydoc_data", "grpc_tools", "libcrypto", "libssl",
+                 "libstdc++"):
         hits = [p for p in initrd if p.startswith("/opt/kata-agent/") and dead in p]
         assert not hits, f"pruned module {dead} is in the bundle: {hits[:3]}"
 
