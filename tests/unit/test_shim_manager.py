@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -245,6 +246,26 @@ def test_start_and_delete_load_no_vm_agent_or_event_loop_code() -> None:
     heavy = {"asyncio", "hypervisors.base", "hypervisors.qemu.vm", "hypervisors.qmp",
              "agent_client", "sandbox.sandbox", "sandbox.pod", "shutil"}
     assert not loaded & heavy, loaded & heavy
+
+
+START_PATH = """
+import sys
+import shim.main, shim.manager
+from sandbox.config import load_config
+load_config(sys.argv[1])
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_start_leaves_the_cleanup_code_to_delete() -> None:
+    """`start` never cleans up: the cleanup stack (cgroups, mounts, process records) is
+    imported by `delete` alone."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", START_PATH, str(repo / "configuration.toml")],
+                          cwd=repo, capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert not loaded & {"sandbox.cleanup", "hostos.cgroups"}, loaded & {"sandbox.cleanup",
+                                                                         "hostos.cgroups"}
 
 
 def test_a_daemon_that_dies_before_serving_leaves_no_socket(env: dict[str, Path]) -> None:
