@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sandbox.monitor import snapshot
 from sandbox.pod import Pod
+from shim import tls
 from shim.httpreq import Request, RequestError, error_response, parse_head, response
 from shim.log import kv
 
@@ -94,7 +95,8 @@ class Monitor:
 
     async def _metrics(self) -> bytes:
         # prometheus_client takes ~0.3 s to import: on the first scrape only, and in a
-        # thread so that the loop keeps serving the Task API meanwhile.
+        # thread so that the loop keeps serving the Task API meanwhile. It needs `ssl`.
+        tls.allow()
         await asyncio.to_thread(importlib.import_module, "shim.exposition")
         from shim import exposition  # loaded by now
 

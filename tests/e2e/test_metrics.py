@@ -62,6 +62,12 @@ def test_metrics_while_a_pod_runs_and_none_after_it(kata: Kata) -> None:
     with detached(kata.cd, KATA, cid, "sh", "-c", "while :; do :; done"):
         sock = monitor_socket_path(kata.state_dir, kata.cd.namespace, cid)
         assert sock.is_socket() and stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
+        # The daemon starts without OpenSSL (shim/tls.py); the first scrape brings it.
+        daemons = kata.shim_daemons()
+        assert daemons, kata.cd.shim_processes()
+        for daemon in daemons:
+            maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+            assert "libssl" not in maps and "libcrypto" not in maps, daemon
         first, types = scrape(kata, cid)
         time.sleep(2)
         samples, _ = scrape(kata, cid)
