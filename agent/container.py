@@ -324,7 +324,10 @@ class Containers:
 
     # -- remove -----------------------------------------------------------------------
 
-    async def remove(self, container_id: str, timeout: float | None = None) -> None:
+    async def remove(self, container_id: str, timeout: float | None = None,
+                     keep_state: bool = False) -> None:
+        """Kill what is left of a container, wait for it, and forget it; with ``keep_state``
+        (the VM stops next) leave crun's state, the bundle and the cgroup as they are."""
         container = self.get(container_id)
         live = [p for p in container.processes() if p.pid and not p.exited]
         if live:
@@ -336,15 +339,20 @@ class Containers:
             except TimeoutError:
                 raise FailedPrecondition(
                     f"container {container_id!r} did not exit within {timeout}s") from None
-        if self._containers.pop(container_id, None) is not None:  # a concurrent remove won
+        if self._containers.pop(container_id, None) is None:  # a concurrent remove won
+            return
+        if keep_state:
+            for p in container.processes():
+                await p.close_streams()
+        else:
             await self._discard(container)
 
-    async def remove_all(self) -> None:
+    async def remove_all(self, keep_state: bool = False) -> None:
         """Remove every container; one that fails does not keep the others alive."""
         failures: list[str] = []
         for container_id in self.ids():
             try:
-                await self.remove(container_id, timeout=10.0)
+                await self.remove(container_id, timeout=10.0, keep_state=keep_state)
             except AgentError as e:
                 failures.append(f"{container_id}: {e}")
         if failures:

@@ -175,7 +175,7 @@ async def _serve(opts: Options, guest: bool) -> None:
     containers = Containers(config, reaper)
     startup = StartupInfo()
     service = AgentService(containers, Storages(config.run_dir), startup, set_hostname=guest,
-                           network=guest)
+                           network=guest, vm_ends_with_sandbox=guest)
     server = Server()
     server.register(SERVICE, service.methods())
 

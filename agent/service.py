@@ -73,8 +73,11 @@ def _api(fn: Callable[[Req], Awaitable[Message]]) -> Callable[[Req], Awaitable[M
 class AgentService:
     def __init__(self, containers: Containers, storages: Storages, startup: StartupInfo,
                  set_hostname: bool, network: bool = False,
-                 handover: Handover | None = None) -> None:
+                 handover: Handover | None = None, vm_ends_with_sandbox: bool = False) -> None:
         self._containers = containers
+        # In a VM, DestroySandbox is the last call before the VM stops: crun's state and the
+        # bundles are in guest memory and go with it (host mode keeps its state tidy).
+        self._vm_ends_with_sandbox = vm_ends_with_sandbox
         self._handover = handover  # made on first use (see `handover`)
         self._in_guest_network = network  # False outside a guest: the host's is not ours
         self._network: GuestNetwork | None = None
@@ -145,7 +148,7 @@ class AgentService:
     async def destroy_sandbox(self, req: pb.DestroySandboxRequest) -> Message:
         errors: list[str] = []
         try:
-            await self._containers.remove_all()
+            await self._containers.remove_all(keep_state=self._vm_ends_with_sandbox)
         except AgentError as e:  # unmount the storages all the same
             errors.append(str(e))
         if self._forwards is not None:

@@ -285,6 +285,7 @@ class Pod:
     async def delete(self, container_id: str, exec_id: str) -> Process:
         """Delete a stopped (or never started) process; the init takes its container along."""
         container = self.container(container_id)
+        in_guest = True
         async with container.lock:
             process = container.process(exec_id)
             process.ensure(Op.DELETE)
@@ -296,16 +297,29 @@ class Pod:
                     await self._forget(functools.partial(self.sandbox.guest.remove_process,
                                                          container_id), exec_id)  # fmt: skip
             else:
-                await self._delete_container(container)
+                # The pod's last container (or its sandbox container): the VM stops next,
+                # and the guest's copy of the container goes with it (DestroySandbox kills
+                # what is left, the stop unmounts the share). A RemoveContainer now would
+                # only make the guest run `crun delete` (~0.15 s under TCG) for nothing.
+                in_guest = not self._ends_with(container_id)
+                await self._delete_container(container, in_guest)
                 self._events.deleted(process, self.task_pid)  # for the init only, as runc
         log.info("process deleted", extra=kv(container=container_id, exec=exec_id))
         if not exec_id and (self.empty or container_id == self.sandbox.id):
             await self.stop_sandbox()
+        elif not exec_id and not in_guest:  # a Create came in meanwhile: the VM stays
+            await self._forget(self.sandbox.remove_container, container_id)
         return process
 
-    async def _delete_container(self, container: Container) -> None:
+    def _ends_with(self, container_id: str) -> bool:
+        """Whether deleting this container's init stops the sandbox."""
+        others = self._containers.keys() - {container_id}
+        return container_id == self.sandbox.id or not (others or self._reserved)
+
+    async def _delete_container(self, container: Container, in_guest: bool = True) -> None:
         cid = container.config.container_id
-        await self._forget(self.sandbox.remove_container, cid)
+        if in_guest:
+            await self._forget(self.sandbox.remove_container, cid)
         for process in [*container.execs.values(), container.init]:
             await process.delete(force=True)
         del self._containers[cid]

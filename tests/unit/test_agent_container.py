@@ -153,3 +153,25 @@ def test_crun_log_parsing() -> None:
            '{"msg":"executable file `/no/such` not found","level":"error"}\n')
     assert last_error(log) == "executable file `/no/such` not found"
     assert last_error("plain text\n") == "plain text"
+
+
+def test_remove_all_keeping_state_kills_and_forgets_without_crun(tmp_path: Path) -> None:
+    """DestroySandbox in a VM (the VM stops next): every process is killed and waited for,
+    and crun is not run: its state and the bundles go with the guest's memory."""
+
+    async def scenario(containers: Containers, fake: FakeCrun) -> None:
+        c = await containers.create("c1", _spec(tmp_path), terminal=False, stdin=True)
+        await containers.start("c1")
+        await containers.exec("c1", "e1", b'{"args": ["sleep", "30"]}', stdin=False)
+        pids = [c.init.pid, c.execs["e1"].pid]
+        runs = len(fake.calls)
+        await containers.remove_all(keep_state=True)
+        assert c.init.exited and c.execs["e1"].exited
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or \
+                "zombie" not in Path(f"/proc/{pid}/status").read_text(), pid
+        assert containers.ids() == []
+        assert fake.calls[runs:] == [], fake.calls[runs:]  # no `crun delete`
+        assert (tmp_path / "c1").is_dir()  # the bundle stays (guest memory, in a VM)
+
+    _run(tmp_path, scenario)

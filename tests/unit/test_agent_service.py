@@ -120,3 +120,20 @@ def test_vsock_needs_a_virtio_vsock_device(tmp_path: Path) -> None:
     (vsock / "device").write_text("0x0013\n")
     assert has_virtio_vsock(str(tmp_path))
     assert not has_virtio_vsock(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("in_vm", [True, False])
+def test_destroy_sandbox_keeps_crun_state_only_in_a_vm(tmp_path: Path, in_vm: bool) -> None:
+    """In a VM the VM stops after DestroySandbox, so crun's state is left to it; a host-mode
+    agent (tests) cleans up with `crun delete` as for RemoveContainer."""
+    seen: list[bool] = []
+
+    class Recording(Containers):
+        async def remove_all(self, keep_state: bool = False) -> None:
+            seen.append(keep_state)
+
+    containers = Recording(RuntimeConfig(run_dir=str(tmp_path), cgroup_parent=""), Reaper())
+    service = AgentService(containers, Storages(str(tmp_path)), StartupInfo(), False,
+                           vm_ends_with_sandbox=in_vm)
+    asyncio.run(service.destroy_sandbox(pb.DestroySandboxRequest()))
+    assert seen == [in_vm]

@@ -442,3 +442,46 @@ def test_deleting_an_exec_makes_the_guest_forget_it(tmp_path: Path) -> None:
         assert ("remove_process", "pod", "e2") not in h.agent.calls
 
     run(body, tmp_path)
+
+
+def test_the_last_containers_delete_leaves_its_guest_copy_to_the_vm_stop(tmp_path: Path) -> None:
+    """No RemoveContainer (a `crun delete` in the guest) when the VM stops right after:
+    DestroySandbox kills what is left, and the stop unmounts the share (`run` checks)."""
+
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        h.agent.proc("pod").finish(0)
+        await asyncio.wait_for(h.call("Wait", id="pod"), 5)
+        await h.call("Delete", id="pod")
+        assert ("remove_container", "pod") not in h.agent.calls, h.agent.calls
+        assert ("destroy_sandbox",) in h.agent.calls, h.agent.calls
+        assert h.sandbox.state is SandboxState.STOPPED
+
+    run(body, tmp_path)
+
+
+def test_a_container_deleted_while_others_stay_is_removed_in_the_guest(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.create("c2")
+        await h.call("Delete", id="c2")
+        assert ("remove_container", "c2") in h.agent.calls, h.agent.calls
+        assert h.sandbox.state is SandboxState.RUNNING
+
+    run(body, tmp_path)
+
+
+def test_a_create_during_the_last_delete_keeps_the_vm_and_removes_in_the_guest(
+        tmp_path: Path) -> None:
+    """Had a Create been reserved meanwhile, the VM stays: the guest copy is removed after."""
+
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.create("c2")
+        h.pod._ends_with = lambda container_id: True  # type: ignore[method-assign]
+        await h.call("Delete", id="c2")
+        assert ("remove_container", "c2") in h.agent.calls, h.agent.calls
+        assert h.sandbox.state is SandboxState.RUNNING
+
+    run(body, tmp_path)
