@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the runtime's own packages, run from anywhere
 
 from common.constants import SHARED_FS_TAG  # noqa: E402
+from hostos.procs import wrapped_argv  # noqa: E402
 from hypervisors.accel import host_tsc_khz  # noqa: E402
 from hypervisors.base import SharedFsDevice  # noqa: E402
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv  # noqa: E402
@@ -106,8 +107,9 @@ class Guest:
                 self._start_virtiofsd(paths, share.source)
             self.argv = [*build_argv(config, vm), *extra_args]
             self.t0 = time.monotonic()
+            # Behind the parent-death wrapper: QEMU dies with this script, even on SIGKILL.
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                wrapped_argv(self.argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(self.tmp / "qemu.log", "wb"),  # noqa: SIM115
             )
         except BaseException:
@@ -121,7 +123,7 @@ class Guest:
     def _start_virtiofsd(self, paths: StatePaths, source: Path) -> None:
         argv = virtiofsd_argv(VIRTIOFSD, paths.virtiofsd_socket, source, "auto")
         self.virtiofsd = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            wrapped_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(paths.virtiofsd_stderr, "wb"),  # noqa: SIM115
         )
         deadline = time.monotonic() + 5

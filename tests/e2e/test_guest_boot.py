@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -104,6 +106,36 @@ def test_guest_runs_init_and_agent_then_qemu_dies_on_kill(
     assert g.proc.returncode is not None
     assert time.monotonic() - t0 < 10, "QEMU took too long to die"
     assert not _leftovers(str(g.tmp))
+
+
+def test_qemu_and_virtiofsd_die_with_a_killed_bootguest(
+    image: tuple[Path, Path], share: Path
+) -> None:
+    """`build/bootguest.py` killed with SIGKILL takes QEMU and virtiofsd along (they run
+    behind the parent-death wrapper); only its temp dir stays, which nothing uses."""
+    tool = subprocess.Popen([sys.executable, str(ROOT / "build" / "bootguest.py"),
+                             "--virtiofs", str(share), "--until", "kata-agent: serving",
+                             "--timeout", str(BOOT_TIMEOUT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    name = f"sandbox-bootguest-{tool.pid}"
+    tmp_dirs: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not tmp_dirs and time.monotonic() < deadline:
+            for line in _leftovers(name):
+                if "qemu-system" in line:
+                    tmp_dirs = re.findall(r"/tmp/kata-bootguest-[^/ ]+", line)
+            time.sleep(0.1)
+        assert tmp_dirs, f"no QEMU named {name} appeared"
+        assert any("virtiofsd" in p for p in _leftovers(tmp_dirs[0])), "no virtiofsd"
+    finally:
+        tool.kill()
+        tool.wait()
+    deadline = time.monotonic() + 10
+    while _leftovers(tmp_dirs[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _leftovers(tmp_dirs[0]), _leftovers(tmp_dirs[0])
+    shutil.rmtree(tmp_dirs[0], ignore_errors=True)
 
 
 # Run as init by the kernel instead of /init: loads every module of modules.list the way
