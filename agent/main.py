@@ -169,7 +169,8 @@ async def _serve(opts: Options, guest: bool) -> None:
     reaper.install(loop)
     config = RuntimeConfig(
         run_dir=opts.run_dir, cgroup_root=opts.cgroup_root, cgroup_parent=opts.cgroup_parent,
-        crun=CrunConfig(binary=opts.crun, root=opts.crun_root, cgroups=bool(opts.cgroup_parent)),
+        crun=CrunConfig(binary=opts.crun, root=opts.crun_root, cgroups=bool(opts.cgroup_parent),
+                        fixed_layout=guest and kernel_flag(CRUN_NO_ASLR_KERNEL_PARAM)),
     )
     os.makedirs(config.run_dir, mode=0o711, exist_ok=True)
     containers = Containers(config, reaper)
@@ -204,20 +205,26 @@ async def _serve(opts: Options, guest: bool) -> None:
         reaper.uninstall()
 
 
-#: common.constants.DEBUG_CONSOLE_KERNEL_PARAM, spelt out so that a guest without the console
-#: imports nothing for it (a unit test keeps the two equal).
+#: common.constants' kernel parameters, spelt out so that a guest without the console
+#: imports nothing for it (a unit test keeps them equal).
 DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
+CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
+
+
+def kernel_flag(name: str, cmdline: str = "/proc/cmdline") -> bool:
+    """Whether the kernel command line carries the word ``name`` (set by the host)."""
+    try:
+        with open(cmdline) as f:
+            return name in f.read().split()
+    except OSError:
+        return False
 
 
 def wants_debug_console(cmdline: str = "/proc/cmdline") -> bool:
     """Whether the kernel command line asks for the debug console (``agent.debug_console``,
     which the host sets only where the configuration enables it). One small read: the
     console's own code is imported only when it is asked for."""
-    try:
-        with open(cmdline) as f:
-            return DEBUG_CONSOLE_KERNEL_PARAM in f.read().split()
-    except OSError:
-        return False
+    return kernel_flag(DEBUG_CONSOLE_KERNEL_PARAM, cmdline)
 
 
 def _start_debug_console(reaper: Reaper) -> asyncio.Future[None]:

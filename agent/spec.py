@@ -18,6 +18,10 @@ decide, and enforces what must never come from the host:
 * a privileged container (CAP_SYS_ADMIN, /sys read-write) gets the guest's devices, as
   runc gives it the host's: the host sent none (`is_privileged`, `grant_guest_devices`);
 * hooks are host programs: removed;
+* ``linux.personality`` is ``{"domain": "LINUX"}`` unless the host sent one: crun may run
+  without address-space randomisation (agent.crun), which its children inherit, and crun
+  sets a named execution domain, flags cleared, before it execs the container's init and
+  every exec, so the container's processes are randomised again;
 * ``process.terminal`` follows the request (crun then demands a console socket).
 
 Pure functions on dicts, so they are unit-tested without crun.
@@ -103,6 +107,8 @@ def rewrite_spec(
     linux = spec.setdefault("linux", {})
     if not isinstance(linux, dict):
         raise InvalidArgument("oci spec linux must be an object")
+    if not isinstance(linux.get("personality"), dict):
+        linux["personality"] = {"domain": "LINUX"}
     linux["namespaces"] = guest_namespaces(linux.get("namespaces"), sandbox_pid,
                                            pod_sandbox_id(spec))
     if cgroup_parent:

@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 The agent is PID 1 of a tiny guest with no ``mount``/``insmod`` binaries it may rely on,
 and forking a busybox applet costs ~20x under TCG. So mount(2), umount2(2),
-finit_module(2) and prctl(2) are called directly through libc with cffi's out-of-line ABI
-module (``agent/_libc_cffi.py``, written by ``python -m hostos.ffi_build``: no C is parsed
-at start-up, and no compiler is needed). libc is opened lazily on first use so that
+finit_module(2), prctl(2) and personality(2) are called directly through libc with cffi's
+out-of-line ABI module (``agent/_libc_cffi.py``, written by ``python -m hostos.ffi_build``:
+no C is parsed at start-up, and no compiler is needed). libc is opened lazily on first use so that
 importing this module costs nothing. Every wrapper raises ``OSError`` with errno and the
 path involved, like the ``os`` module does. Mount flags and option parsing are the ones
 the host uses (`common.mountopts`).
@@ -14,8 +14,10 @@ the host uses (`common.mountopts`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -34,14 +36,19 @@ from common.mountopts import (
 
 __all__ = [
     "MNT_DETACH", "MS_BIND", "MS_NODEV", "MS_NOEXEC", "MS_NOSUID", "MS_PRIVATE", "MS_RDONLY",
-    "MS_REC", "MS_REMOUNT", "finit_module", "mount", "parse_mount_options",
-    "set_child_subreaper", "umount",
+    "MS_REC", "MS_REMOUNT", "children_without_aslr", "finit_module", "mount",
+    "parse_mount_options", "personality", "set_child_subreaper", "umount",
 ]  # fmt: skip
 
 # prctl(2) options
 PR_SET_CHILD_SUBREAPER = 36
 
 _SYS_FINIT_MODULE = 313  # x86_64; the guest is x86_64 only (see docs/environment.md)
+_SYS_PERSONALITY = 135  # x86_64
+
+# personality(2)
+ADDR_NO_RANDOMIZE = 0x0040000
+QUERY_PERSONALITY = 0xFFFFFFFF
 
 
 @cache
@@ -98,6 +105,32 @@ def set_child_subreaper() -> None:
     """Make orphaned descendants reparent to us (what PID 1 gets for free)."""
     _check(_lib()[1].prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0),
            "prctl(PR_SET_CHILD_SUBREAPER)", "")  # fmt: skip
+
+
+def personality(persona: int) -> int:
+    """personality(2) of the calling thread; returns the previous one (`QUERY_PERSONALITY`
+    only reads it)."""
+    ffi, lib = _lib()
+    result = int(lib.syscall(_SYS_PERSONALITY, ffi.cast("unsigned long", persona)))
+    _check(result, "personality", "")
+    return result
+
+
+@contextlib.contextmanager
+def children_without_aslr() -> Iterator[None]:
+    """While inside, programs this thread starts run without address-space randomisation.
+
+    Under TCG, QEMU reuses a translated block only where the same code sits at the same
+    address again: a program laid out anew at every start is translated anew at every
+    start. Whoever uses this must see to it that untrusted programs started further down
+    get randomisation back (crun does, before it execs a container's process, when the
+    spec names an execution domain: `agent.spec.rewrite_spec`)."""
+    previous = personality(QUERY_PERSONALITY)
+    personality(previous | ADDR_NO_RANDOMIZE)
+    try:
+        yield
+    finally:
+        personality(previous)
 
 
 def parse_mount_options(options: list[str] | tuple[str, ...]) -> tuple[int, str]:

@@ -13,6 +13,9 @@ AGENT_PORT_NAME = "agent.channel.0"
 DEBUG_CONSOLE_PORT_NAME = "agent.debug_console.0"
 #: Kernel parameter (Kata's name) that tells the agent to serve the debug console.
 DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
+#: Kernel parameter (ours) the host sets under TCG: the agent starts crun without
+#: address-space randomisation, so QEMU reuses crun's translated code from call to call.
+CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
 #: What the agent writes on the debug console port when the shell has exited: virtio-serial
 #: cannot close the host's end, so the end of a session is said in-band. An OSC sequence,
 #: which a terminal shown it by mistake ignores.

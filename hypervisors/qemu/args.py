@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from common.constants import AGENT_PORT_NAME, DEBUG_CONSOLE_PORT_NAME
+from common.constants import AGENT_PORT_NAME, CRUN_NO_ASLR_KERNEL_PARAM, DEBUG_CONSOLE_PORT_NAME
 from hypervisors.accel import Accelerator
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.qemu.config import QemuConfig
@@ -450,11 +450,15 @@ class VirtioBlock:
 
 def kernel_params(config: QemuConfig, vm: VmParams) -> tuple[str, ...]:
     """Our base parameters, then the configuration's, then the VM's extras. A microvm
-    guest under TCG is told the TSC rate: it has no HPET or kvmclock to calibrate against."""
-    timing: tuple[str, ...] = ()
-    if is_mmio(config.machine_type) and vm.accelerator == "tcg" and vm.host_tsc_khz:
-        timing = (f"tsc_early_khz={vm.host_tsc_khz}",)
-    return (*BASE_KERNEL_PARAMS, *timing, *config.kernel_params.split(),
+    guest under TCG is told the TSC rate: it has no HPET or kvmclock to calibrate against.
+    Under TCG the agent also starts crun at fixed addresses, so that QEMU reuses its
+    translated code (`CRUN_NO_ASLR_KERNEL_PARAM`; containers keep their randomisation)."""
+    tcg: tuple[str, ...] = ()
+    if vm.accelerator == "tcg":
+        if is_mmio(config.machine_type) and vm.host_tsc_khz:
+            tcg = (f"tsc_early_khz={vm.host_tsc_khz}",)
+        tcg += (CRUN_NO_ASLR_KERNEL_PARAM,)
+    return (*BASE_KERNEL_PARAMS, *tcg, *config.kernel_params.split(),
             *vm.extra_kernel_params)
 
 

@@ -4,6 +4,8 @@ is there for (the numbers behind the defaults: configuration.toml).
 * ``firmware`` (qboot instead of SeaBIOS) and ``tcg_tb_size_mib`` (a bounded TCG
   translation cache): the pod works, no SeaBIOS on the console, QEMU's code buffer (its
   writable+executable mappings) is the configured size, not QEMU's 1 GiB;
+* under TCG the agent starts crun at fixed addresses (``agent.crun_no_aslr``): the
+  container's init and its execs still run randomised;
 * ``reclaim_guest_freed_memory``: the guest binds virtio_balloon (the agent loads it only
   for the device), and memory a container touched and freed leaves QEMU again (its peak
   RSS shows the container really touched it).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from common.constants import CRUN_NO_ASLR_KERNEL_PARAM
 from tests.harness.kata import Kata
 from tests.harness.procs import Proc
 from tests.harness.scenarios import KATA, detached, explain
@@ -92,3 +95,20 @@ def test_freed_guest_memory_goes_back_to_the_host(kata: Kata) -> None:
             time.sleep(1)
         assert rss - before < 64 * 1024, (
             f"QEMU RSS {before} KiB idle, peak {peak}, still {rss} KiB 30 s after the free")
+
+
+def test_crun_at_a_fixed_layout_leaves_the_container_randomised(kata: Kata) -> None:
+    """crun runs without address-space randomisation under TCG (QEMU then reuses its
+    translated code, ~80 ms per exec here); what it starts gets randomisation back."""
+    with detached(kata.cd, KATA, "lever-aslr", "sleep", "120"):
+        argv = one_qemu(kata).argv
+        tcg = any("tcg" in a for a in option(argv, "-accel") + option(argv, "-machine"))
+        assert (CRUN_NO_ASLR_KERNEL_PARAM in option(argv, "-append")[0].split()) is tcg
+        # The container's init (its pid 1) and an exec'd process: the default personality,
+        # without ADDR_NO_RANDOMIZE (0x0040000), which crun itself ran with.
+        assert exec_out(kata, "lever-aslr", "p1", "cat", "/proc/1/personality") == "00000000\n"
+        assert exec_out(kata, "lever-aslr", "p2", "cat", "/proc/self/personality") == (
+            "00000000\n")
+        stacks = {exec_out(kata, "lever-aslr", f"s{i}", "grep", "stack", "/proc/self/maps")
+                  for i in range(3)}
+        assert len(stacks) == 3, stacks  # each process's stack lands somewhere else

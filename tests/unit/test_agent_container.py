@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from agent import syscalls
 from agent.container import Containers, RuntimeConfig
-from agent.crun import CrunConfig, CrunError, last_error
+from agent.crun import Crun, CrunConfig, CrunError, last_error
 from agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from agent.process import State
 from agent.reaper import Reaper
@@ -153,6 +154,34 @@ def test_crun_log_parsing() -> None:
            '{"msg":"executable file `/no/such` not found","level":"error"}\n')
     assert last_error(log) == "executable file `/no/such` not found"
     assert last_error("plain text\n") == "plain text"
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_crun_starts_at_a_fixed_layout_only_when_asked(tmp_path: Path, fixed: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``fixed_layout`` crun starts without address-space randomisation (a TCG guest
+    then reuses its translated code); the agent's own personality is left as it was."""
+    out = tmp_path / "personality"
+    stand_in = tmp_path / "crun"
+    stand_in.write_text('#!/bin/sh\nread p < /proc/self/personality\necho "$p" > "$OUT"\n')
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("OUT", str(out))
+    before = syscalls.personality(syscalls.QUERY_PERSONALITY)
+
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            crun = Crun(CrunConfig(binary=str(stand_in), fixed_layout=fixed), reaper)
+            await crun.run(str(tmp_path / "crun.log"), ["state", "c1"], (devnull,) * 3)
+        finally:
+            os.close(devnull)
+            reaper.uninstall()
+
+    asyncio.run(main())
+    assert bool(int(out.read_text(), 16) & syscalls.ADDR_NO_RANDOMIZE) is fixed
+    assert syscalls.personality(syscalls.QUERY_PERSONALITY) == before
 
 
 def test_remove_all_keeping_state_kills_and_forgets_without_crun(tmp_path: Path) -> None:

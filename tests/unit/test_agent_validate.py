@@ -84,6 +84,18 @@ def test_spec_rewrite() -> None:
     assert original["hooks"]  # the input is not modified
 
 
+def test_the_container_gets_an_execution_domain_unless_it_names_one() -> None:
+    """crun may run without address-space randomisation; a named domain makes it reset the
+    personality (flags cleared) before it execs the container's processes."""
+    assert rewrite_spec(_spec(), "c1", RUN, None, terminal=False)["linux"]["personality"] == {
+        "domain": "LINUX"}
+    own = {"domain": "LINUX32"}
+    spec = rewrite_spec(_spec(linux={"personality": own}), "c1", RUN, None, terminal=False)
+    assert spec["linux"]["personality"] == own
+    spec = rewrite_spec(_spec(linux={"personality": "junk"}), "c1", RUN, None, terminal=False)
+    assert spec["linux"]["personality"] == {"domain": "LINUX"}
+
+
 POD_MEMBER = {"io.kubernetes.cri.container-type": "container",
               "io.kubernetes.cri.sandbox-id": "pod1"}
 HOST_NAMESPACES = [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from common.constants import CRUN_NO_ASLR_KERNEL_PARAM
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.qemu.args import (
     AgentChannel,
@@ -49,7 +50,7 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-numa", "node,memdev=mem",
         "-kernel", "/k/vmlinuz",
         "-initrd", "/k/initrd.img",
-        "-append", "console=ttyS0 panic=1 quiet loglevel=3 agent.debug=1",
+        "-append", "console=ttyS0 panic=1 agent.crun_no_aslr quiet loglevel=3 agent.debug=1",
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={STATE}/console.sock,server=off",
@@ -185,6 +186,16 @@ def test_microvm_under_kvm_keeps_qemus_timer_defaults_and_no_tsc_hint() -> None:
     assert option(argv, "-machine") == ["microvm,accel=kvm,pcie=off,x-option-roms=off"]
     assert "tsc_early_khz" not in option(argv, "-append")[0]
     assert "-object" not in argv
+
+
+def test_crun_keeps_its_randomised_layout_under_kvm_only() -> None:
+    """Under TCG the agent is told to start crun at fixed addresses (QEMU then reuses its
+    translated code); under KVM that gains nothing, and the parameter is left out."""
+    assert CRUN_NO_ASLR_KERNEL_PARAM not in option(
+        build_argv(CONFIG, vm(accelerator="kvm")), "-append")[0].split()
+    for machine in (CONFIG, MICROVM):
+        assert CRUN_NO_ASLR_KERNEL_PARAM in option(
+            build_argv(machine, vm(accelerator="tcg")), "-append")[0].split()
 
 
 def test_vsock_and_9p_on_microvm_are_mmio_too() -> None:
