@@ -41,6 +41,7 @@ from pathlib import Path
 from google.protobuf import any_pb2, timestamp_pb2
 
 from common import constants
+from hostos.procs import spawn_with_fds
 from protocols import runtimeoptions_pb2, task_pb2, ttrpc_pb2
 from sandbox.config import RuntimeConfig, load_config, variant_of
 from sandbox.errors import FailedPreconditionError, InvalidArgumentError
@@ -251,11 +252,9 @@ def _spawn_daemon(
     command: list[str], flags: Flags, group: str, config: RuntimeConfig, listener: socket.socket
 ) -> int:
     """Start the detached daemon with ``listener`` as fd 3; return its pid."""
-    from shim.stdio import spawn  # brings asyncio in: only `start` needs it
-
     argv = [*command, *daemon_argv(flags, group, str(config.path))]
     try:
-        return spawn(argv, os.environ, {3: listener.fileno()}, setsid=True)
+        return spawn_with_fds(argv, os.environ, {3: listener.fileno()}, setsid=True)
     except OSError as e:
         raise FailedPreconditionError(f"failed to start shim daemon {argv[0]}: {e}") from e
 

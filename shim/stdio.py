@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlparse
 
+from hostos.procs import spawn_with_fds
 from sandbox.errors import InvalidArgumentError, UnavailableError
 
 log = logging.getLogger("shim")
@@ -65,25 +64,6 @@ async def wait_fd(fd: int, writable: bool) -> None:
         await ready
     finally:
         (loop.remove_writer if writable else loop.remove_reader)(fd)
-
-
-def spawn(argv: list[str], env: Mapping[str, str], fds: Mapping[int, int], setsid: bool) -> int:
-    """posix_spawn ``argv`` with stdio on /dev/null and ``fds`` (child fd -> our fd) mapped.
-
-    The sources are first duplicated above 10 so that mapping one never clobbers another.
-    """
-    high = {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, 10) for target, src in fds.items()}
-    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-    ]
-    actions += [(os.POSIX_SPAWN_DUP2, src, target) for target, src in high.items()]
-    try:
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=setsid)
-    finally:
-        for src in high.values():
-            os.close(src)
 
 
 class Sink:
@@ -231,7 +211,7 @@ class BinaryLogger:
         err_r, err_w = os.pipe()
         ready_r, ready_w = os.pipe()
         try:
-            pid = spawn(argv, env, {3: out_r, 4: err_r, 5: ready_w}, setsid=False)
+            pid = spawn_with_fds(argv, env, {3: out_r, 4: err_r, 5: ready_w}, setsid=False)
         except OSError as e:
             for fd in (out_r, out_w, err_r, err_w, ready_r, ready_w):
                 os.close(fd)
