@@ -41,7 +41,6 @@ from pathlib import Path
 from google.protobuf import any_pb2, timestamp_pb2
 
 from common import constants
-from hostos.procs import spawn_with_fds
 from protocols import runtimeoptions_pb2, task_pb2, ttrpc_pb2
 from sandbox.config import RuntimeConfig, load_config, variant_of
 from sandbox.errors import FailedPreconditionError, InvalidArgumentError
@@ -52,6 +51,7 @@ from shim.bundle import (
     spec_annotations,
 )
 from shim.flags import Flags, daemon_argv
+from shim.spawning import spawn_with_fds
 from ttrpc.frames import HEADER, HEADER_SIZE, MessageType, encode_frame
 
 log = logging.getLogger("shim")

@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlparse
 
-from hostos.procs import spawn_with_fds
 from sandbox.errors import InvalidArgumentError, UnavailableError
+from shim.spawning import spawn_with_fds
 
 log = logging.getLogger("shim")
 
