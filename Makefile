@@ -68,7 +68,7 @@ try-deb: deb
 		"$$($(PY) -c 'from tests.harness.images import busybox_image_tar as t; print(t())')"
 
 # The whole e2e suite against the frozen runtime (the bundle the .deb ships), not the source tree.
-test-frozen: deps venv guest runtime
+test-frozen: deps venv guest runtime deb
 	KATA_TEST_BIN=$(RUNTIME_DIR)/kata-py/bin $(E2E_PYTEST) tests/e2e
 
 # The whole e2e suite on QEMU's microvm machine (configuration-qemu-microvm.toml); `make test`
