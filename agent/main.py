@@ -167,10 +167,11 @@ async def _serve(opts: Options, guest: bool) -> None:
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install(loop)
+    flags = kernel_words() if guest else frozenset()  # one read of /proc/cmdline
     config = RuntimeConfig(
         run_dir=opts.run_dir, cgroup_root=opts.cgroup_root, cgroup_parent=opts.cgroup_parent,
         crun=CrunConfig(binary=opts.crun, root=opts.crun_root, cgroups=bool(opts.cgroup_parent),
-                        fixed_layout=guest and kernel_flag(CRUN_NO_ASLR_KERNEL_PARAM)),
+                        fixed_layout=CRUN_NO_ASLR_KERNEL_PARAM in flags),
     )
     os.makedirs(config.run_dir, mode=0o711, exist_ok=True)
     containers = Containers(config, reaper)
@@ -194,7 +195,9 @@ async def _serve(opts: Options, guest: bool) -> None:
     if not guest:  # host mode: a clean stop that leaves no container behind
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
-    console = _start_debug_console(reaper) if guest and wants_debug_console() else None
+    # The console's own code is imported only when the host asked for it (it sets
+    # `DEBUG_CONSOLE_KERNEL_PARAM` only where the configuration enables the console).
+    console = _start_debug_console(reaper) if DEBUG_CONSOLE_KERNEL_PARAM in flags else None
     try:
         await channel.serve(_connection_handler(server.serve_connection), opts.listen,
                             on_ready)
@@ -211,20 +214,14 @@ DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
 CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
 
 
-def kernel_flag(name: str, cmdline: str = "/proc/cmdline") -> bool:
-    """Whether the kernel command line carries the word ``name`` (set by the host)."""
+def kernel_words(cmdline: str = "/proc/cmdline") -> frozenset[str]:
+    """The words of the kernel command line, where the host leaves the agent its flags
+    (none if it cannot be read)."""
     try:
         with open(cmdline) as f:
-            return name in f.read().split()
+            return frozenset(f.read().split())
     except OSError:
-        return False
-
-
-def wants_debug_console(cmdline: str = "/proc/cmdline") -> bool:
-    """Whether the kernel command line asks for the debug console (``agent.debug_console``,
-    which the host sets only where the configuration enables it). One small read: the
-    console's own code is imported only when it is asked for."""
-    return kernel_flag(DEBUG_CONSOLE_KERNEL_PARAM, cmdline)
+        return frozenset()
 
 
 def _start_debug_console(reaper: Reaper) -> asyncio.Future[None]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent import debugconsole
 from agent import main as agent_main
-from agent.main import wants_debug_console
+from agent.main import kernel_words
 from agent.reaper import Reaper
 from common.constants import (
     CRUN_NO_ASLR_KERNEL_PARAM,
@@ -95,18 +95,18 @@ def test_the_host_leaving_hangs_the_shell_up() -> None:
 def test_the_console_is_only_served_when_the_kernel_asks(tmp_path: Path) -> None:
     cmdline = tmp_path / "cmdline"
     cmdline.write_text("console=ttyS0 panic=1 agent.debug_console quiet\n")
-    assert wants_debug_console(str(cmdline))
+    assert DEBUG_CONSOLE_KERNEL_PARAM in kernel_words(str(cmdline))
     cmdline.write_text("console=ttyS0 agent.debug_console_vport=1026 xagent.debug_console\n")
-    assert not wants_debug_console(str(cmdline))
-    assert not wants_debug_console(str(tmp_path / "missing"))
+    assert DEBUG_CONSOLE_KERNEL_PARAM not in kernel_words(str(cmdline))
+    assert DEBUG_CONSOLE_KERNEL_PARAM not in kernel_words(str(tmp_path / "missing"))
     assert agent_main.DEBUG_CONSOLE_KERNEL_PARAM == DEBUG_CONSOLE_KERNEL_PARAM  # host's name
 
 
 def test_crun_runs_at_a_fixed_layout_only_when_the_kernel_asks(tmp_path: Path) -> None:
     cmdline = tmp_path / "cmdline"
     cmdline.write_text("console=ttyS0 panic=1 agent.crun_no_aslr quiet\n")
-    assert agent_main.kernel_flag(CRUN_NO_ASLR_KERNEL_PARAM, str(cmdline))
+    assert CRUN_NO_ASLR_KERNEL_PARAM in kernel_words(str(cmdline))
     cmdline.write_text("console=ttyS0 agent.crun_no_aslr=0 xagent.crun_no_aslr\n")
-    assert not agent_main.kernel_flag(CRUN_NO_ASLR_KERNEL_PARAM, str(cmdline))
-    assert not agent_main.kernel_flag(CRUN_NO_ASLR_KERNEL_PARAM, str(tmp_path / "missing"))
+    assert CRUN_NO_ASLR_KERNEL_PARAM not in kernel_words(str(cmdline))
+    assert CRUN_NO_ASLR_KERNEL_PARAM not in kernel_words(str(tmp_path / "missing"))
     assert agent_main.CRUN_NO_ASLR_KERNEL_PARAM == CRUN_NO_ASLR_KERNEL_PARAM  # host's name
