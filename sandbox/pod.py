@@ -352,9 +352,11 @@ class Pod:
 
     # whole pod
     async def stop_sandbox(self) -> None:
-        """Stop the VM (idempotent); processes still running exit with 255."""
+        """Stop the VM (idempotent); processes still running exit with 255. A stop already
+        under way (the VM died, the agent broke the channel) is waited for: the daemon
+        must not exit halfway through its teardown."""
         async with self._boot_lock:
-            if self.sandbox.state is SandboxState.RUNNING:
+            if self.sandbox.state in (SandboxState.RUNNING, SandboxState.STOPPING):
                 await self.sandbox.stop()
                 log.info("sandbox stopped")
 

@@ -93,6 +93,10 @@ def leak_checked(cd: Containerd, request: pytest.FixtureRequest,
             cd.reset()
     try:
         leaks.assert_no_leaks(before, timeout=LEAK_TIMEOUT)
+    except AssertionError:
+        if not failed(request):  # the shim's log says why its teardown did not finish
+            print(diagnostics(cd, kata_state_dir))
+        raise
     finally:
         with contextlib.suppress(Exception):
             cd.reset()

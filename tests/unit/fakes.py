@@ -90,6 +90,7 @@ class FakeHypervisor:
         self.calls: list[str] = []
         self.vcpus = vm.vcpus or config.default_vcpus
         self.paused = False
+        self.stop_seconds = 0.0  # a VMM slow to stop, as a loaded host's can be
         self._proc: asyncio.subprocess.Process | None = None
         self._records: list[ProcessRecord] = []
 
@@ -115,6 +116,7 @@ class FakeHypervisor:
 
     async def stop(self) -> None:
         self.calls.append("stop")
+        await asyncio.sleep(self.stop_seconds)
         await self._kill()
         if "stop" in self.fail_at:
             raise Injected("failed to stop: injected (the process is gone anyway)")
@@ -199,6 +201,7 @@ class FakeProc:
         """The connection went: every long poll fails."""
         if not self.exit.done():
             self.exit.set_exception(AgentCallError("WaitProcess", Code.UNAVAILABLE, "closed"))
+            self.exit.exception()  # a process nobody waits for must not warn at exit
         self.stdout.put_nowait(b"")
         self.stderr.put_nowait(b"")
 

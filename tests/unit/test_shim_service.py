@@ -485,3 +485,25 @@ def test_a_create_during_the_last_delete_keeps_the_vm_and_removes_in_the_guest(
         assert h.sandbox.state is SandboxState.RUNNING
 
     run(body, tmp_path)
+
+
+def test_shutdown_waits_for_a_teardown_already_under_way(tmp_path: Path) -> None:
+    """The agent broke the channel: the sandbox tears itself down, and containerd's Delete
+    and Shutdown come in meanwhile (a loaded host makes the teardown slow). The daemon exits
+    after Shutdown's reply, so the reply must wait for the teardown, or the state dir stays."""
+
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        await h.call("Start", id="pod")
+        h.world.vm.stop_seconds = 0.3
+        await h.agent.close()  # what the client does on garbage from the guest
+        while h.sandbox.state is not SandboxState.STOPPING:
+            await asyncio.sleep(0.01)
+        assert (await asyncio.wait_for(h.call("Wait", id="pod"), 5)).exit_status == 255
+        await h.call("Delete", id="pod")
+        await h.call("Shutdown", id="pod")
+        assert h.shutdowns == 1
+        assert h.sandbox.state is SandboxState.STOPPED
+        assert not h.sandbox.state_path.parent.exists(), list(h.sandbox.state_path.parent.rglob("*"))
+
+    run(body, tmp_path)
