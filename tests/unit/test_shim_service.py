@@ -504,6 +504,7 @@ def test_shutdown_waits_for_a_teardown_already_under_way(tmp_path: Path) -> None
         await h.call("Shutdown", id="pod")
         assert h.shutdowns == 1
         assert h.sandbox.state is SandboxState.STOPPED
-        assert not h.sandbox.state_path.parent.exists(), list(h.sandbox.state_path.parent.rglob("*"))
+        namespace_dir = h.sandbox.state_path.parent
+        assert not namespace_dir.exists(), list(namespace_dir.rglob("*"))
 
     run(body, tmp_path)
