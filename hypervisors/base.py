@@ -110,7 +110,7 @@ class TemplateInfo:
     created: float
     boot_seconds: float
     save_seconds: float
-    #: The size of the saved VM state.
+    #: What the template holds: its device state and the pages of its RAM that are kept.
     state_bytes: int
 
 

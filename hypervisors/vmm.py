@@ -139,6 +139,9 @@ class VmmVm(abc.ABC, Generic[C]):
     def _prepare(self) -> None:
         """The driver's last decisions before anything is spawned (accelerator chosen)."""
 
+    async def _before_spawn(self, stack: contextlib.AsyncExitStack) -> None:
+        """What the driver prepares for the VMM's spawn (undone through ``stack``)."""
+
     async def _after_connect(self) -> None:
         """What the driver does once QMP answers, before the VM counts as started."""
 
@@ -259,6 +262,7 @@ class VmmVm(abc.ABC, Generic[C]):
                 if vsocks and vsocks[0].vhost_user:
                     await self._start_vsock_backend(stack, vsocks[0])
                 await self._console_before_spawn(stack)
+                await self._before_spawn(stack)
                 await self._spawn_vmm(stack)
                 await self._console_after_spawn(stack)
                 self._qmp = await self._connect_qmp()

@@ -88,6 +88,9 @@ class VmParams:
     hotplug_virtio_fs: bool = False
     #: ``-incoming defer``: the VM waits for its state (a restore from a template).
     incoming: bool = False
+    #: Guest RAM in this file rather than a memfd of QEMU's own: a template's RAM is kept
+    #: as a file and a restored VM's comes filled (`hypervisors.qemu.template`).
+    ram_file: str | None = None
 
 
 class QemuParam(Protocol):
@@ -168,8 +171,8 @@ class Smp:
 
 @dataclass(frozen=True)
 class Memory:
-    """``-m``; shared (memfd) guest RAM when a vhost-user device must map it (virtio-fs):
-    a NUMA node on PC machines, the machine's ``memory-backend`` on microvm (`Machine`)."""
+    """``-m``; shared guest RAM (a memfd, or a file) when a vhost-user device must map it
+    (virtio-fs): a NUMA node on PC machines, the machine's ``memory-backend`` on microvm."""
 
     size_mib: int
     shared: bool
@@ -177,6 +180,8 @@ class Memory:
     slots: int = 0
     max_mib: int = 0
     mmio: bool = False
+    #: Shared RAM in this file (`VmParams.ram_file`) instead of a memfd.
+    file: str | None = None
 
     def to_argv(self) -> list[str]:
         """Render."""
@@ -185,7 +190,10 @@ class Memory:
             size += f",slots={self.slots},maxmem={self.max_mib}M"
         argv = ["-m", size]
         if self.shared:
-            argv += ["-object", f"memory-backend-memfd,id=mem,size={self.size_mib}M,share=on"]
+            backend = (f"memory-backend-file,id=mem,size={self.size_mib}M,share=on,"
+                       f"mem-path={self.file}" if self.file else
+                       f"memory-backend-memfd,id=mem,size={self.size_mib}M,share=on")
+            argv += ["-object", backend]
             if not self.mmio:
                 argv += ["-numa", "node,memdev=mem"]
         return argv
@@ -467,7 +475,8 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     fs = vm.shared_fs
     mmio = is_mmio(config.machine_type)
     shared_memory = ((fs is not None and fs.kind == "virtio-fs") or vm.hotplug_virtio_fs
-                     or vm.agent_channel is AgentChannel.VHOST_USER_VSOCK)
+                     or vm.agent_channel is AgentChannel.VHOST_USER_VSOCK
+                     or vm.ram_file is not None)
     vcpus = vm.vcpus or config.default_vcpus
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
@@ -478,7 +487,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         Smp(vcpus, vcpus if mmio else config.default_maxvcpus),
         Memory(vm.memory_mib or config.default_memory, shared=shared_memory,
                slots=0 if mmio else config.memory_slots, max_mib=vm.max_memory_mib,
-               mmio=mmio),
+               mmio=mmio, file=vm.ram_file),
         Firmware(config.firmware),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),

@@ -79,6 +79,8 @@ class Qemu(VmmVm[QemuConfig]):
         self._saving = saving
         self._template: tpl.Template | None = None  # the one `start` restores from
         self._restored = False
+        self._ram_fd: int | None = None  # a restored VM's RAM until QEMU has it
+        self._ram_fill: asyncio.Future[None] | None = None  # filling it from the template
 
     @property
     def from_template(self) -> bool:
@@ -151,9 +153,47 @@ class Qemu(VmmVm[QemuConfig]):
             await self._grow_memory_locked(memory)
 
     def _spawn_fds(self) -> tuple[int, ...]:
-        return () if self._template is not None else super()._spawn_fds()  # sent by getfd
+        if self._template is None:
+            return super()._spawn_fds()
+        return (self._ram_fd,) if self._ram_fd is not None else ()  # devices: by getfd
+
+    async def _before_spawn(self, stack: contextlib.AsyncExitStack) -> None:
+        """A restored VM's RAM: an empty memfd QEMU maps, filled from the template while
+        QEMU starts (`_after_connect` waits for it before the state loads)."""
+        if self._template is None or self.spec.template_dir is None:
+            return
+        self._ram_fd = tpl.guest_ram(self._template)
+        self._ram_fill = asyncio.ensure_future(asyncio.to_thread(
+            tpl.fill_guest_ram, self.spec.template_dir, self._template, self._ram_fd))
+        stack.push_async_callback(self._drop_ram)
+
+    async def _drop_ram(self) -> None:
+        """Close our copy of the RAM's fd once no thread writes to it any more (a cancelled
+        start too: the copy's thread cannot be stopped, only waited for)."""
+        fill, self._ram_fill = self._ram_fill, None
+        cancelled = False
+        while fill is not None and not fill.done():
+            try:
+                await asyncio.shield(fill)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:  # reported by _after_connect, or the start
+                pass  # failed elsewhere first
+        fd, self._ram_fd = self._ram_fd, None
+        if fd is not None:
+            os.close(fd)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _after_connect(self) -> None:
+        fill = self._ram_fill
+        if fill is not None:
+            try:
+                await asyncio.shield(fill)
+            except OSError as e:
+                raise HypervisorError(f"failed to fill VM {self.sandbox_id}'s RAM from its "
+                                      f"template: {e}") from e
+            await self._drop_ram()  # QEMU has it
         if self._template is None or self.spec.template_dir is None:
             return
         started = time.monotonic()
@@ -201,10 +241,12 @@ class Qemu(VmmVm[QemuConfig]):
         """The per-VM half of the command line (a template's view when saving or restoring)."""
         params = self._device_params()
         if self._template is not None:
+            # The fd QEMU inherits (`_spawn_fds`); no fd yet when only asked for the argv.
+            ram = f"/proc/self/fd/{self._ram_fd if self._ram_fd is not None else 'N'}"
             return tpl.template_view(self.config, self._at_template_size(params, self._template),
-                                     incoming=True)
+                                     ram, incoming=True)
         if self._saving:
-            return tpl.template_view(self.config, params)
+            return tpl.template_view(self.config, params, str(self.paths.state_dir / tpl.RAM_FILE))
         return params
 
     def _device_params(self) -> VmParams:
@@ -382,21 +424,25 @@ async def make_template(config: QemuConfig, spec: VmSpec, template_dir: Path,
         finally:
             os.close(fd)
         vcpus, memory = vm.wanted_size()
+        argv = tpl.shape(config, vm._device_params())
+        await vm.stop()  # QEMU writes no more to the RAM file
+        await asyncio.to_thread(tpl.sparsify_ram, template_dir)
         template = tpl.Template(
-            argv=tpl.shape(config, vm._device_params()), files=tpl.file_ids(config),
-            vcpus=vcpus, memory_mib=memory,
+            argv=argv, files=tpl.file_ids(config), vcpus=vcpus, memory_mib=memory,
             created=time.time(), boot_seconds=booted,
             save_seconds=time.monotonic() - started - booted,
             state_bytes=os.stat(template_dir / tpl.STATE_FILE).st_size)
         tpl.write_meta(template_dir, template)
     except BaseException:
-        with contextlib.suppress(OSError):
-            (template_dir / tpl.STATE_FILE).unlink()
+        for name in (tpl.STATE_FILE, tpl.RAM_FILE):
+            with contextlib.suppress(OSError):
+                (template_dir / name).unlink()
         raise
     finally:
         await vm.stop()
+    ram_bytes = os.stat(template_dir / tpl.RAM_FILE).st_blocks * 512  # its data pages
     return TemplateInfo(template_dir, template.created, template.boot_seconds,
-                        template.save_seconds, template.state_bytes)
+                        template.save_seconds, template.state_bytes + ram_bytes)
 
 
 def _probe(config: QemuConfig, spec: VmSpec) -> Qemu:

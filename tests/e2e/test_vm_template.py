@@ -23,7 +23,7 @@ from tests.harness.containerd import RUNTIME_BIN, cni_gateway
 from tests.harness.cri.client import Kubelet, PodOptions
 from tests.harness.images import IMAGE_REF
 from tests.harness.kata import CRI_HANDLER, Kata
-from tests.harness.scenarios import KATA, explain, run_rm, run_rm_args
+from tests.harness.scenarios import KATA, explain, remove, run_detached, run_rm, run_rm_args
 
 pytestmark = pytest.mark.skipif(not kataconfig.can_hotplug(),
                                 reason="templates need QEMU on q35 (PCIe root ports)")
@@ -59,7 +59,11 @@ def test_pods_are_restored_from_the_template_and_made_their_own(kata: Kata,
         made = factory(kata, "init")
         assert made.returncode == 0, explain(made)
         assert "VM template saved in" in made.stdout, made.stdout
-        assert (template / "state").stat().st_mode & 0o077 == 0
+        ram, state = (template / "ram").stat(), (template / "state").stat()
+        assert state.st_mode & 0o077 == 0 and ram.st_mode & 0o077 == 0
+        # The RAM stays out of the stream (x-ignore-shared), and its zero pages are holes.
+        assert state.st_size < 4 << 20, state.st_size
+        assert ram.st_blocks * 512 < ram.st_size * 3 // 4, (ram.st_blocks, ram.st_size)
         status = factory(kata, "status")
         assert status.returncode == 0 and "usable" in status.stdout, explain(status)
 
@@ -77,6 +81,13 @@ def test_pods_are_restored_from_the_template_and_made_their_own(kata: Kata,
             outputs.append(uuid)
         assert shim_log(kata).count(RESTORED) == 2, shim_log(kata)[-3000:]
         assert "guest clock set, RNG reseeded" in shim_log(kata)
+        run_detached(kata.cd, KATA, "tpl3", "sleep", "300")
+        try:  # its RAM: the memfd the shim filled from the template's data pages
+            (qemu,) = kata.qemu_processes()
+            maps = Path(f"/proc/{qemu.pid}/maps").read_text()
+            assert "/memfd:guest-ram" in maps, maps[-2000:]
+        finally:
+            remove(kata.cd, "tpl3")
         # Clones of one saved RNG state: without the reseed these could repeat.
         assert outputs[0] != outputs[1], outputs
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,21 @@ def test_a_pod_vm_with_a_share_and_three_nics_fits() -> None:
     assert tpl.refusal(vm(shared_fs=None, networks=()), "q35") is None
 
 
-def test_the_template_view_has_root_ports_shared_ram_and_no_devices() -> None:
-    argv = build_argv(CONFIG, tpl.template_view(CONFIG, vm(), incoming=True))
+def test_the_template_view_has_root_ports_ram_in_a_file_and_no_devices() -> None:
+    argv = build_argv(CONFIG, tpl.template_view(CONFIG, vm(), "/proc/self/fd/9", incoming=True))
     text = " ".join(argv)
     assert "vhost-user-fs" not in text and "virtio-net" not in text and "tap" not in text
-    assert "memory-backend-memfd,id=mem,size=512M,share=on" in text  # for the later share
+    # shared for the later share, and in a file: the state leaves it out (x-ignore-shared)
+    assert ("memory-backend-file,id=mem,size=512M,share=on,mem-path=/proc/self/fd/9"
+            in text), text
+    assert "memory-backend-memfd" not in text
     ports = [a for a in argv if a.startswith("pcie-root-port")]
     assert ports == [f"pcie-root-port,id=rp{i},bus=pcie.0,chassis=1,slot={i + 1}"
                      for i in range(tpl.TEMPLATE_PORTS)]
     assert argv[-2:] == ["-incoming", "defer"]
-    assert "-incoming" not in build_argv(CONFIG, tpl.template_view(CONFIG, vm()))
+    assert "-incoming" not in build_argv(CONFIG, tpl.template_view(CONFIG, vm(), "/t/ram"))
+    # a VM booted for a pod keeps QEMU's own memfd
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in " ".join(build_argv(CONFIG, vm()))
 
 
 def test_the_shape_leaves_out_names_paths_and_devices_only() -> None:
@@ -113,6 +119,8 @@ def saved(tmp: Path, state: bytes = b"12345") -> Path:
     fd = tpl.open_state(d, write=True)
     os.write(fd, state)
     os.close(fd)
+    with open(d / tpl.RAM_FILE, "wb") as ram:
+        ram.truncate(512 << 20)  # sparse, as the template's memory_mib
     tpl.write_meta(d, make_template(state_bytes=len(state)))
     return d
 
@@ -130,6 +138,11 @@ def test_a_saved_template_loads_back(tmp_path: Path) -> None:
     (lambda d: (d / tpl.META_FILE).write_text('{"argv": []}'), "not one this version wrote"),
     (lambda d: (d / tpl.STATE_FILE).write_bytes(b"123"), "not the file that was saved"),
     (lambda d: (d / tpl.STATE_FILE).unlink(), "has no state"),
+    (lambda d: (d / tpl.RAM_FILE).unlink(), "has no ram"),
+    (lambda d: os.truncate(d / tpl.RAM_FILE, 4096), "ram is not the file that was saved"),
+    (lambda d: (d / tpl.META_FILE).write_text(
+        (d / tpl.META_FILE).read_text().replace('"format": 2', '"format": 1')),
+     "format 1, this version reads 2"),
     (lambda d: os.chmod(d, 0o755), "must be ours and 0700"),
 ])
 def test_a_spoilt_template_is_refused_with_the_reason(tmp_path: Path, spoil: Any,
@@ -179,6 +192,83 @@ def test_prepare_empties_a_former_template(tmp_path: Path) -> None:
     assert d.is_dir() and os.listdir(d) == []
 
 
+# -- the RAM ---------------------------------------------------------------------------------
+
+
+PAGES = {0: b"\x01", 3: b"\xff" * 4096, 700: b"tail"}  # page index -> what it starts with
+
+
+def write_ram(path: Path, pages: int = 1024, dense: bool = True) -> None:
+    """A RAM file with data in PAGES; its other pages zeros written out (``dense``, as a
+    guest leaves them) or holes."""
+    with open(path, "wb") as f:
+        if dense:
+            f.write(bytes(pages * tpl.PAGE))
+        f.truncate(pages * tpl.PAGE)
+        for index, data in PAGES.items():
+            f.seek(index * tpl.PAGE)
+            f.write(data)
+
+
+def allocated(fd_or_path: int | Path) -> int:
+    st = os.fstat(fd_or_path) if isinstance(fd_or_path, int) else os.stat(fd_or_path)
+    return st.st_blocks * 512
+
+
+def test_sparsify_keeps_the_bytes_and_drops_the_zero_pages(tmp_path: Path) -> None:
+    write_ram(tmp_path / tpl.RAM_FILE)
+    before = (tmp_path / tpl.RAM_FILE).read_bytes()
+    assert allocated(tmp_path / tpl.RAM_FILE) >= 1024 * tpl.PAGE
+    tpl.sparsify_ram(tmp_path)
+    assert (tmp_path / tpl.RAM_FILE).read_bytes() == before
+    assert allocated(tmp_path / tpl.RAM_FILE) <= len(PAGES) * tpl.PAGE * 2  # fs granularity
+    assert os.stat(tmp_path / tpl.RAM_FILE).st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == [tpl.RAM_FILE]
+
+
+def test_a_restored_vm_gets_the_templates_pages_in_a_memfd(tmp_path: Path) -> None:
+    write_ram(tmp_path / tpl.RAM_FILE, pages=256 * 256, dense=False)  # 256 MiB, sparse
+    template = make_template(memory_mib=256)
+    fd = tpl.guest_ram(template)
+    try:
+        assert allocated(fd) == 0 and os.fstat(fd).st_size == 256 << 20  # QEMU may map it
+        tpl.fill_guest_ram(tmp_path, template, fd)
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:guest-ram")
+        assert os.fstat(fd).st_size == 256 << 20
+        assert allocated(fd) <= len(PAGES) * tpl.PAGE * 2  # the holes stay unallocated
+        for index, data in PAGES.items():
+            assert os.pread(fd, len(data) + 1, index * tpl.PAGE) == data + b"\0"
+        assert os.pread(fd, tpl.PAGE, 5 * tpl.PAGE) == bytes(tpl.PAGE)
+        assert os.get_inheritable(fd) is False  # QEMU gets it through pass_fds only
+    finally:
+        os.close(fd)
+    for spoilt, words in ((make_template(memory_mib=512), "ram is not the file that was saved"),
+                          (template, "failed to open VM template RAM")):
+        if spoilt is template:
+            (tmp_path / tpl.RAM_FILE).unlink()
+        fd = tpl.guest_ram(spoilt)
+        try:
+            with pytest.raises(tpl.TemplateError, match=words):
+                tpl.fill_guest_ram(tmp_path, spoilt, fd)
+        finally:
+            os.close(fd)
+
+
+def test_a_copy_across_file_systems_goes_through_a_buffer(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def cross_device(*args: Any) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    write_ram(tmp_path / tpl.RAM_FILE, pages=256 * 256, dense=False)
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    fd = tpl.guest_ram(make_template(memory_mib=256))
+    try:
+        tpl.fill_guest_ram(tmp_path, make_template(memory_mib=256), fd)
+        assert os.pread(fd, 4, 700 * tpl.PAGE) == b"tail"
+    finally:
+        os.close(fd)
+
+
 # -- QMP ------------------------------------------------------------------------------------
 
 
@@ -212,8 +302,10 @@ def commands(qmp: Recorder) -> list[str]:
 def test_save_pauses_then_migrates_to_the_fd() -> None:
     qmp = Recorder()
     asyncio.run(tpl.save_state(qmp, 5))  # type: ignore[arg-type]
-    assert commands(qmp) == ["stop", "getfd", "migrate", "query-migrate", "query-migrate"]
-    assert qmp.sent[2] == ("migrate", {"uri": "fd:template-state"})
+    assert commands(qmp) == ["stop", "migrate-set-capabilities", "getfd", "migrate",
+                             "query-migrate", "query-migrate"]
+    assert qmp.sent[1][1] == {"capabilities": tpl.IGNORE_SHARED}  # the RAM stays in its file
+    assert qmp.sent[3] == ("migrate", {"uri": "fd:template-state"})
 
 
 def test_a_failed_save_says_so() -> None:
@@ -225,7 +317,9 @@ def test_a_failed_save_says_so() -> None:
 def test_restore_loads_waits_and_continues() -> None:
     qmp = Recorder()
     asyncio.run(tpl.load_state(qmp, 5))  # type: ignore[arg-type]
-    assert commands(qmp) == ["getfd", "migrate-incoming", "query-status", "query-status", "cont"]
+    assert commands(qmp) == ["migrate-set-capabilities", "getfd", "migrate-incoming",
+                             "query-status", "query-status", "cont"]
+    assert qmp.sent[0][1] == {"capabilities": tpl.IGNORE_SHARED}
 
 
 def test_a_restore_that_ends_badly_is_an_error() -> None:
@@ -263,6 +357,12 @@ def test_a_nic_is_plugged_on_its_tap_fds() -> None:
 
 def fit(tmp: Path, vcpus: int, memory: int, **config: Any) -> str | None:
     """Why a pod VM of this size would not be restored from a 1 vCPU, 256 MiB template."""
+    why, _ = pod_vm(tmp, vcpus, memory, **config)
+    return why
+
+
+def pod_vm(tmp: Path, vcpus: int, memory: int, **config: Any) -> tuple[str | None, Any]:
+    """(why not restored, the pod's Qemu with its template chosen)."""
     from hypervisors.accel import AccelChoice
     from hypervisors.base import VmSpec
     from hypervisors.qemu.vm import Qemu
@@ -286,14 +386,17 @@ def fit(tmp: Path, vcpus: int, memory: int, **config: Any) -> str | None:
         fd = tpl.open_state(d, write=True)
         os.write(fd, b"state")
         os.close(fd)
+        with open(d / tpl.RAM_FILE, "wb") as ram:
+            ram.truncate(256 << 20)
         tpl.write_meta(d, tpl.Template(
             argv=tpl.shape(qemu_config, template_vm._device_params()),
             files=tpl.file_ids(qemu_config), created=1.0, boot_seconds=1.0, save_seconds=1.0,
             state_bytes=5, vcpus=1, memory_mib=256))
-    why, template = vm_of(VmSpec("pod", tmp / "pod", vcpus=vcpus, memory_mib=memory,
-                                 template_dir=d)).template_fit(d)
+    pod = vm_of(VmSpec("pod", tmp / "pod", vcpus=vcpus, memory_mib=memory, template_dir=d))
+    why, template = pod.template_fit(d)
     assert (why is None) == (template is not None)
-    return why
+    pod._template = template
+    return why, pod
 
 
 def test_a_pod_grows_from_the_template_only_where_hot_plug_allows(tmp_path: Path) -> None:
@@ -305,3 +408,59 @@ def test_a_pod_grows_from_the_template_only_where_hot_plug_allows(tmp_path: Path
     assert why is not None and "needs 2 vCPUs" in why and "default_maxvcpus = 0" in why
     why = fit(tmp_path, 1, 128, memory_slots=2, default_maxvcpus=4)
     assert why is not None and "smaller than the template" in why
+
+
+def test_a_restored_vm_maps_its_filled_ram_and_closes_it_when_undone(tmp_path: Path) -> None:
+    import contextlib
+
+    why, pod = pod_vm(tmp_path, 1, 768, memory_slots=2, default_maxvcpus=4)
+    assert why is None
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await pod._before_spawn(stack)
+            fd = pod._ram_fd
+            assert fd is not None and pod._spawn_fds() == (fd,)
+            argv = " ".join(pod.build_argv())
+            assert f"memory-backend-file,id=mem,size=256M,share=on,mem-path=/proc/self/fd/{fd}" \
+                in argv and "-incoming defer" in argv
+        # a start that failed before QEMU took it: the copy ended, then the fd was closed
+        assert pod._ram_fd is None and pod._ram_fill is None
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_restore_waits_for_the_copy_before_closing_the_ram(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import threading
+    import time
+
+    why, pod = pod_vm(tmp_path, 1, 768, memory_slots=2, default_maxvcpus=4)
+    assert why is None
+    copying, written = threading.Event(), []
+
+    def slow_fill(template_dir: Path, template: tpl.Template, fd: int) -> None:
+        copying.set()
+        time.sleep(0.3)
+        written.append(os.pwrite(fd, b"x", 0))  # EBADF had the fd been closed under it
+
+    monkeypatch.setattr(tpl, "fill_guest_ram", slow_fill)
+
+    async def start() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await pod._before_spawn(stack)
+            await asyncio.sleep(10)  # spawning QEMU, say
+
+    async def main() -> None:
+        task = asyncio.ensure_future(start())
+        while not copying.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert written == [1] and pod._ram_fd is None
+
+    asyncio.run(main())
