@@ -434,7 +434,7 @@ async def make_template(config: QemuConfig, spec: VmSpec, template_dir: Path,
             state_bytes=os.stat(template_dir / tpl.STATE_FILE).st_size)
         tpl.write_meta(template_dir, template)
     except BaseException:
-        for name in (tpl.STATE_FILE, tpl.RAM_FILE):
+        for name in (tpl.STATE_FILE, tpl.RAM_FILE, f".{tpl.RAM_FILE}.tmp"):
             with contextlib.suppress(OSError):
                 (template_dir / name).unlink()
         raise
