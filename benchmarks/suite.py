@@ -121,52 +121,66 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
             floor.seconds_to_init(kata.config_path))
 
 
+#: The VM templates of figure 2b: (name, memory_slots). "restored" is the configuration
+#: configuration.toml advises, the smallest template every pod grows from by hot-plug;
+#: "restored, default-size template" has no hot-plug, so the template is the default size
+#: and only pods of exactly that size are restored from it.
+TEMPLATE_VARIANTS = (("restored", TEMPLATE_MEMORY_SLOTS), ("restored, default-size template", 0))
+
+
 def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
     """(b) pre-booted VMs: `ctr run --rm busybox true` with the pod's VM restored from a VM
-    template (`[factory] enable_template`), interleaved with cold runs of the same
-    configuration; and what making the template took (`kata-runtime factory init`)."""
+    template (`[factory] enable_template`), each `TEMPLATE_VARIANTS`, interleaved with cold
+    runs of the same configuration; and what making the advised template took
+    (`kata-runtime factory init`)."""
     fig = figs["VM template"]["kata"]
-    config, template_dir = template_config(kata)
-    made = factory(config, "init")
-    fig["template boot s"].append(made["boot_seconds"])
-    fig["template save s"].append(made["save_seconds"])
-    fig["template state MiB"].append(made["state_mib"])
+    configs = [(name, *template_config(kata, name, slots)) for name, slots in TEMPLATE_VARIANTS]
     runs = []
     try:
+        for i, (_, config, _) in enumerate(configs):
+            made = factory(config, "init")
+            if i == 0:
+                fig["template boot s"].append(made["boot_seconds"])
+                fig["template save s"].append(made["save_seconds"])
+                fig["template state MiB"].append(made["state_mib"])
         for i in range(plan.template):
-            order = (("cold", kata.config_path), ("restored", config))
-            for name, path in order if i % 2 == 0 else order[::-1]:
-                cid, started = f"tpl-{name}-{i}", time.time()
+            order = [("cold", kata.config_path), *((name, path) for name, path, _ in configs)]
+            for j, (name, path) in enumerate(order[i % 3:] + order[:i % 3]):
+                cid, started = f"tpl-{i}-{j}", time.time()
                 took, _ = timed_ctr(kata.cd, "run", "--rm", "--runtime", KATA,
                                     "--runtime-config-path", str(path), IMAGE_REF, cid, "true")
                 fig[f"{name}: wall s"].append(took)
                 runs.append((name, cid, started))
     finally:
-        factory(config, "destroy")
+        for _, config, _ in configs:
+            factory(config, "destroy")
     time.sleep(0.5)  # the shim's last lines reach containerd's log asynchronously
     lines = kata.cd.log_path.read_text(errors="replace").splitlines()
     for name, cid, started in runs:  # the pod's start: until its container runs
         events = shim_events(lines, cid)
         if "process started" in events:
             fig[f"{name}: to container started s"].append(events["process started"][0] - started)
-    if template_dir.exists():
-        raise RuntimeError(f"kata-runtime factory destroy left {template_dir}")
+    for _, _, template_dir in configs:
+        if template_dir.exists():
+            raise RuntimeError(f"kata-runtime factory destroy left {template_dir}")
     restored = kata.cd.log_path.read_text(errors="replace").count("restored from the VM template")
-    if restored < plan.template:
-        raise RuntimeError(f"{restored} of {plan.template} pods were restored from the template")
+    if restored < plan.template * len(configs):
+        raise RuntimeError(f"{restored} of {plan.template * len(configs)} pods were restored "
+                           "from a template")
 
 
-def template_config(kata: Kata) -> tuple[Path, Path]:
-    """The bench's configuration with templates on, beside it, and the template's dir.
-    Memory hot-plug is on (``memory_slots``), as configuration.toml advises with templates:
-    the template is then the smallest VM (the base memory) and restores in a third of the
-    time a 2048 MiB one takes, pods getting the rest as a DIMM."""
-    template_dir = kata.config_path.parent / "template"
-    path = kata.config_path.with_name("configuration-template.toml")
+def template_config(kata: Kata, name: str, memory_slots: int) -> tuple[Path, Path]:
+    """The bench's configuration with templates on and ``memory_slots``, beside it, and the
+    template's dir. With memory hot-plug (``memory_slots`` > 0, as configuration.toml
+    advises with templates) the template is the smallest VM (the base memory) and pods get
+    the rest as a DIMM; without, the template has the default size."""
+    tag = re.sub(r"[^a-z]+", "-", name).strip("-")
+    template_dir = kata.config_path.parent / f"template-{tag}"
+    path = kata.config_path.with_name(f"configuration-{tag}.toml")
     tables = tomllib.loads(kata.config_path.read_text())
     tables["factory"] = {"enable_template": True, "template_path": str(template_dir)}
     for section in tables["hypervisor"].values():
-        section["memory_slots"] = max(section.get("memory_slots", 0), TEMPLATE_MEMORY_SLOTS)
+        section["memory_slots"] = memory_slots
         section["use_vsock"] = False  # templates keep the agent on virtio-serial
     path.write_text(kataconfig.dumps(kataconfig.flatten(tables)))
     return path, template_dir

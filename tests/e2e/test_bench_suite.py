@@ -67,6 +67,9 @@ def test_the_quick_bench_writes_every_figure(
         suite.QUICK.template
     assert vm_template["template state MiB"][0] > 1 and vm_template["template boot s"][0] > 0
     assert len(vm_template["restored: to container started s"]) == suite.QUICK.template
+    full = "restored, default-size template"  # without hot-plug: a 2048 MiB template
+    assert len(vm_template[f"{full}: wall s"]) == len(
+        vm_template[f"{full}: to container started s"]) == suite.QUICK.template
     assert our_vmm_children() == [], "the template's QEMU or virtiofsd was left running"
 
     assert result.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
