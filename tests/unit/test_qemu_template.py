@@ -464,3 +464,32 @@ def test_a_cancelled_restore_waits_for_the_copy_before_closing_the_ram(
         assert written == [1] and pod._ram_fd is None
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("error", "words"), [
+    (tpl.TemplateError("VM template /t/ram is not the file that was saved"), "not the file"),
+    (OSError(28, "No space left on device"), "failed to fill VM pod's RAM from its template"),
+])
+def test_a_copy_that_fails_fails_the_restore_before_qemu_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, words: str) -> None:
+    """The driver then boots the VM instead (`Qemu.start`), as for a state that cannot load."""
+    import contextlib
+
+    from hypervisors.errors import HypervisorError
+
+    why, pod = pod_vm(tmp_path, 1, 768, memory_slots=2, default_maxvcpus=4)
+    assert why is None
+
+    def failing_fill(template_dir: Path, template: tpl.Template, fd: int) -> None:
+        raise error
+
+    monkeypatch.setattr(tpl, "fill_guest_ram", failing_fill)
+
+    async def main() -> None:
+        with pytest.raises(HypervisorError, match=words):
+            async with contextlib.AsyncExitStack() as stack:
+                await pod._before_spawn(stack)
+                await pod._after_connect()  # raises before any QMP command
+        assert pod._ram_fd is None and pod._ram_fill is None
+
+    asyncio.run(main())
