@@ -336,8 +336,8 @@ def fill_guest_ram(template_dir: Path, template: Template, memfd: int) -> None:
         raise TemplateError(f"failed to open VM template RAM {template_dir / RAM_FILE}: "
                             f"{e.strerror}") from e
     try:
-        size = template.memory_mib << 20
-        if not stat.S_ISREG(os.fstat(src).st_mode) or os.fstat(src).st_size != size:
+        size, st = template.memory_mib << 20, os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             raise TemplateError(f"VM template {template_dir}/{RAM_FILE} is not the file "
                                 "that was saved: run `kata-runtime factory init`")
         for offset, end in _data_extents(src, size):
