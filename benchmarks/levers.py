@@ -5,6 +5,7 @@
     sudo .venv/bin/python -m benchmarks.levers firmware  [-n 5]
     sudo .venv/bin/python -m benchmarks.levers defaults  [-n 5]   (shipped vs QEMU's own)
     sudo .venv/bin/python -m benchmarks.levers grid      [-n 5]   (tb-size x reporting)
+    sudo .venv/bin/python -m benchmarks.levers init-on-alloc [-n 5] (the guest zeroing or not)
 
 One private containerd, the default runtime (q35, configuration.toml with the test
 settings) and a 2048 MiB guest. Each round runs every variant once, in turn (interleaved,
@@ -29,6 +30,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from typing import Any
 from benchmarks.e2e_latency import shim_boot_seconds
 from benchmarks.machines import report
 from benchmarks.measure import cpu_ticks, memory_kib
+from tests.harness.containerd import REPO
 from tests.harness.kata import Kata, kata_containerd
 from tests.harness.scenarios import KATA, explain, remove, run_detached, run_rm
 
@@ -47,6 +50,8 @@ LEVERS: dict[str, str] = {
     "firmware": "firmware",
     "defaults": "",  # the shipped configuration against QEMU's own defaults for all three
     "grid": "",  # tb-size 0/64 x free page reporting off/on
+    # Under TCG the host adds init_on_alloc=0; the shipped kernel_params + "=1" undo it.
+    "init-on-alloc": "kernel_params",
 }
 
 
@@ -64,7 +69,16 @@ def variants(lever: str, values: str) -> dict[str, dict[str, Any]]:
         return {f"tb={v or 'default'}": {key: int(v)} for v in values.split(",")}
     if lever == "reporting":
         return {"off": {key: False}, "on": {key: True}}
+    if lever == "init-on-alloc":
+        return {"zeroing": {key: f"{shipped_qemu_setting(key)} init_on_alloc=1"},
+                "no zeroing": {}}
     return {"seabios": {key: ""}, "qboot": {key: QBOOT}}
+
+
+def shipped_qemu_setting(key: str) -> Any:
+    """A `[hypervisor.qemu]` value of the shipped configuration.toml."""
+    with open(REPO / "configuration.toml", "rb") as f:
+        return tomllib.load(f)["hypervisor"]["qemu"][key]
 
 
 def mem_available_kib() -> int:
