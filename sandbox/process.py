@@ -212,12 +212,14 @@ class Process:
     async def start(self) -> int:
         """Start the process in the guest, then its pumps and exit watcher; the guest pid."""
         after = self.ensure(Op.START)
-        if self.exec_config is None:
-            pid = await self._guest.start_container(self.container_id)
-        else:
-            e = self.exec_config
-            pid = await self._guest.exec_process(self.container_id, self.exec_id, e.process,
-                                                 e.stdin)  # fmt: skip
+        try:
+            pid = await self._start_in_guest()
+        except BaseException:
+            # containerd's Go client reports a failed start only once its copy loops end,
+            # and they end when our ends of its fifos close: `ctr task exec` of a missing
+            # program hung here. The process stays created, so Delete works.
+            await self.io.close()
+            raise
         self.guest_pid, self.state = pid, after
         if self._pending_size is not None:
             with contextlib.suppress(SandboxError):  # the process may be gone already
@@ -230,6 +232,13 @@ class Process:
             self._spawn("stdin", self._pump_stdin(self.io.stdin))
         self._spawn("exit", self._watch_exit())
         return pid
+
+    async def _start_in_guest(self) -> int:
+        if self.exec_config is None:
+            return await self._guest.start_container(self.container_id)
+        e = self.exec_config
+        return await self._guest.exec_process(self.container_id, self.exec_id, e.process,
+                                              e.stdin)  # fmt: skip
 
     async def kill(self, signal: int, all: bool = False) -> None:
         """Signal the process; a never-started one is marked stopped with 128+signal.

@@ -277,6 +277,31 @@ def test_command_not_found_leaves_nothing(agent: Agent) -> None:
     run(agent, scenario)
 
 
+def test_an_exec_of_a_missing_program_fails_and_frees_its_id(agent: Agent) -> None:
+    from google.protobuf import empty_pb2
+
+    async def scenario(client: Client) -> None:
+        await create_start(client, agent, "nf2", ["sleep", "1000"])
+        process = {"args": ["/no/such"], "cwd": "/", "env": ["PATH=/bin"],
+                   "user": {"uid": 0, "gid": 0}}
+        request = pb.ExecProcessRequest(container_id="nf2", exec_id="e1", stdin=True,
+                                        process_json=json.dumps(process).encode())
+        with pytest.raises(TtrpcError) as err:
+            await asyncio.wait_for(call(client, "ExecProcess", request, pb.ExecProcessResponse),
+                                   60)
+        assert "/no/such" in err.value.message and "not found" in err.value.message
+        with pytest.raises(TtrpcError) as err:  # the failed exec left no process behind
+            await call(client, "WaitProcess", pb.WaitProcessRequest(
+                container_id="nf2", exec_id="e1"), pb.WaitProcessResponse)
+        assert err.value.code == Code.NOT_FOUND
+        await call(client, "SignalProcess", pb.SignalProcessRequest(
+            container_id="nf2", signal=signal.SIGKILL), empty_pb2.Empty)
+        assert await wait(client, "nf2") == 137
+        await remove(client, agent, "nf2")
+
+    run(agent, scenario)
+
+
 def test_errors_and_details(agent: Agent) -> None:
     from google.protobuf import empty_pb2
 

@@ -94,6 +94,12 @@ def test_exec_sync_returns_output_and_exit_code_and_enforces_its_timeout(
     assert "timeout" in (raised.value.details() or "").lower(), raised.value.details()
     # The pod still answers after a timed-out exec.
     assert out(kubelet, cid, ["echo", "alive"]) == "alive"
+    # A program the image lacks: an error naming it (`ctr task exec` hung on it once:
+    # tests/e2e/test_events_logs_io.py), and the pod goes on.
+    with pytest.raises(grpc.RpcError) as raised:
+        kubelet.exec_sync(cid, ["/no/such/program"], timeout=60)
+    assert "/no/such/program" in (raised.value.details() or ""), raised.value.details()
+    assert out(kubelet, cid, ["echo", "alive"]) == "alive"
 
 
 def test_a_container_log_reaches_the_cri_log_path_and_can_be_reopened(

@@ -124,3 +124,21 @@ def test_exec_with_a_tty_of_its_own(kata: Kata) -> None:
             term.expect(r"/dev/pts/\d+", timeout=BOOT_TIMEOUT)
             term.expect(r"size=33 77\r", timeout=BOOT_TIMEOUT)
             assert term.wait(BOOT_TIMEOUT) == 5, term.output
+
+
+def test_an_exec_of_a_missing_program_fails_at_once_and_the_pod_goes_on(kata: Kata) -> None:
+    """`ctr task exec` of a program the image lacks reports crun's error instead of
+    hanging (containerd's Go client waits for EOF on its fifos before it reports a failed
+    start). With and without a tty; the container still runs afterwards."""
+    from tests.harness.pty import PtyProcess
+
+    with detached(kata.cd, KATA, "t1", "sleep", "300"):
+        res = kata.cd.ctr("task", "exec", "--exec-id", "e1", "t1", "/no/such", timeout=60)
+        assert res.returncode != 0, explain(res)
+        assert "/no/such" in res.stderr and "not found" in res.stderr, explain(res)
+        argv = kata.cd.ctr_argv("task", "exec", "-t", "--exec-id", "e2", "t1", "/no/such/tty")
+        with PtyProcess(argv, kata.cd.env, rows=24, cols=80) as term:
+            assert term.wait(60) != 0, term.output
+            assert b"/no/such/tty" in term.output, term.output
+        res = kata.cd.ctr("task", "exec", "--exec-id", "e1", "t1", "echo", "alive", timeout=60)
+        assert (res.returncode, res.stdout) == (0, "alive\n"), explain(res)

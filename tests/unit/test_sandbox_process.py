@@ -19,7 +19,8 @@ from sandbox.process import (
     ProcessGone,
     State,
 )
-from sandbox.types import StdioPaths
+from sandbox.errors import SandboxError
+from sandbox.types import ExecConfig, StdioPaths
 from shim.stdio import open_stdio
 from tests.unit.fakes import FakeAgent
 from ttrpc import Code
@@ -97,6 +98,36 @@ def test_exit_is_recorded_once_output_is_drained(tmp_path: Path) -> None:
         assert os.read(reader, 100) == b"last words"
         assert os.read(reader, 100) == b""  # outputs closed at exit: the client sees EOF
         os.close(reader)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("exec_id", ["", "e1"])
+def test_a_failed_start_closes_the_clients_fifos_and_leaves_the_process_deletable(
+        tmp_path: Path, exec_id: str) -> None:
+    """containerd's client waits for EOF on its fifos before it reports a failed Start, so
+    a start that fails (a program missing in the container) must close our ends."""
+    out, err = str(tmp_path / "out"), str(tmp_path / "err")
+    os.mkfifo(out)
+    os.mkfifo(err)
+    method = "exec_process" if exec_id else "start_container"
+
+    async def run() -> None:
+        readers = [os.open(p, os.O_RDONLY | os.O_NONBLOCK) for p in (out, err)]
+        agent, exits = FakeAgent(fail_at=frozenset({method})), []
+        config = ExecConfig("c1", exec_id, {"args": ["/no/such"]}, False, False)
+        process = Process(Guest(lambda: agent), "c1", exec_id, StdioPaths(stdout=out, stderr=err),
+                          asyncio.Lock(), exits.append, exec_config=config if exec_id else None)
+        process.io = await open_stdio("", out, err, False, "c1", "default")
+        with pytest.raises(SandboxError, match="injected"):
+            await process.start()
+        assert [os.read(r, 10) for r in readers] == [b"", b""]  # EOF: no writer left
+        assert process.state is State.CREATED
+        await process.delete()
+        assert process.state is State.DELETED
+        assert exits == []
+        for r in readers:
+            os.close(r)
 
     asyncio.run(run())
 
