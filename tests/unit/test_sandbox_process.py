@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.errors import FailedPreconditionError, NotFoundError
+from sandbox.errors import FailedPreconditionError, NotFoundError, SandboxError
 from sandbox.guest import Guest
 from sandbox.lifecycle import Refusal, missing_cells, transition
 from sandbox.process import (
@@ -19,7 +19,6 @@ from sandbox.process import (
     ProcessGone,
     State,
 )
-from sandbox.errors import SandboxError
 from sandbox.types import ExecConfig, StdioPaths
 from shim.stdio import open_stdio
 from tests.unit.fakes import FakeAgent
