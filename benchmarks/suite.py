@@ -43,6 +43,9 @@ from benchmarks.measure import (
 )
 from benchmarks.phases import breakdown, shim_events
 from cli.metrics import fetch, find_socket
+from hypervisors.qemu.args import VmParams
+from hypervisors.qemu.template import refusal
+from hypervisors.statepaths import StatePaths
 from tests.harness import kataconfig
 from tests.harness.containerd import RUNTIME_BIN
 from tests.harness.cri.client import Kubelet
@@ -128,11 +131,16 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
 TEMPLATE_VARIANTS = (("restored", TEMPLATE_MEMORY_SLOTS), ("restored, default-size template", 0))
 
 
-def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
+def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None:
     """(b) pre-booted VMs: `ctr run --rm busybox true` with the pod's VM restored from a VM
     template (`[factory] enable_template`), each `TEMPLATE_VARIANTS`, interleaved with cold
     runs of the same configuration; and what making the advised template took
-    (`kata-runtime factory init`)."""
+    (`kata-runtime factory init`). None where the configuration cannot have templates."""
+    refused = template_refusal(kata)
+    if refused is not None:
+        notes.append(f"VM template: no figure, the configuration cannot have templates: "
+                     f"{refused}")
+        return
     fig = figs["VM template"]["kata"]
     configs = [(name, *template_config(kata, name, slots)) for name, slots in TEMPLATE_VARIANTS]
     runs = []
@@ -167,6 +175,17 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures) -> None:
     if restored < plan.template * len(configs):
         raise RuntimeError(f"{restored} of {plan.template * len(configs)} pods were restored "
                            "from a template")
+
+
+def template_refusal(kata: Kata) -> str | None:
+    """The runtime's reason why the bench's pods cannot come from a template (a microvm
+    machine has no PCIe root ports to plug their devices into); None if they can."""
+    tables = tomllib.loads(kata.config_path.read_text())
+    qemu = tables["hypervisor"].get("qemu")
+    if qemu is None:
+        return "templates are made by QEMU only"
+    pod_vm = VmParams(sandbox_id="bench", paths=StatePaths(kata.state_dir), accelerator="tcg")
+    return refusal(pod_vm, qemu.get("machine_type", "q35"))
 
 
 def template_config(kata: Kata, name: str, memory_slots: int) -> tuple[Path, Path]:
@@ -368,11 +387,12 @@ def measure(plan: Plan) -> tuple[Figures, str, list[str]]:
     """Every figure, the accelerator our VMs ran under, and notes on what is missing."""
     figs: Figures = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     notes: list[str] = []
-    steps = [*STEPS[:3], functools.partial(cri_pod_starts, notes=notes), *STEPS[3:]]
+    steps = [*STEPS[:2], functools.partial(vm_template, notes=notes),
+             functools.partial(cri_pod_starts, notes=notes), *STEPS[3:]]
     with kata_cri_containerd() as kata:
         kata.write_config({"hypervisor.qemu": {"default_memory": GUEST_MEMORY_MIB}})
         for step in steps:
-            print(f"bench: {getattr(step, '__name__', 'cri_pod_starts')} ...",
+            print(f"bench: {getattr(step, 'func', step).__name__} ...",
                   file=sys.stderr, flush=True)
             step(kata, plan, figs)
         m = ACCEL.search(kata.cd.log_path.read_text(errors="replace"))

@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import suite
 from benchmarks.phases import PHASES
+from tests.harness import kataconfig
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = {"cold run", "boot floor", "VM template", "CRI pod start", "pod alone", "pods at once",
@@ -49,7 +50,11 @@ def test_the_quick_bench_writes_every_figure(
     run = json.loads(result.read_text())
     jsonschema.validate(run, json.loads((REPO / "docs/bench-results.schema.json").read_text()))
     figures = run["figures"]
-    assert set(figures) == FIGURES
+    # Templates need PCIe root ports (q35), as hot-plug does: on microvm a note says why not.
+    templates = kataconfig.can_hotplug()
+    no_template = [n for n in run["meta"]["notes"] if n.startswith("VM template: no figure")]
+    assert bool(no_template) != templates, run["meta"]["notes"]
+    assert set(figures) == (FIGURES if templates else FIGURES - {"VM template"})
     cri_runc_failed = any(n.startswith("CRI pod start: no runc") for n in run["meta"]["notes"])
     for name, runtimes in figures.items():
         expected = {"kata"} if name in ("boot floor", "VM template") or (
@@ -61,8 +66,16 @@ def test_the_quick_bench_writes_every_figure(
     assert sum(kata[f"{p} s"][0] for p in PHASES) == pytest.approx(kata["wall s"][0], abs=0.05)
     assert figures["memory, 1 pod"]["kata"]["vmm PSS per pod MiB"][0] > 32
     assert figures["memory, 1 pod"]["kata"]["agent RSS (guest) MiB"][0] > 1
-    # Restored pods ran (the suite checks the shim's log said so) beside cold ones.
-    vm_template = figures["VM template"]["kata"]
+    assert our_vmm_children() == [], "the template's QEMU or virtiofsd was left running"
+    assert result.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    table = result.with_suffix(".md").read_text()
+    assert "| cold run | wall s |" in table and table in doc.read_text()
+    if templates:
+        check_template_figure(figures["VM template"]["kata"])
+
+
+def check_template_figure(vm_template: dict[str, list[float]]) -> None:
+    """Restored pods ran (the suite checks the shim's log said so) beside cold ones."""
     assert len(vm_template["restored: wall s"]) == len(vm_template["cold: wall s"]) == \
         suite.QUICK.template
     assert vm_template["template state MiB"][0] > 1 and vm_template["template boot s"][0] > 0
@@ -70,8 +83,3 @@ def test_the_quick_bench_writes_every_figure(
     full = "restored, default-size template"  # without hot-plug: a 2048 MiB template
     assert len(vm_template[f"{full}: wall s"]) == len(
         vm_template[f"{full}: to container started s"]) == suite.QUICK.template
-    assert our_vmm_children() == [], "the template's QEMU or virtiofsd was left running"
-
-    assert result.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    table = result.with_suffix(".md").read_text()
-    assert "| cold run | wall s |" in table and table in doc.read_text()
