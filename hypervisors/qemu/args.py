@@ -35,8 +35,9 @@ from hypervisors.statepaths import StatePaths
 BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=1")
 #: Under TCG the guest kernel skips zeroing every page and slab object it allocates (Debian
 #: turns `init_on_alloc` on): emulated, that zeroing was ~35 % of an exec's time here
-#: (docs/performance.md, "Levers"). Under KVM it costs ~1 % and stays on. The configured
-#: kernel_params come after it, so `init_on_alloc=1` there restores it (docs/security.md).
+#: (docs/performance.md, "Levers"). Under KVM (<1 % by the kernel's help text) it stays
+#: on. The configured kernel_params come after it, so `init_on_alloc=1` there restores it
+#: (docs/security.md).
 TCG_NO_INIT_ON_ALLOC = "init_on_alloc=0"
 MICROVM = "microvm"
 #: microvm without PCI or option ROMs (it keeps the ISA serial console, the RTC and the
