@@ -30,7 +30,6 @@ import json
 import os
 import sys
 import time
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 from benchmarks.e2e_latency import shim_boot_seconds
 from benchmarks.machines import report
 from benchmarks.measure import cpu_ticks, memory_kib
-from tests.harness.containerd import REPO
+from tests.harness import kataconfig
 from tests.harness.kata import Kata, kata_containerd
 from tests.harness.scenarios import KATA, explain, remove, run_detached, run_rm
 
@@ -50,7 +49,7 @@ LEVERS: dict[str, str] = {
     "firmware": "firmware",
     "defaults": "",  # the shipped configuration against QEMU's own defaults for all three
     "grid": "",  # tb-size 0/64 x free page reporting off/on
-    # Under TCG the host adds init_on_alloc=0; the shipped kernel_params + "=1" undo it.
+    # Under TCG the host adds init_on_alloc=0; the base's kernel_params + "=1" undo it.
     "init-on-alloc": "kernel_params",
 }
 
@@ -70,15 +69,9 @@ def variants(lever: str, values: str) -> dict[str, dict[str, Any]]:
     if lever == "reporting":
         return {"off": {key: False}, "on": {key: True}}
     if lever == "init-on-alloc":
-        return {"zeroing": {key: f"{shipped_qemu_setting(key)} init_on_alloc=1"},
+        return {"zeroing": {key: f"{kataconfig.BASE_HYPERVISOR[key]} init_on_alloc=1"},
                 "no zeroing": {}}
     return {"seabios": {key: ""}, "qboot": {key: QBOOT}}
-
-
-def shipped_qemu_setting(key: str) -> Any:
-    """A `[hypervisor.qemu]` value of the shipped configuration.toml."""
-    with open(REPO / "configuration.toml", "rb") as f:
-        return tomllib.load(f)["hypervisor"]["qemu"][key]
 
 
 def mem_available_kib() -> int:

@@ -180,12 +180,10 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
 def template_refusal(kata: Kata) -> str | None:
     """The runtime's reason why the bench's pods cannot come from a template (a microvm
     machine has no PCIe root ports to plug their devices into); None if they can."""
-    tables = tomllib.loads(kata.config_path.read_text())
-    qemu = tables["hypervisor"].get("qemu")
-    if qemu is None:
+    if not kataconfig.is_qemu():
         return "templates are made by QEMU only"
     pod_vm = VmParams(sandbox_id="bench", paths=StatePaths(kata.state_dir), accelerator="tcg")
-    return refusal(pod_vm, qemu.get("machine_type", "q35"))
+    return refusal(pod_vm, kataconfig.BASE_HYPERVISOR.get("machine_type", "q35"))
 
 
 def template_config(kata: Kata, name: str, memory_slots: int) -> tuple[Path, Path]:
