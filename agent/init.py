@@ -11,7 +11,9 @@ costs ~20x under TCG):
    those of ``modules.virtio`` (``<virtio device id> <path>...`` per line) whose device
    the guest has (``/sys/bus/virtio/devices/*/device``, filled synchronously while
    virtio_pci / virtio_mmio load): each module costs start-up time under TCG, so e.g.
-   virtio_balloon loads only when the host gave the VM a balloon;
+   virtio_net loads only when the VM has a NIC and virtio_balloon only when it has a
+   balloon. A device hot-plugged later gets its modules when a request needs it
+   (`DEVICE_MODULES.load_present`, e.g. while UpdateInterface waits for its NIC);
 2. mounts: /dev/pts (a new devpts instance, ptmx usable by all), /dev/shm, /run, /tmp,
    and cgroup2 on /sys/fs/cgroup with the container controllers (cpu, memory, pids, io,
    where present) enabled in the root's ``cgroup.subtree_control`` so crun can use them;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 from agent import syscalls
 
@@ -52,7 +55,7 @@ def warn(message: str) -> None:
 def setup() -> None:
     """Everything PID 1 must do before serving (see module docstring)."""
     load_modules(MODULES_LIST)
-    load_device_modules(DEVICE_MODULES_LIST, VIRTIO_DEVICES)
+    DEVICE_MODULES.load_present()
     mount_basics()
     enable_cgroup_controllers("/sys/fs/cgroup")
     link_virtio_ports()
@@ -95,13 +98,42 @@ def virtio_device_ids(devices_dir: str) -> set[int]:
     return ids
 
 
+class DeviceModules:
+    """Loads the modules of a ``modules.virtio`` line once a device of its id is present.
+
+    Each id's modules load at most once per process (the kernel keeps them), so callers may
+    ask again whenever a device may have appeared; a lock makes it safe from worker threads.
+    """
+
+    def __init__(self, list_path: str = DEVICE_MODULES_LIST,
+                 devices_dir: str = VIRTIO_DEVICES) -> None:
+        self._list_path, self._devices_dir = list_path, devices_dir
+        self._lines: list[list[str]] | None = None
+        self._loaded: set[int] = set()
+        self._lock = threading.Lock()
+
+    def load_present(self) -> None:
+        with self._lock:
+            if self._lines is None:
+                self._lines = _list_lines(self._list_path)
+            wanted = [(int(device_id), paths) for device_id, *paths in self._lines
+                      if device_id.isdigit() and int(device_id) not in self._loaded]
+            if not wanted:
+                return
+            present = virtio_device_ids(self._devices_dir)
+            for device_id, paths in wanted:
+                if device_id in present:
+                    _load(paths)
+                    self._loaded.add(device_id)
+
+
+#: The guest's device modules: loaded by `setup`, then on demand (module docstring).
+DEVICE_MODULES = DeviceModules()
+
+
 def load_device_modules(list_path: str, devices_dir: str) -> None:
     """The modules of ``list_path`` whose virtio device is present (module docstring)."""
-    lines = _list_lines(list_path)
-    present = virtio_device_ids(devices_dir) if lines else set()
-    for device_id, *paths in lines:
-        if device_id.isdigit() and int(device_id) in present:
-            _load(paths)
+    DeviceModules(list_path, devices_dir).load_present()
 
 
 def mounted_targets() -> set[str]:

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import re
 import time
+from collections.abc import Callable
 
 from agent import netlink
 from agent.errors import AgentError, InvalidArgument, NotFound
@@ -59,7 +60,14 @@ def _bounded(items: object, what: str) -> None:
 
 
 class GuestNetwork:
-    """Configures the guest's network with netlink (only ever in the guest)."""
+    """Configures the guest's network with netlink (only ever in the guest).
+
+    ``load_drivers`` is called while a NIC is awaited: the guest loads virtio_net only once
+    it has a NIC (agent/init.py), and a NIC hot-plugged after the boot needs it then.
+    """
+
+    def __init__(self, load_drivers: Callable[[], None] = lambda: None) -> None:
+        self._load_drivers = load_drivers
 
     async def update_interface(self, req: pb.UpdateInterfaceRequest) -> pb.Interface:
         iface = req.interface
@@ -95,7 +103,7 @@ class GuestNetwork:
     def _set_up(self, name: str, mac: str, mtu: int,
                 cidrs: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> str:
         with netlink.Netlink() as nl:
-            link = _wait_for_mac(nl, mac)
+            link = _wait_for_mac(nl, mac, self._load_drivers)
             if link.name != name:
                 nl.request(netlink.encode_setlink(nl.next_seq(), link.ifindex, up=False),
                            f"bring {link.name} down")
@@ -153,12 +161,14 @@ def _index(indexes: dict[str, int], name: str) -> int:
     return indexes[name]
 
 
-def _wait_for_mac(nl: netlink.Netlink, mac: str) -> netlink.Link:
+def _wait_for_mac(nl: netlink.Netlink, mac: str,
+                  load_drivers: Callable[[], None]) -> netlink.Link:
     end = time.monotonic() + NIC_WAIT_SECONDS
     while True:
         for link in nl.links():
             if link.mac == mac:
                 return link
+        load_drivers()
         if time.monotonic() > end:
             raise NotFound(f"no network interface with MAC {mac} in the guest (is "
                            "virtio_net loaded?)")

@@ -176,9 +176,10 @@ class AgentService:
             raise FailedPrecondition("this agent does not run in a guest: it leaves the "
                                      "network alone")
         if self._network is None:  # imported on first use: pods without network skip it
+            from agent import init
             from agent.network import GuestNetwork
 
-            self._network = GuestNetwork()
+            self._network = GuestNetwork(init.DEVICE_MODULES.load_present)
         return self._network
 
     @property

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-# Modules the agent needs; their dependency closure comes from modules.dep.
+# Modules every guest loads at start; their dependency closure comes from modules.dep.
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_pci",
     "virtio_mmio",  # microvm (and StratoVirt): devices without PCI
@@ -35,14 +35,18 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "fuse",
     "virtiofs",
     "overlay",
-    "vmw_vsock_virtio_transport",
-    "virtio_net",
-    "virtio_blk",
 )
 # Modules the agent loads only when the guest has the virtio device (by virtio device id)
-# that needs them: each costs guest start-up time under TCG. 5: the balloon, present only
-# with reclaim_guest_freed_memory (free page reporting).
-DEVICE_MODULES: tuple[tuple[int, str], ...] = ((5, "virtio_balloon"),)
+# that needs them: each costs guest start-up time under TCG (build/README.md "Modules").
+# 1: a NIC (pods with a network; a NIC hot-plugged later gets its driver when the host
+# asks the agent to set it up), 2: a disk, 5: the balloon (reclaim_guest_freed_memory),
+# 19: virtio-vsock (the agent's channel when the VM has one).
+DEVICE_MODULES: tuple[tuple[int, str], ...] = (
+    (1, "virtio_net"),
+    (2, "virtio_blk"),
+    (5, "virtio_balloon"),
+    (19, "vmw_vsock_virtio_transport"),
+)
 LIB_DIR = "lib/x86_64-linux-gnu"
 LOADER = "lib64/ld-linux-x86-64.so.2"
 AGENT_DIR = "opt/kata-agent"

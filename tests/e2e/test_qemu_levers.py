@@ -7,6 +7,8 @@ is there for (the numbers behind the defaults: configuration.toml).
 * under TCG the agent starts crun at fixed addresses (``agent.crun_no_aslr``): the
   container's init and its execs still run randomised;
 * under TCG the guest kernel does not zero what it allocates (``init_on_alloc=0``);
+* device drivers (virtio_net, the vsock transport, virtio_balloon) are loaded only when the
+  VM has the device;
 * ``reclaim_guest_freed_memory``: the guest binds virtio_balloon (the agent loads it only
   for the device), and memory a container touched and freed leaves QEMU again (its peak
   RSS shows the container really touched it).
@@ -125,3 +127,23 @@ def test_under_tcg_the_guest_kernel_does_not_zero_its_allocations(kata: Kata) ->
         words = exec_out(kata, "lever-init", "c1", "cat", "/proc/cmdline").split()
         settings = [w for w in words if w.startswith("init_on_alloc=")]
         assert settings == (["init_on_alloc=0"] if tcg else []), words
+
+
+def test_device_drivers_load_only_for_the_devices_the_vm_has(kata: Kata) -> None:
+    """The agent loads a device's modules only when the VM has that device (each costs
+    start-up time under TCG): a `ctr run` pod has no NIC, so no virtio_net; the vsock
+    transport is there exactly when the agent's channel is vsock, the balloon driver when
+    the VM has a balloon. (A NIC hot-plugged later: tests/e2e/test_vm_template.py.)"""
+    with detached(kata.cd, KATA, "lever-mods", "sleep", "120"):
+        devices = option(one_qemu(kata).argv, "-device")
+        has = {kind: any(kind in d.split(",")[0] for d in devices)
+               for kind in ("virtio-net", "vsock", "virtio-balloon")}
+        drivers = set(exec_out(kata, "lever-mods", "d", "ls", "/sys/bus/virtio/drivers").split())
+        modules = {line.split()[0] for line in
+                   exec_out(kata, "lever-mods", "m", "cat", "/proc/modules").splitlines()}
+        assert "virtio_console" in drivers and "virtiofs" in modules, (drivers, modules)
+        assert not has["virtio-net"], devices
+        assert "virtio_net" not in modules and "failover" not in modules, modules
+        assert ("vmw_vsock_virtio_transport" in modules) == has["vsock"], (
+            devices, modules)
+        assert ("virtio_balloon" in modules) == has["virtio-balloon"], (devices, modules)

@@ -71,3 +71,21 @@ def test_a_failing_module_is_reported_and_the_rest_load(
 def test_no_list_no_work(tmp_path: Path, loaded: list[str]) -> None:
     init.load_device_modules(str(tmp_path / "none"), str(tmp_path))
     assert loaded == []
+
+
+def test_a_device_kind_loads_once_and_a_later_device_gets_its_modules(
+        tmp_path: Path, loaded: list[str]) -> None:
+    """Hot-plug: a NIC that appears after the boot loads virtio_net when asked again, and
+    modules already loaded are not loaded twice."""
+    listing = tmp_path / "modules.virtio"
+    listing.write_text("1 /m/failover.ko /m/virtio_net.ko\n5 /m/virtio_balloon.ko\n")
+    devices = virtio_devices(tmp_path / "d", {"virtio0": "0x0005"})
+    modules = init.DeviceModules(str(listing), str(devices))
+    modules.load_present()
+    assert loaded == ["/m/virtio_balloon.ko"]
+    modules.load_present()
+    assert loaded == ["/m/virtio_balloon.ko"]
+    virtio_devices(devices, {"virtio1": "0x0001"})  # the hot-plugged NIC
+    modules.load_present()
+    modules.load_present()
+    assert loaded == ["/m/virtio_balloon.ko", "/m/failover.ko", "/m/virtio_net.ko"]

@@ -126,10 +126,31 @@ def test_a_nic_that_never_appears_is_not_found(guest_netns: str,
     def configure() -> None:
         with netlink.Netlink() as nl:
             from agent.network import _wait_for_mac
-            _wait_for_mac(nl, "02:99:99:99:99:99")
+            _wait_for_mac(nl, "02:99:99:99:99:99", lambda: None)
 
     with pytest.raises(NotFound, match="02:99:99:99:99:99"):
         run_in_netns(f"/run/netns/{guest_netns}", configure)
+
+
+def test_a_nic_whose_driver_loads_while_it_is_awaited_is_set_up(guest_netns: str) -> None:
+    """A NIC hot-plugged after the boot has no driver yet (virtio_net loads only for a NIC):
+    the agent asks for drivers while it waits, and the NIC then appears."""
+    late = "02:00:00:00:00:07"
+    asked: list[int] = []
+
+    def load_drivers() -> None:  # stands in for virtio_net's probe of the new device
+        asked.append(1)
+        if len(asked) == 2:
+            ip("-n", guest_netns, "link", "add", "eth7", "address", late, "type", "veth",
+               "peer", "name", "peer7")
+
+    net = GuestNetwork(load_drivers)
+    found: list[str] = []
+    run_in_netns(f"/run/netns/{guest_netns}",
+                 lambda: found.append(net._set_up("eth1", late, 1500, [])))
+    assert found == ["eth7"]
+    assert len(asked) >= 2
+    assert "eth1" in ip("-n", guest_netns, "-o", "link", "show", "eth1")
 
 
 def test_the_kernel_refusal_names_what_failed(guest_netns: str) -> None:

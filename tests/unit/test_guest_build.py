@@ -299,10 +299,14 @@ def test_device_modules_are_in_the_image_but_not_in_the_load_list(
              initrd["/etc/kata-agent/modules.virtio"].data.decode().splitlines()]
     by_id = {int(device): paths for device, *paths in lines}
     assert set(by_id) == {device for device, _ in gb.DEVICE_MODULES}
-    balloon = by_id[5]
-    # virtio_balloon alone: what it needs (virtio, virtio_ring) is loaded from the list.
-    assert [gb.module_name(p) for p in balloon] == ["virtio_balloon"]
-    for path in balloon:
+    # Each line has what its module needs beyond the list, dependencies first; what they
+    # share with the list (virtio, virtio_ring) is loaded from the list.
+    assert [gb.module_name(p) for p in by_id[5]] == ["virtio_balloon"]
+    assert [gb.module_name(p) for p in by_id[1]] == ["failover", "net_failover", "virtio_net"]
+    assert [gb.module_name(p) for p in by_id[2]] == ["virtio_blk"]
+    assert [gb.module_name(p) for p in by_id[19]] == [
+        "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"]
+    for path in (p for paths in by_id.values() for p in paths):
         assert path not in listing, f"{path} would load on every boot"
         assert initrd[path].data[:4] == b"\x7fELF"
 
