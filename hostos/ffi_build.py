@@ -27,6 +27,7 @@ long syscall(long number, ...);
 # openat2(2) and mount_setattr(2) have no libc wrapper: syscall() with these structs.
 HOST_CDEF = COMMON_CDEF + """
 int unshare(int flags);
+int malloc_trim(size_t pad);
 struct open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
 struct mount_attr { uint64_t attr_set; uint64_t attr_clr; uint64_t propagation;
                     uint64_t userns_fd; };

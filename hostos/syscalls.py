@@ -1,5 +1,5 @@
 """The host syscalls the standard library lacks, through cffi: mount, umount2, unshare,
-openat2 and mount_setattr.
+openat2 and mount_setattr (and glibc's malloc_trim).
 
 Every wrapper raises OSError with the errno and the path, like the os module does. The
 mount flag constants live in `common.mountopts` (the guest uses the same ones).
@@ -21,7 +21,7 @@ from common.mountopts import MNT_DETACH, MS_BIND, MS_REC, MS_SLAVE
 
 __all__ = [
     "MNT_DETACH", "UMOUNT_NOFOLLOW", "bind", "fd_path", "mount", "open_beneath",
-    "private_mount_namespace", "set_readonly", "setns", "umount",
+    "private_mount_namespace", "release_free_heap", "set_readonly", "setns", "umount",
 ]  # fmt: skip
 
 UMOUNT_NOFOLLOW = 0x8
@@ -66,6 +66,14 @@ def umount(target: str, flags: int = 0) -> None:
     """umount2(2)."""
     _, lib = _lib()
     _check(lib.umount2(os.fsencode(target), flags), target)
+
+
+def release_free_heap() -> bool:
+    """glibc's malloc_trim(0): hand the C heap's free pages back to the kernel; whether any
+    went. Python's objects above 512 bytes (and protobuf's) live on that heap, and glibc
+    keeps what a burst of work freed resident until then."""
+    _, lib = _lib()
+    return bool(lib.malloc_trim(0))
 
 
 def fd_path(fd: int) -> str:

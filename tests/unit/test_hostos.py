@@ -168,3 +168,32 @@ def test_mount_errors_carry_errno_and_path(tmp_path: Path) -> None:
     with pytest.raises(OSError) as einval:
         syscalls.umount(str(tmp_path))  # not a mount point
     assert einval.value.errno == errno.EINVAL
+
+
+def test_release_free_heap_hands_freed_c_heap_pages_back() -> None:
+    """malloc_trim(0) in a child process: after a burst of heap allocations is freed, its
+    resident anonymous memory drops (a child, so this test's own heap is not involved)."""
+    code = """
+import sys
+from hostos import syscalls
+
+def anon_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+# Many mid-sized bytes objects live on glibc's heap (over 512 bytes: not pymalloc's, below
+# the mmap threshold); free all but every 64th so the heap's top stays pinned.
+blocks = [bytes(4000) for _ in range(20000)]
+keep = blocks[::64]
+del blocks
+before = anon_kib()
+released = syscalls.release_free_heap()
+after = anon_kib()
+print(released, before, after)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO, timeout=60).stdout.split()
+    released, before, after = out[0] == "True", int(out[1]), int(out[2])
+    assert released
+    assert before - after > 40 * 1024, (before, after)

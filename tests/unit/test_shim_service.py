@@ -508,3 +508,23 @@ def test_shutdown_waits_for_a_teardown_already_under_way(tmp_path: Path) -> None
         assert not namespace_dir.exists(), list(namespace_dir.rglob("*"))
 
     run(body, tmp_path)
+
+
+def test_the_heap_is_trimmed_once_after_the_first_container_boots_the_vm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boot's freed C heap goes back to the kernel once (malloc_trim), not per call."""
+    trims: list[str] = []
+
+    def trim() -> bool:
+        trims.append("trim")
+        return True
+
+    monkeypatch.setattr("sandbox.pod.release_free_heap", trim)
+
+    async def body(h: Harness) -> None:
+        await h.create("pod")
+        assert trims == ["trim"]
+        await h.create("c2")
+        assert trims == ["trim"]
+
+    run(body, tmp_path)
