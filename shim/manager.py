@@ -38,10 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf import any_pb2, timestamp_pb2
-
 from common import constants
-from protocols import runtimeoptions_pb2, task_pb2, ttrpc_pb2
 from sandbox.config import RuntimeConfig, load_config, variant_of
 from sandbox.errors import FailedPreconditionError, InvalidArgumentError
 from shim.bundle import (
@@ -52,6 +49,7 @@ from shim.bundle import (
 )
 from shim.flags import Flags, daemon_argv
 from shim.spawning import spawn_with_fds
+from ttrpc import wire
 from ttrpc.frames import HEADER, HEADER_SIZE, MessageType, encode_frame
 
 log = logging.getLogger("shim")
@@ -92,6 +90,12 @@ def config_path_from_options(options: bytes, bundle: Path) -> str:
     """The configuration.toml named by the runtime options Any ('' when none)."""
     if not options:
         return ""
+    # Imported only here: containerd sends options only when a runtime is configured with
+    # them, and protobuf is most of what `start` would otherwise import (ttrpc/wire.py).
+    from google.protobuf import any_pb2
+
+    from protocols import runtimeoptions_pb2
+
     envelope = any_pb2.Any()
     try:
         envelope.ParseFromString(options)
@@ -199,9 +203,7 @@ def _wait_serving(path: Path, pid: int, container_id: str,
     """Return once the daemon answers a ttrpc Connect on ``path``; else kill it, remove the
     socket and fail. containerd removes no socket of a shim that died before it connected,
     so `start` makes sure it hands over a daemon that serves."""
-    request = ttrpc_pb2.Request(service=TASK_SERVICE, method="Connect",
-                                payload=task_pb2.ConnectRequest(id=container_id)
-                                .SerializeToString()).SerializeToString()  # fmt: skip
+    request = wire.ttrpc_request(TASK_SERVICE, "Connect", wire.connect_request(container_id))
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
@@ -307,8 +309,4 @@ def _delete_sandbox(flags: Flags, state_dir: Path, socket_dir: Path,
 
 def delete_response(now_ns: int) -> bytes:
     """A serialized DeleteResponse: no pid, killed (137), exited now."""
-    exited = timestamp_pb2.Timestamp()
-    exited.FromNanoseconds(now_ns)
-    response = task_pb2.DeleteResponse(pid=0, exit_status=constants.EXIT_STATUS_KILLED,
-                                      exited_at=exited)
-    return response.SerializeToString()
+    return wire.delete_response(0, constants.EXIT_STATUS_KILLED, now_ns)
