@@ -131,11 +131,6 @@ class DeviceModules:
 DEVICE_MODULES = DeviceModules()
 
 
-def load_device_modules(list_path: str, devices_dir: str) -> None:
-    """The modules of ``list_path`` whose virtio device is present (module docstring)."""
-    DeviceModules(list_path, devices_dir).load_present()
-
-
 def mounted_targets() -> set[str]:
     with open("/proc/self/mounts") as f:
         return {line.split()[1] for line in f if len(line.split()) > 1}

@@ -169,7 +169,7 @@ class Pod:
         log.info("container created", extra=kv(container=cid, bundle=c.bundle))
         if not self._heap_released:
             # Once, after the boot: what start-up freed (configuration, QEMU's command line,
-            # the first agent calls) goes back to the kernel, -0.6 MiB of the shim's PSS
+            # the first agent calls) goes back to the kernel, -0.8 MiB of the shim's PSS
             # (docs/performance.md "Levers"), instead of staying in glibc's heap.
             self._heap_released = True
             release_free_heap()

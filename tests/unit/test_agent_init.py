@@ -41,11 +41,11 @@ def test_balloon_module_loads_only_with_a_balloon(tmp_path: Path, loaded: list[s
     listing = tmp_path / "modules.virtio"
     listing.write_text("# id paths\n5 /m/virtio_balloon.ko\n16 /m/a.ko /m/b.ko\n")
     without = virtio_devices(tmp_path / "without", {"virtio0": "0x0003"})
-    init.load_device_modules(str(listing), str(without))
+    init.DeviceModules(str(listing), str(without)).load_present()
     assert loaded == []
     with_both = virtio_devices(tmp_path / "with", {"virtio0": "0x0003", "virtio1": "0x0005",
                                                    "virtio2": "0x0010"})
-    init.load_device_modules(str(listing), str(with_both))
+    init.DeviceModules(str(listing), str(with_both)).load_present()
     assert loaded == ["/m/virtio_balloon.ko", "/m/a.ko", "/m/b.ko"]
 
 
@@ -63,13 +63,14 @@ def test_a_failing_module_is_reported_and_the_rest_load(
         return True
 
     monkeypatch.setattr(syscalls, "finit_module", finit_module)
-    init.load_device_modules(str(listing), str(virtio_devices(tmp_path / "d", {"v": "0x5"})))
+    init.DeviceModules(str(listing),
+                       str(virtio_devices(tmp_path / "d", {"v": "0x5"}))).load_present()
     assert calls == ["/m/bad.ko", "/m/good.ko"]
     assert "cannot load module /m/bad.ko" in capsys.readouterr().err
 
 
 def test_no_list_no_work(tmp_path: Path, loaded: list[str]) -> None:
-    init.load_device_modules(str(tmp_path / "none"), str(tmp_path))
+    init.DeviceModules(str(tmp_path / "none"), str(tmp_path)).load_present()
     assert loaded == []
 
 
