@@ -152,18 +152,24 @@ def check_tty_resize(cd: Containerd, runtime: str) -> None:
     with PtyProcess(argv, cd.env, rows=40, cols=100) as term:
         term.expect(r"# $|# \x1b", timeout=BOOT_TIMEOUT)  # the shell's prompt
         _expect_size_eventually(term, "40 100")
-        term.resize(50, 132)
-        _expect_size_eventually(term, "50 132")
+        # ctr sends its first Resize and only then listens for SIGWINCH (HandleConsoleResize),
+        # so on a loaded host "40 100" can show while a SIGWINCH would still be lost. That
+        # is ctr's window, for runc too (CI saw it): send the resize again on each try; the
+        # new size must still cross containerd and the shim to show.
+        _expect_size_eventually(term, "50 132", before_each=lambda: term.resize(50, 132))
         term.write("exit 0\n")
         assert term.wait(60) == 0, term.output
 
 
-def _expect_size_eventually(term: PtyProcess, size: str, attempts: int = 20) -> None:
+def _expect_size_eventually(term: PtyProcess, size: str, attempts: int = 20,
+                            before_each: Callable[[], None] = lambda: None) -> None:
     """The resize travels ctr -> containerd -> shim asynchronously: ask until it shows
-    (a quarter second apart: a loaded host may take seconds)."""
+    (a quarter second apart: a loaded host may take seconds). `before_each` runs before
+    each question."""
     for attempt in range(attempts):
         if attempt:
             time.sleep(0.25)
+        before_each()
         start = len(term.output)
         term.write("stty size\n")
         m = term.expect(r"\n(\d+ \d+)\r*\n", timeout=30, start=start)
