@@ -34,6 +34,8 @@ from agent import syscalls
 MODULES_LIST = "/etc/kata-agent/modules.list"
 DEVICE_MODULES_LIST = "/etc/kata-agent/modules.virtio"
 VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+#: A loadable module's directory here has ``initstate`` once it is loaded.
+SYS_MODULE = "/sys/module"
 CGROUP_CONTROLLERS = ("cpu", "memory", "pids", "io")
 
 # (fstype, source, target, flags, data)
@@ -72,6 +74,11 @@ def _list_lines(list_path: str) -> list[list[str]]:
 
 def _load(paths: list[str]) -> None:
     for path in paths:
+        # With the shared root image the loader initrd has loaded the PCI transport
+        # already: a second finit_module would read and lay out the module to learn that.
+        name = os.path.basename(path).split(".", 1)[0].replace("-", "_")
+        if os.path.exists(os.path.join(SYS_MODULE, name, "initstate")):
+            continue
         try:
             syscalls.finit_module(path)
         except OSError as exc:

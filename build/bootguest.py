@@ -2,6 +2,7 @@
 """Boot the guest image under QEMU and time it (see build/README.md).
 
     build/bootguest.py [--kernel build/out/vmlinuz] [--initrd build/out/initrd.img]
+                       [--image build/out/rootfs.img --initrd build/out/rootfs-loader.img]
                        [--params "..."] [--append "..."] [--virtiofs DIR] [--repeat N]
                        [--until REGEX] [--timeout S] [--kill-after-until]
 
@@ -74,6 +75,7 @@ class Guest:
         machine_type: str = "q35",
         share_dir: Path | None = None,
         extra_args: Sequence[str] = (),
+        image: Path | None = None,
     ) -> None:
         for what, path in (("kernel", kernel), ("initrd", initrd), ("qemu", Path(QEMU))):
             if not path.exists():
@@ -90,14 +92,15 @@ class Guest:
         self.virtiofsd: subprocess.Popen[bytes] | None = None
         config = QemuConfig(path=QEMU, kernel=str(kernel), initrd=str(initrd),
                             kernel_params=params, default_memory=memory_mib,
-                            machine_type=machine_type,
+                            machine_type=machine_type, image=str(image or ""),
                             shared_fs="virtio-fs" if share_dir else "none")  # fmt: skip
         share = None if share_dir is None else SharedFsDevice(
             share_dir.resolve(), "virtio-fs", SHARED_FS_TAG)
         vm = VmParams(sandbox_id=f"bootguest-{os.getpid()}", paths=paths,
                       accelerator="kvm" if accel == "kvm" else "tcg",
                       agent_channel=AgentChannel.SERIAL, shared_fs=share,
-                      host_tsc_khz=host_tsc_khz())  # fmt: skip
+                      host_tsc_khz=host_tsc_khz(),
+                      image_bytes=image.stat().st_size if image else 0)  # fmt: skip
         self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._console.bind(str(paths.console_socket))  # QEMU connects at start-up
@@ -225,7 +228,7 @@ def boot_once(args: argparse.Namespace) -> dict[str, float]:
     with Guest(
         Path(args.kernel), Path(args.initrd), params, memory_mib=args.memory,
         accel=args.accel, machine_type=args.machine, share_dir=share,
-        extra_args=args.qemu_arg,
+        extra_args=args.qemu_arg, image=Path(args.image) if args.image else None,
     ) as g:  # fmt: skip
         init = g.wait_for(re.escape(INIT_MARKER), args.timeout)
         after = None
@@ -266,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--params", default=DEFAULT_PARAMS, help="base kernel command line")
     ap.add_argument("--append", default="", help="added to --params")
     ap.add_argument("--virtiofs", default="", help="share this directory as tag kataShared")
+    ap.add_argument("--image", default="",
+                    help="shared root image (then --initrd is its loader, rootfs-loader.img)")
     ap.add_argument("--memory", type=int, default=2048)
     ap.add_argument("--accel", default="tcg")
     ap.add_argument("--machine", default="q35", help="q35 or microvm (virtio-mmio)")

@@ -37,7 +37,7 @@ $(call setting,agent,$(AGENT_ENTRY))
 $(call setting,initrd,$(INITRD_COMPRESSION) $(GUEST_MODULES))
 
 OUTPUTS := $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
-           $(GUEST_DIR)/MANIFEST
+           $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img $(GUEST_DIR)/MANIFEST
 
 .PHONY: guest refresh clean-guest
 guest: $(OUTPUTS)
@@ -79,6 +79,22 @@ $(GUEST_DIR)/initrd.img: $(WORK)/debs.stamp $(WORK)/agent.stamp $(WORK)/initrd.c
 	    --lib-dir $(WORK)/crun-libs \
 	    --out $@ --info $(WORK)/initrd-info.json
 
+# The shared read-only root image (the initrd's tree as ext4) and the initrd that mounts it
+# (build/README.md, "Shared root image"). The loader is static: the loader initrd has no
+# libraries.
+$(GUEST_DIR)/rootfs.img: $(GUEST_DIR)/initrd.img $(B)/rootimage.py
+	$(PY) $(B)/rootimage.py image --tree $(WORK)/tree --out $@
+
+$(WORK)/rootfs-loader: $(B)/rootfs-loader.c
+	mkdir -p $(dir $@)
+	$(CC) -static -Os -s -Wall -Wextra -Werror -o $@.tmp $(B)/rootfs-loader.c
+	mv $@.tmp $@
+
+$(GUEST_DIR)/rootfs-loader.img: $(WORK)/rootfs-loader $(WORK)/debs.stamp $(B)/rootimage.py \
+                                $(B)/guestbuild.py
+	$(PY) $(B)/rootimage.py loader --kernel-root $(WORK)/debs/linux-image \
+	    --loader $(WORK)/rootfs-loader --out $@
+
 $(GUEST_DIR)/kernel-release: $(WORK)/debs.stamp
 	mkdir -p $(GUEST_DIR)
 	cp $(WORK)/debs/kernel-release $@
@@ -88,14 +104,17 @@ $(GUEST_DIR)/vmlinuz: $(WORK)/debs.stamp
 	cp $(WORK)/debs/linux-image/boot/vmlinuz-$$(cat $(WORK)/debs/kernel-release) $@.tmp
 	mv $@.tmp $@
 
-$(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release
+$(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
+                       $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img
 	$(PY) $(B)/guestbuild.py manifest --info $(WORK)/initrd-info.json \
 	    --debs-lock $(CACHE)/debs.lock --out-dir $(GUEST_DIR) \
 	    --agent-entry $(AGENT_ENTRY) --compression $(INITRD_COMPRESSION) \
 	    --python-version "$$($(PY) -c 'import sys; print(sys.version.split()[0])')" \
 	    $(AGENT_SRCS)
 	@echo "guest: $(GUEST_DIR): vmlinuz $$(du -h $(GUEST_DIR)/vmlinuz | cut -f1)," \
-	    "initrd.img $$(du -h $(GUEST_DIR)/initrd.img | cut -f1) ($(INITRD_COMPRESSION))"
+	    "initrd.img $$(du -h $(GUEST_DIR)/initrd.img | cut -f1) ($(INITRD_COMPRESSION))," \
+	    "rootfs.img $$(du -h --apparent-size $(GUEST_DIR)/rootfs.img | cut -f1)" \
+	    "+ rootfs-loader.img $$(du -h $(GUEST_DIR)/rootfs-loader.img | cut -f1)"
 
 # Pick up newer Debian packages (the .debs stay cached until then).
 refresh:

@@ -520,8 +520,10 @@ def write_manifest(args: argparse.Namespace) -> None:
     if info["builtin_skipped"]:
         lines.append(f"# built in, skipped: {' '.join(info['builtin_skipped'])}")
     lines += ["", "[outputs]  file bytes sha256"]
-    for name in ("vmlinuz", "initrd.img", "kernel-release"):
+    for name in ("vmlinuz", "initrd.img", "kernel-release", "rootfs.img", "rootfs-loader.img"):
         p = out_dir / name
+        if not p.exists() and name.startswith("rootfs"):  # the image is made after this
+            continue
         lines.append(f"{name} {p.stat().st_size} {sha256(p)}")
     lines.append(f"# initrd compression: {args.compression}; tree bytes {info['tree_bytes']}")
     tmp = out_dir / "MANIFEST.tmp"

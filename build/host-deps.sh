@@ -5,7 +5,8 @@ set -euo pipefail
 pkgs=(qemu-system-x86 containerd runc crun busybox-static containernetworking-plugins
       iproute2 cpio python3-venv zstd
       kmod   # kmod: depmod for the guest kernel modules (build/extract-debs.sh)
-      gcc libc6-dev  # the guest's crun-only libsystemd (build/crun-nosystemd.c)
+      gcc libc6-dev  # the guest's crun-only libsystemd, the static root image loader
+      e2fsprogs  # mke2fs: the shared root image (build/rootimage.py)
       lintian patchelf)  # `make deb` (checks the package) and `make runtime` (build/freeze-runtime.sh)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the runtime on this host (see build/README.md):
 #   guest kernel + initrd   -> /usr/share/kata-containers/{vmlinuz.container,kata-containers-initrd.img}
+#   shared root image       -> /usr/share/kata-containers/kata-containers.img and its loader,
+#                              kata-containers-image-loader.img (the default configuration's)
 #   default configuration   -> /usr/share/defaults/kata-containers/configuration.toml
 #   variant configurations  -> .../configuration-{qemu,qemu-microvm,stratovirt}.toml
 #   frozen runtime          -> /usr/libexec/kata-py/ (the onedir bundle of `make runtime`: one
@@ -29,6 +31,8 @@ libexec_dir="$dest/usr/libexec/kata-py"
 link_target=$(realpath -m --relative-to="$bindir" /usr/libexec/kata-py/kata-py)
 kernel="$share_dir/vmlinuz.container"
 initrd="$share_dir/kata-containers-initrd.img"
+image="$share_dir/kata-containers.img"
+loader="$share_dir/kata-containers-image-loader.img"
 config="$conf_dir/configuration.toml"
 variants=(qemu qemu-microvm stratovirt)
 entry_points=(containerd-shim-kata-v2 kata-runtime)
@@ -39,7 +43,7 @@ variant_config() {  # the repository file a variant's configuration comes from
 
 if [ "${1:-}" = "--uninstall" ]; then
     [ $# -eq 1 ] || die "usage: $0 --uninstall"
-    rm -f "$kernel" "$initrd" "$share_dir/MANIFEST" "$config"
+    rm -f "$kernel" "$initrd" "$image" "$loader" "$share_dir/MANIFEST" "$config"
     for v in "${variants[@]}"; do rm -f "$conf_dir/configuration-$v.toml"; done
     for e in "${entry_points[@]}"; do
         # only our symlinks: never a file someone else put there
@@ -58,7 +62,7 @@ bundle=$(cd "$1" 2>/dev/null && pwd) || die "frozen runtime $1 not found (make r
     || die "$bundle is not the frozen runtime (make runtime builds build/out/runtime/kata-py)"
 guest=$(cd "$2" 2>/dev/null && pwd) || die "guest dir $2 not found (make guest)"
 [ -z "$dest" ] && [ "$(id -u)" -ne 0 ] && die "run as root (or set DESTDIR)"
-for f in vmlinuz initrd.img; do
+for f in vmlinuz initrd.img rootfs.img rootfs-loader.img; do
     [ -s "$guest/$f" ] || die "$guest/$f missing (make guest)"
 done
 [ -f "$root/configuration.toml" ] || die "$root/configuration.toml missing"
@@ -83,6 +87,9 @@ mv "$libexec_dir.new" "$libexec_dir"
 # install(1) writes a temp file and renames: a running VM keeps its old (open) files.
 install -m 0644 "$guest/vmlinuz" "$kernel"
 install -m 0644 "$guest/initrd.img" "$initrd"
+# A running VM maps the image it booted with: install(1)'s rename leaves that file intact.
+install -m 0644 "$guest/rootfs.img" "$image"
+install -m 0644 "$guest/rootfs-loader.img" "$loader"
 if [ -f "$guest/MANIFEST" ]; then install -m 0644 "$guest/MANIFEST" "$share_dir/MANIFEST"; fi
 install -m 0644 "$root/configuration.toml" "$config"
 for v in "${variants[@]}"; do
@@ -91,5 +98,6 @@ done
 for e in "${entry_points[@]}"; do
     ln -sfn "$link_target" "$bin_dir/$e"
 done
-echo "install: kernel $kernel, initrd $initrd, config $config, runtime $libexec_dir," \
+echo "install: kernel $kernel, initrd $initrd, image $image (+ loader), config $config," \
+    "runtime $libexec_dir," \
     "entry points in $bin_dir -> $link_target"

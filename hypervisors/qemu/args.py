@@ -29,28 +29,26 @@ from typing import Protocol
 from common.constants import AGENT_PORT_NAME, CRUN_NO_ASLR_KERNEL_PARAM, DEBUG_CONSOLE_PORT_NAME
 from hypervisors.accel import Accelerator
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
-from hypervisors.qemu.config import QemuConfig
+from hypervisors.qemu.config import QemuConfig, is_mmio
 from hypervisors.statepaths import StatePaths
 
-BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=1")
+#: ``swiotlb=noforce``: no bounce buffer. The kernel sets one up (64 MiB, zeroed: host
+#: memory) once RAM may lie above 4 GiB, as hot-plug headroom or the root image's slot
+#: makes it, yet no device of ours needs one: virtio devices without
+#: VIRTIO_F_ACCESS_PLATFORM bypass the DMA API. Measured: docs/performance.md, "Levers".
+BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=1", "swiotlb=noforce")
 #: Under TCG the guest kernel skips zeroing every page and slab object it allocates (Debian
 #: turns `init_on_alloc` on): emulated, that zeroing was ~35 % of an exec's time here
 #: (docs/performance.md, "Levers"). Under KVM (<1 % by the kernel's help text) it stays
 #: on. The configured kernel_params come after it, so `init_on_alloc=1` there restores it
 #: (docs/security.md).
 TCG_NO_INIT_ON_ALLOC = "init_on_alloc=0"
-MICROVM = "microvm"
 #: microvm without PCI or option ROMs (it keeps the ISA serial console, the RTC and the
 #: IO-APIC; its ACPI tables are a DSDT listing the virtio-mmio slots, and the MADT).
 MICROVM_OPTIONS = ("pcie=off", "x-option-roms=off")
 #: Under TCG there is no kvmclock: without the PIT the guest cannot calibrate its TSC and
 #: hangs at boot (seen here), so TCG keeps the PIT and PIC that KVM's "auto" leaves out.
 MICROVM_TCG_OPTIONS = ("pit=on", "pic=on")
-
-
-def is_mmio(machine_type: str) -> bool:
-    """Whether virtio devices of this machine are virtio-mmio (no PCI bus)."""
-    return machine_type == MICROVM
 
 
 def virtio(kind: str, mmio: bool) -> str:
@@ -97,6 +95,9 @@ class VmParams:
     #: Guest RAM in this file rather than a memfd of QEMU's own: a template's RAM is kept
     #: as a file and a restored VM's comes filled (`hypervisors.qemu.template`).
     ram_file: str | None = None
+    #: The size of the configuration's ``image`` (`hypervisors.qemu.config.QemuConfig`):
+    #: its memory backend must name it, and this module does no I/O.
+    image_bytes: int = 0
 
 
 class QemuParam(Protocol):
@@ -188,12 +189,20 @@ class Memory:
     mmio: bool = False
     #: Shared RAM in this file (`VmParams.ram_file`) instead of a memfd.
     file: str | None = None
+    #: MiB of memory devices plugged at boot (`RootImage`): one more slot, and room in
+    #: maxmem beside whatever DIMMs may come.
+    device_mib: int = 0
 
     def to_argv(self) -> list[str]:
         """Render."""
         size = f"{self.size_mib}M"
-        if self.slots and self.max_mib > self.size_mib:
-            size += f",slots={self.slots},maxmem={self.max_mib}M"
+        # DIMM slots only where there is room to plug DIMMs into.
+        slots = self.slots if self.max_mib > self.size_mib else 0
+        max_mib = self.max_mib
+        if self.device_mib:
+            slots, max_mib = slots + 1, max(max_mib, self.size_mib) + self.device_mib
+        if slots:
+            size += f",slots={slots},maxmem={max_mib}M"
         argv = ["-m", size]
         if self.shared:
             backend = (f"memory-backend-file,id=mem,size={self.size_mib}M,share=on,"
@@ -203,6 +212,27 @@ class Memory:
             if not self.mmio:
                 argv += ["-numa", "node,memdev=mem"]
         return argv
+
+
+@dataclass(frozen=True)
+class RootImage:
+    """The shared read-only root image as a virtio-pmem device: the file mapped read-only
+    and shared (the guest mounts it with DAX and reads the host's page cache; a write it
+    attempts never reaches the file), taking a memory-device slot (`Memory.device_mib`)."""
+
+    path: str
+    size_bytes: int
+
+    @property
+    def mib(self) -> int:
+        """MiB of guest physical address space it takes."""
+        return -(-self.size_bytes // (1 << 20))
+
+    def to_argv(self) -> list[str]:
+        """Render."""
+        return ["-object", f"memory-backend-file,id=rootimg,mem-path={self.path},"
+                f"size={self.size_bytes},share=on,readonly=on",
+                "-device", "virtio-pmem-pci,memdev=rootimg,id=rootimg0"]
 
 
 @dataclass(frozen=True)
@@ -485,6 +515,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
                      or vm.agent_channel is AgentChannel.VHOST_USER_VSOCK
                      or vm.ram_file is not None)
     vcpus = vm.vcpus or config.default_vcpus
+    image = _root_image(config, vm)
     params: list[QemuParam] = [
         Name(vm.sandbox_id),
         Machine(config.machine_type, vm.accelerator, memory_backend=shared_memory,
@@ -494,7 +525,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         Smp(vcpus, vcpus if mmio else config.default_maxvcpus),
         Memory(vm.memory_mib or config.default_memory, shared=shared_memory,
                slots=0 if mmio else config.memory_slots, max_mib=vm.max_memory_mib,
-               mmio=mmio, file=vm.ram_file),
+               mmio=mmio, file=vm.ram_file, device_mib=image.mib if image else 0),
         Firmware(config.firmware),
         KernelBoot(config.kernel, config.initrd, kernel_params(config, vm)),
         Headless(),
@@ -507,6 +538,8 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     if vm.debug_console and vm.agent_channel is AgentChannel.SERIAL:
         # With the agent on vsock, the agent serves the console on vsock port 1026.
         params.append(DebugConsoleSerial(vm.paths.debug_console_socket, mmio))
+    if image is not None:
+        params.append(image)
     if fs is not None and fs.kind == "virtio-fs":
         params.append(VirtioFs(vm.paths.virtiofsd_socket, fs.tag, mmio))
     elif fs is not None:
@@ -520,6 +553,14 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
     if vm.incoming:
         params.append(Incoming())
     return params
+
+
+def _root_image(config: QemuConfig, vm: VmParams) -> RootImage | None:
+    if not config.image:
+        return None
+    if vm.image_bytes <= 0:
+        raise ValueError("failed to build QEMU arguments: the root image's size is unknown")
+    return RootImage(config.image, vm.image_bytes)
 
 
 def _agent_param(vm: VmParams, mmio: bool) -> QemuParam:

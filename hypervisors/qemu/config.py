@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypervisors.annotations import AnnotationError
 from hypervisors.annotations import apply as apply_annotations
 from hypervisors.channel import VSOCK_BACKENDS
 from hypervisors.config import (
@@ -37,6 +38,8 @@ ACCELERATORS = ("auto", "kvm", "tcg")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
 VIRTIO_FS_CACHE_MODES = ("auto", "always", "none")
 MIN_MEMORY_MIB = 64
+#: The machine whose virtio devices are virtio-mmio: no PCI bus.
+MICROVM = "microvm"
 DEFAULT_SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -47,6 +50,10 @@ class QemuConfig:
     path: str = "/usr/bin/qemu-system-x86_64"
     kernel: str = "/usr/share/kata-containers/vmlinuz.container"
     initrd: str = "/usr/share/kata-containers/kata-containers-initrd.img"
+    #: The guest's files as a read-only ext4 image every VM maps (virtio-pmem, DAX) instead
+    #: of its own copy in an initramfs; ``initrd`` is then the small loader that mounts it
+    #: (build/README.md, "Shared root image"). "" = none. Kata's key.
+    image: str = ""
     machine_type: str = "q35"
     kernel_params: str = ""
     default_vcpus: int = 1
@@ -98,8 +105,15 @@ class QemuConfig:
         return ()
 
     def with_annotations(self, annotations: Mapping[str, str], source: str) -> QemuConfig:
-        """This configuration with the pod's allowed hypervisor annotations applied."""
-        return apply_annotations(self, annotations, _PARSERS, SECTION, source)
+        """This configuration with the pod's allowed hypervisor annotations applied (and
+        the keys' relations checked again: an annotation may break one)."""
+        config = apply_annotations(self, annotations, _PARSERS, SECTION, source)
+        if config is not self:
+            try:
+                config._check_relations(source)
+            except ConfigError as e:
+                raise AnnotationError(f"the pod's hypervisor annotations: {e}") from None
+        return config
 
     @classmethod
     def from_table(cls, table: dict[str, Any] | Any, source: str = "<config>") -> QemuConfig:
@@ -109,6 +123,16 @@ class QemuConfig:
         return config
 
     def _check_relations(self, source: str) -> None:
+        if self.image and is_mmio(self.machine_type):
+            raise ConfigError(
+                SECTION, "image", self.image,
+                f"needs PCI (virtio-pmem) and machine_type {self.machine_type!r} has none",
+                'set image = "" to boot the full initrd, or use machine_type = "q35"', source)
+        if self.image and not self.initrd:
+            raise ConfigError(
+                SECTION, "image", self.image, "is mounted by the loader initrd, and initrd "
+                "is empty", "set initrd to the loader that `make guest` builds beside the "
+                "image (rootfs-loader.img)", source)
         if self.default_maxvcpus and self.default_maxvcpus < self.default_vcpus:
             raise ConfigError(
                 SECTION, "default_maxvcpus", self.default_maxvcpus,
@@ -127,6 +151,8 @@ class QemuConfig:
                 ("kernel", "run `make guest`", False)]  # fmt: skip
         if self.initrd:
             keys.append(("initrd", "run `make guest`", False))
+        if self.image:
+            keys.append(("image", "run `make guest`", False))
         if self.firmware:
             keys.append(("firmware", "install qemu-system-x86 (it ships /usr/share/qemu/"
                          "qboot.rom)", False))
@@ -141,10 +167,16 @@ class QemuConfig:
                 for k, v in dataclasses.asdict(self).items()}  # fmt: skip
 
 
+def is_mmio(machine_type: str) -> bool:
+    """Whether virtio devices of this machine are virtio-mmio (no PCI bus)."""
+    return machine_type == MICROVM
+
+
 _PARSERS: dict[str, Parser] = {
     "path": abs_path,
     "kernel": abs_path,
     "initrd": optional_abs_path,
+    "image": optional_abs_path,
     "machine_type": nonempty,
     "kernel_params": string,
     "default_vcpus": int_at_least(1),

@@ -11,7 +11,7 @@ shaped like a pod's (`template_view`: the pod's command line without its devices
 smallest size a pod may have. A pod's VM is restored
 from it by `hypervisors.qemu.vm.Qemu.start` only when its command line at the template's
 size (`shape`: with the sandbox's names and paths left out) and the files it names (QEMU,
-kernel, initrd, firmware: size and mtime) are what it was saved with (`mismatch`), and
+kernel, initrd, root image, firmware: size and mtime) are what it was saved with (`mismatch`), and
 hot-plug can grow it to the pod's size (`too_small`); otherwise the VM boots and the log
 says why.
 
@@ -48,8 +48,8 @@ from typing import Any
 
 from hypervisors.base import NetworkDevice
 from hypervisors.errors import HypervisorError
-from hypervisors.qemu.args import AgentChannel, VmParams, build_argv, is_mmio, root_port, virtio
-from hypervisors.qemu.config import QemuConfig
+from hypervisors.qemu.args import AgentChannel, VmParams, build_argv, root_port, virtio
+from hypervisors.qemu.config import QemuConfig, is_mmio
 from hypervisors.qmp import QmpClient
 from hypervisors.statepaths import StatePaths
 
@@ -133,10 +133,11 @@ def shape(config: QemuConfig, vm: VmParams) -> list[str]:
 
 
 def file_ids(config: QemuConfig) -> dict[str, list[int]]:
-    """(size, mtime) of QEMU, kernel, initrd and firmware: a rebuilt guest voids a template."""
+    """(size, mtime) of QEMU, kernel, initrd, root image and firmware: a rebuilt guest
+    voids a template."""
     ids: dict[str, list[int]] = {}
     for path in (shutil.which(config.path) or config.path, config.kernel, config.initrd,
-                 config.firmware):
+                 config.image, config.firmware):
         if path:
             st = os.stat(path)
             ids[path] = [st.st_size, st.st_mtime_ns]

@@ -48,8 +48,8 @@ from hypervisors.errors import (
     QmpError,
 )
 from hypervisors.qemu import template as tpl
-from hypervisors.qemu.args import AgentChannel, VmParams, build_argv, is_mmio
-from hypervisors.qemu.config import QemuConfig
+from hypervisors.qemu.args import AgentChannel, VmParams, build_argv
+from hypervisors.qemu.config import QemuConfig, is_mmio
 from hypervisors.vmm import VHOST_VSOCK_DEVICE, VmmVm, host_has_vhost_vsock
 from hypervisors.vsock.cid import reserve_guest_cid
 
@@ -265,6 +265,7 @@ class Qemu(VmmVm[QemuConfig]):
             blocks=tuple(self._devices.of(BlockDevice)),
             host_tsc_khz=host_tsc_khz() if is_mmio(self.config.machine_type) else None,
             debug_console=self.spec.debug_console,
+            image_bytes=os.stat(self.config.image).st_size if self.config.image else 0,
         )
 
     def build_argv(self) -> list[str]:

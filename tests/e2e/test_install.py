@@ -42,7 +42,13 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     # The installed configuration names the installed guest (relative to DESTDIR here).
     settings = config.hypervisor.settings()
     assert Path(settings["kernel"]) == Path("/") / kernel.relative_to(dest)
-    assert Path(settings["initrd"]) == Path("/") / initrd.relative_to(dest)
+    # It boots the shared root image through its loader; the whole initrd stays for the
+    # configurations (microvm) without PCI.
+    image, loader = share / "kata-containers.img", share / "kata-containers-image-loader.img"
+    assert image.read_bytes() == (kataconfig.GUEST_DIR / "rootfs.img").read_bytes()
+    assert loader.read_bytes() == (kataconfig.GUEST_DIR / "rootfs-loader.img").read_bytes()
+    assert Path(settings["image"]) == Path("/") / image.relative_to(dest)
+    assert Path(settings["initrd"]) == Path("/") / loader.relative_to(dest)
     program = dest / "usr/libexec/kata-py/kata-py"
     assert program.is_file() and (program.parent / "_internal").is_dir()
     assert not (program.parent / "bin").exists()  # the build tree's links stay there
@@ -64,8 +70,8 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
 
     # The installed CLI accepts the installed configuration (guest paths moved under DESTDIR).
     moved = tmp_path / "moved.toml"
-    kataconfig.write(moved, {"hypervisor.qemu": {"kernel": str(kernel), "initrd": str(initrd)}},
-                     base=config_path)
+    guest = {"kernel": str(kernel), "initrd": str(loader), "image": str(image)}
+    kataconfig.write(moved, {"hypervisor.qemu": guest}, base=config_path)
     # No venv on PATH: the installed program carries its own Python.
     env = {"PATH": SYSTEM_PATH}
     check = subprocess.run([str(dest / "usr/local/bin/kata-runtime"), "--config", str(moved),
@@ -75,9 +81,8 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
         # The shipped configuration refuses pods under TCG, and says how to allow them.
         assert check.returncode == 1 and len(fails) == 1, check.stdout
         assert fails[0].startswith("FAIL  security boundary:") and "allow_tcg" in fails[0]
-        kataconfig.write(moved, {"hypervisor.qemu": {"kernel": str(kernel),
-                                                     "initrd": str(initrd), "allow_tcg": True}},
-                         base=config_path)  # fmt: skip
+        kataconfig.write(moved, {"hypervisor.qemu": {**guest, "allow_tcg": True}},
+                         base=config_path)
         check = subprocess.run([str(dest / "usr/local/bin/kata-runtime"), "--config",
                                 str(moved), "check"], capture_output=True, text=True, timeout=60,
                                env=env)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def test_package_contents_and_dependencies(deb: Path, installed: Path) -> None:
         assert link in files and link.is_symlink(), name
         assert os.readlink(link) == "../libexec/kata-py/kata-py"
         assert link.resolve() == root / BUNDLE / "kata-py"
-    for name in ("vmlinuz.container", "kata-containers-initrd.img", "MANIFEST"):
+    for name in ("vmlinuz.container", "kata-containers-initrd.img", "kata-containers.img",
+                 "kata-containers-image-loader.img", "MANIFEST"):
         assert root / GUEST / name in files, name
     for name in ("configuration.toml", *(f"configuration-{v}.toml" for v in
                                          ("qemu", "qemu-microvm", "stratovirt"))):
@@ -163,8 +165,12 @@ def installed_config(root: Path, variant: str, path: Path, state_dir: Path) -> P
     """The package's configuration (of `variant`, '' = the default), with the test settings
     and the guest the package installed."""
     name = f"configuration-{variant}.toml" if variant else "configuration.toml"
-    guest = {kataconfig.HYPERVISOR: {"kernel": str(root / GUEST / "vmlinuz.container"),
-                                     "initrd": str(root / GUEST / "kata-containers-initrd.img")}}
+    # The guest files the package installed, as the configuration names them.
+    shipped = tomllib.loads((root / CONF_DIR / name).read_text())["hypervisor"]
+    files = {k: v for table in shipped.values() for k, v in table.items()
+             if k in ("kernel", "initrd", "image") and v}
+    guest = {kataconfig.HYPERVISOR: {k: str(root / Path(v).relative_to("/"))
+                                     for k, v in files.items()}}
     return kataconfig.write(path, kataconfig.overrides_for_tests(state_dir), guest,
                             base=root / CONF_DIR / name)
 

@@ -40,6 +40,11 @@ def is_qemu() -> bool:
     return HYPERVISOR == "hypervisor.qemu"
 
 
+def uses_root_image() -> bool:
+    """Whether the base's guests mount the shared read-only root image (``image``)."""
+    return bool(BASE_HYPERVISOR.get("image"))
+
+
 def can_hotplug() -> bool:
     """Whether the base's VMs can grow (QEMU on a PC machine: q35; not microvm)."""
     return is_qemu() and BASE_HYPERVISOR.get("machine_type", "q35") != "microvm"
@@ -98,6 +103,9 @@ def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
     hypervisor: dict[str, Any] = {"kernel": str(guest_dir / "vmlinuz"),
                                   "initrd": str(guest_dir / "initrd.img"),
                                   "default_memory": memory_mib}
+    if uses_root_image():  # the base boots the shared root image through its loader
+        hypervisor.update(image=str(guest_dir / "rootfs.img"),
+                          initrd=str(guest_dir / "rootfs-loader.img"))
     if is_qemu():
         hypervisor["allow_tcg"] = True  # these machines have no usable KVM (environment.md)
     if os.environ.get("KATA_TEST_VMM"):

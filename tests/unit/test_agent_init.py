@@ -17,6 +17,15 @@ def virtio_devices(root: Path, ids: dict[str, str]) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_module_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake /sys/module: the host's own modules must not count."""
+    sys_module = tmp_path / "sys-module"
+    sys_module.mkdir()
+    monkeypatch.setattr(init, "SYS_MODULE", str(sys_module))
+    return sys_module
+
+
 @pytest.fixture()
 def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
@@ -90,3 +99,22 @@ def test_a_device_kind_loads_once_and_a_later_device_gets_its_modules(
     modules.load_present()
     modules.load_present()
     assert loaded == ["/m/virtio_balloon.ko", "/m/failover.ko", "/m/virtio_net.ko"]
+
+
+def test_modules_already_loaded_are_not_loaded_again(
+        tmp_path: Path, loaded: list[str], no_module_loaded: Path) -> None:
+    """The shared root image's loader has loaded virtio_pci and its dependencies; the
+    image's list names them too. A built-in module's directory (no initstate) is not a
+    loaded module."""
+    (no_module_loaded / "virtio_pci" / "initstate").parent.mkdir()
+    (no_module_loaded / "virtio_pci" / "initstate").write_text("live\n")
+    (no_module_loaded / "fuse").mkdir()
+    listing = tmp_path / "modules.list"
+    listing.write_text("/lib/modules/r/kernel/virtio_pci.ko\n/lib/modules/r/fuse.ko\n"
+                       "/lib/modules/r/virtio-console.ko\n")
+    init.load_modules(str(listing))
+    assert loaded == ["/lib/modules/r/fuse.ko", "/lib/modules/r/virtio-console.ko"]
+    (no_module_loaded / "virtio_console" / "initstate").parent.mkdir()
+    (no_module_loaded / "virtio_console" / "initstate").write_text("live\n")
+    init.load_modules(str(listing))
+    assert loaded[2:] == ["/lib/modules/r/fuse.ko"]

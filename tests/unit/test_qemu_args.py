@@ -50,7 +50,7 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-numa", "node,memdev=mem",
         "-kernel", "/k/vmlinuz",
         "-initrd", "/k/initrd.img",
-        "-append", ("console=ttyS0 panic=1 agent.crun_no_aslr init_on_alloc=0 quiet loglevel=3 "
+        "-append", ("console=ttyS0 panic=1 swiotlb=noforce agent.crun_no_aslr init_on_alloc=0 quiet loglevel=3 "
                     "agent.debug=1"),
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -179,7 +179,8 @@ def test_microvm_has_mmio_devices_no_pci_no_numa_and_no_hotplug_headroom() -> No
     nic_arg = next(d for d in option(argv, "-device") if d.startswith("virtio-net-device"))
     assert nic_arg.endswith(",mq=on") and "vectors" not in nic_arg
     # Under TCG the guest is told the TSC rate: it has nothing to calibrate it against.
-    assert option(argv, "-append")[0].startswith("console=ttyS0 panic=1 tsc_early_khz=2000000")
+    assert option(argv, "-append")[0].startswith(
+        "console=ttyS0 panic=1 swiotlb=noforce tsc_early_khz=2000000")
 
 
 def test_microvm_under_kvm_keeps_qemus_timer_defaults_and_no_tsc_hint() -> None:
@@ -260,3 +261,40 @@ def test_reclaim_guest_freed_memory_adds_a_reporting_balloon(config: QemuConfig,
     devices = option(build_argv(on, vm()), "-device")
     # Last: the devices before it keep their PCI slots.
     assert devices[-1] == f"{driver},id=balloon0,free-page-reporting=on"
+
+
+IMAGE_CONFIG = dataclasses.replace(CONFIG, image="/k/rootfs.img", initrd="/k/loader.img")
+IMAGE_BYTES = 34 * 2**20 + 1  # not a whole MiB: the slot is rounded up
+
+
+def test_the_root_image_is_a_read_only_shared_pmem_device_in_its_own_slot() -> None:
+    argv = build_argv(IMAGE_CONFIG, vm(image_bytes=IMAGE_BYTES))
+    assert (f"memory-backend-file,id=rootimg,mem-path=/k/rootfs.img,size={IMAGE_BYTES},"
+            "share=on,readonly=on") in option(argv, "-object")
+    assert "virtio-pmem-pci,memdev=rootimg,id=rootimg0" in option(argv, "-device")
+    # One memory-device slot and room for the image (35 MiB) beside the RAM.
+    assert option(argv, "-m") == ["512M,slots=1,maxmem=547M"]
+    assert option(argv, "-initrd") == ["/k/loader.img"]
+
+
+def test_the_root_image_keeps_room_for_memory_hot_plug() -> None:
+    hot = dataclasses.replace(IMAGE_CONFIG, memory_slots=2)
+    argv = build_argv(hot, vm(image_bytes=IMAGE_BYTES, max_memory_mib=4096))
+    assert option(argv, "-m") == ["512M,slots=3,maxmem=4131M"]
+    # A VM that may not grow still gets the image's slot.
+    assert option(build_argv(hot, vm(image_bytes=2**20)), "-m") == ["512M,slots=1,maxmem=513M"]
+
+
+def test_no_root_image_no_pmem_and_its_size_must_be_known() -> None:
+    argv = build_argv(CONFIG, vm())
+    assert not any("pmem" in a for a in argv) and option(argv, "-m") == ["512M"]
+    with pytest.raises(ValueError, match="root image's size is unknown"):
+        build_argv(IMAGE_CONFIG, vm())
+
+
+def test_the_guest_gets_no_bounce_buffer() -> None:
+    """Hot-plug headroom or the image's slot puts memory above 4 GiB, where the kernel
+    would zero a 64 MiB bounce buffer no virtio device of ours uses."""
+    for config, params in ((CONFIG, vm()), (IMAGE_CONFIG, vm(image_bytes=IMAGE_BYTES)),
+                           (MICROVM, vm())):
+        assert "swiotlb=noforce" in option(build_argv(config, params), "-append")[0].split()

@@ -183,3 +183,41 @@ def test_firmware_from_a_pod_must_be_a_valid_path() -> None:
     assert ok.firmware == "/usr/share/qemu/qboot.rom"
     with pytest.raises(AnnotationError, match="valid_hypervisor_paths"):
         config.with_annotations({PREFIX + "firmware": "/tmp/evil.rom"}, "c")
+
+
+def test_the_root_image_needs_pci_and_its_loader(tmp_path: Path) -> None:
+    ok = QemuConfig.from_table({"image": "/k/rootfs.img", "initrd": "/k/loader.img"})
+    assert (ok.image, ok.initrd) == ("/k/rootfs.img", "/k/loader.img")
+    with pytest.raises(ConfigError, match=r"image: /k/rootfs.img needs PCI .*microvm.* "
+                                          r"set image = \"\""):
+        QemuConfig.from_table({"image": "/k/rootfs.img", "machine_type": "microvm"})
+    with pytest.raises(ConfigError, match=r"initrd is empty; set initrd to the loader"):
+        QemuConfig.from_table({"image": "/k/rootfs.img", "initrd": ""})
+    with pytest.raises(ConfigError, match="image: 'rootfs.img' is not an absolute path"):
+        QemuConfig.from_table({"image": "rootfs.img"})
+
+
+def test_a_missing_root_image_says_make_guest(tmp_path: Path) -> None:
+    for name in ("vmlinuz", "loader.img"):
+        (tmp_path / name).write_bytes(b"x")
+    table = {"kernel": str(tmp_path / "vmlinuz"), "initrd": str(tmp_path / "loader.img"),
+             "image": str(tmp_path / "rootfs.img"), "path": "/bin/true", "shared_fs": "none"}
+    with pytest.raises(ConfigError, match=r"image: .*rootfs.img does not exist; run `make "
+                                          r"guest`"):
+        QemuConfig.from_table(table).check_files()
+    (tmp_path / "rootfs.img").write_bytes(b"i")
+    QemuConfig.from_table(table).check_files()
+
+
+def test_annotations_cannot_move_the_root_image_off_pci_or_outside_valid_paths() -> None:
+    from hypervisors.annotations import PREFIX, AnnotationError
+
+    config = QemuConfig.from_table({
+        "image": "/k/rootfs.img", "initrd": "/k/loader.img",
+        "enable_annotations": ["machine_type", "image"], "valid_hypervisor_paths": ["/k/*"]})
+    with pytest.raises(AnnotationError, match="needs PCI"):
+        config.with_annotations({PREFIX + "machine_type": "microvm"}, "c")
+    assert config.with_annotations({PREFIX + "image": "/k/other.img"}, "c").image == \
+        "/k/other.img"
+    with pytest.raises(AnnotationError, match="valid_hypervisor_paths"):
+        config.with_annotations({PREFIX + "image": "/tmp/evil.img"}, "c")

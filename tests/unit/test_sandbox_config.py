@@ -167,12 +167,18 @@ def test_every_shipped_configuration_loads_without_warnings(name: str) -> None:
 
 
 def test_the_microvm_configuration_differs_from_the_default_only_in_the_machine() -> None:
+    """... and in what the guest boots: microvm has no PCI for the shared root image."""
     import tomllib
 
     default = tomllib.loads((REPO / "configuration.toml").read_text())
     microvm = tomllib.loads((REPO / "configuration-qemu-microvm.toml").read_text())
     q35, mvm = default["hypervisor"]["qemu"], microvm["hypervisor"]["qemu"]
     assert (q35.pop("machine_type"), mvm.pop("machine_type")) == ("q35", "microvm")
+    assert (q35.pop("image"), q35.pop("initrd"), mvm.pop("initrd")) == (
+        "/usr/share/kata-containers/kata-containers.img",
+        "/usr/share/kata-containers/kata-containers-image-loader.img",
+        "/usr/share/kata-containers/kata-containers-initrd.img")
+    assert "image" not in mvm
     assert q35.pop("kernel_params").replace("pci=lastbus=0", "pci=off") == \
         mvm.pop("kernel_params")
     assert default == microvm
