@@ -50,8 +50,8 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-numa", "node,memdev=mem",
         "-kernel", "/k/vmlinuz",
         "-initrd", "/k/initrd.img",
-        "-append", ("console=ttyS0 panic=1 swiotlb=noforce agent.crun_no_aslr init_on_alloc=0 quiet loglevel=3 "
-                    "agent.debug=1"),
+        "-append", ("console=ttyS0 panic=1 swiotlb=noforce agent.crun_no_aslr init_on_alloc=0 "
+                    "quiet loglevel=3 agent.debug=1"),
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={STATE}/console.sock,server=off",

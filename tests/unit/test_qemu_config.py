@@ -193,7 +193,7 @@ def test_the_root_image_needs_pci_and_its_loader(tmp_path: Path) -> None:
         QemuConfig.from_table({"image": "/k/rootfs.img", "machine_type": "microvm"})
     with pytest.raises(ConfigError, match=r"initrd is empty; set initrd to the loader"):
         QemuConfig.from_table({"image": "/k/rootfs.img", "initrd": ""})
-    with pytest.raises(ConfigError, match="image: 'rootfs.img' is not an absolute path"):
+    with pytest.raises(ConfigError, match=r"image: 'rootfs\.img' is not an absolute path"):
         QemuConfig.from_table({"image": "rootfs.img"})
 
 
