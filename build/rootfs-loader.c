@@ -6,8 +6,10 @@
  * page cache of the image: no copy in guest RAM), frees its own files, moves the mount
  * over / and execs the image's /init, which starts the agent. Static and tiny because
  * every exec and every page costs ~20x under TCG: busybox insmods here cost 0.2 s.
- * Any failure is fatal: PID 1 exits, the kernel panics (panic=1) and QEMU stops; the
- * message is on the console, which the shim keeps.
+ * Any failure is fatal: the message goes to the console and the VM resets, which QEMU
+ * (-no-reboot) takes as its exit, so the message is among the console's last lines, which
+ * the shim's error quotes (a PID 1 that exits would bury it under the kernel's panic
+ * report; ACPI power-off is not there this early).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -29,7 +32,8 @@
 static void die(const char *what, const char *arg)
 {
 	fprintf(stderr, "kata-loader: %s %s: %s\n", what, arg, strerror(errno));
-	exit(1);
+	reboot(RB_AUTOBOOT);
+	exit(1); /* only if the reset failed: the kernel panics instead */
 }
 
 /* Load each module listed (one path per line), then remove its file: the initramfs

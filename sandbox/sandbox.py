@@ -103,6 +103,9 @@ MonitorStarter = Callable[[Path], Awaitable[Callable[[], Awaitable[None]]]]
 HEALTH_INTERVAL = 10.0
 HEALTH_TIMEOUT = 10.0
 HEALTH_FAILURES = 3
+#: Seconds to wait, when the agent's connection fails during boot, for the VM's exit to show:
+#: then the error says the VM exited (and quotes its console) rather than a reset.
+VM_EXIT_GRACE = 2.0
 
 
 class SandboxState(enum.Enum):
@@ -543,12 +546,15 @@ class Sandbox:
         died = asyncio.ensure_future(vm.wait_exited())
         try:
             await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+            if connect.done() and connect.exception() is not None:
+                # A VM going down resets the agent's connection before its exit is seen.
+                await asyncio.wait({died}, timeout=VM_EXIT_GRACE)
         except BaseException:  # cancelled: a connection made meanwhile must not leak
             await self._abandon(connect)
             raise
         finally:
             died.cancel()
-        if not connect.done():
+        if died.done() and not died.cancelled():
             await self._abandon(connect)
             raise UnavailableError(
                 f"failed to connect to the agent of sandbox {self.id}: the VM exited while "

@@ -138,6 +138,23 @@ def test_a_vm_that_exits_while_the_agent_is_dialled(tmp_path: Path) -> None:
     run(body, tmp_path)
 
 
+def test_a_connection_reset_by_a_dying_vm_says_the_vm_exited(tmp_path: Path) -> None:
+    """A guest that stops at boot (the root image's loader failing) resets the agent's
+    connection before its exit is seen: the error must still say the VM exited, not that
+    the agent did not answer in time."""
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        async def reset(address: str, timeout: float) -> Any:
+            os.kill(world.vm.pid or 0, 9)
+            raise OSError(104, "Connection reset by peer")
+
+        sandbox._agent_connector = reset  # type: ignore[attr-defined]
+        with pytest.raises(UnavailableError, match="the VM exited while booting"):
+            await asyncio.wait_for(sandbox.start(SPEC), 10)
+        assert_nothing_left(tmp_path, world, sandbox)
+
+    run(body, tmp_path)
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.005, 0.02, 0.05])
 def test_a_cancelled_start_leaves_nothing(tmp_path: Path, delay: float) -> None:
     async def body(sandbox: Sandbox, world: FakeWorld) -> None:
