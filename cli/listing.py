@@ -4,7 +4,8 @@ The data is `sandbox.inspect.list_sandboxes` (every sandbox directory of the con
 state dir, its processes checked against /proc, and a ``status``). The JSON is that list,
 unchanged; its schema is docs/kata-runtime-list.schema.json and docs/cli.md describes it.
 The default table stays narrow (one line per sandbox on a terminal); ``--all`` adds where
-each VM came from: hypervisor, accelerator, guest kernel release, kernel and initrd paths.
+each VM came from: hypervisor, accelerator, guest kernel release, kernel, initrd and root
+image paths.
 `find_sandbox` picks one entry by id for the commands that act on one sandbox (``exec``,
 ``metrics``), with the same messages for both.
 """
@@ -77,7 +78,7 @@ NARROW: tuple[tuple[str, Cell], ...] = (
 WIDE: tuple[tuple[str, Cell], ...] = (
     ("HYPERVISOR", _field("hypervisor")), ("ACCEL", _field("accelerator")),
     ("RELEASE", _field("guest_kernel")), ("KERNEL", _field("kernel")),
-    ("INITRD", _field("initrd")),
+    ("INITRD", _field("initrd")), ("IMAGE", _field("image")),
 )
 
 

@@ -157,8 +157,8 @@ def _list_args(sub: argparse.ArgumentParser) -> None:
                      help="the same as --format json")
     sub.add_argument("-q", "--quiet", action="store_true", help="print sandbox ids only")
     sub.add_argument("--all", action="store_true",
-                     help="table: add hypervisor, accelerator, guest kernel release, kernel "
-                          "and initrd columns")
+                     help="table: add hypervisor, accelerator, guest kernel release, kernel, "
+                          "initrd and image columns")
 
 
 def _containerd_config_args(sub: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ when the runtime handler's ``pod_annotations`` lists ``io.katacontainers.*``). A
 * ``<key>`` must be matched (whole, as a regular expression) by an entry of the section's
   ``enable_annotations``; nothing is enabled by default;
 * a key that names a file the host runs or hands to the VM (``path``, ``kernel``,
-  ``initrd``, ``virtio_fs_daemon``) must also match a glob of ``valid_hypervisor_paths``;
+  ``initrd``, ``image``, ``virtio_fs_daemon``) must also match a glob of
+  ``valid_hypervisor_paths``;
 * keys that guard the host (``enable_annotations``, ``valid_hypervisor_paths``,
   ``allow_tcg``, ``seccompsandbox``) can never come from a pod;
 * the value is parsed and checked by the same parser as the configuration file's;

@@ -204,6 +204,10 @@ class HypervisorConfig(Protocol):
         """The guest initrd's path ("" when the guest boots without one)."""
 
     @property
+    def image(self) -> str:
+        """The guest's root image ("" when its files are in the initrd)."""
+
+    @property
     def default_vcpus(self) -> int:
         """vCPUs at boot."""
 

@@ -119,6 +119,7 @@ def _record_fields(record: SandboxRecord) -> dict[str, Any]:
         "guest_kernel": record.guest_kernel_release,
         "kernel": record.kernel,
         "initrd": record.initrd,
+        "image": record.image,
         "containers": list(record.containers),
     }
 

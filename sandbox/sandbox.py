@@ -505,6 +505,7 @@ class Sandbox:
         self._record.agent_address = vm.agent_address
         self._record.kernel = self.config.hypervisor.kernel
         self._record.initrd = self.config.hypervisor.initrd
+        self._record.image = self.config.hypervisor.image
         self._record.processes = [
             ProcessRecord(pid=r.pid, start_time=r.start_time, role=r.role)
             for r in vm.process_records()

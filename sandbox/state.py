@@ -123,10 +123,11 @@ class SandboxRecord:
     #: Where the agent was reached (``serial://``, ``vsock://`` or ``hvsock://``): the debug
     #: console is beside it (`sandbox.inspect.debug_console`). "" in older records.
     agent_address: str = ""
-    #: The guest kernel and initrd the VM booted (after the pod's annotations); "" in
-    #: records written before they were kept.
+    #: The guest kernel, initrd and root image the VM booted (after the pod's annotations);
+    #: "" in records written before they were kept (and image "" without one).
     kernel: str = ""
     initrd: str = ""
+    image: str = ""
     processes: list[ProcessRecord] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
     #: Host cgroup directories made for the VMM and virtiofsd (removed at the end).
@@ -168,6 +169,7 @@ class SandboxRecord:
             agent_address=str(doc.get("agent_address", "")),
             kernel=str(doc.get("kernel", "")),
             initrd=str(doc.get("initrd", "")),
+            image=str(doc.get("image", "")),
             processes=procs,
             containers=[str(c) for c in doc.get("containers", [])],
             host_cgroups=[str(d) for d in doc.get("host_cgroups", [])],

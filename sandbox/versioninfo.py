@@ -23,7 +23,7 @@ from sandbox.errors import SandboxError
 
 MANIFEST = "MANIFEST"
 MAX_MANIFEST = 1 << 20  # bytes; ours is a few KiB
-OUTPUTS = ("vmlinuz", "initrd.img")
+OUTPUTS = ("vmlinuz", "initrd.img", "rootfs.img", "rootfs-loader.img")
 
 
 def find_manifest(kernel: str, initrd: str) -> Path | None:
@@ -80,7 +80,7 @@ def version_doc(config_path: str | None = None, variant: str = "") -> dict[str, 
         return doc
     hv = config.hypervisor
     doc["config"] = str(config.path)
-    doc["guest_image"] = {"kernel": hv.kernel, "initrd": hv.initrd,
+    doc["guest_image"] = {"kernel": hv.kernel, "initrd": hv.initrd, "image": hv.image,
                           **guest_image(hv.kernel, hv.initrd)}
     return doc
 

@@ -20,6 +20,7 @@ FILE_NAMES = {
     "path": "QEMU binary",
     "kernel": "guest kernel",
     "initrd": "guest initrd",
+    "image": "guest root image",
     "virtio_fs_daemon": "virtiofsd",
 }
 

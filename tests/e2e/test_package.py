@@ -171,8 +171,9 @@ def installed_config(root: Path, variant: str, path: Path, state_dir: Path) -> P
              if k in ("kernel", "initrd", "image") and v}
     guest = {kataconfig.HYPERVISOR: {k: str(root / Path(v).relative_to("/"))
                                      for k, v in files.items()}}
-    return kataconfig.write(path, kataconfig.overrides_for_tests(state_dir), guest,
-                            base=root / CONF_DIR / name)
+    base = root / CONF_DIR / name
+    return kataconfig.write(path, kataconfig.overrides_for_tests(state_dir, base=base), guest,
+                            base=base)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ class Kata:
         with the test settings: what the shim named containerd-shim-kata-<variant>-v2
         (runtime io.containerd.kata-<variant>.v2) reads."""
         path = self.config_path.parent / f"configuration-{variant}.toml"
-        return kataconfig.write(path, kataconfig.overrides_for_tests(self.state_dir),
+        return kataconfig.write(path, kataconfig.overrides_for_tests(self.state_dir, base=base),
                                 *overrides, base=base)
 
     def sandbox_dirs(self) -> list[Path]:

@@ -40,9 +40,9 @@ def is_qemu() -> bool:
     return HYPERVISOR == "hypervisor.qemu"
 
 
-def uses_root_image() -> bool:
-    """Whether the base's guests mount the shared read-only root image (``image``)."""
-    return bool(BASE_HYPERVISOR.get("image"))
+def uses_root_image(base: Path = DEFAULT_CONFIG) -> bool:
+    """Whether ``base``'s guests mount the shared read-only root image (``image``)."""
+    return bool(_hypervisor_table(base)[1].get("image"))
 
 
 def can_hotplug() -> bool:
@@ -99,11 +99,15 @@ def agent_channel_keys(channel: str) -> dict[str, Any]:
 
 
 def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
-                   memory_mib: int = 512) -> dict[str, dict[str, Any]]:
+                        memory_mib: int = 512,
+                        base: Path = DEFAULT_CONFIG) -> dict[str, dict[str, Any]]:
+    """The test settings over ``base``: the guest of ``guest_dir`` (the shared root image
+    and its loader where ``base`` boots one, else the whole initrd), a small VM, TCG
+    allowed, debug logs, a private state dir."""
     hypervisor: dict[str, Any] = {"kernel": str(guest_dir / "vmlinuz"),
                                   "initrd": str(guest_dir / "initrd.img"),
                                   "default_memory": memory_mib}
-    if uses_root_image():  # the base boots the shared root image through its loader
+    if uses_root_image(base):
         hypervisor.update(image=str(guest_dir / "rootfs.img"),
                           initrd=str(guest_dir / "rootfs-loader.img"))
     if is_qemu():

@@ -48,6 +48,7 @@ class FakeHypervisorConfig:
     shared_fs: str = "virtio-fs"
     kernel: str = "/fake/vmlinuz"
     initrd: str = "/fake/initrd.img"
+    image: str = ""
     default_vcpus: int = 1
     default_memory: int = 256
     default_maxvcpus: int = 0

@@ -288,15 +288,17 @@ def test_list_all_adds_where_the_vm_came_from(
     live = sandbox_path(state_dir, "default", "live")
     record = json.loads((live / "state.json").read_text())
     write_record(live, dataclasses.replace(SandboxRecord.from_json(record),
-                                           kernel="/k/vmlinuz", initrd="/k/initrd.img"))
+                                           kernel="/k/vmlinuz", initrd="/k/loader.img",
+                                           image="/k/rootfs.img"))
     code, out, _ = run(capsys, "--config", str(write_config(tmp_path)), "list", "--all")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["NAMESPACE", "ID", "STATUS", "CONTAINERS", "SHIM", "VMM",
-                                "HYPERVISOR", "ACCEL", "RELEASE", "KERNEL", "INITRD", "PROBLEM"]
+                                "HYPERVISOR", "ACCEL", "RELEASE", "KERNEL", "INITRD", "IMAGE",
+                                "PROBLEM"]
     row = next(line for line in lines if line.startswith("default    live ")).split()
     assert row[2:] == ["running", "2", str(os.getpid()), str(os.getpid()), "qemu", "tcg",
-                       "6.1.0-test", "/k/vmlinuz", "/k/initrd.img", "-"]
+                       "6.1.0-test", "/k/vmlinuz", "/k/loader.img", "/k/rootfs.img", "-"]
     partial = next(line for line in lines if " partial " in line).split()
     assert partial[1:11] == ["partial", "partial"] + ["-"] * 8, partial  # no record: no cells
 
