@@ -6,6 +6,7 @@
     sudo .venv/bin/python -m benchmarks.levers defaults  [-n 5]   (shipped vs QEMU's own)
     sudo .venv/bin/python -m benchmarks.levers grid      [-n 5]   (tb-size x reporting)
     sudo .venv/bin/python -m benchmarks.levers init-on-alloc [-n 5] (the guest zeroing or not)
+    sudo .venv/bin/python -m benchmarks.levers root-image [-n 5]  (shared image vs initrd)
 
 One private containerd, the default runtime (q35, configuration.toml with the test
 settings) and a 2048 MiB guest. Each round runs every variant once, in turn (interleaved,
@@ -51,6 +52,7 @@ LEVERS: dict[str, str] = {
     "grid": "",  # tb-size 0/64 x free page reporting off/on
     # Under TCG the host adds init_on_alloc=0; the base's kernel_params + "=1" undo it.
     "init-on-alloc": "kernel_params",
+    "root-image": "image",  # the shared read-only root image against the whole initrd
 }
 
 
@@ -71,6 +73,11 @@ def variants(lever: str, values: str) -> dict[str, dict[str, Any]]:
     if lever == "init-on-alloc":
         return {"zeroing": {key: f"{kataconfig.BASE_HYPERVISOR[key]} init_on_alloc=1"},
                 "no zeroing": {}}
+    if lever == "root-image":
+        guest = kataconfig.GUEST_DIR
+        return {"image": {key: str(guest / "rootfs.img"),
+                          "initrd": str(guest / "rootfs-loader.img")},
+                "initrd": {key: "", "initrd": str(guest / "initrd.img")}}
     return {"seabios": {key: ""}, "qboot": {key: QBOOT}}
 
 

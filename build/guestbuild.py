@@ -522,7 +522,7 @@ def write_manifest(args: argparse.Namespace) -> None:
     lines += ["", "[outputs]  file bytes sha256"]
     for name in ("vmlinuz", "initrd.img", "kernel-release", "rootfs.img", "rootfs-loader.img"):
         p = out_dir / name
-        if not p.exists() and name.startswith("rootfs"):  # the image is made after this
+        if not p.exists() and name.startswith("rootfs"):  # a guest dir made without one
             continue
         lines.append(f"{name} {p.stat().st_size} {sha256(p)}")
     lines.append(f"# initrd compression: {args.compression}; tree bytes {info['tree_bytes']}")

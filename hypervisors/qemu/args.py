@@ -230,7 +230,8 @@ class RootImage:
 
     def to_argv(self) -> list[str]:
         """Render."""
-        return ["-object", f"memory-backend-file,id=rootimg,mem-path={self.path},"
+        path = self.path.replace(",", ",,")  # QEMU's escape: a comma cannot add options
+        return ["-object", f"memory-backend-file,id=rootimg,mem-path={path},"
                 f"size={self.size_bytes},share=on,readonly=on",
                 "-device", "virtio-pmem-pci,memdev=rootimg,id=rootimg0"]
 

@@ -10,6 +10,7 @@ file and line, as it does unknown keys.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,9 @@ ACCELERATORS = ("auto", "kvm", "tcg")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
 VIRTIO_FS_CACHE_MODES = ("auto", "always", "none")
 MIN_MEMORY_MIB = 64
+#: The root image's size must be a multiple of the guest's memory block: the image takes a
+#: memory-device slot, and a DIMM hot-plugged after it must start on a block boundary.
+IMAGE_ALIGN_BYTES = 128 << 20
 #: The machine whose virtio devices are virtio-mmio: no PCI bus.
 MICROVM = "microvm"
 DEFAULT_SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -131,8 +135,9 @@ class QemuConfig:
         if self.image and not self.initrd:
             raise ConfigError(
                 SECTION, "image", self.image, "is mounted by the loader initrd, and initrd "
-                "is empty", "set initrd to the loader that `make guest` builds beside the "
-                "image (rootfs-loader.img)", source)
+                "is empty", "set initrd to the image's loader (kata-containers-image-"
+                "loader.img where the package installs it, rootfs-loader.img from `make "
+                "guest`)", source)
         if self.default_maxvcpus and self.default_maxvcpus < self.default_vcpus:
             raise ConfigError(
                 SECTION, "default_maxvcpus", self.default_maxvcpus,
@@ -141,9 +146,16 @@ class QemuConfig:
             )
 
     def check_files(self, source: str = "<config>") -> None:
-        """Check that the binaries and guest images named here exist."""
+        """Check that the binaries and guest images named here exist, and the root image's
+        size."""
         for key, fix, exe in self.file_keys():
             need_file(SECTION, key, getattr(self, key), fix, source, exe=exe)
+        if self.image and (size := os.stat(self.image).st_size) % IMAGE_ALIGN_BYTES:
+            raise ConfigError(
+                SECTION, "image", self.image,
+                f"is {size} bytes, not a multiple of 128 MiB (the guest's memory block)",
+                f"grow it to one (truncate -s %128M {self.image}: sparse, no filesystem "
+                "change) or rebuild it with `make guest`", source)
 
     def file_keys(self) -> list[tuple[str, str, bool]]:
         """(key, how to fix it, must be executable) for every file this configuration needs."""

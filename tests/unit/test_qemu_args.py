@@ -298,3 +298,10 @@ def test_the_guest_gets_no_bounce_buffer() -> None:
     for config, params in ((CONFIG, vm()), (IMAGE_CONFIG, vm(image_bytes=IMAGE_BYTES)),
                            (MICROVM, vm())):
         assert "swiotlb=noforce" in option(build_argv(config, params), "-append")[0].split()
+
+
+def test_a_comma_in_the_image_path_cannot_add_options() -> None:
+    config = dataclasses.replace(IMAGE_CONFIG, image="/k/a,share=off.img")
+    argv = build_argv(config, vm(image_bytes=2**27))
+    assert ("memory-backend-file,id=rootimg,mem-path=/k/a,,share=off.img,size=134217728,"
+            "share=on,readonly=on") in option(argv, "-object")

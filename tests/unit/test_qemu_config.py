@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def test_the_root_image_needs_pci_and_its_loader(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"image: /k/rootfs.img needs PCI .*microvm.* "
                                           r"set image = \"\""):
         QemuConfig.from_table({"image": "/k/rootfs.img", "machine_type": "microvm"})
-    with pytest.raises(ConfigError, match=r"initrd is empty; set initrd to the loader"):
+    with pytest.raises(ConfigError, match=r"initrd is empty; set initrd to the image.s loader"):
         QemuConfig.from_table({"image": "/k/rootfs.img", "initrd": ""})
     with pytest.raises(ConfigError, match=r"image: 'rootfs\.img' is not an absolute path"):
         QemuConfig.from_table({"image": "rootfs.img"})
@@ -206,6 +207,10 @@ def test_a_missing_root_image_says_make_guest(tmp_path: Path) -> None:
                                           r"guest`"):
         QemuConfig.from_table(table).check_files()
     (tmp_path / "rootfs.img").write_bytes(b"i")
+    with pytest.raises(ConfigError, match=r"image: .*rootfs.img is 1 bytes, not a multiple of "
+                                          r"128 MiB .*truncate -s %128M"):
+        QemuConfig.from_table(table).check_files()
+    os.truncate(tmp_path / "rootfs.img", 256 << 20)
     QemuConfig.from_table(table).check_files()
 
 
