@@ -43,11 +43,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def image_config(image: Path = IMAGE, loader: Path = LOADER) -> dict[str, dict[str, object]]:
