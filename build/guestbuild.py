@@ -300,15 +300,21 @@ def kernel_release(kernel_root: Path) -> str:
     return rels[0]
 
 
-def add_modules(tree: Path, kernel_root: Path, wanted: Sequence[str], info: TreeInfo) -> None:
-    rel = info.kernel_release
+def kernel_modules(kernel_root: Path) -> tuple[Path, dict[str, list[str]], set[str]]:
+    """The unpacked kernel's module directory, its modules.dep and its built-in modules."""
+    rel = kernel_release(kernel_root)
     src_dir = kernel_root / "lib/modules" / rel
     dep_file = src_dir / "modules.dep"
     if not dep_file.is_file():
         raise BuildError(f"{dep_file} missing: run depmod -b {kernel_root} {rel}")
-    deps = parse_modules_dep(dep_file.read_text())
     builtin_file = src_dir / "modules.builtin"
     builtin = parse_modules_builtin(builtin_file.read_text()) if builtin_file.is_file() else set()
+    return src_dir, parse_modules_dep(dep_file.read_text()), builtin
+
+
+def add_modules(tree: Path, kernel_root: Path, wanted: Sequence[str], info: TreeInfo) -> None:
+    rel = info.kernel_release
+    src_dir, deps, builtin = kernel_modules(kernel_root)
     order, skipped = module_closure(wanted, deps, builtin)
     dst_dir = tree / "lib/modules" / rel
     guest_paths = [_add_module(src_dir, dst_dir, rel, path) for path in order]

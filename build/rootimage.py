@@ -64,12 +64,7 @@ def write_image(tree: Path, out: Path) -> int:
 
 def loader_entries(kernel_root: Path, loader: Path) -> list[guestbuild.CpioEntry]:
     """The loader initrd's entries: /init, the modules with their list, /dev, /newroot."""
-    release = guestbuild.kernel_release(kernel_root)
-    src_dir = kernel_root / "lib/modules" / release
-    deps = guestbuild.parse_modules_dep((src_dir / "modules.dep").read_text())
-    builtin_file = src_dir / "modules.builtin"
-    builtin = (guestbuild.parse_modules_builtin(builtin_file.read_text())
-               if builtin_file.is_file() else set())
+    src_dir, deps, builtin = guestbuild.kernel_modules(kernel_root)
     order, _ = guestbuild.module_closure(list(LOADER_MODULES), deps, builtin)
     entries = [guestbuild.CpioEntry("dev", 0o40755), guestbuild.CpioEntry("newroot", 0o40755),
                guestbuild.CpioEntry("init", 0o100755, loader.read_bytes())]

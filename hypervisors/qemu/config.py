@@ -39,9 +39,10 @@ ACCELERATORS = ("auto", "kvm", "tcg")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
 VIRTIO_FS_CACHE_MODES = ("auto", "always", "none")
 MIN_MEMORY_MIB = 64
-#: The root image's size must be a multiple of the guest's memory block: the image takes a
-#: memory-device slot, and a DIMM hot-plugged after it must start on a block boundary.
-IMAGE_ALIGN_BYTES = 128 << 20
+#: The guest's memory block on x86-64: hot-plugged DIMMs come in multiples of it, and the
+#: root image's size must be one, since it takes a memory-device slot and a DIMM plugged
+#: after it must start on a block boundary.
+MEMORY_BLOCK_MIB = 128
 #: The machine whose virtio devices are virtio-mmio: no PCI bus.
 MICROVM = "microvm"
 DEFAULT_SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -150,7 +151,7 @@ class QemuConfig:
         size."""
         for key, fix, exe in self.file_keys():
             need_file(SECTION, key, getattr(self, key), fix, source, exe=exe)
-        if self.image and (size := os.stat(self.image).st_size) % IMAGE_ALIGN_BYTES:
+        if self.image and (size := os.stat(self.image).st_size) % (MEMORY_BLOCK_MIB << 20):
             raise ConfigError(
                 SECTION, "image", self.image,
                 f"is {size} bytes, not a multiple of 128 MiB (the guest's memory block)",

@@ -49,7 +49,7 @@ from hypervisors.errors import (
 )
 from hypervisors.qemu import template as tpl
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv
-from hypervisors.qemu.config import QemuConfig, is_mmio
+from hypervisors.qemu.config import MEMORY_BLOCK_MIB, QemuConfig, is_mmio
 from hypervisors.vmm import VHOST_VSOCK_DEVICE, VmmVm, host_has_vhost_vsock
 from hypervisors.vsock.cid import reserve_guest_cid
 
@@ -63,7 +63,6 @@ VHOST_USER_GUEST_CID = 3
 HOTPLUG_CPU_PREFIX = "vcpu-hp-"
 HOTPLUG_MEM_PREFIX = "mem-hp-"
 HOTPLUG_DIMM_PREFIX = "dimm-hp-"
-DIMM_ALIGN_MIB = 128  # the guest's memory block size on x86-64
 
 
 class Qemu(VmmVm[QemuConfig]):
@@ -324,7 +323,7 @@ class Qemu(VmmVm[QemuConfig]):
             return 0
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
         most = self.config.default_maxmemory or host
-        return most // DIMM_ALIGN_MIB * DIMM_ALIGN_MIB
+        return most // MEMORY_BLOCK_MIB * MEMORY_BLOCK_MIB
 
     async def resize_memory(self, mib: int) -> int:
         """Grow the guest RAM to at least ``mib`` with one more DIMM (pc-dimm on a memfd
@@ -342,7 +341,7 @@ class Qemu(VmmVm[QemuConfig]):
             raise HypervisorUnsupported(
                 f"failed to grow VM {self.sandbox_id} to {mib} MiB: no free memory slot "
                 f"(memory_slots = {self.config.memory_slots})")
-        add = -(-(mib - current) // DIMM_ALIGN_MIB) * DIMM_ALIGN_MIB
+        add = -(-(mib - current) // MEMORY_BLOCK_MIB) * MEMORY_BLOCK_MIB
         if current + add > most:
             raise HypervisorError(
                 f"failed to grow VM {self.sandbox_id} to {mib} MiB: more than the "
