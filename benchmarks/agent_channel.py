@@ -56,7 +56,7 @@ Samples = dict[str, dict[str, list[float]]]
 # -- the channel, from the host's agent client -------------------------------------------
 
 def qemu_config(keys: dict[str, Any]) -> QemuConfig:
-    return QemuConfig(kernel=str(GUEST_DIR / "vmlinuz"), initrd=str(GUEST_DIR / "initrd.img"),
+    return QemuConfig(kernel=str(GUEST_DIR / "vmlinux"), initrd=str(GUEST_DIR / "initrd.img"),
                       default_memory=MEMORY_MIB, allow_tcg=True, **keys)
 
 

@@ -43,7 +43,7 @@ class GuestImage:
     """What a bench guest boots: a configuration's ``[hypervisor.qemu]`` kernel, initrd,
     parameters, memory and machine (defaults: build/out's, bootguest's parameters)."""
 
-    kernel: Path = OUT / "vmlinuz"
+    kernel: Path = OUT / "vmlinux"
     initrd: Path = OUT / "initrd.img"
     params: str = ""  # "" = bootguest's DEFAULT_PARAMS
     memory_mib: int = 2048

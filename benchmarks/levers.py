@@ -7,6 +7,7 @@
     sudo .venv/bin/python -m benchmarks.levers grid      [-n 5]   (tb-size x reporting)
     sudo .venv/bin/python -m benchmarks.levers init-on-alloc [-n 5] (the guest zeroing or not)
     sudo .venv/bin/python -m benchmarks.levers root-image [-n 5]  (shared image vs initrd)
+    sudo .venv/bin/python -m benchmarks.levers kernel [-n 5]  (ELF vmlinux vs bzImage)
 
 One private containerd, the default runtime (q35, configuration.toml with the test
 settings) and a 2048 MiB guest. Each round runs every variant once, in turn (interleaved,
@@ -53,6 +54,7 @@ LEVERS: dict[str, str] = {
     # Under TCG the host adds init_on_alloc=0; the base's kernel_params + "=1" undo it.
     "init-on-alloc": "kernel_params",
     "root-image": "image",  # the shared read-only root image against the whole initrd
+    "kernel": "kernel",  # the uncompressed ELF kernel (PVH entry) against the bzImage
 }
 
 
@@ -78,6 +80,10 @@ def variants(lever: str, values: str) -> dict[str, dict[str, Any]]:
         return {"image": {key: str(guest / "rootfs.img"),
                           "initrd": str(guest / "rootfs-loader.img")},
                 "initrd": {key: "", "initrd": str(guest / "initrd.img")}}
+    if lever == "kernel":
+        guest = kataconfig.GUEST_DIR
+        return {"vmlinux": {key: str(guest / "vmlinux")},
+                "vmlinuz": {key: str(guest / "vmlinuz")}}
     return {"seabios": {key: ""}, "qboot": {key: QBOOT}}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Boot the guest image under QEMU and time it (see build/README.md).
 
-    build/bootguest.py [--kernel build/out/vmlinuz] [--initrd build/out/initrd.img]
+    build/bootguest.py [--kernel build/out/vmlinux] [--initrd build/out/initrd.img]
                        [--image build/out/rootfs.img --initrd build/out/rootfs-loader.img]
                        [--params "..."] [--append "..."] [--virtiofs DIR] [--repeat N]
                        [--until REGEX] [--timeout S] [--kill-after-until]
@@ -264,7 +264,7 @@ def boot_once(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kernel", default=str(ROOT / "build/out/vmlinuz"))
+    ap.add_argument("--kernel", default=str(ROOT / "build/out/vmlinux"))
     ap.add_argument("--initrd", default=str(ROOT / "build/out/initrd.img"))
     ap.add_argument("--params", default=DEFAULT_PARAMS, help="base kernel command line")
     ap.add_argument("--append", default="", help="added to --params")

@@ -36,7 +36,7 @@ endef
 $(call setting,agent,$(AGENT_ENTRY))
 $(call setting,initrd,$(INITRD_COMPRESSION) $(GUEST_MODULES))
 
-OUTPUTS := $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
+OUTPUTS := $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
            $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img $(GUEST_DIR)/MANIFEST
 
 .PHONY: guest refresh clean-guest
@@ -104,14 +104,19 @@ $(GUEST_DIR)/vmlinuz: $(WORK)/debs.stamp
 	cp $(WORK)/debs/linux-image/boot/vmlinuz-$$(cat $(WORK)/debs/kernel-release) $@.tmp
 	mv $@.tmp $@
 
-$(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
+# The same kernel uncompressed: QEMU boots it through its PVH entry (build/README.md).
+$(GUEST_DIR)/vmlinux: $(GUEST_DIR)/vmlinuz $(B)/guestbuild.py
+	$(PY) $(B)/guestbuild.py vmlinux $< --out $@
+
+$(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
                        $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img
 	$(PY) $(B)/guestbuild.py manifest --info $(WORK)/initrd-info.json \
 	    --debs-lock $(CACHE)/debs.lock --out-dir $(GUEST_DIR) \
 	    --agent-entry $(AGENT_ENTRY) --compression $(INITRD_COMPRESSION) \
 	    --python-version "$$($(PY) -c 'import sys; print(sys.version.split()[0])')" \
 	    $(AGENT_SRCS)
-	@echo "guest: $(GUEST_DIR): vmlinuz $$(du -h $(GUEST_DIR)/vmlinuz | cut -f1)," \
+	@echo "guest: $(GUEST_DIR): vmlinux $$(du -h $(GUEST_DIR)/vmlinux | cut -f1)," \
+	    "vmlinuz $$(du -h $(GUEST_DIR)/vmlinuz | cut -f1)," \
 	    "initrd.img $$(du -h $(GUEST_DIR)/initrd.img | cut -f1) ($(INITRD_COMPRESSION))," \
 	    "rootfs.img $$(du -h --apparent-size $(GUEST_DIR)/rootfs.img | cut -f1)" \
 	    "+ rootfs-loader.img $$(du -h $(GUEST_DIR)/rootfs-loader.img | cut -f1)"

@@ -6,6 +6,8 @@ Subcommands:
             agent, /init) and write it as a newc cpio, optionally compressed
   manifest  write MANIFEST: package versions, sizes and sha256 of the inputs and outputs
   list      list the entries of a (possibly compressed) newc cpio
+  vmlinux   the uncompressed ELF kernel inside a bzImage (QEMU boots it through its PVH
+            entry: no decompression in the guest, no copy of the kernel in QEMU's memory)
 
 Only the standard library is used, so the host python3 runs this as well as the venv's.
 """
@@ -246,7 +248,34 @@ def decompress_any(data: bytes) -> bytes:
         ).stdout
     if data[:4] == b"\x02\x21\x4c\x18":  # lz4 legacy (what the kernel reads)
         return subprocess.run(["lz4", "-dc"], input=data, check=True, stdout=subprocess.PIPE).stdout
+    if data[:6] == b"\xfd7zXZ\x00":
+        return lzma.decompress(data, format=lzma.FORMAT_XZ)
     return data
+
+
+#: The bzImage setup header (Documentation/arch/x86/boot.rst): its magic, and where the
+#: compressed kernel (payload_offset, payload_length, from boot protocol 2.08) is.
+_HDRS_OFFSET, _HDRS = 0x202, b"HdrS"
+_SETUP_SECTS, _VERSION, _PAYLOAD = 0x1F1, 0x206, 0x248
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The ELF kernel a bzImage carries compressed (gzip, xz, zstd or lz4)."""
+    if bzimage[_HDRS_OFFSET:_HDRS_OFFSET + 4] != _HDRS:
+        raise BuildError("not a bzImage (no HdrS setup header)")
+    if int.from_bytes(bzimage[_VERSION:_VERSION + 2], "little") < 0x208:
+        raise BuildError("bzImage boot protocol before 2.08: no payload offset")
+    setup_bytes = ((bzimage[_SETUP_SECTS] or 4) + 1) * 512
+    offset = setup_bytes + int.from_bytes(bzimage[_PAYLOAD:_PAYLOAD + 4], "little")
+    length = int.from_bytes(bzimage[_PAYLOAD + 4:_PAYLOAD + 8], "little")
+    # The kernel's build appends the uncompressed size to every compressed payload.
+    payload = bzimage[offset:offset + length - 4]
+    size = int.from_bytes(bzimage[offset + length - 4:offset + length], "little")
+    elf = decompress_any(payload)
+    if elf[:4] != b"\x7fELF" or len(elf) != size:
+        raise BuildError(f"the bzImage's payload ({payload[:4].hex()}...) did not "
+                         f"decompress to an ELF kernel of {size} bytes")
+    return elf
 
 
 def tree_entries(root: Path) -> Iterator[CpioEntry]:
@@ -526,7 +555,8 @@ def write_manifest(args: argparse.Namespace) -> None:
     if info["builtin_skipped"]:
         lines.append(f"# built in, skipped: {' '.join(info['builtin_skipped'])}")
     lines += ["", "[outputs]  file bytes sha256"]
-    for name in ("vmlinuz", "initrd.img", "kernel-release", "rootfs.img", "rootfs-loader.img"):
+    for name in ("vmlinux", "vmlinuz", "initrd.img", "kernel-release", "rootfs.img",
+                 "rootfs-loader.img"):
         p = out_dir / name
         if not p.exists() and name.startswith("rootfs"):  # a guest dir made without one
             continue
@@ -570,6 +600,14 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"{kind} {len(e.data):>10} /{e.name}{extra}")
 
 
+def cmd_vmlinux(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(extract_vmlinux(Path(args.bzimage).read_bytes()))
+    tmp.replace(out)
+    print(f"guestbuild: {out} {out.stat().st_size / 2**20:.1f} MiB (ELF, from {args.bzimage})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="guestbuild", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -596,6 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--compression", required=True)
     m.add_argument("agent_sources", nargs="*")
     m.set_defaults(func=write_manifest)
+    vm = sub.add_parser("vmlinux")
+    vm.add_argument("bzimage")
+    vm.add_argument("--out", required=True)
+    vm.set_defaults(func=cmd_vmlinux)
     ls = sub.add_parser("list")
     ls.add_argument("initrd")
     ls.set_defaults(func=cmd_list)

@@ -4,6 +4,7 @@
 set -euo pipefail
 pkgs=(qemu-system-x86 containerd runc crun busybox-static containernetworking-plugins
       iproute2 cpio python3-venv zstd
+      lz4    # the guest kernel's payload, uncompressed into vmlinux (build/guestbuild.py)
       kmod   # kmod: depmod for the guest kernel modules (build/extract-debs.sh)
       gcc libc6-dev  # the guest's crun-only libsystemd, the static root image loader
       e2fsprogs  # mke2fs: the shared root image (build/rootimage.py)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the runtime on this host (see build/README.md):
-#   guest kernel + initrd   -> /usr/share/kata-containers/{vmlinuz.container,kata-containers-initrd.img}
+#   guest kernel + initrd   -> /usr/share/kata-containers/{vmlinux.container,vmlinuz.container,kata-containers-initrd.img}
 #   shared root image       -> /usr/share/kata-containers/kata-containers.img and its loader,
 #                              kata-containers-image-loader.img (the default configuration's)
 #   default configuration   -> /usr/share/defaults/kata-containers/configuration.toml
@@ -29,7 +29,8 @@ bin_dir="$dest$bindir"
 libexec_dir="$dest/usr/libexec/kata-py"
 # Relative, so that the links also work below DESTDIR: ../../libexec/... from /usr/local/bin.
 link_target=$(realpath -m --relative-to="$bindir" /usr/libexec/kata-py/kata-py)
-kernel="$share_dir/vmlinuz.container"
+kernel="$share_dir/vmlinux.container"  # QEMU's (ELF, PVH entry)
+bzimage="$share_dir/vmlinuz.container"  # the same kernel as a bzImage: StratoVirt's
 initrd="$share_dir/kata-containers-initrd.img"
 image="$share_dir/kata-containers.img"
 loader="$share_dir/kata-containers-image-loader.img"
@@ -43,7 +44,7 @@ variant_config() {  # the repository file a variant's configuration comes from
 
 if [ "${1:-}" = "--uninstall" ]; then
     [ $# -eq 1 ] || die "usage: $0 --uninstall"
-    rm -f "$kernel" "$initrd" "$image" "$loader" "$share_dir/MANIFEST" "$config"
+    rm -f "$kernel" "$bzimage" "$initrd" "$image" "$loader" "$share_dir/MANIFEST" "$config"
     for v in "${variants[@]}"; do rm -f "$conf_dir/configuration-$v.toml"; done
     for e in "${entry_points[@]}"; do
         # only our symlinks: never a file someone else put there
@@ -62,7 +63,7 @@ bundle=$(cd "$1" 2>/dev/null && pwd) || die "frozen runtime $1 not found (make r
     || die "$bundle is not the frozen runtime (make runtime builds build/out/runtime/kata-py)"
 guest=$(cd "$2" 2>/dev/null && pwd) || die "guest dir $2 not found (make guest)"
 [ -z "$dest" ] && [ "$(id -u)" -ne 0 ] && die "run as root (or set DESTDIR)"
-for f in vmlinuz initrd.img rootfs.img rootfs-loader.img; do
+for f in vmlinux vmlinuz initrd.img rootfs.img rootfs-loader.img; do
     [ -s "$guest/$f" ] || die "$guest/$f missing (make guest)"
 done
 [ -f "$root/configuration.toml" ] || die "$root/configuration.toml missing"
@@ -85,7 +86,8 @@ chmod -R u=rwX,go=rX "$libexec_dir.new"
 rm -rf "$libexec_dir"
 mv "$libexec_dir.new" "$libexec_dir"
 # install(1) writes a temp file and renames: a running VM keeps its old (open) files.
-install -m 0644 "$guest/vmlinuz" "$kernel"
+install -m 0644 "$guest/vmlinux" "$kernel"
+install -m 0644 "$guest/vmlinuz" "$bzimage"
 install -m 0644 "$guest/initrd.img" "$initrd"
 # A running VM maps the image it booted with: install(1)'s rename leaves that file intact.
 install -m 0644 "$guest/rootfs.img" "$image"

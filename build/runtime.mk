@@ -31,7 +31,7 @@ $(RUNTIME_DIR)/BUILD_INFO: $(RUNTIME_SRCS) $(VENV_STAMP) $(B)/freeze-runtime.sh 
 # The .deb lands beside the guest (build/out/kata-py_<version>_amd64.deb); deb.stamp
 # holds its path.
 DEB_INPUTS := $(RUNTIME_DIR)/BUILD_INFO \
-    $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(wildcard $(GUEST_DIR)/MANIFEST) \
+    $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(wildcard $(GUEST_DIR)/MANIFEST) \
     $(wildcard $(ROOT)/configuration*.toml) $(ROOT)/cli/containerd_config.py \
     $(B)/deb.sh $(B)/install.sh $(wildcard $(B)/debian/*)
 $(RUNTIME_DIR)/deb.stamp: $(DEB_INPUTS)

@@ -34,7 +34,7 @@ class ConfigError(ValueError):
         self.source = source
 
 
-class _KeyProblem(ValueError):
+class KeyProblem(ValueError):
     """Raised by parsers; `parse_section` turns it into a `ConfigError` with the section."""
 
     def __init__(self, problem: str, fix: str) -> None:
@@ -53,7 +53,7 @@ def parse_section(
     for key in sorted(known & table.keys()):
         try:
             values[key] = parsers[key](key, table[key], source)
-        except _KeyProblem as e:
+        except KeyProblem as e:
             raise ConfigError(section, key, table[key], e.problem, e.fix, source) from None
     unknown = tuple(sorted(table.keys() - known))
     make: Callable[..., T] = cls
@@ -75,7 +75,7 @@ def need_file(
 def string(key: str, value: object, source: str) -> str:
     """Any string."""
     if not isinstance(value, str):
-        raise _KeyProblem("is not a string", "quote the value")
+        raise KeyProblem("is not a string", "quote the value")
     return value
 
 
@@ -83,7 +83,7 @@ def abs_path(key: str, value: object, source: str) -> str:
     """An absolute path."""
     text = string(key, value, source)
     if not text.startswith("/"):
-        raise _KeyProblem("is not an absolute path", "give a full path")
+        raise KeyProblem("is not an absolute path", "give a full path")
     return text
 
 
@@ -96,14 +96,14 @@ def nonempty(key: str, value: object, source: str) -> str:
     """A string with something in it."""
     text = string(key, value, source)
     if not text.strip():
-        raise _KeyProblem("is empty", "set a value")
+        raise KeyProblem("is empty", "set a value")
     return text
 
 
 def boolean(key: str, value: object, source: str) -> bool:
     """true or false."""
     if not isinstance(value, bool):
-        raise _KeyProblem("is not a boolean", "write true or false")
+        raise KeyProblem("is not a boolean", "write true or false")
     return value
 
 
@@ -112,9 +112,9 @@ def int_at_least(minimum: int) -> Parser:
 
     def parse(key: str, value: object, source: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _KeyProblem("is not an integer", "write a plain number")
+            raise KeyProblem("is not an integer", "write a plain number")
         if value < minimum:
-            raise _KeyProblem(f"is below {minimum}", f"use {minimum} or more")
+            raise KeyProblem(f"is below {minimum}", f"use {minimum} or more")
         return value
 
     return parse
@@ -126,7 +126,7 @@ def one_of(choices: tuple[str, ...]) -> Parser:
     def parse(key: str, value: object, source: str) -> str:
         if value not in choices:
             wanted = ", ".join(f'"{c}"' for c in choices)
-            raise _KeyProblem("is not a valid choice", f"use one of {wanted}")
+            raise KeyProblem("is not a valid choice", f"use one of {wanted}")
         return str(value)
 
     return parse
@@ -135,5 +135,5 @@ def one_of(choices: tuple[str, ...]) -> Parser:
 def str_list(key: str, value: object, source: str) -> tuple[str, ...]:
     """A list of strings."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _KeyProblem("is not a list of strings", 'write ["a", "b"]')
+        raise KeyProblem("is not a list of strings", 'write ["a", "b"]')
     return tuple(value)

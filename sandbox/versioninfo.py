@@ -23,7 +23,7 @@ from sandbox.errors import SandboxError
 
 MANIFEST = "MANIFEST"
 MAX_MANIFEST = 1 << 20  # bytes; ours is a few KiB
-OUTPUTS = ("vmlinuz", "initrd.img", "rootfs.img", "rootfs-loader.img")
+OUTPUTS = ("vmlinux", "vmlinuz", "initrd.img", "rootfs.img", "rootfs-loader.img")
 
 
 def find_manifest(kernel: str, initrd: str) -> Path | None:

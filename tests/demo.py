@@ -23,7 +23,7 @@ SLEEPER = "demo-sleeper"
 
 def prerequisites() -> list[str]:
     missing = [] if os.geteuid() == 0 else ["root"]
-    missing += [str(kataconfig.GUEST_DIR / f) for f in ("vmlinuz", "initrd.img",
+    missing += [str(kataconfig.GUEST_DIR / f) for f in ("vmlinux", "vmlinuz", "initrd.img",
                                                          "rootfs.img", "rootfs-loader.img",
                                                          "kernel-release")
                 if not (kataconfig.GUEST_DIR / f).is_file()]

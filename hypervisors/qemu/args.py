@@ -153,13 +153,16 @@ class Machine:
 
 @dataclass(frozen=True)
 class Cpu:
-    """``-cpu host`` under KVM, ``-cpu max`` (everything TCG can emulate) otherwise."""
+    """``-cpu host`` under KVM, ``-cpu max`` (everything TCG can emulate) otherwise, with
+    the configuration's ``cpu_features`` (checked by its parser) after the model."""
 
     accelerator: Accelerator
+    features: str = ""
 
     def to_argv(self) -> list[str]:
         """Render."""
-        return ["-cpu", "host" if self.accelerator == "kvm" else "max"]
+        model = "host" if self.accelerator == "kvm" else "max"
+        return ["-cpu", f"{model},{self.features}" if self.features else model]
 
 
 @dataclass(frozen=True)
@@ -521,7 +524,7 @@ def qemu_params(config: QemuConfig, vm: VmParams) -> list[QemuParam]:
         Name(vm.sandbox_id),
         Machine(config.machine_type, vm.accelerator, memory_backend=shared_memory,
                 tb_size_mib=config.tcg_tb_size_mib),
-        Cpu(vm.accelerator),
+        Cpu(vm.accelerator, config.cpu_features),
         # microvm cannot hot-plug vCPUs or memory: no headroom to reserve.
         Smp(vcpus, vcpus if mmio else config.default_maxvcpus),
         Memory(vm.memory_mib or config.default_memory, shared=shared_memory,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from hypervisors.annotations import apply as apply_annotations
 from hypervisors.channel import VSOCK_BACKENDS
 from hypervisors.config import (
     ConfigError,
+    KeyProblem,
     Parser,
     abs_path,
     boolean,
@@ -32,6 +34,7 @@ from hypervisors.config import (
     str_list,
     string,
 )
+from hypervisors.qemu.kernelfile import pvh_problem
 
 NAME = "qemu"
 SECTION = f"hypervisor.{NAME}"
@@ -53,7 +56,9 @@ class QemuConfig:
     """QEMU settings (Kata's key names)."""
 
     path: str = "/usr/bin/qemu-system-x86_64"
-    kernel: str = "/usr/share/kata-containers/vmlinuz.container"
+    #: An uncompressed ELF kernel with a PVH entry (booted directly) or a bzImage. Kata's
+    #: default file name.
+    kernel: str = "/usr/share/kata-containers/vmlinux.container"
     initrd: str = "/usr/share/kata-containers/kata-containers-initrd.img"
     #: The guest's files as a read-only ext4 image every VM maps (virtio-pmem, DAX) instead
     #: of its own copy in an initramfs; ``initrd`` is then the small loader that mounts it
@@ -86,6 +91,9 @@ class QemuConfig:
     #: Firmware for ``-bios``; "" = QEMU's own for the machine (SeaBIOS on q35, qboot on
     #: microvm). Kata's key.
     firmware: str = ""
+    #: CPU properties added to the model (``-cpu max,<these>`` under TCG, ``host,<these>``
+    #: under KVM), comma-separated, e.g. "pmu=off" or "-la57". Kata's key.
+    cpu_features: str = ""
     #: MiB of TCG translation cache (``-accel tcg,tb-size=``); 0 = QEMU's default (1 GiB,
     #: reserved, filled as guest code is translated). Ignored under KVM.
     tcg_tb_size_mib: int = 0
@@ -151,6 +159,11 @@ class QemuConfig:
         size."""
         for key, fix, exe in self.file_keys():
             need_file(SECTION, key, getattr(self, key), fix, source, exe=exe)
+        if problem := pvh_problem(self.kernel):
+            raise ConfigError(
+                SECTION, "kernel", self.kernel, problem,
+                "use the kernel's bzImage (vmlinuz) or a vmlinux built with CONFIG_PVH=y "
+                "(`make guest` writes both)", source)
         if self.image and (size := os.stat(self.image).st_size) % (MEMORY_BLOCK_MIB << 20):
             raise ConfigError(
                 SECTION, "image", self.image,
@@ -185,6 +198,20 @@ def is_mmio(machine_type: str) -> bool:
     return machine_type == MICROVM
 
 
+#: One QEMU CPU property: ``name=value``, ``+name`` or ``-name`` (no commas, nothing else).
+_CPU_FEATURE = re.compile(r"[+-]?[A-Za-z0-9_.-]+(=[A-Za-z0-9_.-]+)?")
+
+
+def cpu_features(key: str, value: object, source: str) -> str:
+    """Comma-separated CPU properties; each checked, so none can add another QEMU option."""
+    text = string(key, value, source).strip()
+    bad = [f for f in text.split(",") if not _CPU_FEATURE.fullmatch(f)] if text else []
+    if bad:
+        raise KeyProblem(f"has {bad[0]!r}, which is not a CPU property",
+                         'write properties as QEMU takes them: "pmu=off,-la57"')
+    return text
+
+
 _PARSERS: dict[str, Parser] = {
     "path": abs_path,
     "kernel": abs_path,
@@ -207,6 +234,7 @@ _PARSERS: dict[str, Parser] = {
     "seccompsandbox": string,
     "allow_tcg": boolean,
     "firmware": optional_abs_path,
+    "cpu_features": cpu_features,
     "tcg_tb_size_mib": int_at_least(0),
     "reclaim_guest_freed_memory": boolean,
     "use_vsock": boolean,

@@ -31,7 +31,7 @@ HOST_TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "umount")
 QEMU = "/usr/bin/qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 KATA_SHIM = RUNTIME_BIN / "containerd-shim-kata-v2"
-GUEST_FILES = ("vmlinuz", "initrd.img", "kernel-release")
+GUEST_FILES = ("vmlinux", "vmlinuz", "initrd.img", "kernel-release")
 LEAK_TIMEOUT = 30.0
 
 

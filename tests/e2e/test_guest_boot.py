@@ -44,7 +44,7 @@ def image() -> tuple[Path, Path]:
     missing = [p for p in (bg.QEMU, bg.VIRTIOFSD) if not Path(p).exists()]
     if missing:
         pytest.fail(f"{missing} not found: install qemu-system-x86 (make deps)")
-    kernel, initrd = GUEST_DIR / "vmlinuz", GUEST_DIR / "initrd.img"
+    kernel, initrd = GUEST_DIR / "vmlinux", GUEST_DIR / "initrd.img"
     for p in (kernel, initrd):
         if not p.exists():
             pytest.fail(f"{p} missing: build the guest first (make guest)")

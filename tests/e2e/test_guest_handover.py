@@ -59,7 +59,7 @@ def guest(tmp_path: Path) -> Iterator[Any]:
     for path in (bg.QEMU, bg.VIRTIOFSD, CRUN, BUSYBOX):
         assert Path(path).exists(), f"{path} missing (make deps)"
     assert os.geteuid() == 0, "the guest tests need root (virtiofsd)"
-    kernel, initrd = GUEST_DIR / "vmlinuz", GUEST_DIR / "initrd.img"
+    kernel, initrd = GUEST_DIR / "vmlinux", GUEST_DIR / "initrd.img"
     assert kernel.exists() and initrd.exists(), "build the guest first (make guest)"
     share = tmp_path / "share"
     _rootfs(share)

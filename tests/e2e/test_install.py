@@ -34,8 +34,10 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     res = install(dest, str(BUNDLE), str(kataconfig.GUEST_DIR))
     assert res.returncode == 0, res.stderr
     share = dest / "usr/share/kata-containers"
-    kernel, initrd = share / "vmlinuz.container", share / "kata-containers-initrd.img"
-    assert kernel.read_bytes() == (kataconfig.GUEST_DIR / "vmlinuz").read_bytes()
+    kernel, initrd = share / "vmlinux.container", share / "kata-containers-initrd.img"
+    assert kernel.read_bytes() == (kataconfig.GUEST_DIR / "vmlinux").read_bytes()
+    bzimage = share / "vmlinuz.container"  # StratoVirt's
+    assert bzimage.read_bytes() == (kataconfig.GUEST_DIR / "vmlinuz").read_bytes()
     assert initrd.stat().st_size == (kataconfig.GUEST_DIR / "initrd.img").stat().st_size
     config_path = dest / "usr/share/defaults/kata-containers/configuration.toml"
     config = load_config(str(config_path))

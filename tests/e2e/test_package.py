@@ -129,8 +129,8 @@ def test_package_contents_and_dependencies(deb: Path, installed: Path) -> None:
         assert link in files and link.is_symlink(), name
         assert os.readlink(link) == "../libexec/kata-py/kata-py"
         assert link.resolve() == root / BUNDLE / "kata-py"
-    for name in ("vmlinuz.container", "kata-containers-initrd.img", "kata-containers.img",
-                 "kata-containers-image-loader.img", "MANIFEST"):
+    for name in ("vmlinux.container", "vmlinuz.container", "kata-containers-initrd.img",
+                 "kata-containers.img", "kata-containers-image-loader.img", "MANIFEST"):
         assert root / GUEST / name in files, name
     for name in ("configuration.toml", *(f"configuration-{v}.toml" for v in
                                          ("qemu", "qemu-microvm", "stratovirt"))):

@@ -2,7 +2,7 @@
 (`hypervisors.qemu.vm.Qemu`): lifecycle, cold-plugged devices with fds passed to QEMU, QMP fd
 passing, pause/resume, vCPU hot-plug, and a refused hot-plug.
 
-Needs root (virtiofsd), QEMU, and the guest from `make guest` (build/out/vmlinuz and
+Needs root (virtiofsd), QEMU, and the guest from `make guest` (build/out/vmlinux and
 build/out/initrd.img). For working on hypervisors/ before the guest exists, point
 KATA_PY_TEST_KERNEL / KATA_PY_TEST_INITRD at any bootable kernel and initrd.
 Every test ends with a leak check: no process mentioning its sandbox id, no socket left.
@@ -30,7 +30,7 @@ from hypervisors.virtiofsd import lock_file
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL = Path(os.environ.get("KATA_PY_TEST_KERNEL", REPO / "build/out/vmlinuz"))
+KERNEL = Path(os.environ.get("KATA_PY_TEST_KERNEL", REPO / "build/out/vmlinux"))
 INITRD = Path(os.environ.get("KATA_PY_TEST_INITRD", REPO / "build/out/initrd.img"))
 CONSOLE_TIMEOUT = 60.0
 

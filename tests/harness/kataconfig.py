@@ -98,13 +98,25 @@ def agent_channel_keys(channel: str) -> dict[str, Any]:
     return AGENT_CHANNELS[channel] if is_qemu() else {}
 
 
+def kernel_file(base: Path) -> str:
+    """The file of `make guest`'s that `base`'s kernel key names: the ELF vmlinux
+    (``vmlinux.container``) or the bzImage (``vmlinuz.container``, StratoVirt's)."""
+    kernel = str(_hypervisor_table(base)[1].get("kernel", ""))
+    return "vmlinux" if os.path.basename(kernel).startswith("vmlinux") else "vmlinuz"
+
+
+def guest_kernel(base: Path = DEFAULT_CONFIG) -> Path:
+    """The kernel of `make guest`'s that the tests' configuration over `base` boots."""
+    return GUEST_DIR / kernel_file(base)
+
+
 def overrides_for_tests(state_dir: Path, guest_dir: Path = GUEST_DIR,
                         memory_mib: int = 512,
                         base: Path = DEFAULT_CONFIG) -> dict[str, dict[str, Any]]:
     """The test settings over ``base``: the guest of ``guest_dir`` (the shared root image
     and its loader where ``base`` boots one, else the whole initrd), a small VM, TCG
     allowed, debug logs, a private state dir."""
-    hypervisor: dict[str, Any] = {"kernel": str(guest_dir / "vmlinuz"),
+    hypervisor: dict[str, Any] = {"kernel": str(guest_dir / kernel_file(base)),
                                   "initrd": str(guest_dir / "initrd.img"),
                                   "default_memory": memory_mib}
     if uses_root_image(base):

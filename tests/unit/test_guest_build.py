@@ -98,6 +98,39 @@ def test_parse_ldd() -> None:
         gb.parse_ldd("\tlibfoo.so.1 => not found\n", "x")
 
 
+def _bzimage(payload: bytes, size: int, version: int = 0x20F) -> bytes:
+    """A bzImage's setup header (2 setup sectors) and `payload` with `size` appended."""
+    setup = bytearray(3 * 512)
+    setup[0x1F1] = 2
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, version)
+    struct.pack_into("<II", setup, 0x248, 16, len(payload) + 4)
+    return bytes(setup) + bytes(16) + payload + struct.pack("<I", size)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "xz"])
+def test_extract_vmlinux_from_a_bzimage(compress: str) -> None:
+    import gzip
+    import lzma
+
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    packed = gzip.compress(elf) if compress == "gzip" else lzma.compress(elf)
+    assert gb.extract_vmlinux(_bzimage(packed, len(elf))) == elf
+
+
+def test_extract_vmlinux_refuses_what_it_cannot_read() -> None:
+    import gzip
+
+    with pytest.raises(gb.BuildError, match="not a bzImage"):
+        gb.extract_vmlinux(b"\x7fELF" + bytes(4096))
+    with pytest.raises(gb.BuildError, match=r"boot protocol before 2\.08"):
+        gb.extract_vmlinux(_bzimage(b"", 0, version=0x207))
+    with pytest.raises(gb.BuildError, match="did not decompress to an ELF kernel of 9 bytes"):
+        gb.extract_vmlinux(_bzimage(gzip.compress(b"\x7fELF-ish"), 9))
+    with pytest.raises(gb.BuildError, match="of 5 bytes"):  # the appended size disagrees
+        gb.extract_vmlinux(_bzimage(gzip.compress(b"\x7fELF-ish"), 5))
+
+
 def test_cpio_round_trip() -> None:
     entries = [
         gb.CpioEntry("bin", stat.S_IFDIR | 0o755),
@@ -323,8 +356,18 @@ def test_kernel_release_matches(initrd: dict[str, Entry], release: str) -> None:
     assert version.split()[0] == release, f"vmlinuz is {version!r}, modules are {release}"
 
 
+def test_vmlinux_is_the_bzimages_kernel_with_a_pvh_entry(release: str) -> None:
+    from hypervisors.qemu.kernelfile import pvh_problem
+
+    vmlinux = _need(GUEST_DIR / "vmlinux")
+    assert pvh_problem(str(vmlinux)) is None
+    assert gb.extract_vmlinux(_need(GUEST_DIR / "vmlinuz").read_bytes()) == vmlinux.read_bytes()
+    assert release.encode() in vmlinux.read_bytes()
+
+
 def test_manifest(release: str) -> None:
     text = _need(GUEST_DIR / "MANIFEST").read_text()
     assert f"linux-image-{release} " in text
-    for want in ("busybox-static ", "crun ", "initrd.img ", "vmlinuz ", "[libraries]"):
+    for want in ("busybox-static ", "crun ", "initrd.img ", "vmlinux ", "vmlinuz ",
+                 "[libraries]"):
         assert want in text, want

@@ -74,6 +74,12 @@ def test_kvm_uses_host_cpu() -> None:
     assert option(argv, "-cpu") == ["host"]
 
 
+@pytest.mark.parametrize(("accel", "model"), [("tcg", "max"), ("kvm", "host")])
+def test_cpu_features_follow_the_model(accel: str, model: str) -> None:
+    config = dataclasses.replace(CONFIG, cpu_features="pmu=off,-la57")
+    assert option(build_argv(config, vm(accelerator=accel)), "-cpu") == [f"{model},pmu=off,-la57"]
+
+
 def test_vsock_channel() -> None:
     argv = build_argv(CONFIG, vm(agent_channel=AgentChannel.VSOCK, guest_cid=42))
     assert option(argv, "-device")[0] == "vhost-vsock-pci,id=vsock0,guest-cid=42"

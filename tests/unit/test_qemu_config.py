@@ -157,11 +157,21 @@ def test_lever_keys_default_to_qemus_behaviour_and_parse() -> None:
         ("tcg_tb_size_mib", -1, "is below 0"),
         ("tcg_tb_size_mib", "32", "is not an integer"),
         ("reclaim_guest_freed_memory", "yes", "is not a boolean"),
+        ("cpu_features", "pmu=off,-erms -device foo", "'-erms -device foo'.* not a CPU prop"),
+        ("cpu_features", "pmu=off,,-la57", "has '', which is not a CPU property"),
+        ("cpu_features", "a=b=c", "not a CPU property"),
+        ("cpu_features", 3, "is not a string"),
     ],
 )
 def test_bad_lever_values(key: str, value: object, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         QemuConfig.from_table({key: value})
+
+
+def test_cpu_features_are_qemu_cpu_properties() -> None:
+    assert QemuConfig.from_table({}).cpu_features == ""
+    features = " pmu=off,-la57,+avx2,l3-cache=on,tsc.x=1 "
+    assert QemuConfig.from_table({"cpu_features": features}).cpu_features == features.strip()
 
 
 def test_missing_firmware_is_reported(tmp_path: Path) -> None:
