@@ -11,6 +11,7 @@ from hypervisors import hostchecks
 from hypervisors.accel import choose_accelerator
 from hypervisors.base import HostCheck
 from hypervisors.channel import ChannelError, choose_channel
+from hypervisors.config import ConfigError
 from hypervisors.errors import HypervisorError
 from hypervisors.qemu.config import SECTION, QemuConfig
 from hypervisors.qemu.vm import host_has_vhost_vsock
@@ -26,9 +27,17 @@ FILE_NAMES = {
 
 
 def check_files(config: QemuConfig, source: str = "<config>") -> list[HostCheck]:
-    """One line per file the configuration needs, every missing one reported."""
+    """One line per file the configuration needs, every missing one reported; when all
+    exist, the line of a file QEMU could not use (`QemuConfig.check_contents`) fails."""
     values = {key: getattr(config, key) for key, _, _ in config.file_keys()}
-    return hostchecks.check_files(SECTION, config.file_keys(), values, FILE_NAMES, source)
+    checks = hostchecks.check_files(SECTION, config.file_keys(), values, FILE_NAMES, source)
+    if all(c.ok for c in checks):
+        try:
+            config.check_contents(source)
+        except ConfigError as e:
+            name = f"{FILE_NAMES[e.key]} ({e.key})"
+            checks = [HostCheck(name, False, str(e)) if c.name == name else c for c in checks]
+    return checks
 
 
 def check_version(qemu_path: str) -> HostCheck:

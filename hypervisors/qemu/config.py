@@ -155,10 +155,15 @@ class QemuConfig:
             )
 
     def check_files(self, source: str = "<config>") -> None:
-        """Check that the binaries and guest images named here exist, and the root image's
-        size."""
+        """Check that the binaries and guest images named here exist, then what is in them
+        (`check_contents`)."""
         for key, fix, exe in self.file_keys():
             need_file(SECTION, key, getattr(self, key), fix, source, exe=exe)
+        self.check_contents(source)
+
+    def check_contents(self, source: str = "<config>") -> None:
+        """Of files that exist: whether QEMU can boot the kernel (a bzImage, or an ELF with
+        its PVH entry note), and the root image's size."""
         if problem := pvh_problem(self.kernel):
             raise ConfigError(
                 SECTION, "kernel", self.kernel, problem,

@@ -102,6 +102,20 @@ def test_check_names_every_missing_file_and_the_fix(
     assert "2 check(s) failed" in out
 
 
+def test_check_fails_an_elf_kernel_qemu_cannot_enter(
+        tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF\x02\x01" + bytes(58))  # an ELF64 header, no program headers
+    code, out, _ = run(capsys, "check", "--config", str(write_config(tmp_path, kernel=str(kernel))))
+    assert code == 1
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert fails == [f"FAIL  guest kernel (kernel): hypervisor.qemu.kernel: {kernel} is an ELF "
+                     "kernel without a PVH entry note, which QEMU needs; use the kernel's "
+                     "bzImage (vmlinuz) or a vmlinux built with CONFIG_PVH=y (`make guest` "
+                     f"writes both) (in {tmp_path / 'configuration.toml'})"], out
+    assert "ok    guest initrd" in out
+
+
 def test_check_without_configuration_fails_with_the_fix(
         tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "absent.toml"
