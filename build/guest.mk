@@ -36,8 +36,8 @@ endef
 $(call setting,agent,$(AGENT_ENTRY))
 $(call setting,initrd,$(INITRD_COMPRESSION) $(GUEST_MODULES))
 
-OUTPUTS := $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
-           $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img $(GUEST_DIR)/MANIFEST
+OUTPUTS := $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img \
+           $(GUEST_DIR)/kernel-release $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img $(GUEST_DIR)/MANIFEST
 
 .PHONY: guest refresh clean-guest
 guest: $(OUTPUTS)
@@ -108,8 +108,8 @@ $(GUEST_DIR)/vmlinuz: $(WORK)/debs.stamp
 $(GUEST_DIR)/vmlinux: $(GUEST_DIR)/vmlinuz $(B)/guestbuild.py
 	$(PY) $(B)/guestbuild.py vmlinux $< --out $@
 
-$(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img $(GUEST_DIR)/kernel-release \
-                       $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img
+$(GUEST_DIR)/MANIFEST: $(GUEST_DIR)/vmlinux $(GUEST_DIR)/vmlinuz $(GUEST_DIR)/initrd.img \
+                       $(GUEST_DIR)/kernel-release $(GUEST_DIR)/rootfs.img $(GUEST_DIR)/rootfs-loader.img
 	$(PY) $(B)/guestbuild.py manifest --info $(WORK)/initrd-info.json \
 	    --debs-lock $(CACHE)/debs.lock --out-dir $(GUEST_DIR) \
 	    --agent-entry $(AGENT_ENTRY) --compression $(INITRD_COMPRESSION) \
