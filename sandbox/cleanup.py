@@ -38,6 +38,16 @@ def shim_alive(record: SandboxRecord) -> bool:
     )
 
 
+def exited_shim(state_dir: Path, namespace: str, sandbox_id: str) -> int | None:
+    """The pid of the shim the sandbox's record names when that shim has exited (a zombie
+    counts); None when it runs, or no record names one."""
+    for path in _paths(state_dir, namespace, sandbox_id):
+        record = read_record(path) if path.is_dir() else None
+        if record is not None and record.shim_pid > 0 and not shim_alive(record):
+            return record.shim_pid
+    return None
+
+
 def _paths(state_dir: Path, namespace: str, sandbox_id: str) -> list[Path]:
     validate_id("sandbox", sandbox_id)
     return [sandbox_path(state_dir, validate_id("namespace", namespace), sandbox_id),

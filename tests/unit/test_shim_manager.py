@@ -204,6 +204,36 @@ def test_delete_leaves_a_live_daemon_alone(env: dict[str, Path]) -> None:
     assert (env["state"] / "sbs" / "pod1").exists()
 
 
+def test_delete_cleans_up_when_the_socket_accepts_but_the_recorded_shim_exited(
+        env: dict[str, Path]) -> None:
+    """Seen once after a kill -9 of the daemon: its socket still accepted a connection."""
+    from hostos.procs import start_time
+    from sandbox.state import SandboxRecord, write_record
+
+    bundle = write_bundle(env["tmp"] / "pod1")
+    (bundle / manager.CONFIG_PATH_FILE).write_text(str(env["config"]))
+    path = manager.socket_path("/run/containerd/containerd.sock", "default", "pod1",
+                               env["sockets"])
+    env["sockets"].mkdir(mode=0o711)
+    sandbox = env["state"] / "sbs" / "pod1"
+    sandbox.mkdir(parents=True)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)
+    with socket.socket(socket.AF_UNIX) as holder:  # accepts, as the socket did
+        holder.bind(str(path))
+        holder.listen(1)
+        # A live shim (this process) is left alone, listening socket or not ...
+        write_record(sandbox, SandboxRecord("pod1", shim_pid=os.getpid(),
+                                            shim_start_time=start_time(os.getpid()) or 0))
+        run_delete(bundle, "pod1", env["sockets"])
+        assert sandbox.exists()
+        # ... one that has exited is not.
+        write_record(sandbox, SandboxRecord("pod1", shim_pid=int(exited.stdout),
+                                            shim_start_time=1))
+        run_delete(bundle, "pod1", env["sockets"])
+        assert not sandbox.exists() and not path.exists()
+
+
 def test_delete_of_a_pod_container_unmounts_only_its_rootfs(env: dict[str, Path]) -> None:
     bundle = write_bundle(env["tmp"] / "c2", {B.SANDBOX_ID_ANNOTATION: "pod1"})
     containers = env["state"] / "sbs" / "pod1" / "shared" / "containers"
