@@ -57,8 +57,10 @@ def show_vm(kata: Kata) -> None:
         show("QEMU pid", qemus[0].pid)
         show("QEMU command line", qemus[0].cmdline)
         show("accelerator (QEMU argv)", accelerator(qemus[0].argv))
-        sandbox = kata.state_dir / "sbs" / SLEEPER
-        show("accelerator (state.json)", accel_from_state(sandbox) or "(not recorded)")
+        # sbs/<namespace>/<id> (Kata.sandbox_dirs)
+        sandbox = next((d for d in kata.sandbox_dirs() if d.name == SLEEPER), None)
+        found = accel_from_state(sandbox) if sandbox else None
+        show("accelerator (state.json)", found or "(not recorded)")
         show("accelerator (shim log)", accel_from_log(kata) or "(not logged)")
 
 
