@@ -30,15 +30,15 @@ def pvh_problem(path: str) -> str | None:
             return None
         try:
             order = "<" if ident[5] == 1 else ">"
-            found = any(_has_pvh_note(notes, order) for notes in _note_segments(f, ident))
+            found = any(_has_pvh_note(notes, order)
+                        for notes in _note_segments(f, ident[4] == 2, order))
         except (struct.error, ValueError) as e:
             return f"is an ELF file whose headers cannot be read ({e})"
     return None if found else "is an ELF kernel without a PVH entry note, which QEMU needs"
 
 
-def _note_segments(f: BinaryIO, ident: bytes) -> list[bytes]:
+def _note_segments(f: BinaryIO, is64: bool, order: str) -> list[bytes]:
     """The contents of each PT_NOTE segment (each cut at `MAX_NOTES_BYTES`)."""
-    is64, order = ident[4] == 2, "<" if ident[5] == 1 else ">"
     # (e_phoff, e_phentsize/e_phnum) and, in a program header, (p_offset, p_filesz)
     phoff_at, count_at, offset_at, size_at, word = (
         (0x20, 0x36, 0x08, 0x20, "Q") if is64 else (0x1C, 0x2A, 0x04, 0x10, "I"))
