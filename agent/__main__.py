@@ -8,6 +8,10 @@ import sys
 # under TCG that is the guest's critical path. agent.main turns it back on once serving.
 gc.disable()
 
+from common import lazyimport  # noqa: E402
+
+lazyimport.install()  # before asyncio and protobuf import what we never run: common/lazyimport.py
+
 from agent.main import main  # noqa: E402
 
 sys.exit(main())

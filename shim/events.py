@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from google.protobuf import any_pb2, empty_pb2, text_format, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from protocols import events_forward_pb2, events_pb2, mount_pb2
@@ -166,7 +166,11 @@ class Publisher:
 
 
 def _brief(event: Message) -> str:
-    return text_format.MessageToString(event, as_one_line=True)
+    """The event's text format on one line. From the message's own ``str`` (upb writes it
+    natively; text_format is pure Python and would import protobuf's whole Python message
+    implementation into every daemon: common/lazyimport.py). Strings inside are escaped, so
+    only indentation and line ends are joined."""
+    return " ".join(line.strip() for line in str(event).splitlines())
 
 
 def exit_timestamp(ns: int | None) -> timestamp_pb2.Timestamp:
