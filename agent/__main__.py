@@ -1,4 +1,5 @@
-"""Entry point: ``python -m agent`` and the PyInstaller-frozen ``/opt/kata-agent/kata-agent``."""
+"""Entry point: ``python -m agent``; in the guest ``/opt/kata-agent/main.pyc``, this file
+compiled (build/guestbuild.py)."""
 
 import gc
 import sys

@@ -10,6 +10,9 @@ WORK ?= $(B)/work
 CACHE ?= $(B)/cache
 VENV ?= $(ROOT)/.venv
 PY ?= $(VENV)/bin/python
+# Prints the binary the venv's Python runs on: the guest runs the agent on that interpreter
+# (build/README.md "Agent").
+BASE_PYTHON = $(PY) -c 'import os, sys; print(os.path.realpath(sys._base_executable))'
 # The agent's entry script; a stub may be substituted while testing the image itself.
 AGENT_ENTRY ?= $(ROOT)/agent/__main__.py
 # none | gzip | zstd | lz4: none boots fastest under TCG (measured, build/README.md).
@@ -75,6 +78,7 @@ $(GUEST_DIR)/initrd.img: $(WORK)/debs.stamp $(WORK)/agent.stamp $(WORK)/initrd.c
 	    --busybox $(WORK)/debs/busybox-static/bin/busybox \
 	    --crun $(WORK)/debs/crun/usr/bin/crun \
 	    --agent $(WORK)/agent/kata-agent --init $(B)/init.sh \
+	    --interpreter "$$($(BASE_PYTHON))" --entry $(AGENT_ENTRY) \
 	    --modules "$(GUEST_MODULES)" --compression $(INITRD_COMPRESSION) \
 	    --lib-dir $(WORK)/crun-libs \
 	    --out $@ --info $(WORK)/initrd-info.json

@@ -52,6 +52,7 @@ DEVICE_MODULES: tuple[tuple[int, str], ...] = (
 LIB_DIR = "lib/x86_64-linux-gnu"
 LOADER = "lib64/ld-linux-x86-64.so.2"
 AGENT_DIR = "opt/kata-agent"
+ENTRY_PYC = "main.pyc"  # in AGENT_DIR: the agent's entry script, run by /init
 MODULES_LIST = "etc/kata-agent/modules.list"
 DEVICE_MODULES_LIST = "etc/kata-agent/modules.virtio"
 KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -314,6 +315,7 @@ class TreeInfo:
     libraries: dict[str, str] = field(default_factory=dict)  # guest path -> host source
     agent_bytes: int = 0
     tree_bytes: int = 0
+    interpreter: str = ""  # host file /opt/kata-agent/kata-agent was copied from
 
 
 def _copy(src: Path, dst: Path, mode: int | None = None) -> None:
@@ -383,23 +385,15 @@ def _add_module(src_dir: Path, dst_dir: Path, rel: str, path: str) -> str:
 
 
 def add_libraries(
-    tree: Path, elves: Sequence[Path], executables: int, bundled: set[str], info: TreeInfo,
-    lib_dir: Path | None = None,
+    tree: Path, elves: Sequence[Path], info: TreeInfo, lib_dir: Path | None = None,
 ) -> None:
     """Copy the shared libraries ``elves`` need (per ldd) to /lib/x86_64-linux-gnu, and link
-    the loader from /lib64. The first ``executables`` of ``elves`` get all their libraries;
-    for the others (the agent bundle's extension modules and libraries) those the bundle
-    carries itself are left out. Libraries in ``lib_dir`` replace the host's of that name
-    (the crun-only libsystemd, build/crun-nosystemd.c), and so do their dependencies."""
+    the loader from /lib64. Libraries in ``lib_dir`` replace the host's of that name (the
+    crun-only libsystemd, build/crun-nosystemd.c), and so do their dependencies."""
     needed: dict[str, str] = {}
-    for i, elf in enumerate(elves):
+    for elf in elves:
         for name, path in ldd(elf, lib_dir).items():
-            if name.startswith("/"):
-                needed["ld-linux-x86-64.so.2"] = path
-            elif i < executables or Path(name).name not in bundled:
-                # An executable's own DT_NEEDED libraries are resolved by ld.so before the
-                # bundle's directory is known: those must be in the system directory.
-                needed[Path(name).name] = path
+            needed["ld-linux-x86-64.so.2" if name.startswith("/") else Path(name).name] = path
     for name, src in sorted(needed.items()):
         real = Path(os.path.realpath(src))
         dst = tree / LIB_DIR / name
@@ -409,6 +403,20 @@ def add_libraries(
         loader = tree / LOADER
         loader.parent.mkdir(parents=True, exist_ok=True)
         loader.symlink_to(f"../{LIB_DIR}/ld-linux-x86-64.so.2")
+
+
+def has_symbol_table(path: Path) -> bool:
+    out = subprocess.run(["readelf", "-S", "--wide", str(path)], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return " .symtab " in out
+
+
+def strip_symbols(paths: Iterable[Path]) -> None:
+    """Strip the symbol tables and debug sections Debian's packages already went without:
+    an interpreter built from source (pyenv's) carries them, ~17 MiB in its libpython."""
+    for path in paths:
+        if path.is_file() and not path.is_symlink() and is_elf(path) and has_symbol_table(path):
+            subprocess.run(["strip", str(path)], check=True)
 
 
 def add_busybox(tree: Path, busybox: Path) -> None:
@@ -425,12 +433,78 @@ def add_busybox(tree: Path, busybox: Path) -> None:
         link.symlink_to("../" * depth + "bin/busybox")
 
 
+def bundle_python_dir(bundle: Path) -> str:
+    """``python3.11``: the bundle's ``_internal/python3.X`` (its lib-dynload's parent)."""
+    found = sorted(p.name for p in (bundle / "_internal").glob("python3.*") if p.is_dir())
+    if len(found) != 1:
+        raise BuildError(f"{bundle}: expected one _internal/python3.X directory, found {found}")
+    return found[0]
+
+
+def interpreter_python_dir(interpreter: Path) -> str:
+    """``python3.11`` for the interpreter binary, by asking it."""
+    code = "import sys; print('python%d.%d' % sys.version_info[:2])"
+    out = subprocess.run([str(interpreter), "-I", "-S", "-c", code], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return out.strip()
+
+
+def compile_entry(interpreter: Path, entry: Path, out: Path) -> None:
+    """``entry`` as bytecode, by the interpreter that runs it, with PyInstaller's
+    ``--optimize 1`` like the rest of the agent."""
+    if not entry.is_file():
+        raise BuildError(f"{entry}: no agent entry script")
+    code = ("import py_compile, sys; "
+            "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True, optimize=1)")
+    subprocess.run([str(interpreter), "-I", "-S", "-c", code, str(entry), str(out)],
+                   check=True)
+    out.chmod(0o644)
+
+
+def add_agent(tree: Path, bundle: Path, interpreter: Path, entry: Path,
+              info: TreeInfo) -> list[Path]:
+    """The agent as the interpreter binary ``/opt/kata-agent/kata-agent`` with the modules
+    PyInstaller collected (``bundle``, a --onedir bundle) in its standard library directory
+    ``/opt/kata-agent/lib/python3.X``, which the interpreter finds from its own path, and
+    the entry script compiled to ``/opt/kata-agent/main.pyc`` (what /init runs).
+
+    PyInstaller's launcher, its shared libpython and its bootstrap are left out: started
+    through them, the agent spent ~0.12 s more of every guest's start under TCG (build/README.md
+    "Agent"). The bundle's own libraries go to the system directory. Returns the ELF files
+    whose libraries the guest needs."""
+    exe = bundle / "kata-agent"
+    internal = bundle / "_internal"
+    if not (exe.is_file() and internal.is_dir()):
+        raise BuildError(f"{bundle}: no PyInstaller onedir agent bundle (freeze-agent.sh)")
+    pydir = bundle_python_dir(bundle)
+    if interpreter_python_dir(interpreter) != pydir:
+        raise BuildError(f"{interpreter} is not {pydir}, the Python the agent bundle was "
+                         "built with: pass the venv's base interpreter")
+    home = tree / AGENT_DIR
+    stdlib = home / "lib" / pydir
+    shutil.copytree(internal, stdlib, symlinks=True, ignore=shutil.ignore_patterns(pydir))
+    shutil.copytree(internal / pydir / "lib-dynload", stdlib / "lib-dynload", symlinks=True)
+    for lib in [p for p in stdlib.iterdir() if p.name.startswith("lib") and ".so" in p.name]:
+        if not lib.name.startswith("libpython"):
+            _copy(lib, tree / LIB_DIR / lib.name, 0o755)
+            info.libraries[f"/{LIB_DIR}/{lib.name}"] = f"{internal}/{lib.name}"
+        lib.unlink()
+    _copy(interpreter, home / "kata-agent", 0o755)
+    info.interpreter = str(interpreter)
+    compile_entry(interpreter, entry, home / ENTRY_PYC)
+    files = [p for p in home.rglob("*") if p.is_file() and not p.is_symlink()]
+    info.agent_bytes = sum(p.stat().st_size for p in files)
+    return [home / "kata-agent", *(p for p in files if is_elf(p) and p.name != "kata-agent")]
+
+
 def build_tree(
     tree: Path,
     kernel_root: Path,
     busybox: Path,
     crun: Path,
     agent: Path,
+    interpreter: Path,
+    entry: Path,
     init: Path,
     modules: Sequence[str],
     lib_dir: Path | None = None,
@@ -451,19 +525,9 @@ def build_tree(
     add_busybox(tree, busybox)
     _copy(crun, tree / "usr/bin/crun", 0o755)
 
-    exe = agent / "kata-agent"
-    if not (exe.is_file() and os.access(exe, os.X_OK)):
-        raise BuildError(f"{exe}: no frozen agent (freeze-agent.sh)")
-    shutil.copytree(agent, tree / AGENT_DIR, symlinks=True)
-    bundle_files = [p for p in (tree / AGENT_DIR).rglob("*") if p.is_file() and not p.is_symlink()]
-    info.agent_bytes = sum(p.stat().st_size for p in bundle_files)
-    bundled = {p.name for p in bundle_files}
-    elves = [
-        tree / "usr/bin/crun",
-        tree / AGENT_DIR / "kata-agent",
-        *(p for p in bundle_files if is_elf(p) and p.name != "kata-agent"),
-    ]
-    add_libraries(tree, elves, 2, bundled, info, lib_dir)
+    agent_elves = add_agent(tree, agent, interpreter, entry, info)
+    add_libraries(tree, [tree / "usr/bin/crun", *agent_elves], info, lib_dir)
+    strip_symbols([agent_elves[0], *(tree / LIB_DIR).iterdir()])
     add_modules(tree, kernel_root, modules, info)
     info.tree_bytes = sum(
         st.st_size for st in (p.lstat() for p in tree.rglob("*")) if stat.S_ISREG(st.st_mode)
@@ -540,6 +604,8 @@ def write_manifest(args: argparse.Namespace) -> None:
     lines += ["", "[agent]"]
     lines.append(f"entry {args.agent_entry}")
     lines.append(f"python {args.python_version}")
+    interpreter = info.get("interpreter", "")
+    lines.append(f"interpreter {interpreter} ({debian_package_of(interpreter)})")
     h = hashlib.sha256()
     for src in sorted(args.agent_sources):
         h.update(src.encode() + b"\0" + Path(src).read_bytes())
@@ -578,6 +644,8 @@ def cmd_initrd(args: argparse.Namespace) -> None:
         busybox=Path(args.busybox),
         crun=Path(args.crun),
         agent=Path(args.agent),
+        interpreter=Path(args.interpreter),
+        entry=Path(args.entry),
         init=Path(args.init),
         modules=[m for m in modules if m],
         lib_dir=Path(args.lib_dir) if args.lib_dir else None,
@@ -617,6 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--busybox", required=True)
     p.add_argument("--crun", required=True)
     p.add_argument("--agent", required=True, help="PyInstaller onedir bundle directory")
+    p.add_argument("--interpreter", required=True,
+                   help="the Python binary the bundle was built with (the venv's base)")
+    p.add_argument("--entry", required=True, help="the agent's entry script")
     p.add_argument("--init", required=True)
     p.add_argument("--modules", default="", help="comma separated (default: %(default)s)")
     p.add_argument("--lib-dir", default="",

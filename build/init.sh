@@ -16,11 +16,9 @@ mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 read -r up _ </proc/uptime
 # The agent reports its start-up time from here (see agent/main.py).
 export KATA_AGENT_EXEC_UPTIME="$up"
-# The PyInstaller (onedir) launcher re-execs itself once to put its _internal/ on
-# LD_LIBRARY_PATH (dlopen'ed libpython and the extensions need it); an exec costs ~20x under
-# TCG. Giving it the environment of that second run (what the bootloader itself would set)
-# makes the first run the final one. Values must match the bundle's layout.
-export LD_LIBRARY_PATH=/opt/kata-agent/_internal _PYI_ARCHIVE_FILE=/opt/kata-agent/kata-agent \
-    _PYI_PARENT_PROCESS_LEVEL=-1
+# /opt/kata-agent/kata-agent is the Python interpreter; its standard library and the agent's
+# packages are in /opt/kata-agent/lib, found from the binary's own path, and main.pyc is the
+# agent's entry (build/README.md "Agent"). -I: no environment variables, user site or script
+# directory on the path; -S: no site module.
 echo "kata-init: exec /opt/kata-agent/kata-agent (uptime ${up}s)"
-exec /opt/kata-agent/kata-agent
+exec /opt/kata-agent/kata-agent -I -S /opt/kata-agent/main.pyc

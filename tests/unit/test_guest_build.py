@@ -239,7 +239,8 @@ def test_init_script(initrd: dict[str, Entry]) -> None:
     for fs in ("proc", "sysfs", "devtmpfs"):
         assert f"-t {fs}" in text
     assert "kata-init:" in text
-    assert text.rstrip().splitlines()[-1] == "exec /opt/kata-agent/kata-agent"
+    assert text.rstrip().splitlines()[-1] == (
+        "exec /opt/kata-agent/kata-agent -I -S /opt/kata-agent/main.pyc")
 
 
 def test_layout(initrd: dict[str, Entry]) -> None:
@@ -287,25 +288,37 @@ def test_crun_gets_the_guest_libsystemd(initrd: dict[str, Entry], tmp_path: Path
     assert imported <= defined, f"missing from the guest libsystemd: {imported - defined}"
 
 
-def test_agent_bundle_and_its_libraries(initrd: dict[str, Entry]) -> None:
+def test_the_agent_runs_on_the_interpreter_with_its_modules_beside_it(
+        initrd: dict[str, Entry]) -> None:
+    """/opt/kata-agent/kata-agent is the Python binary; the standard library and our
+    packages are plain .pyc files in its prefix; no PyInstaller launcher, bootstrap or
+    bundled library directory (guestbuild.add_agent)."""
     exe = initrd["/opt/kata-agent/kata-agent"]
     assert stat.S_ISREG(exe.mode) and exe.mode & 0o111
-    _check_libs(initrd, "/opt/kata-agent/kata-agent", ())
-    internal = "/opt/kata-agent/_internal"
-    libpython = [p for p in initrd if p.startswith(f"{internal}/libpython3")]
-    assert libpython, "libpython missing from the agent bundle"
-    # Every extension module's libraries too: the bundle drops libstdc++, which protobuf's
-    # upb module names but never calls (build/freeze-agent.sh).
-    objects = [p for p in initrd if p.startswith(f"{internal}/") and ".so" in p
+    assert b"Py_BytesMain" in exe.data, "not a Python interpreter"
+    closure = _check_libs(initrd, "/opt/kata-agent/kata-agent", ())
+    stdlib = "/opt/kata-agent/lib/python3.11"
+    assert "/opt/kata-agent/main.pyc" in initrd
+    for landmark in ("os.pyc", "encodings/__init__.pyc", "agent/__main__.pyc",
+                     "google/_upb", "lib-dynload"):
+        assert f"{stdlib}/{landmark}" in initrd, landmark
+    assert not [p for p in initrd if "/_internal" in p or "pyimod" in p or "pyiboot" in p]
+    # Every extension module's libraries are in the system directory: the bundle drops
+    # libstdc++, which protobuf's upb module names but never calls (build/freeze-agent.sh).
+    objects = [p for p in initrd if p.startswith(f"{stdlib}/") and ".so" in p
                and stat.S_ISREG(initrd[p].mode)]
-    for lib in [*libpython, *objects]:
-        _check_libs(initrd, lib, (internal,))
+    assert objects, "no extension modules"
+    for obj in objects:
+        _check_libs(initrd, obj, ())
+    for lib in closure:
+        assert ".symtab" not in _elf_sections(_resolve(initrd, lib).data), lib
     size = sum(len(e.data) for p, e in initrd.items() if p.startswith("/opt/kata-agent/"))
     assert size < 40 * 2**20, f"agent bundle grew to {size / 2**20:.1f} MiB"
     for dead in ("tkinter", "unittest", "pydoc_data", "grpc_tools", "libcrypto", "libssl",
                  "libstdc++"):
-        hits = [p for p in initrd if p.startswith("/opt/kata-agent/") and dead in p]
-        assert not hits, f"pruned module {dead} is in the bundle: {hits[:3]}"
+        hits = [p for p in initrd if dead in p and (p.startswith("/opt/kata-agent/")
+                                                    or p.startswith("/lib/"))]
+        assert not hits, f"pruned module {dead} is in the guest: {hits[:3]}"
 
 
 def test_modules_list(initrd: dict[str, Entry], release: str) -> None:
@@ -371,3 +384,51 @@ def test_manifest(release: str) -> None:
     for want in ("busybox-static ", "crun ", "initrd.img ", "vmlinux ", "vmlinuz ",
                  "[libraries]"):
         assert want in text, want
+
+
+def _fake_bundle(root: Path, pydir: str) -> Path:
+    bundle = root / "bundle"
+    internal = bundle / "_internal"
+    (internal / pydir / "lib-dynload").mkdir(parents=True)
+    (internal / pydir / "lib-dynload" / "zlib.cpython-311-x86_64-linux-gnu.so").write_bytes(b"x")
+    (internal / "agent").mkdir()
+    (internal / "agent" / "__main__.pyc").write_bytes(b"pyc")
+    (internal / "libpython3.11.so.1.0").write_bytes(b"lib")
+    (internal / "libz.so.1").write_bytes(b"z")
+    (bundle / "kata-agent").write_bytes(b"launcher")
+    return bundle
+
+
+def test_add_agent_lays_the_bundle_out_as_the_interpreters_prefix(tmp_path: Path) -> None:
+    interpreter = Path(os.path.realpath(sys._base_executable))
+    tree = tmp_path / "tree"
+    info = gb.TreeInfo(kernel_release="x")
+    entry = tmp_path / "entry.py"
+    entry.write_text("import sys\nprint(sys.argv)\n")
+    elves = gb.add_agent(tree, _fake_bundle(tmp_path, "python3.11"), interpreter, entry, info)
+    home = tree / gb.AGENT_DIR
+    assert elves[0] == home / "kata-agent"
+    assert (home / "kata-agent").read_bytes() == interpreter.read_bytes()
+    stdlib = home / "lib/python3.11"
+    assert (stdlib / "agent/__main__.pyc").read_bytes() == b"pyc"
+    assert (stdlib / "lib-dynload/zlib.cpython-311-x86_64-linux-gnu.so").is_file()
+    assert not (stdlib / "python3.11").exists() and not (stdlib / "libpython3.11.so.1.0").exists()
+    # The bundle's libraries go where ld.so looks without LD_LIBRARY_PATH; libpython, if the
+    # interpreter needs it, comes with its other libraries.
+    assert (tree / gb.LIB_DIR / "libz.so.1").read_bytes() == b"z"
+    assert not (tree / gb.LIB_DIR / "libpython3.11.so.1.0").exists()
+    assert info.agent_bytes > interpreter.stat().st_size
+    # The entry, compiled by the interpreter that runs it, and runnable as /init runs it.
+    run = subprocess.run([str(interpreter), "-I", "-S", str(home / "main.pyc"), "x"],
+                         check=True, stdout=subprocess.PIPE, text=True)
+    assert run.stdout.strip().endswith("'x']"), run.stdout
+
+
+def test_add_agent_refuses_a_bundle_of_another_python(tmp_path: Path) -> None:
+    interpreter = Path(os.path.realpath(sys._base_executable))
+    with pytest.raises(gb.BuildError, match=r"python3\.10, the Python the agent bundle"):
+        gb.add_agent(tmp_path / "tree", _fake_bundle(tmp_path, "python3.10"), interpreter,
+                     tmp_path / "entry.py", gb.TreeInfo(kernel_release="x"))
+    with pytest.raises(gb.BuildError, match="no PyInstaller onedir agent bundle"):
+        gb.add_agent(tmp_path / "tree2", tmp_path / "nothing", interpreter,
+                     tmp_path / "entry.py", gb.TreeInfo(kernel_release="x"))
