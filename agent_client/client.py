@@ -76,7 +76,9 @@ TIMEOUTS: Mapping[str, float | None] = {
     "ReadStdout": None,
     "ReadStderr": None,
 }
-READ_CHUNK = 64 * 1024
+#: Bytes asked for per ReadStdout/ReadStderr: the agent's pipes hold as much (agent/process.py
+#: OUTPUT_PIPE_BYTES), so a busy stream moves in few answers (docs/performance.md "Levers").
+READ_CHUNK = 1 << 20
 
 
 class AgentClient:

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from protocols import rpc_status_pb2, ttrpc_pb2
+from ttrpc import wire
 from ttrpc.channel import FrameChannel
 from ttrpc.errors import Code, TtrpcError
 from ttrpc.frames import (
@@ -59,7 +60,9 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
-Handler = Callable[[Any], Awaitable[Message]]
+#: A handler answers with a message, or with its encoding when building the message would
+#: only copy bytes it already has (the agent's stream reads: agent/service.py).
+Handler = Callable[[Any], Awaitable[Message | bytes]]
 Method = tuple[type[Message], Handler]
 
 
@@ -192,7 +195,7 @@ class _Connection:
         message = _decode(request_type, request.payload, f"{request.method} request")
         _current_request.set(_request_info(request))
         response = await handler(message)
-        return response.SerializeToString()
+        return response if isinstance(response, bytes) else response.SerializeToString()
 
     async def _reply(self, stream_id: int, payload: bytes, error: TtrpcError | None) -> None:
         try:
@@ -219,9 +222,10 @@ def _request_info(request: ttrpc_pb2.Request) -> RequestInfo:
 
 
 def _response(payload: bytes, error: TtrpcError | None) -> bytes:
+    if error is None:
+        return wire.ttrpc_response(payload)  # what protobuf writes, with one copy less
     response = ttrpc_pb2.Response(payload=payload)
-    if error is not None:
-        response.status.CopyFrom(rpc_status_pb2.Status(code=error.code, message=error.message))
+    response.status.CopyFrom(rpc_status_pb2.Status(code=error.code, message=error.message))
     return response.SerializeToString()
 
 

@@ -1,12 +1,16 @@
-"""Protobuf's wire encoding for the few fixed messages `shim start` and `shim delete` send.
+"""Protobuf's wire encoding for the few fixed messages `shim start` and `shim delete` send,
+and for the envelope of every successful ttrpc answer.
 
-Those two run once per container each, as short-lived processes; importing protobuf's
-runtime and the Task API's generated module cost each ~19 ms of CPU on the host
-(docs/performance.md "Levers"). What they send is small and fixed: a ttrpc
+`shim start` and `shim delete` run once per container each, as short-lived processes;
+importing protobuf's runtime and the Task API's generated module cost each ~19 ms of CPU on
+the host (docs/performance.md "Levers"). What they send is small and fixed: a ttrpc
 ``Request`` carrying a ``ConnectRequest``, and a ``DeleteResponse`` with a
-``google.protobuf.Timestamp``. Field numbers are those of protocols/ttrpc.proto and
-protocols/task.proto; as protobuf does, fields at their default value (0, empty) are left
-out and the others are written in field-number order, so the bytes equal protobuf's own
+``google.protobuf.Timestamp``. The ttrpc server wraps each answer's payload in a
+``Response`` with `ttrpc_response`: one copy of the payload instead of protobuf's two, which
+the guest agent pays per byte of container output under TCG. Field numbers are those of
+protocols/ttrpc.proto and protocols/task.proto; as protobuf does, fields at their default
+value (0, empty) are left out and the others are written in field-number order, so the
+bytes equal protobuf's own
 (tests/unit/test_ttrpc_wire.py compares them). Pure: no I/O.
 """
 
@@ -48,6 +52,11 @@ def ttrpc_request(service: str, method: str, payload: bytes) -> bytes:
     """ttrpc.Request{service = 1, method = 2, payload = 3} (no timeout, no metadata)."""
     return (bytes_field(1, service.encode()) + bytes_field(2, method.encode())
             + bytes_field(3, payload))  # fmt: skip
+
+
+def ttrpc_response(payload: bytes) -> bytes:
+    """ttrpc.Response{payload = 2}, without a status (a successful call)."""
+    return bytes_field(2, payload)
 
 
 def connect_request(container_id: str) -> bytes:

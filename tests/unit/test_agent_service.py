@@ -137,3 +137,29 @@ def test_destroy_sandbox_keeps_crun_state_only_in_a_vm(tmp_path: Path, in_vm: bo
                            vm_ends_with_sandbox=in_vm)
     asyncio.run(service.destroy_sandbox(pb.DestroySandboxRequest()))
     assert seen == [in_vm]
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b"y" * 300, bytes(range(256)) * 4096])
+def test_stream_reads_answer_with_what_protobuf_would_write(data: bytes) -> None:
+    from agent.service import read_stream_response
+
+    encoded = read_stream_response(data)
+    assert encoded == pb.ReadStreamResponse(data=data).SerializeToString()
+    assert pb.ReadStreamResponse.FromString(encoded).data == data
+
+
+def test_output_pipes_hold_what_the_host_asks_for_at_once() -> None:
+    import fcntl
+
+    from agent.process import OUTPUT_PIPE_BYTES, StdioSetup
+    from agent_client.client import READ_CHUNK
+
+    assert OUTPUT_PIPE_BYTES == READ_CHUNK
+    setup = StdioSetup(terminal=False, stdin=True, console_path="")
+    try:
+        stdin_w, stdout_r, stderr_r = setup._pipes
+        assert fcntl.fcntl(stdout_r, fcntl.F_GETPIPE_SZ) == OUTPUT_PIPE_BYTES
+        assert fcntl.fcntl(stderr_r, fcntl.F_GETPIPE_SZ) == OUTPUT_PIPE_BYTES
+        assert fcntl.fcntl(stdin_w, fcntl.F_GETPIPE_SZ) < OUTPUT_PIPE_BYTES
+    finally:
+        setup.abort()

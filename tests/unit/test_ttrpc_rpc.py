@@ -61,15 +61,20 @@ class EchoService:
     async def big(self, request: wrappers_pb2.Int64Value) -> wrappers_pb2.BytesValue:
         return wrappers_pb2.BytesValue(value=b"b" * request.value)
 
+    async def encoded(self, request: wrappers_pb2.Int64Value) -> bytes:
+        """An answer the handler encoded itself (as the agent's stream reads do)."""
+        return wrappers_pb2.BytesValue(value=b"e" * request.value).SerializeToString()
+
     def server(self) -> Server:
         server = Server()
-        methods: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
+        methods: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message | bytes]]]] = {
             "Echo": (StringValue, self.echo),
             "Slow": (StringValue, self.slow),
             "Fast": (StringValue, self.fast),
             "Fail": (StringValue, self.fail),
             "Boom": (StringValue, self.boom),
             "Big": (wrappers_pb2.Int64Value, self.big),
+            "Encoded": (wrappers_pb2.Int64Value, self.encoded),
         }
         server.register(SERVICE, methods)
         return server
@@ -137,6 +142,18 @@ def test_unary_round_trip_with_metadata() -> None:
         assert (info.service, info.method) == (SERVICE, "Echo")
         assert info.metadata == {"containerd-namespace-ttrpc": ("k8s.io",)}
         assert info.timeout_nano == 5_000_000_000
+        await client.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("size", [0, 1, 300, 1 << 20])
+def test_a_handler_may_answer_with_its_encoding(size: int) -> None:
+    async def body(svc: EchoService) -> None:
+        client, _ = await connected(svc)
+        reply = await client.call(SERVICE, "Encoded", wrappers_pb2.Int64Value(value=size),
+                                  wrappers_pb2.BytesValue)
+        assert reply.value == b"e" * size
         await client.close()
 
     run(body)

@@ -45,3 +45,10 @@ def test_connect_requests_match_protobuf(cid: str) -> None:
     expected = ttrpc_pb2.Request(service="containerd.task.v2.Task", method="Connect",
                                  payload=payload).SerializeToString()
     assert wire.ttrpc_request("containerd.task.v2.Task", "Connect", payload) == expected
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 1 << 20])
+def test_ttrpc_responses_match_protobuf(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    expected = ttrpc_pb2.Response(payload=payload).SerializeToString()
+    assert wire.ttrpc_response(payload) == expected
