@@ -64,6 +64,8 @@ class RuntimeConfig(NamedTuple):  # see agent.crun.CrunConfig: why not a datacla
     cgroup_root: str = "/sys/fs/cgroup"
     cgroup_parent: str = "/kata"  # "" = no cgroups (crun --cgroup-manager=disabled)
     crun: CrunConfig = CrunConfig()
+    #: Process output answered in larger pieces (the host asks under TCG: agent.streams).
+    gather_output: bool = False
 
 
 class Container:
@@ -241,7 +243,7 @@ class Containers:
             raise
         process.attach(pid, self._reaper.register(pid))
         stdio.close_child_ends()
-        stdio.hand_over(process, master)
+        stdio.hand_over(process, master, self.config.gather_output)
 
     async def _run_crun(self, stdio: StdioSetup, log: str, args: list[str]) -> int | None:
         run = asyncio.ensure_future(self._crun.run(log, args, stdio.child_stdio))

@@ -172,6 +172,7 @@ async def _serve(opts: Options, guest: bool) -> None:
         run_dir=opts.run_dir, cgroup_root=opts.cgroup_root, cgroup_parent=opts.cgroup_parent,
         crun=CrunConfig(binary=opts.crun, root=opts.crun_root, cgroups=bool(opts.cgroup_parent),
                         fixed_layout=CRUN_NO_ASLR_KERNEL_PARAM in flags),
+        gather_output=GATHER_OUTPUT_KERNEL_PARAM in flags,
     )
     os.makedirs(config.run_dir, mode=0o711, exist_ok=True)
     containers = Containers(config, reaper)
@@ -212,6 +213,7 @@ async def _serve(opts: Options, guest: bool) -> None:
 #: imports nothing for it (a unit test keeps them equal).
 DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
 CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
+GATHER_OUTPUT_KERNEL_PARAM = "agent.gather_output"
 
 
 def kernel_words(cmdline: str = "/proc/cmdline") -> frozenset[str]:

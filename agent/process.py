@@ -174,16 +174,17 @@ class StdioSetup:
             self.console.close()
             _unlink(self.console_path)
 
-    def hand_over(self, process: Process, master: int | None) -> None:
-        """Give our ends to ``process``; after this, they are the process's to close."""
+    def hand_over(self, process: Process, master: int | None, gather: bool = False) -> None:
+        """Give our ends to ``process``; after this, they are the process's to close.
+        ``gather``: its output readers gather output in full flow (agent.streams)."""
         if master is not None:
-            process.stdout = StreamReader(master)
+            process.stdout = StreamReader(master, gather)
             process.stdin = StreamWriter(os.dup(master), eof_byte=b"\x04")
         else:
             in_w, out_r, err_r = self._pipes
             process.stdin = StreamWriter(in_w if in_w >= 0 else None)
-            process.stdout = StreamReader(out_r)
-            process.stderr = StreamReader(err_r)
+            process.stdout = StreamReader(out_r, gather)
+            process.stderr = StreamReader(err_r, gather)
         self._ours.clear()
 
     def abort(self) -> None:

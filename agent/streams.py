@@ -7,6 +7,11 @@ read). They are plain non-blocking fds driven by ``loop.add_reader``/``add_write
 pump task copies data in the background. A ReadStdout request performs one ``os.read`` as
 soon as the fd is readable, so output produced before the host asks simply waits in the
 kernel's pipe buffer (and the writer blocks when it is full: back-pressure, nothing lost).
+Under TCG (the host sets ``agent.gather_output``), a process output reader that finds
+output in full flow (at least GATHER_FROM bytes at once) waits GATHER_FOR before it answers
+and adds what came meanwhile: each answer costs the guest ~1 ms of Python there, and a
+producer that writes 4-8 KiB at a time would otherwise be answered in pieces that size
+(docs/performance.md "Levers"). A trickle (less than that) is answered at once.
 
 End of stream is ``b""``: a pipe read returning 0 bytes, or EIO on a pty master (the slave
 side hung up). Once EOF was seen the fd is closed and every later read returns ``b""``.
@@ -72,26 +77,58 @@ class _FdEnd:
         return self.fd is None
 
 
+#: A first read of at least this many bytes means output in full flow: gather more.
+GATHER_FROM = 4096
+#: How long a reader that gathers waits for more before it answers (under TCG a producer
+#: makes ~300 KiB meanwhile; the pipe holds 1 MiB, so it keeps writing).
+GATHER_FOR = 0.02
+
+
 class StreamReader(_FdEnd):
-    """Our read end of a process's stdout/stderr (a pipe or a pty master)."""
+    """Our read end of a process's stdout/stderr (a pipe or a pty master), or of a socket.
+    ``gather``: answer output in full flow in larger pieces (module docstring)."""
+
+    def __init__(self, fd: int | None, gather: bool = False) -> None:
+        super().__init__(fd)
+        self.gather = gather
 
     async def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes as soon as any are available; ``b""`` at end of stream."""
+        """Up to ``n`` bytes as soon as any are available (a little later when gathering);
+        ``b""`` at end of stream."""
         async with self._lock:
-            while self.fd is not None:
-                try:
-                    data = os.read(self.fd, n)
-                except BlockingIOError:
-                    await self._wait(self.fd, writable=False)
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.EIO:  # EIO: pty slave closed, i.e. EOF
-                        raise
-                    data = b""
-                if not data:
-                    self.close_now()
-                return data
-            return b""
+            data = await self._read_once(n)
+            if self.gather and GATHER_FROM <= len(data) < n:
+                data = await self._gather(data, n)
+            return data
+
+    async def _gather(self, first: bytes, n: int) -> bytes:
+        """``first`` and what more can be read after GATHER_FOR, up to ``n`` bytes. End of
+        stream or an error ends nothing here: the next read meets them."""
+        await asyncio.sleep(GATHER_FOR)
+        if self.fd is None:
+            return first
+        try:
+            more = os.read(self.fd, n - len(first))
+        except OSError:  # nothing more yet (EAGAIN), or EIO: the pty hung up
+            return first
+        return first + more if more else first
+
+    async def _read_once(self, n: int) -> bytes:
+        """Up to ``n`` bytes as soon as any are available; ``b""`` at end of stream."""
+        while self.fd is not None:
+            try:
+                data = os.read(self.fd, n)
+            except BlockingIOError:
+                await self._wait(self.fd, writable=False)
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: pty slave closed, i.e. EOF
+                    raise
+                data = b""
+            if not data:
+                self.close_now()
+            return data
+        return b""
 
 
 class StreamWriter(_FdEnd):

@@ -16,6 +16,9 @@ DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
 #: Kernel parameter (ours) the host sets under TCG: the agent starts crun without
 #: address-space randomisation, so QEMU reuses crun's translated code from call to call.
 CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
+#: Kernel parameter (ours) the host sets under TCG: the agent answers a process's output in
+#: full flow in larger pieces, each answer being dear there (agent/streams.py).
+GATHER_OUTPUT_KERNEL_PARAM = "agent.gather_output"
 #: What the agent writes on the debug console port when the shell has exited: virtio-serial
 #: cannot close the host's end, so the end of a session is said in-band. An OSC sequence,
 #: which a terminal shown it by mistake ignores.

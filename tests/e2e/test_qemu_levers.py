@@ -7,6 +7,9 @@ is there for (the numbers behind the defaults: configuration.toml).
 * under TCG the agent starts crun at fixed addresses (``agent.crun_no_aslr``): the
   container's init and its execs still run randomised;
 * under TCG the guest kernel does not zero what it allocates (``init_on_alloc=0``);
+* under TCG the agent answers output in full flow in larger pieces
+  (``agent.gather_output``): what a container writes arrives whole and in order, in
+  fewer and larger ReadStdout answers;
 * device drivers (virtio_net, the vsock transport, virtio_balloon) are loaded only when the
   VM has the device;
 * ``reclaim_guest_freed_memory``: the guest binds virtio_balloon (the agent loads it only
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from common.constants import CRUN_NO_ASLR_KERNEL_PARAM
+from common.constants import CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM
 from tests.harness.kata import Kata
 from tests.harness.procs import Proc
 from tests.harness.scenarios import KATA, detached, explain
@@ -127,6 +130,23 @@ def test_under_tcg_the_guest_kernel_does_not_zero_its_allocations(kata: Kata) ->
         words = exec_out(kata, "lever-init", "c1", "cat", "/proc/cmdline").split()
         settings = [w for w in words if w.startswith("init_on_alloc=")]
         assert settings == (["init_on_alloc=0"] if tcg else []), words
+
+
+def test_under_tcg_output_in_full_flow_arrives_whole_in_larger_answers(kata: Kata) -> None:
+    """Under TCG the guest is told to gather output (agent/streams.py); 4 MiB written a
+    few KiB at a time (`yes | head -c`) still reaches ctr whole and in order."""
+    size = 4 * MIB
+    with detached(kata.cd, KATA, "lever-gather", "sleep", "120"):
+        argv = one_qemu(kata).argv
+        tcg = any("tcg" in a for a in option(argv, "-accel") + option(argv, "-machine"))
+        assert (GATHER_OUTPUT_KERNEL_PARAM in option(argv, "-append")[0].split()) is tcg
+        pattern = "0123456789abcdef"
+        out = exec_out(kata, "lever-gather", "g1", "sh", "-c",
+                       f"yes {pattern} | head -c {size}")
+        assert len(out) == size
+        *lines, last = out.split("\n")
+        assert all(line == pattern for line in lines), "output out of order or mangled"
+        assert pattern.startswith(last)
 
 
 def test_device_drivers_load_only_for_the_devices_the_vm_has(kata: Kata) -> None:

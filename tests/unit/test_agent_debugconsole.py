@@ -18,6 +18,7 @@ from common.constants import (
     CRUN_NO_ASLR_KERNEL_PARAM,
     DEBUG_CONSOLE_EXIT,
     DEBUG_CONSOLE_KERNEL_PARAM,
+    GATHER_OUTPUT_KERNEL_PARAM,
 )
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PS1": "$ ", "HOME": "/"}
@@ -110,3 +111,4 @@ def test_crun_runs_at_a_fixed_layout_only_when_the_kernel_asks(tmp_path: Path) -
     assert CRUN_NO_ASLR_KERNEL_PARAM not in kernel_words(str(cmdline))
     assert CRUN_NO_ASLR_KERNEL_PARAM not in kernel_words(str(tmp_path / "missing"))
     assert agent_main.CRUN_NO_ASLR_KERNEL_PARAM == CRUN_NO_ASLR_KERNEL_PARAM  # host's name
+    assert agent_main.GATHER_OUTPUT_KERNEL_PARAM == GATHER_OUTPUT_KERNEL_PARAM

@@ -114,3 +114,63 @@ def test_pty_hangup_is_eof() -> None:
         assert await reader.read(100) == b""
 
     asyncio.run(main())
+
+
+
+def test_output_in_full_flow_is_gathered_into_one_answer() -> None:
+    """A gathering reader whose first read finds GATHER_FROM bytes or more waits GATHER_FOR
+    and adds what came meanwhile, up to the request's size."""
+    from agent import streams
+
+    async def main() -> None:
+        r, w = os.pipe()
+        reader = StreamReader(r, gather=True)
+        loop = asyncio.get_running_loop()
+        os.write(w, b"a" * streams.GATHER_FROM)
+        loop.call_later(streams.GATHER_FOR / 4, os.write, w, b"b" * 100)
+        assert await reader.read(1 << 20) == b"a" * streams.GATHER_FROM + b"b" * 100
+        # The request's size is the limit: the rest waits for the next read.
+        os.write(w, b"c" * (streams.GATHER_FROM + 10))
+        assert await reader.read(streams.GATHER_FROM + 5) == b"c" * (streams.GATHER_FROM + 5)
+        assert await reader.read(100) == b"c" * 5
+        os.close(w)
+        assert await reader.read(100) == b""
+
+    asyncio.run(main())
+
+
+def test_a_trickle_is_answered_at_once_and_gathering_keeps_the_end_of_stream() -> None:
+    from agent import streams
+
+    async def main() -> None:
+        r, w = os.pipe()
+        reader = StreamReader(r, gather=True)
+        os.write(w, b"small")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await reader.read(1 << 20) == b"small"
+        assert loop.time() - start < streams.GATHER_FOR  # no gathering for a trickle
+        os.write(w, b"x" * streams.GATHER_FROM)
+        os.close(w)  # end of stream while gathering: the data first, then b""
+        assert await reader.read(1 << 20) == b"x" * streams.GATHER_FROM
+        assert await reader.read(1 << 20) == b""
+        assert reader.closed
+
+    asyncio.run(main())
+
+
+def test_a_reader_that_does_not_gather_answers_at_once() -> None:
+    from agent import streams
+
+    async def main() -> None:
+        r, w = os.pipe()
+        reader = StreamReader(r)
+        loop = asyncio.get_running_loop()
+        os.write(w, b"a" * streams.GATHER_FROM)
+        loop.call_later(streams.GATHER_FOR / 4, os.write, w, b"b" * 100)
+        assert await reader.read(1 << 20) == b"a" * streams.GATHER_FROM
+        assert await reader.read(1 << 20) == b"b" * 100
+        reader.close_now()
+        os.close(w)
+
+    asyncio.run(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.constants import CRUN_NO_ASLR_KERNEL_PARAM
+from common.constants import CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.qemu.args import (
     AgentChannel,
@@ -50,8 +50,8 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-numa", "node,memdev=mem",
         "-kernel", "/k/vmlinuz",
         "-initrd", "/k/initrd.img",
-        "-append", ("console=ttyS0 panic=1 swiotlb=noforce agent.crun_no_aslr init_on_alloc=0 "
-                    "quiet loglevel=3 agent.debug=1"),
+        "-append", ("console=ttyS0 panic=1 swiotlb=noforce agent.crun_no_aslr "
+                    "agent.gather_output init_on_alloc=0 quiet loglevel=3 agent.debug=1"),
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={STATE}/console.sock,server=off",
@@ -203,6 +203,16 @@ def test_crun_keeps_its_randomised_layout_under_kvm_only() -> None:
         build_argv(CONFIG, vm(accelerator="kvm")), "-append")[0].split()
     for machine in (CONFIG, MICROVM):
         assert CRUN_NO_ASLR_KERNEL_PARAM in option(
+            build_argv(machine, vm(accelerator="tcg")), "-append")[0].split()
+
+
+def test_the_agent_gathers_output_under_tcg_only() -> None:
+    """Under TCG each answer costs the guest ~1 ms, so the agent answers output in full
+    flow in larger pieces; under KVM it answers at once."""
+    assert GATHER_OUTPUT_KERNEL_PARAM not in option(
+        build_argv(CONFIG, vm(accelerator="kvm")), "-append")[0].split()
+    for machine in (CONFIG, MICROVM):
+        assert GATHER_OUTPUT_KERNEL_PARAM in option(
             build_argv(machine, vm(accelerator="tcg")), "-append")[0].split()
 
 
