@@ -61,13 +61,24 @@ static void load_modules(void)
 	unlink(MODULES_FILE);
 }
 
-static void wait_for_device(void)
+/* Mount the image once its device can be opened. devtmpfs makes the node while the disk
+ * is being added, a moment before it can be opened: ENXIO meanwhile (seen with 8 VMs
+ * booting at once on 2 cores), ENOENT before. Both are waited out; any other error (an
+ * image without a filesystem: EINVAL) is fatal at once. */
+static void mount_image(void)
 {
 	struct timespec tick = {0, 5 * 1000 * 1000};
-	for (int waited = 0; access(DEVICE, F_OK) != 0; waited += 5) {
+	for (int waited = 0;; waited += 5) {
+		if (mount(DEVICE, TARGET, "ext4", MS_RDONLY | MS_NODEV, "dax=always") == 0)
+			return;
+		if (errno != ENOENT && errno != ENXIO)
+			die("cannot mount", DEVICE);
 		if (waited >= WAIT_MS) {
-			errno = ETIMEDOUT;
-			die("no device", DEVICE " (is the VM given the image as virtio-pmem?)");
+			if (errno == ENOENT) {
+				errno = ETIMEDOUT;
+				die("no device", DEVICE " (is the VM given the image as virtio-pmem?)");
+			}
+			die("cannot mount", DEVICE);
 		}
 		nanosleep(&tick, NULL);
 	}
@@ -80,9 +91,7 @@ int main(int argc, char **argv)
 	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") != 0)
 		die("cannot mount", "/dev");
 	load_modules();
-	wait_for_device();
-	if (mount(DEVICE, TARGET, "ext4", MS_RDONLY | MS_NODEV, "dax=always") != 0)
-		die("cannot mount", DEVICE);
+	mount_image();
 	if (umount2("/dev", MNT_DETACH) != 0)
 		die("cannot unmount", "/dev");
 	unlink("/init");
