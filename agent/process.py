@@ -104,7 +104,7 @@ class Process:
 
 #: What a process's stdout and stderr pipes hold (64 KiB by default): the host asks for up
 #: to 1 MiB per ReadStdout (agent_client READ_CHUNK, validate.MAX_READ), and each answer
-#: costs the guest ~3 ms of Python under TCG, so fewer, fuller answers move output faster
+#: costs the guest 1-3 ms of Python under TCG, so fewer, fuller answers move output faster
 #: (docs/performance.md "Levers"). Pages are allocated only while output waits in the pipe.
 OUTPUT_PIPE_BYTES = 1 << 20
 

@@ -451,12 +451,13 @@ def interpreter_python_dir(interpreter: Path) -> str:
 
 def compile_entry(interpreter: Path, entry: Path, out: Path) -> None:
     """``entry`` as bytecode, by the interpreter that runs it, with PyInstaller's
-    ``--optimize 1`` like the rest of the agent."""
+    ``--optimize 1`` like the rest of the agent. The file name the code records is the
+    entry's own name, not the build's path (as PyInstaller records module names)."""
     if not entry.is_file():
         raise BuildError(f"{entry}: no agent entry script")
-    code = ("import py_compile, sys; "
-            "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True, optimize=1)")
-    subprocess.run([str(interpreter), "-I", "-S", "-c", code, str(entry), str(out)],
+    code = ("import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], "
+            "dfile=sys.argv[3], doraise=True, optimize=1)")
+    subprocess.run([str(interpreter), "-I", "-S", "-c", code, str(entry), str(out), entry.name],
                    check=True)
     out.chmod(0o644)
 

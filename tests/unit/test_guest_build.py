@@ -422,6 +422,7 @@ def test_add_agent_lays_the_bundle_out_as_the_interpreters_prefix(tmp_path: Path
     run = subprocess.run([str(interpreter), "-I", "-S", str(home / "main.pyc"), "x"],
                          check=True, stdout=subprocess.PIPE, text=True)
     assert run.stdout.strip().endswith("'x']"), run.stdout
+    assert str(tmp_path).encode() not in (home / "main.pyc").read_bytes()  # no build path
 
 
 def test_add_agent_refuses_a_bundle_of_another_python(tmp_path: Path) -> None:
