@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from agent.portforward import PortForwards
 from protocols import agent_pb2 as pb
 from ttrpc import Code, TtrpcError, wire
+from ttrpc.pipepayload import PipePayload
 
 SERVICE = "kata.agent.v1.AgentService"
 AGENT_VERSION = "0.1.0"
@@ -43,7 +44,9 @@ AGENT_VERSION = "0.1.0"
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,63})")
 
 Req = TypeVar("Req", bound=Message)
-Handler = Callable[[Any], Awaitable[Message | bytes]]  # bytes: an encoded answer (ttrpc.server)
+#: bytes: an encoded answer; PipePayload: one still partly in a pipe (ttrpc.server)
+Answer = Message | bytes | PipePayload
+Handler = Callable[[Any], Awaitable[Answer]]
 
 
 class StartupInfo:
@@ -57,15 +60,18 @@ class StartupInfo:
         self.uptime_seconds = uptime_seconds  # guest uptime when serving began
 
 
-def read_stream_response(data: bytes) -> bytes:
+def read_stream_response(data: bytes | PipePayload) -> bytes | PipePayload:
     """ReadStreamResponse{data = 1}, encoded: the message would copy the data twice more,
-    ~0.1 s per 16 MiB of a container's output under TCG (docs/performance.md "Levers")."""
-    return wire.bytes_field(1, data)
+    ~0.1 s per 16 MiB of a container's output under TCG (docs/performance.md "Levers").
+    Data still in its pipe gets the field's tag and length as its head."""
+    if isinstance(data, bytes):
+        return wire.bytes_field(1, data)
+    data.head = wire.field_prefix(1, data.size)
+    return data
 
 
-def _api(fn: Callable[[Req], Awaitable[Message | bytes]]
-         ) -> Callable[[Req], Awaitable[Message | bytes]]:
-    async def handler(request: Req) -> Message | bytes:
+def _api(fn: Callable[[Req], Awaitable[Answer]]) -> Callable[[Req], Awaitable[Answer]]:
+    async def handler(request: Req) -> Answer:
         try:
             return await fn(request)
         except AgentError as exc:
@@ -340,13 +346,13 @@ class AgentService:
         process = self._containers.process(req.container_id, req.exec_id)
         return pb.WriteStreamResponse(len=await process.stdin.write(req.data))
 
-    async def read_stdout(self, req: pb.ReadStreamRequest) -> bytes:
+    async def read_stdout(self, req: pb.ReadStreamRequest) -> bytes | PipePayload:
         process = self._containers.process(req.container_id, req.exec_id)
-        return read_stream_response(await process.stdout.read(validate.read_len(req.len)))
+        return read_stream_response(await process.stdout.take(validate.read_len(req.len)))
 
-    async def read_stderr(self, req: pb.ReadStreamRequest) -> bytes:
+    async def read_stderr(self, req: pb.ReadStreamRequest) -> bytes | PipePayload:
         process = self._containers.process(req.container_id, req.exec_id)
-        return read_stream_response(await process.stderr.read(validate.read_len(req.len)))
+        return read_stream_response(await process.stderr.take(validate.read_len(req.len)))
 
     async def close_stdin(self, req: pb.CloseStdinRequest) -> Message:
         await self._containers.process(req.container_id, req.exec_id).stdin.close()

@@ -4,9 +4,13 @@ Theory of operation
 -------------------
 Each process has up to three ends on our side: stdin (we write), stdout and stderr (we
 read). They are plain non-blocking fds driven by ``loop.add_reader``/``add_writer``; no
-pump task copies data in the background. A ReadStdout request performs one ``os.read`` as
-soon as the fd is readable, so output produced before the host asks simply waits in the
-kernel's pipe buffer (and the writer blocks when it is full: back-pressure, nothing lost).
+pump task copies data in the background. A ReadStdout request is answered as soon as the
+fd is readable, so output produced before the host asks simply waits in the kernel's pipe
+buffer (and the writer blocks when it is full: back-pressure, nothing lost). From a pty it
+is one ``os.read``; from a pipe (:meth:`StreamReader.take`) the answer is a
+:class:`~ttrpc.pipepayload.PipePayload` of the bytes the pipe holds, which the connection
+splices out of it without their passing through Python (each byte Python copies is
+emulated under TCG).
 Under TCG (the host sets ``agent.gather_output``), a process output reader that finds
 output in full flow (at least GATHER_FROM bytes at once) waits GATHER_FOR before it answers
 and adds what came meanwhile: each answer costs the guest ~1 ms of Python there, and a
@@ -25,9 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
+import stat
+import struct
+import termios
 
 from agent.errors import FailedPrecondition
+from ttrpc.pipepayload import PipePayload
 
 
 class _FdEnd:
@@ -91,27 +100,61 @@ class StreamReader(_FdEnd):
     def __init__(self, fd: int | None, gather: bool = False) -> None:
         super().__init__(fd)
         self.gather = gather
+        self.is_pipe = fd is not None and stat.S_ISFIFO(os.fstat(fd).st_mode)
+
+    async def take(self, n: int) -> bytes | PipePayload:
+        """What :meth:`read` would answer; from a pipe, a PipePayload instead of the bytes:
+        they stay in the pipe for the connection to splice (ttrpc.pipepayload), and this
+        reader stays locked until the payload is released, so nobody else reads them."""
+        if not self.is_pipe:
+            return await self.read(n)
+        await self._lock.acquire()
+        try:
+            queued = await self._wait_queued(n)
+        except BaseException:
+            self._lock.release()
+            raise
+        if isinstance(queued, bytes):  # end of stream, or bytes already read
+            self._lock.release()
+            return queued
+        assert self.fd is not None  # it held bytes a moment ago
+        held = os.dup(self.fd)  # a close_now from here on leaves the bytes ours to move
+
+        def release() -> None:
+            os.close(held)
+            self._lock.release()
+
+        payload = PipePayload(held, queued, release)
+        if self.gather and GATHER_FROM <= queued < n:
+            try:
+                await asyncio.sleep(GATHER_FOR)
+            except BaseException:
+                payload.release()
+                raise
+            payload.size = min(_queued_bytes(held), n)
+        return payload
+
+    async def _wait_queued(self, n: int) -> int | bytes:
+        """How many bytes (up to ``n``) the pipe holds, once it holds any; at end of stream
+        ``b""``, and if bytes came between two checks, those bytes."""
+        while self.fd is not None:
+            queued = _queued_bytes(self.fd)
+            if queued:
+                return min(queued, n)
+            try:
+                data = os.read(self.fd, n)  # empty: end of stream, or nothing yet
+            except BlockingIOError:
+                await self._wait(self.fd, writable=False)
+                continue
+            if not data:
+                self.close_now()
+            return data
+        return b""
 
     async def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes as soon as any are available (a little later when gathering);
-        ``b""`` at end of stream."""
+        """Up to ``n`` bytes as soon as any are available; ``b""`` at end of stream."""
         async with self._lock:
-            data = await self._read_once(n)
-            if self.gather and GATHER_FROM <= len(data) < n:
-                data = await self._gather(data, n)
-            return data
-
-    async def _gather(self, first: bytes, n: int) -> bytes:
-        """``first`` and what more can be read after GATHER_FOR, up to ``n`` bytes. End of
-        stream or an error ends nothing here: the next read meets them."""
-        await asyncio.sleep(GATHER_FOR)
-        if self.fd is None:
-            return first
-        try:
-            more = os.read(self.fd, n - len(first))
-        except OSError:  # nothing more yet (EAGAIN), or EIO: the pty hung up
-            return first
-        return first + more if more else first
+            return await self._read_once(n)
 
     async def _read_once(self, n: int) -> bytes:
         """Up to ``n`` bytes as soon as any are available; ``b""`` at end of stream."""
@@ -129,6 +172,11 @@ class StreamReader(_FdEnd):
                 self.close_now()
             return data
         return b""
+
+
+def _queued_bytes(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd`` (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
 class StreamWriter(_FdEnd):

@@ -20,8 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
-from ttrpc.frames import MAX_PAYLOAD, FrameDecoder, FrameEvent, MessageType, encode_frame
+from ttrpc import pipepayload
+from ttrpc.frames import (
+    HEADER,
+    MAX_PAYLOAD,
+    FrameDecoder,
+    FrameEvent,
+    FrameTooLargeError,
+    MessageType,
+    encode_frame,
+)
+from ttrpc.pipepayload import PipePayload
 
 READ_CHUNK = 256 * 1024
 CLOSE_TIMEOUT = 1.0
@@ -62,6 +73,58 @@ class FrameChannel:
             self._writer.write(frame)
             await self._writer.drain()
 
+    async def send_pipe_payload(self, stream_id: int, msg_type: MessageType, prefix: bytes,
+                                payload: PipePayload) -> None:
+        """Write one whole frame of ``prefix`` and ``payload``, its bulk spliced from its pipe
+        (:mod:`ttrpc.pipepayload`); raises like :meth:`send`. A failure once the frame has
+        begun leaves the stream out of step: the connection is aborted."""
+        length = len(prefix) + len(payload)
+        if length > self._max_payload:
+            raise FrameTooLargeError(
+                f"ttrpc payload of {length} bytes exceeds the {self._max_payload}-byte limit"
+            )
+        header = HEADER.pack(length, stream_id, msg_type, 0) + prefix + payload.head
+        async with self._write_lock:
+            if self._writer.is_closing():
+                raise ConnectionResetError("ttrpc connection is closed")
+            fd = self._fileno()
+            if fd is None:  # not an fd we can write to ourselves: copy the bulk
+                bulk = await _read_exactly(payload)
+                self._writer.write(header + bulk)
+                await self._writer.drain()
+                return
+            await self._flush()
+            out = os.dup(fd)
+            try:
+                await pipepayload.write_all(out, header)
+                await pipepayload.move(payload.fd, out, payload.size)
+            except BaseException:
+                self.abort()
+                raise
+            finally:
+                os.close(out)
+
+    def _fileno(self) -> int | None:
+        """The fd our writer's transport writes to, if it has one."""
+        for key in ("pipe", "socket"):
+            end = self._writer.get_extra_info(key)
+            if end is not None:
+                return int(end.fileno())
+        return None
+
+    async def _flush(self) -> None:
+        """Wait until the transport has written everything it holds (drain alone waits only
+        until it holds less than its low-water mark)."""
+        transport = self._writer.transport
+        if not transport.get_write_buffer_size():
+            return
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            await self._writer.drain()
+        finally:
+            transport.set_write_buffer_limits(high=high, low=low)
+
     async def close(self) -> None:
         """Close the writer: flush briefly, then abort the transport."""
         if not self._writer.is_closing():
@@ -96,3 +159,16 @@ async def pipe_streams(
         lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), write_file
     )
     return reader, asyncio.StreamWriter(write_transport, write_protocol, reader, loop)
+
+
+async def _read_exactly(payload: PipePayload) -> bytes:
+    """The payload's head and bulk, read from its pipe (which holds the bulk)."""
+    chunks = [payload.head]
+    left = payload.size
+    while left:
+        chunk = os.read(payload.fd, left)
+        if not chunk:
+            raise EOFError(f"the pipe ended {left} bytes before the {payload.size} it held")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

@@ -55,14 +55,16 @@ from ttrpc.frames import (
     OversizedFrame,
     ProtocolError,
 )
+from ttrpc.pipepayload import PipePayload
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
 #: A handler answers with a message, or with its encoding when building the message would
-#: only copy bytes it already has (the agent's stream reads: agent/service.py).
-Handler = Callable[[Any], Awaitable[Message | bytes]]
+#: only copy bytes it already has, or with a PipePayload when most of the encoding waits in
+#: a pipe (the agent's stream reads: agent/service.py, ttrpc/pipepayload.py).
+Handler = Callable[[Any], Awaitable[Message | bytes | PipePayload]]
 Method = tuple[type[Message], Handler]
 
 
@@ -174,7 +176,8 @@ class _Connection:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, frame: Frame) -> None:
-        payload, error = b"", None
+        payload: bytes | PipePayload = b""
+        error = None
         try:
             payload = await self._call(frame.payload)
         except TtrpcError as exc:
@@ -184,9 +187,13 @@ class _Connection:
             name = f"{info.service}/{info.method}" if info else "request"
             log.exception("ttrpc: %s failed", name)
             error = TtrpcError(Code.UNKNOWN, str(exc))
-        await self._reply(frame.stream_id, payload, error)
+        try:
+            await self._reply(frame.stream_id, payload, error)
+        finally:
+            if isinstance(payload, PipePayload):
+                payload.release()
 
-    async def _call(self, data: bytes) -> bytes:
+    async def _call(self, data: bytes) -> bytes | PipePayload:
         request = _decode(ttrpc_pb2.Request, data, "ttrpc request")
         method = self._methods.get((request.service, request.method))
         if method is None:
@@ -195,11 +202,20 @@ class _Connection:
         message = _decode(request_type, request.payload, f"{request.method} request")
         _current_request.set(_request_info(request))
         response = await handler(message)
-        return response if isinstance(response, bytes) else response.SerializeToString()
+        if isinstance(response, bytes | PipePayload):
+            return response
+        return response.SerializeToString()
 
-    async def _reply(self, stream_id: int, payload: bytes, error: TtrpcError | None) -> None:
+    async def _reply(self, stream_id: int, payload: bytes | PipePayload,
+                     error: TtrpcError | None) -> None:
         try:
-            await self._channel.send(stream_id, MessageType.RESPONSE, _response(payload, error))
+            if isinstance(payload, PipePayload):
+                prefix = wire.field_prefix(wire.RESPONSE_PAYLOAD, len(payload))
+                await self._channel.send_pipe_payload(stream_id, MessageType.RESPONSE, prefix,
+                                                      payload)
+            else:
+                await self._channel.send(stream_id, MessageType.RESPONSE,
+                                         _response(payload, error))
         except FrameTooLargeError as exc:
             too_large = TtrpcError(Code.RESOURCE_EXHAUSTED, str(exc))
             await self._reply(stream_id, b"", too_large)

@@ -38,9 +38,14 @@ def int_field(number: int, value: int) -> bytes:
     return varint(number << 3 | VARINT) + varint(value) if value else b""
 
 
+def field_prefix(number: int, length: int) -> bytes:
+    """What comes before a length-delimited field's ``length`` bytes: its tag and length."""
+    return varint(number << 3 | LENGTH_DELIMITED) + varint(length)
+
+
 def message_field(number: int, value: bytes) -> bytes:
     """A length-delimited field, written even when empty (a set embedded message)."""
-    return varint(number << 3 | LENGTH_DELIMITED) + varint(len(value)) + value
+    return field_prefix(number, len(value)) + value
 
 
 def bytes_field(number: int, value: bytes) -> bytes:
@@ -54,9 +59,13 @@ def ttrpc_request(service: str, method: str, payload: bytes) -> bytes:
             + bytes_field(3, payload))  # fmt: skip
 
 
+#: ttrpc.Response's payload field.
+RESPONSE_PAYLOAD = 2
+
+
 def ttrpc_response(payload: bytes) -> bytes:
     """ttrpc.Response{payload = 2}, without a status (a successful call)."""
-    return bytes_field(2, payload)
+    return bytes_field(RESPONSE_PAYLOAD, payload)
 
 
 def connect_request(container_id: str) -> bytes:

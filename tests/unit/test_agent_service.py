@@ -17,6 +17,7 @@ from agent.reaper import Reaper
 from agent.service import SERVICE, AgentService, StartupInfo
 from agent.storage import StorageRequest, Storages
 from protocols import agent_pb2 as pb
+from protocols import ttrpc_pb2
 from ttrpc import Client, Code, Server, TtrpcError
 
 
@@ -146,6 +147,23 @@ def test_stream_reads_answer_with_what_protobuf_would_write(data: bytes) -> None
     encoded = read_stream_response(data)
     assert encoded == pb.ReadStreamResponse(data=data).SerializeToString()
     assert pb.ReadStreamResponse.FromString(encoded).data == data
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 300, 1 << 20])
+def test_stream_reads_from_a_pipe_answer_with_protobuf_s_bytes_once_spliced(size: int) -> None:
+    """A PipePayload gets ReadStreamResponse's tag and length as its head; with its bulk
+    after it, and ttrpc's Response prefix before it, the bytes are protobuf's."""
+    from agent.service import read_stream_response
+    from ttrpc import wire
+    from ttrpc.pipepayload import PipePayload
+
+    data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    answer = read_stream_response(PipePayload(-1, size, lambda: None))
+    assert isinstance(answer, PipePayload)
+    assert answer.head + data == pb.ReadStreamResponse(data=data).SerializeToString()
+    inner = answer.head + data
+    framed = wire.field_prefix(wire.RESPONSE_PAYLOAD, len(answer)) + inner
+    assert framed == ttrpc_pb2.Response(payload=inner).SerializeToString()
 
 
 def test_output_pipes_hold_what_the_host_asks_for_at_once() -> None:
