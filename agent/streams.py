@@ -33,7 +33,6 @@ import fcntl
 import os
 import stat
 import struct
-import termios
 
 from agent.errors import FailedPrecondition
 from ttrpc.pipepayload import PipePayload
@@ -174,9 +173,14 @@ class StreamReader(_FdEnd):
         return b""
 
 
+#: ``termios.FIONREAD`` (asm-generic/ioctls.h, x86 and arm64 alike), without loading the
+#: termios extension at every boot for it: only terminal processes need that.
+FIONREAD = 0x541B
+
+
 def _queued_bytes(fd: int) -> int:
-    """Bytes waiting in the pipe ``fd`` (FIONREAD)."""
-    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    """Bytes waiting in the pipe ``fd``."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0"))[0])
 
 
 class StreamWriter(_FdEnd):

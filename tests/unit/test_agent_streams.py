@@ -262,3 +262,10 @@ def test_a_cancelled_gathering_take_releases_the_reader() -> None:
         os.close(w)
 
     asyncio.run(main())
+
+
+def test_fionread_is_termios_s() -> None:
+    import termios
+
+    from agent import streams
+    assert streams.FIONREAD == termios.FIONREAD
