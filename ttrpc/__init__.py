@@ -3,6 +3,7 @@
 - :mod:`ttrpc.frames`: the sans-IO framing core (no asyncio, no sockets).
 - :mod:`ttrpc.channel`: frames over an asyncio reader/writer pair (socket, pipe, char device).
 - :mod:`ttrpc.server`: :class:`Server`, concurrent handlers per connection.
+- :mod:`ttrpc.pipepayload`: answers whose bulk is spliced from a pipe, not copied.
 - :mod:`ttrpc.client`: :class:`Client`, concurrent calls multiplexed by stream id.
 - :mod:`ttrpc.errors`: :class:`Code` and :class:`TtrpcError`.
 """

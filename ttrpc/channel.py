@@ -5,6 +5,9 @@ Theory of operation
 :class:`FrameChannel` wraps an ``asyncio.StreamReader``/``StreamWriter`` pair and uses only
 ``reader.read``, ``writer.write``, ``writer.drain`` and ``writer.close``, so it works over unix
 sockets, vsock, pipes and character devices (the guest agent serves on a virtio-serial port).
+The one exception, :meth:`FrameChannel.send_pipe_payload`, waits until the transport holds
+nothing, then writes a frame itself to the transport's fd, its bulk spliced from a pipe
+(:mod:`ttrpc.pipepayload`); a transport without an fd gets the bulk read and written.
 
 - Receiving has one consumer (the connection's read loop): :meth:`FrameChannel.receive` returns
   the next batch of frame events, an empty list at end of stream, and raises

@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 :meth:`Server.register` maps ``(service, method)`` to ``(RequestType, handler)``; a handler is
-``async def handler(request: RequestType) -> ResponseMessage``. Each connection is served by
+``async def handler(request: RequestType) -> ResponseMessage`` (or the message's encoding,
+or a :class:`~ttrpc.pipepayload.PipePayload` whose bulk waits in a pipe and is spliced into
+the connection). Each connection is served by
 :meth:`Server.serve_connection`, which runs one read loop and, per request frame, one task:
 
 1. the read loop turns bytes into frames (:class:`~ttrpc.channel.FrameChannel`) and dispatches
