@@ -176,9 +176,10 @@ class StdioSetup:
 
     def hand_over(self, process: Process, master: int | None, gather: bool = False) -> None:
         """Give our ends to ``process``; after this, they are the process's to close.
-        ``gather``: its output readers gather output in full flow (agent.streams)."""
+        ``gather``: its output pipes' readers gather output in full flow (agent.streams;
+        a pty's reads stay as they come)."""
         if master is not None:
-            process.stdout = StreamReader(master, gather)
+            process.stdout = StreamReader(master)
             process.stdin = StreamWriter(os.dup(master), eof_byte=b"\x04")
         else:
             in_w, out_r, err_r = self._pipes

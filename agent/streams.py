@@ -85,7 +85,7 @@ class _FdEnd:
         return self.fd is None
 
 
-#: A first read of at least this many bytes means output in full flow: gather more.
+#: At least this many bytes waiting in a pipe means output in full flow: gather more.
 GATHER_FROM = 4096
 #: How long a reader that gathers waits for more before it answers (under TCG a producer
 #: makes several hundred KiB meanwhile; the pipe holds 1 MiB, so it keeps writing). 40 ms:
@@ -95,7 +95,7 @@ GATHER_FOR = 0.04
 
 class StreamReader(_FdEnd):
     """Our read end of a process's stdout/stderr (a pipe or a pty master), or of a socket.
-    ``gather``: answer output in full flow in larger pieces (module docstring)."""
+    ``gather``: answer a pipe's output in full flow in larger pieces (module docstring)."""
 
     def __init__(self, fd: int | None, gather: bool = False) -> None:
         super().__init__(fd)
