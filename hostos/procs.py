@@ -14,6 +14,10 @@ Theory of operation
   the wrapper has exec'd the helper, so the signal is armed by then. The remaining window
   (the shim killed between fork and the wrapper's prctl, about a millisecond) is covered
   by the sandbox's state record and `kill_recorded`.
+* A ``cpu_bound`` helper (a VMM emulating its guest's CPU) is exec'd through util-linux's
+  ``chrt --batch 0`` after the wrapper (the death signal survives that exec): under
+  ``SCHED_BATCH`` its threads, which inherit the policy, do not preempt running ones when
+  they wake, so several such VMMs sharing few cores switch less.
 * A process is identified by ``(pid, start_time)``: field 22 of /proc/<pid>/stat, in clock
   ticks since boot. A pid may be reused; the pair may not. `ProcessRecord` is what the
   caller persists so that a later shim can `kill_recorded` what a crashed one left behind.
@@ -35,6 +39,8 @@ if TYPE_CHECKING:  # asyncio is imported where used: `shim delete` needs none of
 
 #: The exec wrapper and its arguments; the helper's argv follows.
 PDEATHSIG_WRAPPER = ("setpriv", "--pdeathsig", "KILL", "--")
+#: What a ``cpu_bound`` helper is exec'd through after the wrapper (util-linux too).
+BATCH_WRAPPER = ("chrt", "--batch", "0")
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KILL_WAIT = 5.0
 WRAPPER_EXEC_WAIT = 2.0
@@ -53,9 +59,9 @@ class SurvivorError(TimeoutError):
     """Recorded processes were still alive after SIGKILL and the wait."""
 
 
-def wrapper_path() -> str:
-    """The exec wrapper's absolute path; OSError naming the package if it is missing."""
-    name = PDEATHSIG_WRAPPER[0]
+def wrapper_path(name: str = PDEATHSIG_WRAPPER[0]) -> str:
+    """The exec wrapper's absolute path (or that of util-linux's ``name``); OSError naming
+    the package if it is missing."""
     for directory in CLEAN_PATH.split(":"):  # shutil.which, without importing shutil
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
@@ -63,9 +69,10 @@ def wrapper_path() -> str:
     raise FileNotFoundError(2, f"{name} not found in {CLEAN_PATH}: install util-linux", name)
 
 
-def wrapped_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` behind the parent-death-signal wrapper."""
-    return [wrapper_path(), *PDEATHSIG_WRAPPER[1:], *argv]
+def wrapped_argv(argv: Sequence[str], cpu_bound: bool = False) -> list[str]:
+    """``argv`` behind the parent-death-signal wrapper (and ``chrt`` if ``cpu_bound``)."""
+    batch = [wrapper_path(BATCH_WRAPPER[0]), *BATCH_WRAPPER[1:]] if cpu_bound else []
+    return [wrapper_path(), *PDEATHSIG_WRAPPER[1:], *batch, *argv]
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -75,16 +82,17 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 async def spawn(
     argv: Sequence[str], stderr: Path | int, *, pass_fds: Sequence[int] = (),
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None, cpu_bound: bool = False,
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` as our child (see the module docstring); stderr to a file (truncated)
-    or, with ``asyncio.subprocess.PIPE``, to ``proc.stderr`` for the caller to copy."""
-
+    or, with ``asyncio.subprocess.PIPE``, to ``proc.stderr`` for the caller to copy.
+    ``cpu_bound``: run it under ``SCHED_BATCH`` (module docstring)."""
+    wrapped = wrapped_argv(argv, cpu_bound)
     if not isinstance(stderr, Path):
-        proc = await _exec(argv, stderr, pass_fds, env)
+        proc = await _exec(wrapped, stderr, pass_fds, env)
     else:
         with stderr.open("wb") as err:
-            proc = await _exec(argv, err.fileno(), pass_fds, env)
+            proc = await _exec(wrapped, err.fileno(), pass_fds, env)
     await _wrapper_done(proc.pid)
     return proc
 
@@ -105,12 +113,12 @@ async def _wrapper_done(pid: int, timeout: float = WRAPPER_EXEC_WAIT) -> None:
         await asyncio.sleep(0.001)
 
 
-async def _exec(argv: Sequence[str], stderr: int, pass_fds: Sequence[int],
+async def _exec(wrapped: Sequence[str], stderr: int, pass_fds: Sequence[int],
                 env: Mapping[str, str] | None) -> asyncio.subprocess.Process:  # fmt: skip
     import asyncio
 
     return await asyncio.create_subprocess_exec(
-        *wrapped_argv(argv),
+        *wrapped,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=stderr,

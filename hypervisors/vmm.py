@@ -327,8 +327,11 @@ class VmmVm(abc.ABC, Generic[C]):
         argv = self.build_argv()
         log.debug("VM %s: %s", self.sandbox_id, " ".join(argv))
         try:
+            # Emulating the guest's CPU keeps a VMM busy: SCHED_BATCH (hostos.procs) lets
+            # pods booting at once on few cores switch less (docs/performance.md "Levers").
             self._proc = await spawn(argv, asyncio.subprocess.PIPE,
-                                     pass_fds=self._spawn_fds(), env=self._vmm_env())
+                                     pass_fds=self._spawn_fds(), env=self._vmm_env(),
+                                     cpu_bound=self.accelerator == "tcg")
         except OSError as exc:
             raise HypervisorError(f"failed to start {self.vmm_name} {argv[0]}: {exc}") from exc
         finally:

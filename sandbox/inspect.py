@@ -30,7 +30,7 @@ from typing import Any
 
 from agent_client.dial import dial_blocking
 from common.constants import DEBUG_CONSOLE_VSOCK_PORT
-from hostos.procs import process_state, wrapper_path
+from hostos.procs import BATCH_WRAPPER, process_state, wrapper_path
 from hypervisors.base import HostCheck
 from hypervisors.factory import driver
 from hypervisors.statepaths import DEBUG_CONSOLE_SOCKET
@@ -71,8 +71,9 @@ def host_checks(config: RuntimeConfig) -> list[HostCheck]:
 
 
 def exec_wrapper() -> str:
-    """The path of the exec wrapper helpers are spawned through; OSError if it is missing."""
-    return wrapper_path()
+    """The paths of the exec wrappers helpers are spawned through (`hostos.procs`: the
+    death-signal one, and ``chrt`` for a VMM under TCG); OSError if one is missing."""
+    return f"{wrapper_path()}, {wrapper_path(BATCH_WRAPPER[0])}"
 
 
 def describe_sandbox(path: Path, namespace: str = "") -> dict[str, Any]:

@@ -10,6 +10,8 @@ is there for (the numbers behind the defaults: configuration.toml).
 * under TCG the agent answers output in full flow in larger pieces
   (``agent.gather_output``): what a container writes arrives whole and in order, in
   fewer and larger ReadStdout answers;
+* under TCG QEMU runs under ``SCHED_BATCH`` (every thread, from its exec), so pods booting
+  at once on few cores preempt each other less; nothing else we spawn does;
 * device drivers (virtio_net, the vsock transport, virtio_balloon) are loaded only when the
   VM has the device;
 * ``reclaim_guest_freed_memory``: the guest binds virtio_balloon (the agent loads it only
@@ -19,9 +21,11 @@ is there for (the numbers behind the defaults: configuration.toml).
 
 from __future__ import annotations
 
+import os
 import time
 
 from common.constants import CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM
+from tests.harness import procs
 from tests.harness.kata import Kata
 from tests.harness.procs import Proc
 from tests.harness.scenarios import KATA, detached, explain
@@ -147,6 +151,23 @@ def test_under_tcg_output_in_full_flow_arrives_whole_in_larger_answers(kata: Kat
         *lines, last = out.split("\n")
         assert all(line == pattern for line in lines), "output out of order or mangled"
         assert pattern.startswith(last)
+
+
+def test_under_tcg_qemu_and_only_qemu_runs_as_a_batch_job(kata: Kata) -> None:
+    """hostos.procs: a VMM emulating its guest's CPU is exec'd through `chrt --batch 0`;
+    its threads (vCPU, I/O, RCU) all inherit the policy. The shim and virtiofsd do not."""
+    with detached(kata.cd, KATA, "lever-batch", "sleep", "120"):
+        qemu = one_qemu(kata)
+        tcg = any("tcg" in a for a in option(qemu.argv, "-accel") + option(qemu.argv, "-machine"))
+        threads = [int(t) for t in os.listdir(f"/proc/{qemu.pid}/task")]
+        assert len(threads) >= 3, threads  # main loop, vCPU, RCU at least
+        policy = os.SCHED_BATCH if tcg else os.SCHED_OTHER
+        assert {os.sched_getscheduler(t) for t in threads} == {policy}
+        helpers = procs.matching(["virtiofsd"], scope=[str(kata.cd.dir)])
+        others = [p.pid for p in kata.shim_daemons() + helpers if p.pid != qemu.pid]
+        assert len(others) >= 2, others  # the shim and virtiofsd
+        assert {os.sched_getscheduler(p) for p in others} == {os.SCHED_OTHER}
+        assert exec_out(kata, "lever-batch", "b1", "echo", "up") == "up\n"
 
 
 def test_device_drivers_load_only_for_the_devices_the_vm_has(kata: Kata) -> None:

@@ -74,15 +74,17 @@ import asyncio, sys
 from pathlib import Path
 from hostos.procs import spawn
 async def main():
-    proc = await spawn(["sleep", "60"], Path(sys.argv[1]))
+    proc = await spawn(["sleep", "60"], Path(sys.argv[1]), cpu_bound=sys.argv[2] == "1")
     print(proc.pid, flush=True)
     await asyncio.sleep(60)
 asyncio.run(main())
 """
 
 
-def test_spawned_child_dies_with_parent_sigkill(tmp_path: Path) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "err")],
+@pytest.mark.parametrize("cpu_bound", [False, True])
+def test_spawned_child_dies_with_parent_sigkill(tmp_path: Path, cpu_bound: bool) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "err"),
+                               str(int(cpu_bound))],
                               stdout=subprocess.PIPE, cwd=REPO, text=True)
     try:
         assert parent.stdout is not None
@@ -106,6 +108,27 @@ def test_spawn_stderr_to_file(tmp_path: Path) -> None:
 
     assert asyncio.run(run()) == 3
     assert (tmp_path / "err").read_text() == "oops\n"
+
+
+SCHED_PROBE = """
+import os, sys, threading
+policies = [os.sched_getscheduler(0)]
+t = threading.Thread(target=lambda: policies.append(os.sched_getscheduler(0)))
+t.start(); t.join()
+sys.stderr.write(" ".join(map(str, policies)))
+"""
+
+
+@pytest.mark.parametrize("cpu_bound", [False, True])
+def test_cpu_bound_helper_and_its_threads_run_as_batch(tmp_path: Path, cpu_bound: bool) -> None:
+    async def run() -> int:
+        proc = await spawn([sys.executable, "-c", SCHED_PROBE], tmp_path / "err",
+                           cpu_bound=cpu_bound)
+        return await proc.wait()
+
+    assert asyncio.run(run()) == 0, (tmp_path / "err").read_text()
+    policy = os.SCHED_BATCH if cpu_bound else os.SCHED_OTHER
+    assert (tmp_path / "err").read_text() == f"{policy} {policy}"
 
 
 # Helpers get stdout on /dev/null: the probe reports on stderr, which goes to a file.
