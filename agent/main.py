@@ -168,6 +168,8 @@ async def _serve(opts: Options, guest: bool) -> None:
     reaper = Reaper()
     reaper.install(loop)
     flags = kernel_words() if guest else frozenset()  # one read of /proc/cmdline
+    if SCHED_THROUGHPUT_KERNEL_PARAM in flags:
+        init.tune_wakeups()
     config = RuntimeConfig(
         run_dir=opts.run_dir, cgroup_root=opts.cgroup_root, cgroup_parent=opts.cgroup_parent,
         crun=CrunConfig(binary=opts.crun, root=opts.crun_root, cgroups=bool(opts.cgroup_parent),
@@ -214,6 +216,7 @@ async def _serve(opts: Options, guest: bool) -> None:
 DEBUG_CONSOLE_KERNEL_PARAM = "agent.debug_console"
 CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
 GATHER_OUTPUT_KERNEL_PARAM = "agent.gather_output"
+SCHED_THROUGHPUT_KERNEL_PARAM = "agent.sched_throughput"
 
 
 def kernel_words(cmdline: str = "/proc/cmdline") -> frozenset[str]:

@@ -19,6 +19,9 @@ CRUN_NO_ASLR_KERNEL_PARAM = "agent.crun_no_aslr"
 #: Kernel parameter (ours) the host sets under TCG: the agent answers a process's output in
 #: full flow in larger pieces, each answer being dear there (agent/streams.py).
 GATHER_OUTPUT_KERNEL_PARAM = "agent.gather_output"
+#: Kernel parameter (ours) the host sets under TCG: the agent makes the guest's scheduler
+#: let a woken task preempt the running one less eagerly (agent/init.py `tune_wakeups`).
+SCHED_THROUGHPUT_KERNEL_PARAM = "agent.sched_throughput"
 #: What the agent writes on the debug console port when the shell has exited: virtio-serial
 #: cannot close the host's end, so the end of a session is said in-band. An OSC sequence,
 #: which a terminal shown it by mistake ignores.

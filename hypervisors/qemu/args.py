@@ -31,6 +31,7 @@ from common.constants import (
     CRUN_NO_ASLR_KERNEL_PARAM,
     DEBUG_CONSOLE_PORT_NAME,
     GATHER_OUTPUT_KERNEL_PARAM,
+    SCHED_THROUGHPUT_KERNEL_PARAM,
 )
 from hypervisors.accel import Accelerator
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
@@ -506,13 +507,15 @@ def kernel_params(config: QemuConfig, vm: VmParams) -> tuple[str, ...]:
     guest under TCG is told the TSC rate: it has no HPET or kvmclock to calibrate against.
     Under TCG the agent also starts crun at fixed addresses, so that QEMU reuses its
     translated code (`CRUN_NO_ASLR_KERNEL_PARAM`; containers keep their randomisation),
-    answers process output in larger pieces (`GATHER_OUTPUT_KERNEL_PARAM`), and the
+    answers process output in larger pieces (`GATHER_OUTPUT_KERNEL_PARAM`) and has the
+    scheduler preempt on wake-up less eagerly (`SCHED_THROUGHPUT_KERNEL_PARAM`), and the
     kernel does not zero what it allocates (`TCG_NO_INIT_ON_ALLOC`)."""
     tcg: tuple[str, ...] = ()
     if vm.accelerator == "tcg":
         if is_mmio(config.machine_type) and vm.host_tsc_khz:
             tcg = (f"tsc_early_khz={vm.host_tsc_khz}",)
-        tcg += (CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM, TCG_NO_INIT_ON_ALLOC)
+        tcg += (CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM,
+                SCHED_THROUGHPUT_KERNEL_PARAM, TCG_NO_INIT_ON_ALLOC)
     return (*BASE_KERNEL_PARAMS, *tcg, *config.kernel_params.split(),
             *vm.extra_kernel_params)
 

@@ -12,6 +12,8 @@ is there for (the numbers behind the defaults: configuration.toml).
   fewer and larger ReadStdout answers;
 * under TCG QEMU runs under ``SCHED_BATCH`` (every thread, from its exec), so pods booting
   at once on few cores preempt each other less; nothing else we spawn does;
+* under TCG the guest's scheduler lets a woken task preempt the running one only 4 ms
+  behind it (``agent.sched_throughput``), and a tty still carries output whole;
 * device drivers (virtio_net, the vsock transport, virtio_balloon) are loaded only when the
   VM has the device;
 * ``reclaim_guest_freed_memory``: the guest binds virtio_balloon (the agent loads it only
@@ -24,11 +26,16 @@ from __future__ import annotations
 import os
 import time
 
-from common.constants import CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM
+from common.constants import (
+    CRUN_NO_ASLR_KERNEL_PARAM,
+    GATHER_OUTPUT_KERNEL_PARAM,
+    SCHED_THROUGHPUT_KERNEL_PARAM,
+)
 from tests.harness import procs
 from tests.harness.kata import Kata
 from tests.harness.procs import Proc
-from tests.harness.scenarios import KATA, detached, explain
+from tests.harness.pty import PtyProcess
+from tests.harness.scenarios import IMAGE_REF, KATA, detached, explain, remove
 
 QBOOT = "/usr/share/qemu/qboot.rom"
 MIB = 1024 * 1024
@@ -151,6 +158,33 @@ def test_under_tcg_output_in_full_flow_arrives_whole_in_larger_answers(kata: Kat
         *lines, last = out.split("\n")
         assert all(line == pattern for line in lines), "output out of order or mangled"
         assert pattern.startswith(last)
+
+
+def test_under_tcg_the_guest_scheduler_preempts_on_wakeup_less_eagerly(kata: Kata) -> None:
+    """agent/init.py `tune_wakeups`: the guest kernel's wake-up granularity, read by a
+    privileged container through debugfs of its own, is 4 ms under TCG (the kernel's own
+    under KVM); 256 KiB of lines through a tty still arrive whole, each with its CR."""
+    res = kata.cd.ctr("run", "-d", "--privileged", "--runtime", KATA, IMAGE_REF,
+                      "lever-sched", "sleep", "120", timeout=120)
+    assert res.returncode == 0, explain(res)
+    try:
+        argv = one_qemu(kata).argv
+        tcg = any("tcg" in a for a in option(argv, "-accel") + option(argv, "-machine"))
+        assert (SCHED_THROUGHPUT_KERNEL_PARAM in option(argv, "-append")[0].split()) is tcg
+        knob = "/sys/kernel/debug/sched/wakeup_granularity_ns"
+        value = exec_out(kata, "lever-sched", "g1", "sh", "-c",
+                         f"mount -t debugfs none /sys/kernel/debug && cat {knob}")
+        assert (int(value) == 4_000_000) is tcg, value  # under KVM: the kernel's own
+        lines = 256 * 1024 // 17
+        argv = kata.cd.ctr_argv("task", "exec", "-t", "--exec-id", "t1", "lever-sched",
+                                "sh", "-c", f"yes 0123456789abcdef | head -n {lines}")
+        with PtyProcess(argv, kata.cd.env) as term:
+            assert term.wait(120) == 0, term.output[-500:]
+        # The guest's terminal turns each \n into \r\n; ctr's own (our pty, not raw for an
+        # exec) adds one more \r on its way here.
+        assert term.output == b"0123456789abcdef\r\r\n" * lines
+    finally:
+        remove(kata.cd, "lever-sched")
 
 
 def test_under_tcg_qemu_and_only_qemu_runs_as_a_batch_job(kata: Kata) -> None:

@@ -19,6 +19,7 @@ from common.constants import (
     DEBUG_CONSOLE_EXIT,
     DEBUG_CONSOLE_KERNEL_PARAM,
     GATHER_OUTPUT_KERNEL_PARAM,
+    SCHED_THROUGHPUT_KERNEL_PARAM,
 )
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PS1": "$ ", "HOME": "/"}
@@ -112,3 +113,4 @@ def test_crun_runs_at_a_fixed_layout_only_when_the_kernel_asks(tmp_path: Path) -
     assert CRUN_NO_ASLR_KERNEL_PARAM not in kernel_words(str(tmp_path / "missing"))
     assert agent_main.CRUN_NO_ASLR_KERNEL_PARAM == CRUN_NO_ASLR_KERNEL_PARAM  # host's name
     assert agent_main.GATHER_OUTPUT_KERNEL_PARAM == GATHER_OUTPUT_KERNEL_PARAM
+    assert agent_main.SCHED_THROUGHPUT_KERNEL_PARAM == SCHED_THROUGHPUT_KERNEL_PARAM

@@ -1,4 +1,5 @@
-"""agent.init: modules loaded only for the virtio devices the guest has."""
+"""agent.init: modules loaded only for the virtio devices the guest has; the scheduler
+tuned under TCG (debugfs mounted for one write, then unmounted)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,72 @@ def test_modules_already_loaded_are_not_loaded_again(
     (no_module_loaded / "virtio_console" / "initstate").write_text("live\n")
     init.load_modules(str(listing))
     assert loaded[2:] == ["/lib/modules/r/fuse.ko"]
+
+
+class FakeDebugfs:
+    """syscalls.mount/umount for `init.tune_wakeups`: a mount makes ``sched/`` appear."""
+
+    def __init__(self, knob: bool = True, mount_error: OSError | None = None) -> None:
+        self.knob, self.mount_error = knob, mount_error
+        self.calls: list[tuple[str, ...]] = []
+
+    def mount(self, source: str, target: str, fstype: str, flags: int = 0,
+              data: str = "") -> None:
+        self.calls.append(("mount", fstype, target))
+        if self.mount_error is not None:
+            raise self.mount_error
+        if self.knob:
+            (Path(target) / "sched").mkdir()
+            (Path(target) / "sched" / "wakeup_granularity_ns").write_text("1000000\n")
+
+    def umount(self, target: str, flags: int = 0) -> None:
+        self.calls.append(("umount", target, str(flags)))
+        for path in sorted(Path(target).rglob("*"), reverse=True):  # what unmounting hides
+            path.unlink() if path.is_file() else path.rmdir()
+
+
+def test_wakeup_granularity_is_written_and_debugfs_left_unmounted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, written = FakeDebugfs(), {}
+    real_umount = fake.umount
+
+    def umount(target: str, flags: int = 0) -> None:
+        knob = Path(target) / "sched" / "wakeup_granularity_ns"
+        written["value"] = knob.read_text()
+        real_umount(target, flags)
+
+    monkeypatch.setattr(syscalls, "mount", fake.mount)
+    monkeypatch.setattr(syscalls, "umount", umount)
+    mount_dir = tmp_path / "debugfs"
+    init.tune_wakeups(mount_dir=str(mount_dir))
+    assert written == {"value": str(init.WAKEUP_GRANULARITY_NS)}
+    assert init.WAKEUP_GRANULARITY_NS == 4_000_000
+    assert fake.calls == [("mount", "debugfs", str(mount_dir)),
+                          ("umount", str(mount_dir), str(syscalls.MNT_DETACH))]
+    assert not mount_dir.exists()
+
+
+def test_a_kernel_without_the_knob_is_reported_and_debugfs_still_unmounted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeDebugfs(knob=False)
+    monkeypatch.setattr(syscalls, "mount", fake.mount)
+    monkeypatch.setattr(syscalls, "umount", fake.umount)
+    mount_dir = tmp_path / "debugfs"
+    init.tune_wakeups(mount_dir=str(mount_dir))
+    assert "cannot set the scheduler's wake-up granularity" in capsys.readouterr().err
+    assert [c[0] for c in fake.calls] == ["mount", "umount"]
+    assert not mount_dir.exists()
+
+
+def test_no_debugfs_is_reported_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeDebugfs(mount_error=OSError(19, "No such device"))
+    monkeypatch.setattr(syscalls, "mount", fake.mount)
+    monkeypatch.setattr(syscalls, "umount", fake.umount)
+    mount_dir = tmp_path / "debugfs"
+    init.tune_wakeups(mount_dir=str(mount_dir))
+    assert "cannot mount debugfs" in capsys.readouterr().err
+    assert [c[0] for c in fake.calls] == ["mount"]
+    assert not mount_dir.exists()

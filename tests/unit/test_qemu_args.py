@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.constants import CRUN_NO_ASLR_KERNEL_PARAM, GATHER_OUTPUT_KERNEL_PARAM
+from common.constants import (
+    CRUN_NO_ASLR_KERNEL_PARAM,
+    GATHER_OUTPUT_KERNEL_PARAM,
+    SCHED_THROUGHPUT_KERNEL_PARAM,
+)
 from hypervisors.base import BlockDevice, NetworkDevice, SharedFsDevice
 from hypervisors.qemu.args import (
     AgentChannel,
@@ -51,7 +55,8 @@ def test_typical_virtiofs_serial_tcg() -> None:
         "-kernel", "/k/vmlinuz",
         "-initrd", "/k/initrd.img",
         "-append", ("console=ttyS0 panic=1 swiotlb=noforce agent.crun_no_aslr "
-                    "agent.gather_output init_on_alloc=0 quiet loglevel=3 agent.debug=1"),
+                    "agent.gather_output agent.sched_throughput init_on_alloc=0 quiet "
+                    "loglevel=3 agent.debug=1"),
         "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={STATE}/console.sock,server=off",
@@ -213,6 +218,16 @@ def test_the_agent_gathers_output_under_tcg_only() -> None:
         build_argv(CONFIG, vm(accelerator="kvm")), "-append")[0].split()
     for machine in (CONFIG, MICROVM):
         assert GATHER_OUTPUT_KERNEL_PARAM in option(
+            build_argv(machine, vm(accelerator="tcg")), "-append")[0].split()
+
+
+def test_the_guest_scheduler_preempts_less_eagerly_under_tcg_only() -> None:
+    """Under TCG every context switch is emulated, so the agent widens the guest's wake-up
+    granularity (agent/init.py `tune_wakeups`); under KVM the kernel keeps its own."""
+    assert SCHED_THROUGHPUT_KERNEL_PARAM not in option(
+        build_argv(CONFIG, vm(accelerator="kvm")), "-append")[0].split()
+    for machine in (CONFIG, MICROVM):
+        assert SCHED_THROUGHPUT_KERNEL_PARAM in option(
             build_argv(machine, vm(accelerator="tcg")), "-append")[0].split()
 
 
