@@ -19,7 +19,8 @@ costs ~20x under TCG):
    where present) enabled in the root's ``cgroup.subtree_control`` so crun can use them;
 3. ``/dev/virtio-ports/<name>`` symlinks (there is no udev);
 4. under TCG (the host sets ``agent.sched_throughput``), `tune_wakeups`: a woken task
-   preempts the running one only once it is 4 ms behind it, not Linux's 1 ms. On the
+   preempts the running one only once it is 4 ms behind it, not Linux's 1 ms (on one
+   vCPU; both grow alike with vCPUs hot-plugged later). On the
    guest's one vCPU a pty's flush worker, woken at every line a process writes to its
    terminal, otherwise preempted the writer each time, and every switch is emulated: 1 MiB
    through a tty took 4.8 s, 1.2 s so (docs/performance.md "Levers").
@@ -89,9 +90,17 @@ def tune_wakeups(granularity_ns: int = WAKEUP_GRANULARITY_NS,
         with contextlib.suppress(OSError):
             os.rmdir(mount_dir)
         return
+    sched = os.path.join(mount_dir, "sched")
     try:
-        with open(os.path.join(mount_dir, "sched", "wakeup_granularity_ns"), "w") as f:
+        with open(os.path.join(sched, "wakeup_granularity_ns"), "w") as f:
             f.write(str(granularity_ns))
+        # A vCPU coming online (hot-plug) makes the kernel recompute the knob from a base
+        # per CPU count; writing the scaling mode back re-derives that base from our value.
+        scaling = os.path.join(sched, "tunable_scaling")
+        with open(scaling) as f:
+            mode = f.read().strip()
+        with open(scaling, "w") as f:
+            f.write(mode)
     except OSError as exc:
         warn(f"cannot set the scheduler's wake-up granularity: {exc}")
     finally:

@@ -163,7 +163,9 @@ def test_under_tcg_output_in_full_flow_arrives_whole_in_larger_answers(kata: Kat
 def test_under_tcg_the_guest_scheduler_preempts_on_wakeup_less_eagerly(kata: Kata) -> None:
     """agent/init.py `tune_wakeups`: the guest kernel's wake-up granularity, read by a
     privileged container through debugfs of its own, is 4 ms under TCG (the kernel's own
-    under KVM); 256 KiB of lines through a tty still arrive whole, each with its CR."""
+    under KVM), and stays so when a vCPU comes online again (the kernel recomputes it
+    then); 256 KiB of lines through a tty still arrive whole, each with its CR."""
+    kata.write_config({"hypervisor.qemu": {"default_vcpus": 2}})
     res = kata.cd.ctr("run", "-d", "--privileged", "--runtime", KATA, IMAGE_REF,
                       "lever-sched", "sleep", "120", timeout=120)
     assert res.returncode == 0, explain(res)
@@ -172,9 +174,13 @@ def test_under_tcg_the_guest_scheduler_preempts_on_wakeup_less_eagerly(kata: Kat
         tcg = any("tcg" in a for a in option(argv, "-accel") + option(argv, "-machine"))
         assert (SCHED_THROUGHPUT_KERNEL_PARAM in option(argv, "-append")[0].split()) is tcg
         knob = "/sys/kernel/debug/sched/wakeup_granularity_ns"
-        value = exec_out(kata, "lever-sched", "g1", "sh", "-c",
-                         f"mount -t debugfs none /sys/kernel/debug && cat {knob}")
-        assert (int(value) == 4_000_000) is tcg, value  # under KVM: the kernel's own
+        cpu1 = "/sys/devices/system/cpu/cpu1/online"
+        values = exec_out(kata, "lever-sched", "g1", "sh", "-c",
+                          f"mount -t debugfs none /sys/kernel/debug && cat {knob} && "
+                          f"echo 0 > {cpu1} && echo 1 > {cpu1} && nproc && cat {knob}").split()
+        assert values[1] == "2", values  # both vCPUs online again
+        # Under KVM: the kernel's own, 2 ms for two vCPUs.
+        assert [int(values[0]) == 4_000_000, int(values[2]) == 4_000_000] == [tcg, tcg], values
         lines = 256 * 1024 // 17
         argv = kata.cd.ctr_argv("task", "exec", "-t", "--exec-id", "t1", "lever-sched",
                                 "sh", "-c", f"yes 0123456789abcdef | head -n {lines}")

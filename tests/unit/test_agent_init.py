@@ -136,6 +136,7 @@ class FakeDebugfs:
         if self.knob:
             (Path(target) / "sched").mkdir()
             (Path(target) / "sched" / "wakeup_granularity_ns").write_text("1000000\n")
+            (Path(target) / "sched" / "tunable_scaling").write_text("1\n")
 
     def umount(self, target: str, flags: int = 0) -> None:
         self.calls.append(("umount", target, str(flags)))
@@ -149,15 +150,17 @@ def test_wakeup_granularity_is_written_and_debugfs_left_unmounted(
     real_umount = fake.umount
 
     def umount(target: str, flags: int = 0) -> None:
-        knob = Path(target) / "sched" / "wakeup_granularity_ns"
-        written["value"] = knob.read_text()
+        sched = Path(target) / "sched"
+        written["value"] = (sched / "wakeup_granularity_ns").read_text()
+        written["scaling"] = (sched / "tunable_scaling").read_text()
         real_umount(target, flags)
 
     monkeypatch.setattr(syscalls, "mount", fake.mount)
     monkeypatch.setattr(syscalls, "umount", umount)
     mount_dir = tmp_path / "debugfs"
     init.tune_wakeups(mount_dir=str(mount_dir))
-    assert written == {"value": str(init.WAKEUP_GRANULARITY_NS)}
+    # The scaling mode written back as it was (the kernel then bases later values on ours).
+    assert written == {"value": str(init.WAKEUP_GRANULARITY_NS), "scaling": "1"}
     assert init.WAKEUP_GRANULARITY_NS == 4_000_000
     assert fake.calls == [("mount", "debugfs", str(mount_dir)),
                           ("umount", str(mount_dir), str(syscalls.MNT_DETACH))]
