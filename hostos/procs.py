@@ -21,7 +21,10 @@ Theory of operation
 * A process is identified by ``(pid, start_time)``: field 22 of /proc/<pid>/stat, in clock
   ticks since boot. A pid may be reused; the pair may not. `ProcessRecord` is what the
   caller persists so that a later shim can `kill_recorded` what a crashed one left behind.
-* Reaping is asyncio's job (its child watcher); nothing here calls ``waitpid(-1)``.
+* Reaping is asyncio's job (its child watcher); nothing here calls ``waitpid(-1)``, and
+  children are signalled with `signal_child`, never ``Process.send_signal``/``kill``:
+  Python's ``Popen.send_signal`` polls first, which reaps a child that has just died
+  before the watcher does, and the watcher then reports status 255, not the real one.
 """
 
 from __future__ import annotations
@@ -191,6 +194,15 @@ def kill_recorded(records: Iterable[ProcessRecord], timeout: float = KILL_WAIT) 
         raise SurvivorError(f"failed to kill recorded processes: still alive: {left}")
 
 
+def signal_child(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to our child ``proc`` unless asyncio has seen it exit. ``os.kill``
+    leaves a dead child's zombie, and its status, to asyncio's child watcher (module
+    docstring); its pid cannot be reused before the watcher has reaped it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
 async def wait_process(proc: asyncio.subprocess.Process, timeout: float) -> int | None:
     """Wait up to ``timeout`` for ``proc`` to exit; its return code, or None if still running."""
     import asyncio
@@ -207,13 +219,11 @@ async def terminate(
 ) -> int:
     """Send ``sig`` (if still running), then SIGKILL after ``grace``; return the exit code."""
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        signal_child(proc, sig)
         code = await wait_process(proc, grace)
         if code is not None:
             return code
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        signal_child(proc, signal.SIGKILL)
     code = await wait_process(proc, KILL_WAIT)
     if code is None:
         raise SurvivorError(f"failed to kill pid {proc.pid}: alive after SIGKILL")

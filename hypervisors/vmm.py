@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from common.constants import AGENT_VSOCK_PORT
-from hostos.procs import ProcessRecord, record, spawn, wait_process
+from hostos.procs import ProcessRecord, record, signal_child, spawn, wait_process
 from hypervisors.accel import AccelChoice
 from hypervisors.base import Device, DeviceList, SharedFsDevice, VmSpec, VsockDevice
 from hypervisors.console import ConsoleLog, StderrLog
@@ -378,9 +378,8 @@ class VmmVm(abc.ABC, Generic[C]):
             return
         log.error("VM %s: %s exited (status %s) under a running VM: killing %s",
                   self.sandbox_id, name, code, self.vmm_name)  # fmt: skip
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
+        if self._proc is not None:
+            signal_child(self._proc)
 
     async def wait_exited(self) -> int:
         """Wait (no deadline: this is a long poll) until the VMM exits; its return code."""
@@ -432,9 +431,7 @@ class VmmVm(abc.ABC, Generic[C]):
         proc = self._proc
         if proc is None:
             return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        signal_child(proc)
         code = await wait_process(proc, TIMEOUTS.kill_wait)
         log.info("VM %s: %s pid %d exited with %s", self.sandbox_id, self.vmm_name, proc.pid,
                  code)  # fmt: skip

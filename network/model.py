@@ -19,7 +19,7 @@ import subprocess
 import sys
 from typing import Any, Protocol
 
-from hostos.procs import clean_env, wrapped_argv
+from hostos.procs import clean_env, signal_child, wrapped_argv
 from network import tap
 from network.errors import NetworkConfigError, NetworkError
 from network.types import (
@@ -89,7 +89,7 @@ async def _run_worker(request: dict[str, Any], fds_expected: int = 0) -> tuple[A
             out, err = await asyncio.wait_for(
                 proc.communicate(_worker_request(request, theirs_fd)), WORKER_TIMEOUT)
         except TimeoutError:
-            proc.kill()
+            signal_child(proc)
             await proc.wait()
             raise NetworkError(f"the netlink worker did not answer within "
                                f"{WORKER_TIMEOUT:.0f}s") from None

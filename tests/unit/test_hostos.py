@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from hostos.procs import (
     kill_recorded,
     process_state,
     record,
+    signal_child,
     spawn,
     start_time,
 )
@@ -220,3 +222,49 @@ print(released, before, after)
     released, before, after = out[0] == "True", int(out[1]), int(out[2])
     assert released
     assert before - after > 40 * 1024, (before, after)
+
+
+def slow_child_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's child watcher reaps 0.3 s late: a child that died stays a zombie meanwhile
+    (what a busy host does to it now and then)."""
+    from asyncio import unix_events
+
+    real = unix_events.ThreadedChildWatcher._do_waitpid
+
+    def late(self: Any, *args: Any) -> None:
+        time.sleep(0.3)
+        real(self, *args)
+
+    monkeypatch.setattr(unix_events.ThreadedChildWatcher, "_do_waitpid", late)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_signalling_a_child_that_just_died_leaves_its_status_to_asyncio(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ours: bool) -> None:
+    """`signal_child` on a dead, unreaped child: asyncio still reports the real status.
+    Python's own `Process.kill` reaps it first (Popen.send_signal polls): status 255."""
+    slow_child_watcher(monkeypatch)
+
+    async def run() -> int:
+        proc = await spawn(["sh", "-c", "exit 3"], tmp_path / "err")
+        started = start_time(proc.pid)
+        while process_state(proc.pid, started) != "zombie":  # dead, not reaped yet
+            await asyncio.sleep(0.01)
+        if ours:
+            signal_child(proc)
+        else:
+            proc.kill()
+        return await proc.wait()
+
+    assert asyncio.run(run()) == (3 if ours else 255)
+
+
+def test_signal_child_kills_a_live_child_and_spares_a_waited_one(tmp_path: Path) -> None:
+    async def run() -> tuple[int, int]:
+        alive = await spawn(["sleep", "60"], tmp_path / "err")
+        signal_child(alive)
+        killed = await alive.wait()
+        signal_child(alive)  # waited for: nothing is sent (its pid may be another's now)
+        return killed, await alive.wait()
+
+    assert asyncio.run(run()) == (-signal.SIGKILL, -signal.SIGKILL)
