@@ -17,7 +17,8 @@ Theory of operation
 * A ``cpu_bound`` helper (a VMM emulating its guest's CPU) is exec'd through util-linux's
   ``chrt --batch 0`` after the wrapper (the death signal survives that exec): under
   ``SCHED_BATCH`` its threads, which inherit the policy, do not preempt running ones when
-  they wake, so several such VMMs sharing few cores switch less.
+  they wake, so several such VMMs sharing few cores switch less. `set_cpu_bound` turns
+  that off again (or on) for all its threads.
 * A process is identified by ``(pid, start_time)``: field 22 of /proc/<pid>/stat, in clock
   ticks since boot. A pid may be reused; the pair may not. `ProcessRecord` is what the
   caller persists so that a later shim can `kill_recorded` what a crashed one left behind.
@@ -192,6 +193,20 @@ def kill_recorded(records: Iterable[ProcessRecord], timeout: float = KILL_WAIT) 
         time.sleep(POLL_INTERVAL)
     if left:
         raise SurvivorError(f"failed to kill recorded processes: still alive: {left}")
+
+
+def set_cpu_bound(pid: int, cpu_bound: bool) -> None:
+    """Put every thread of our child ``pid`` under ``SCHED_BATCH`` (``cpu_bound``) or back
+    under ``SCHED_OTHER``. The main thread (listed first) goes first: threads started from
+    then on inherit its policy."""
+    policy = os.SCHED_BATCH if cpu_bound else os.SCHED_OTHER
+    try:
+        threads = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return  # exited (and reaped)
+    for tid in threads:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
 def signal_child(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:

@@ -152,6 +152,10 @@ class Hypervisor(Protocol):
         """Whether `start` restored the VM from a template instead of booting it: the guest
         then runs with the template's clock and RNG state until the sandbox hands it over."""
 
+    def booted(self) -> None:
+        """The guest serves: whatever the VMM did only for the boot ends (under TCG, its
+        threads leave ``SCHED_BATCH``, so the pod's round trips preempt busy neighbours)."""
+
     # -- devices
     async def add_device(self, device: Device) -> None:
         """Cold-plug before `start`, hot-plug after."""

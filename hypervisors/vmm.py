@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from common.constants import AGENT_VSOCK_PORT
-from hostos.procs import ProcessRecord, record, signal_child, spawn, wait_process
+from hostos.procs import (
+    ProcessRecord,
+    record,
+    set_cpu_bound,
+    signal_child,
+    spawn,
+    wait_process,
+)
 from hypervisors.accel import AccelChoice
 from hypervisors.base import Device, DeviceList, SharedFsDevice, VmSpec, VsockDevice
 from hypervisors.console import ConsoleLog, StderrLog
@@ -110,6 +117,7 @@ class VmmVm(abc.ABC, Generic[C]):
         self._qmp: QmpClient | None = None
         self._stderr: StderrLog | None = None
         self._stopping = False  # set by stop(): helpers exiting then are expected
+        self._batch = False  # spawned under SCHED_BATCH, until `booted`
         self._records: list[ProcessRecord] = []
 
     # -- what a driver supplies ----------------------------------------------------------
@@ -179,6 +187,15 @@ class VmmVm(abc.ABC, Generic[C]):
     def from_template(self) -> bool:
         """Whether the VM was restored from a template (only a driver that has them)."""
         return False
+
+    def booted(self) -> None:
+        """A VMM spawned as a batch job for its boot (under TCG: `_spawn_vmm`) goes back to
+        normal scheduling now that its guest serves: the boot, CPU-bound, gained from it
+        (pods starting at once), while a pod's round trips would wait behind CPU-bound
+        neighbours (`exec` p90 +20 % beside two busy pods, docs/performance.md)."""
+        if self._batch and self._proc is not None and self._proc.returncode is None:
+            set_cpu_bound(self._proc.pid, False)
+        self._batch = False
 
     @property
     def virtiofsd_pid(self) -> int | None:
@@ -327,11 +344,13 @@ class VmmVm(abc.ABC, Generic[C]):
         argv = self.build_argv()
         log.debug("VM %s: %s", self.sandbox_id, " ".join(argv))
         try:
-            # Emulating the guest's CPU keeps a VMM busy: SCHED_BATCH (hostos.procs) lets
-            # pods booting at once on few cores switch less (docs/performance.md "Levers").
+            # Emulating the guest's CPU keeps a booting VMM busy: SCHED_BATCH (hostos.procs)
+            # lets pods booting at once on few cores switch less, until `booted`
+            # (docs/performance.md "Levers").
+            self._batch = self.accelerator == "tcg"
             self._proc = await spawn(argv, asyncio.subprocess.PIPE,
                                      pass_fds=self._spawn_fds(), env=self._vmm_env(),
-                                     cpu_bound=self.accelerator == "tcg")
+                                     cpu_bound=self._batch)
         except OSError as exc:
             raise HypervisorError(f"failed to start {self.vmm_name} {argv[0]}: {exc}") from exc
         finally:

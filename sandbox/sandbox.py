@@ -311,6 +311,7 @@ class Sandbox:
             agent = await self._connect_agent(vm, stack)
             if vm.from_template:
                 await self._hand_over(agent)
+            vm.booted()
             async with agent_errors("get guest details"):
                 guest = await agent.guest_details()
             log.info(

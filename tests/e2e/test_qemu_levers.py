@@ -10,8 +10,9 @@ is there for (the numbers behind the defaults: configuration.toml).
 * under TCG the agent answers output in full flow in larger pieces
   (``agent.gather_output``): what a container writes arrives whole and in order, in
   fewer and larger ReadStdout answers;
-* under TCG QEMU runs under ``SCHED_BATCH`` (every thread, from its exec), so pods booting
-  at once on few cores preempt each other less; nothing else we spawn does;
+* under TCG QEMU boots under ``SCHED_BATCH`` (every thread, from its exec), so pods booting
+  at once on few cores preempt each other less, and serves under ``SCHED_OTHER``; nothing
+  else we spawn is a batch job;
 * under TCG the guest's scheduler lets a woken task preempt the running one only 4 ms
   behind it (``agent.sched_throughput``), and a tty still carries output whole;
 * device drivers (virtio_net, the vsock transport, virtio_balloon) are loaded only when the
@@ -23,7 +24,9 @@ is there for (the numbers behind the defaults: configuration.toml).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import time
 
 from common.constants import (
@@ -193,21 +196,39 @@ def test_under_tcg_the_guest_scheduler_preempts_on_wakeup_less_eagerly(kata: Kat
         remove(kata.cd, "lever-sched")
 
 
-def test_under_tcg_qemu_and_only_qemu_runs_as_a_batch_job(kata: Kata) -> None:
-    """hostos.procs: a VMM emulating its guest's CPU is exec'd through `chrt --batch 0`;
-    its threads (vCPU, I/O, RCU) all inherit the policy. The shim and virtiofsd do not."""
-    with detached(kata.cd, KATA, "lever-batch", "sleep", "120"):
+def test_under_tcg_qemu_boots_as_a_batch_job_then_serves_normally(kata: Kata) -> None:
+    """hostos.procs: a VMM emulating its guest's CPU is exec'd through `chrt --batch 0`, so
+    its threads boot under SCHED_BATCH; once the agent serves (`VmmVm.booted`) every thread
+    is back under SCHED_OTHER. The shim and virtiofsd never leave it."""
+    argv = kata.cd.ctr_argv("run", "-d", "--runtime", KATA, IMAGE_REF, "lever-batch",
+                            "sleep", "120")
+    run = subprocess.Popen(argv, env=kata.cd.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()  # the policies of QEMU's main thread while ctr runs
+    try:
+        while run.poll() is None:
+            for vmm in kata.qemu_processes():
+                with contextlib.suppress(OSError):
+                    seen.add(os.sched_getscheduler(vmm.pid))
+            time.sleep(0.02)
+        _, err = run.communicate()
+        assert run.returncode == 0, err
         qemu = one_qemu(kata)
         tcg = any("tcg" in a for a in option(qemu.argv, "-accel") + option(qemu.argv, "-machine"))
+        assert (os.SCHED_BATCH in seen) is tcg, seen
         threads = [int(t) for t in os.listdir(f"/proc/{qemu.pid}/task")]
         assert len(threads) >= 3, threads  # main loop, vCPU, RCU at least
-        policy = os.SCHED_BATCH if tcg else os.SCHED_OTHER
-        assert {os.sched_getscheduler(t) for t in threads} == {policy}
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_OTHER}
         helpers = procs.matching(["virtiofsd"], scope=[str(kata.cd.dir)])
         others = [p.pid for p in kata.shim_daemons() + helpers if p.pid != qemu.pid]
         assert len(others) >= 2, others  # the shim and virtiofsd
         assert {os.sched_getscheduler(p) for p in others} == {os.SCHED_OTHER}
         assert exec_out(kata, "lever-batch", "b1", "echo", "up") == "up\n"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        remove(kata.cd, "lever-batch")
 
 
 def test_device_drivers_load_only_for_the_devices_the_vm_has(kata: Kata) -> None:

@@ -143,6 +143,9 @@ class FakeHypervisor:
         """Restored whenever a template is configured (the real driver checks it fits)."""
         return self._proc is not None and self.spec.template_dir is not None
 
+    def booted(self) -> None:
+        self.calls.append("booted")
+
     async def add_device(self, device: Device) -> None:
         self._step("add_device")
         self.devices.add(device)

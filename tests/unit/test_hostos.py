@@ -22,6 +22,7 @@ from hostos.procs import (
     kill_recorded,
     process_state,
     record,
+    set_cpu_bound,
     signal_child,
     spawn,
     start_time,
@@ -268,3 +269,37 @@ def test_signal_child_kills_a_live_child_and_spares_a_waited_one(tmp_path: Path)
         return killed, await alive.wait()
 
     assert asyncio.run(run()) == (-signal.SIGKILL, -signal.SIGKILL)
+
+
+# A child with a thread of its own; once `go` exists it starts one more thread and reports
+# the policy of each: main, the first thread, the one started after the change.
+THREADS_PROBE = """
+import os, sys, threading, time
+go = sys.argv[1]
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+while not os.path.exists(go):
+    time.sleep(0.01)
+late = []
+t = threading.Thread(target=lambda: late.append(os.sched_getscheduler(0)))
+t.start(); t.join()
+first = [int(x) for x in os.listdir("/proc/self/task")][1]
+sys.stderr.write(f"{os.sched_getscheduler(0)} {os.sched_getscheduler(first)} {late[0]}")
+"""
+
+
+def test_set_cpu_bound_moves_every_thread_and_the_ones_started_after(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+
+    async def run() -> int:
+        proc = await spawn([sys.executable, "-c", THREADS_PROBE, str(go)], tmp_path / "err",
+                           cpu_bound=True)
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 2:
+            await asyncio.sleep(0.01)
+        set_cpu_bound(proc.pid, False)
+        go.touch()
+        return await proc.wait()
+
+    assert asyncio.run(run()) == 0, (tmp_path / "err").read_text()
+    other = os.SCHED_OTHER
+    assert (tmp_path / "err").read_text() == f"{other} {other} {other}"
+    set_cpu_bound(2**22 + 1, True)  # no such process: nothing to do, no error

@@ -63,7 +63,7 @@ def test_start_then_stop(tmp_path: Path) -> None:
         await sandbox.start(SPEC)
         assert sandbox.state is SandboxState.RUNNING
         assert sandbox.vmm_pid == world.vm.pid and process_state(world.vm.pid or 0, None) == "alive"
-        assert world.vm.calls == ["add_device", "start"]
+        assert world.vm.calls == ["add_device", "start", "booted"]
         share = world.vm.devices.devices[0]
         assert (share.kind, share.tag, share.source) == ("virtio-fs", "kataShared",  # type: ignore[union-attr]
                                                           sandbox.shared_dir)  # fmt: skip
