@@ -212,7 +212,8 @@ def set_cpu_bound(pid: int, cpu_bound: bool) -> None:
 def signal_child(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to our child ``proc`` unless asyncio has seen it exit. ``os.kill``
     leaves a dead child's zombie, and its status, to asyncio's child watcher (module
-    docstring); its pid cannot be reused before the watcher has reaped it."""
+    docstring). A zombie's pid is not reused; only between the watcher's reaping and its
+    callback setting ``returncode`` could the pid be free, for a few microseconds."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
