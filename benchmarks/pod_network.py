@@ -13,8 +13,8 @@ the veth's host end (nothing else is ever a target):
   connect to the container's close;
 * ``rtt``: the container pings the gateway 20 times, 0.2 s apart; busybox's average.
 
-(Through CRI, runc's pause container fails to start on these machines, "can't get final
-child's PID from pipe", so both runtimes are driven with ctr here.)
+(Both runtimes are driven with ctr, each container joining a netns this module wires, so
+that the two see the same network; the CRI pod start is `benchmarks.suite`'s figure 3.)
 
 Each figure is the median of ``-n`` transfers. Not part of `make test` (a smoke run is:
 tests/e2e/test_bench_network.py).

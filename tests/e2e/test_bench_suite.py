@@ -55,10 +55,11 @@ def test_the_quick_bench_writes_every_figure(
     no_template = [n for n in run["meta"]["notes"] if n.startswith("VM template: no figure")]
     assert bool(no_template) != templates, run["meta"]["notes"]
     assert set(figures) == (FIGURES if templates else FIGURES - {"VM template"})
-    cri_runc_failed = any(n.startswith("CRI pod start: no runc") for n in run["meta"]["notes"])
+    # runc's CRI pod starts too: the harness's containerd keeps oom_score_adj where a root
+    # without CAP_SYS_RESOURCE can set it (tests/harness/containerd.py config_toml).
+    assert not [n for n in run["meta"]["notes"] if "no runc" in n], run["meta"]["notes"]
     for name, runtimes in figures.items():
-        expected = {"kata"} if name in ("boot floor", "VM template") or (
-            name == "CRI pod start" and cri_runc_failed) else {"runc", "kata"}
+        expected = {"kata"} if name in ("boot floor", "VM template") else {"runc", "kata"}
         assert set(runtimes) == expected, (name, runtimes)
     kata = figures["cold run"]["kata"]
     assert len(kata["wall s"]) == suite.QUICK.cold

@@ -62,10 +62,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: CAP_SYS_RESOURCE's bit in /proc/<pid>/status CapEff (linux/capability.h).
+CAP_SYS_RESOURCE = 24
+
+
+def can_lower_oom_scores(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process may set an oom_score_adj below its own (CAP_SYS_RESOURCE)."""
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return False
+
+
 def config_toml(enable_cri: bool, snapshotter: str = "overlayfs", cni_dir: str = "",
                 sandbox_image: str = "") -> str:
     """A version-2 configuration. With CRI: a free streaming port (instances run side by
-    side), our own CNI directories (never the host's) and a locally built pause image."""
+    side), our own CNI directories (never the host's) and a locally built pause image. On
+    a host whose root cannot lower an oom_score_adj (no CAP_SYS_RESOURCE, as in some
+    containers), CRI keeps every container's at or above containerd's own, as it does
+    rootless: its pause container's -998 would make runc's init die ("can't get final
+    child's PID from pipe: EOF")."""
     disabled = "[]" if enable_cri else f'["{CRI_PLUGIN}"]'
     text = (
         "version = 2\n"
@@ -74,6 +90,7 @@ def config_toml(enable_cri: bool, snapshotter: str = "overlayfs", cni_dir: str =
     if enable_cri:
         text += (
             f"[plugins.\"{CRI_PLUGIN}\"]\n"
+            f"  restrict_oom_score_adj = {str(not can_lower_oom_scores()).lower()}\n"
             "  stream_server_address = \"127.0.0.1\"\n"
             f"  stream_server_port = \"{free_port()}\"\n"
             f"  sandbox_image = \"{sandbox_image}\"\n"
