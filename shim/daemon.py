@@ -16,9 +16,12 @@ as stdio, in a new session, with cwd = the bundle of the pod's first container. 
 3. runs one asyncio loop serving ttrpc on fd 3 (``Server.serve_listener``). Children (the
    VMM, virtiofsd, binary loggers) are waited for by pid or pidfd; there is no
    ``waitpid(-1)`` reaper and the daemon is not a subreaper;
-4. ends when Shutdown finds no container left (after a short grace so the reply is sent),
-   or on SIGTERM/SIGINT (the VM is stopped and running processes get their exit published);
-5. then stops serving, removes its socket file, flushes queued events and exits 0.
+4. ends when Shutdown finds no container left (its socket file is removed before the reply,
+   so containerd can start the next shim of the same id at once; the daemon exits after a
+   short grace so the reply is sent), or on SIGTERM/SIGINT (the VM is stopped and running
+   processes get their exit published);
+5. then stops serving, removes its socket file if still there, flushes queued events and
+   exits 0.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,7 @@ def run(flags: Flags) -> int:
         log.error("%s (the daemon is started by `start`)", e)
         return 1
     path = str(listener.getsockname())
+    release = _socket_releaser(path)
     try:
         isolate_mounts()  # before any thread exists: every later thread shares it
     except OSError as e:
@@ -84,14 +89,31 @@ def run(flags: Flags) -> int:
         return 1
     _use_pidfd_child_watcher()
     try:
-        return asyncio.run(_serve(flags, listener))
+        return asyncio.run(_serve(flags, listener, release))
     except SandboxError as e:
         log.error("shim daemon failed: %s", e)
         return 1
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        release()
         log.info("shim daemon exited", extra=kv(socket=path))
+
+
+def _socket_releaser(path: str) -> Callable[[], None]:
+    """Remove the daemon's socket once: when Shutdown ends the pod, before its reply, or at
+    exit. containerd may start the next shim of the same id (same socket path) as soon as
+    Shutdown returns (`ctr run --rm x ...; ctr run x ...`); `start` would otherwise find
+    this exiting daemon still listening, hand out its address, and containerd's dial would
+    then be refused. runc's shim removes its socket at Shutdown too."""
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    return release
 
 
 def _use_pidfd_child_watcher() -> None:
@@ -103,7 +125,7 @@ def _use_pidfd_child_watcher() -> None:
         asyncio.get_event_loop_policy().set_child_watcher(asyncio.PidfdChildWatcher())
 
 
-async def _serve(flags: Flags, listener: socket.socket) -> int:
+async def _serve(flags: Flags, listener: socket.socket, release: Callable[[], None]) -> int:
     config = load_config(flags.config_path or None)
     if config.enable_debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -115,7 +137,12 @@ async def _serve(flags: Flags, listener: socket.socket) -> int:
     sandbox.monitor = Monitor(pod).start  # the metrics endpoint, while the VM runs
     shutdown, terminate = asyncio.Event(), asyncio.Event()
     server = Server()
-    server.register(TASK_SERVICE, TaskService(pod, flags.namespace, shutdown.set).methods())
+
+    def on_shutdown() -> None:  # before Shutdown's reply
+        release()
+        shutdown.set()
+
+    server.register(TASK_SERVICE, TaskService(pod, flags.namespace, on_shutdown).methods())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, terminate.set)

@@ -52,6 +52,7 @@ def test_a_qemu_vm_runs_the_sandbox(kata: Kata) -> None:
     scenarios.check_kill_all,
     scenarios.check_pause_resume,
     scenarios.check_metrics,
+    scenarios.check_id_reused_at_once,
 ], ids=lambda c: c.__name__.removeprefix("check_"))
 def test_kata(kata: Kata, check: scenarios.Check) -> None:
     check(kata.cd, KATA)

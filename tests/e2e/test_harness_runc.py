@@ -18,7 +18,8 @@ CHECKS = [scenarios.check_echo, scenarios.check_exit_code,
           scenarios.check_tty_size, scenarios.check_tty_resize, scenarios.check_exec,
           scenarios.check_ps, scenarios.check_kill_term, scenarios.check_kill_all,
           scenarios.check_missing_command, scenarios.check_duplicate_id,
-          scenarios.check_pause_resume, scenarios.check_metrics]
+          scenarios.check_pause_resume, scenarios.check_metrics,
+          scenarios.check_id_reused_at_once]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))

@@ -284,6 +284,17 @@ def check_duplicate_id(cd: Containerd, runtime: str) -> None:
         assert task_pids(cd, "t1"), "the first t1 has no processes left"
 
 
+def check_id_reused_at_once(cd: Containerd, runtime: str) -> None:
+    """A removed container's id runs again at once (`ctr rm x; ctr run x`): containerd
+    starts the next shim of that id, on the same socket path, while the last one exits."""
+    run_detached(cd, runtime, "t1", "sleep", "300")
+    remove(cd, "t1")
+    with detached(cd, runtime, "t1", "sleep", "300"):
+        assert cd.tasks().get("t1") == "RUNNING"
+    res = run_rm(cd, runtime, "t1", "echo", "again")
+    assert (res.returncode, res.stdout.strip()) == (0, "again"), explain(res)
+
+
 PROGRESS = "while :; do date +%s >> /tmp/ticks; sleep 0.2; done"
 
 

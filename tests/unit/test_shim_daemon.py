@@ -154,3 +154,32 @@ def test_start_action_prints_only_the_address(bundle: Path, sockets: Path) -> No
     assert result.returncode == 1
     assert result.stdout == b""
     assert result.stderr.startswith(b"failed to start shim: failed to read")
+
+
+def test_the_next_shim_of_the_same_id_starts_while_the_last_one_exits(
+        bundle: Path, sockets: Path) -> None:
+    """`ctr run --rm x ...; ctr run x ...`: containerd starts the next shim of the id, on
+    the same socket path, as soon as Shutdown returns. The old daemon has removed its socket
+    by then (else `start` would hand out the address of a daemon about to exit), and its
+    exit leaves the new daemon's socket alone."""
+    path, pid, log_fd = start_daemon(bundle, sockets)
+
+    async def shut_down() -> None:
+        client = await Client.connect_unix(path)
+        try:
+            await client.call(TASK_SERVICE, "Shutdown", task_pb2.ShutdownRequest(id="c1"),
+                              empty_pb2.Empty, timeout=10)  # fmt: skip
+        finally:
+            await client.close()
+
+    asyncio.run(shut_down())
+    assert not Path(path).exists()  # gone before the reply; the daemon still runs a while
+    next_path, next_pid, next_log_fd = start_daemon(bundle, sockets)
+    assert (next_path, next_pid != pid) == (path, True)
+    assert wait_exit(pid) == 0
+    assert manager.is_listening(Path(path)), "the old daemon's exit removed the new socket"
+    os.kill(next_pid, signal.SIGTERM)
+    assert wait_exit(next_pid) == 0
+    assert not Path(path).exists()
+    for fd in (log_fd, next_log_fd):
+        os.close(fd)
