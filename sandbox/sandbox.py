@@ -355,8 +355,11 @@ class Sandbox:
         stack.callback(remove_namespace_dir_if_empty, self.state_path)
         stack.push_async_callback(in_thread, storage.remove_tree, self.state_path)
         stack.push_async_callback(in_thread, storage.unmount_tree, self.state_path)
-        await in_thread(storage.prepare_share, self.mounts_dir, self.shared_dir)
+        # The record (naming this shim) before anything else goes in: the `shim delete` of a
+        # previous shim of this id, which containerd may still be running, cleans a state
+        # dir that has content and no live shim's record (`sandbox.cleanup`).
         self._save()
+        await in_thread(storage.prepare_share, self.mounts_dir, self.shared_dir)
 
     def _clear_stale_state(self) -> None:
         """A state dir for our id: refuse if its shim lives, else clean up what it left."""

@@ -299,7 +299,8 @@ def _delete_sandbox(flags: Flags, state_dir: Path, socket_dir: Path,
                     cleanup_after_crash: Callable[[Path, str, str], bool],
                     exited_shim: Callable[[Path, str, str], int | None]) -> None:
     path = socket_path(flags.address, flags.namespace, flags.id, socket_dir)
-    if is_listening(path):
+    listening = is_listening(path)
+    if listening:
         # The sandbox's record is the judge when it names the shim: right after a kill -9
         # the socket was once seen accepting while that shim had gone (how, not found).
         gone = exited_shim(state_dir, flags.namespace, flags.id)
@@ -310,8 +311,12 @@ def _delete_sandbox(flags: Flags, state_dir: Path, socket_dir: Path,
                     "exited: cleaning up", flags.id, gone)
     if cleanup_after_crash(state_dir, flags.namespace, flags.id):
         log.warning("cleaned up sandbox %s left by a dead shim daemon", flags.id)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    # containerd runs this after a shim's connection closed, when the next shim of the id
+    # may already listen on the same path (`ctr rm x; ctr run x`): a socket dead when we
+    # looked and serving now is that shim's.
+    if listening or not is_listening(path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def delete_response(now_ns: int) -> bytes:

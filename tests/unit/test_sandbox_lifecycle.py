@@ -82,6 +82,29 @@ def test_start_then_stop(tmp_path: Path) -> None:
     run(body, tmp_path)
 
 
+def test_the_state_dir_names_its_shim_before_anything_goes_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `shim delete` of the id's previous shim, which containerd may still run, cleans
+    a state dir with content and no live shim's record: this shim's record comes first."""
+    from sandbox import storage
+
+    seen: list[int] = []
+    prepare = storage.prepare_share
+
+    def checked(mounts_dir: Path, shared_dir: Path) -> None:
+        record = read_record(shared_dir.parent)
+        seen.append(record.shim_pid if record is not None else 0)
+        prepare(mounts_dir, shared_dir)
+
+    monkeypatch.setattr(storage, "prepare_share", checked)
+
+    async def body(sandbox: Sandbox, world: FakeWorld) -> None:
+        await sandbox.start(SPEC)
+        assert seen == [os.getpid()]
+
+    run(body, tmp_path)
+
+
 def test_hostname_defaults_to_the_sandbox_id(tmp_path: Path) -> None:
     async def body(sandbox: Sandbox, world: FakeWorld) -> None:
         await sandbox.start(SandboxSpec())

@@ -234,6 +234,28 @@ def test_delete_cleans_up_when_the_socket_accepts_but_the_recorded_shim_exited(
         assert not sandbox.exists() and not path.exists()
 
 
+def test_delete_keeps_the_socket_of_the_next_shim_of_the_id(env: dict[str, Path]) -> None:
+    """containerd deletes a shim whose connection closed while the next shim of the id may
+    already listen on the same path (`ctr rm x; ctr run x`): its socket stays."""
+    path = manager.socket_path("/run/containerd/containerd.sock", "default", "pod1",
+                               env["sockets"])
+    env["sockets"].mkdir(mode=0o711)
+    flags = parse(flags_for("pod1", "delete"))
+    with socket.socket(socket.AF_UNIX) as next_shim:
+        def cleanup(state_dir: Path, namespace: str, sandbox_id: str) -> bool:
+            next_shim.bind(str(path))  # the next shim starts meanwhile
+            next_shim.listen(1)
+            return False
+
+        manager._delete_sandbox(flags, env["state"], env["sockets"], cleanup,
+                                lambda *_: None)
+        assert manager.is_listening(path)
+    # A socket nobody serves is removed.
+    manager._delete_sandbox(flags, env["state"], env["sockets"], lambda *_: False,
+                            lambda *_: None)
+    assert not path.exists()
+
+
 def test_delete_of_a_pod_container_unmounts_only_its_rootfs(env: dict[str, Path]) -> None:
     bundle = write_bundle(env["tmp"] / "c2", {B.SANDBOX_ID_ANNOTATION: "pod1"})
     containers = env["state"] / "sbs" / "pod1" / "shared" / "containers"
