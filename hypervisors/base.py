@@ -56,6 +56,11 @@ class VmSpec:
     #: A VM template's directory (``[factory] enable_template``): restore the VM from it
     #: when the template matches this VM, boot it otherwise (the driver logs why).
     template_dir: Path | None = None
+    #: The host-wide boot slots (`hostos.slots`, one per host CPU): under TCG a cold boot
+    #: takes one before the VMM starts and gives it back once the guest serves, so that
+    #: VMs booting at once do not share the cores between more guests than there are
+    #: cores. None = no limit.
+    boot_slots: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ class Timeouts:
     virtiofsd_socket: float = 10.0
     #: After SIGTERM to virtiofsd: how long before it gets SIGKILL.
     virtiofsd_stop: float = 3.0
+    #: Under TCG, how long a cold boot waits for a host-wide boot slot before it boots
+    #: anyway (a boot that never reaches its agent holds its slot until the start fails).
+    boot_slot: float = 60.0
+    #: Poll interval while waiting for a boot slot.
+    boot_slot_poll: float = 0.05
     #: Poll interval while waiting for a socket file or a process to go.
     poll_interval: float = 0.02
 

@@ -54,6 +54,7 @@ from hostos.procs import (
     spawn,
     wait_process,
 )
+from hostos.slots import give_back, host_cpus, try_take
 from hypervisors.accel import AccelChoice
 from hypervisors.base import Device, DeviceList, SharedFsDevice, VmSpec, VsockDevice
 from hypervisors.console import ConsoleLog, StderrLog
@@ -118,6 +119,7 @@ class VmmVm(abc.ABC, Generic[C]):
         self._stderr: StderrLog | None = None
         self._stopping = False  # set by stop(): helpers exiting then are expected
         self._batch = False  # spawned under SCHED_BATCH, until `booted`
+        self._boot_slot: int | None = None  # a host-wide boot slot held, until `booted`
         self._records: list[ProcessRecord] = []
 
     # -- what a driver supplies ----------------------------------------------------------
@@ -196,6 +198,49 @@ class VmmVm(abc.ABC, Generic[C]):
         if self._batch and self._proc is not None and self._proc.returncode is None:
             set_cpu_bound(self._proc.pid, False)
         self._batch = False
+        self._give_back_boot_slot()
+
+    def _restores(self) -> bool:
+        """Whether `start` restores a saved VM rather than booting one (a driver's)."""
+        return False
+
+    async def _take_boot_slot(self, stack: contextlib.AsyncExitStack) -> None:
+        """Under TCG, a cold boot first waits for a host-wide boot slot (`VmSpec.boot_slots`,
+        one per host CPU), held until `booted`: guests booting at once then each have a
+        core instead of sharing them all, and the first ones serve sooner (8 pods on 2
+        cores, docs/performance.md "Levers"). Bounded: after `Timeouts.boot_slot` the VM
+        boots anyway, and a slot that cannot be taken at all is no reason not to boot."""
+        directory = self.spec.boot_slots
+        if directory is None or self.accelerator != "tcg" or self._restores():
+            return
+        count, loop = host_cpus(), asyncio.get_running_loop()
+        started, waiting = loop.time(), False
+        while True:
+            try:
+                self._boot_slot = try_take(directory, count)
+            except OSError as e:
+                log.warning("VM %s boots without a boot slot: %s", self.sandbox_id, e)
+                return
+            waited = loop.time() - started
+            if self._boot_slot is not None:
+                break
+            if not waiting:
+                waiting = True
+                log.info("VM %s waits for a boot slot: %d VMs boot at once under TCG",
+                         self.sandbox_id, count)
+            if waited >= TIMEOUTS.boot_slot:
+                log.warning("VM %s boots without a boot slot: none came free in %.0fs",
+                            self.sandbox_id, waited)
+                return
+            await asyncio.sleep(TIMEOUTS.boot_slot_poll)
+        stack.callback(self._give_back_boot_slot)
+        if waiting:
+            log.info("VM %s took a boot slot after %.2fs", self.sandbox_id, waited)
+
+    def _give_back_boot_slot(self) -> None:
+        slot, self._boot_slot = self._boot_slot, None
+        if slot is not None:
+            give_back(slot)
 
     @property
     def virtiofsd_pid(self) -> int | None:
@@ -280,6 +325,7 @@ class VmmVm(abc.ABC, Generic[C]):
                     await self._start_vsock_backend(stack, vsocks[0])
                 await self._console_before_spawn(stack)
                 await self._before_spawn(stack)
+                await self._take_boot_slot(stack)
                 await self._spawn_vmm(stack)
                 await self._console_after_spawn(stack)
                 self._qmp = await self._connect_qmp()

@@ -80,6 +80,7 @@ from sandbox.state import (
     NetworkRecord,
     ProcessRecord,
     SandboxRecord,
+    boot_slots_path,
     make_sandbox_dir,
     monitor_socket_path,
     read_record,
@@ -178,7 +179,8 @@ def vm_spec(config: RuntimeConfig, sandbox_id: str, state_dir: Path, socket_dir:
     return VmSpec(sandbox_id, state_dir, vcpus=size.vcpus, memory_mib=size.memory_mib,
                   socket_dir=socket_dir, debug_console=console,
                   kernel_params=(DEBUG_CONSOLE_KERNEL_PARAM,) if console else (),
-                  template_dir=config.factory.template_dir)
+                  template_dir=config.factory.template_dir,
+                  boot_slots=boot_slots_path(config.state_dir))
 
 
 def shared_storage(config: HypervisorConfig) -> tuple[SharedFsKind, StorageSpec]:

@@ -40,6 +40,11 @@ def socket_dir_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
     return state_dir / "sk" / digest
 
 
+def boot_slots_path(state_dir: Path) -> Path:
+    """The host's boot slots (`hostos.slots`), shared by every sandbox of ``state_dir``."""
+    return state_dir / "boot-slots"
+
+
 def monitor_socket_path(state_dir: Path, namespace: str, sandbox_id: str) -> Path:
     """The shim's metrics endpoint (HTTP on a unix socket): beside the VM's sockets, since
     a path in the sandbox dir can pass sun_path's limit with a CRI id."""

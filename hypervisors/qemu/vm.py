@@ -100,6 +100,9 @@ class Qemu(VmmVm[QemuConfig]):
             self.spec = dataclasses.replace(self.spec, template_dir=None)
             await super().start()
 
+    def _restores(self) -> bool:
+        return self._template is not None
+
     def _prepare(self) -> None:
         self._template = None
         if self.spec.template_dir is None or self._saving:

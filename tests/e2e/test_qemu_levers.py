@@ -29,6 +29,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from common.constants import (
     CRUN_NO_ASLR_KERNEL_PARAM,
     GATHER_OUTPUT_KERNEL_PARAM,
@@ -229,6 +231,47 @@ def test_under_tcg_qemu_boots_as_a_batch_job_then_serves_normally(kata: Kata) ->
             run.kill()
             run.wait()
         remove(kata.cd, "lever-batch")
+
+
+def test_under_tcg_no_more_vms_boot_at_once_than_the_host_has_cpus(kata: Kata) -> None:
+    """hostos.slots: one pod more than the host has CPUs, started at once. Under TCG a cold
+    boot takes a host-wide boot slot before QEMU starts and gives it back once the agent
+    serves, so no more QEMUs than CPUs are ever booting (a booting QEMU is the one under
+    SCHED_BATCH), the pod that waited says so, and every pod runs."""
+    cpus = len(os.sched_getaffinity(0))
+    if cpus > 4:
+        pytest.skip(f"{cpus + 1} VMs at once under TCG is too many for a test")
+    ids = [f"lever-slot{i}" for i in range(cpus + 1)]
+    runs = [subprocess.Popen(kata.cd.ctr_argv("run", "-d", "--runtime", KATA, IMAGE_REF, cid,
+                                              "sleep", "120"),
+                             env=kata.cd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for cid in ids]  # fmt: skip
+    booting_at_once: list[int] = []
+    try:
+        while any(run.poll() is None for run in runs):
+            booting = 0
+            for vmm in kata.qemu_processes():
+                with contextlib.suppress(OSError):
+                    booting += os.sched_getscheduler(vmm.pid) == os.SCHED_BATCH
+            booting_at_once.append(booting)
+            time.sleep(0.02)
+        for run in runs:
+            _, err = run.communicate()
+            assert run.returncode == 0, err
+        if not any("tcg" in " ".join(q.argv) for q in kata.qemu_processes()):
+            pytest.skip("the VMs run under KVM: boots are not limited")
+        assert max(booting_at_once) == cpus, booting_at_once
+        log = kata.cd.log_path.read_text(errors="replace")
+        assert "waits for a boot slot" in log and "took a boot slot after" in log, log[-3000:]
+        assert len(kata.qemu_processes()) == cpus + 1
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        for cid in ids:
+            if cid in kata.cd.containers():
+                remove(kata.cd, cid)
 
 
 def test_device_drivers_load_only_for_the_devices_the_vm_has(kata: Kata) -> None:
