@@ -27,6 +27,16 @@ def make_vm(tmp_path: Path, accelerator: str = "tcg") -> Qemu:
     return vm
 
 
+def takes_none(vm: Qemu, within: float) -> None:
+    """`_take_boot_slot` returns within ``within`` seconds holding no slot."""
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await asyncio.wait_for(vm._take_boot_slot(stack), within)
+            assert vm._boot_slot is None
+
+    asyncio.run(main())
+
+
 def hold_all(directory: Path) -> list[int]:
     held = []
     while (fd := slots.try_take(directory, slots.host_cpus())) is not None:
@@ -81,13 +91,7 @@ def test_the_wait_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(vmm, "TIMEOUTS", dataclasses.replace(vmm.TIMEOUTS, boot_slot=0.2))
     vm = make_vm(tmp_path)
     held = hold_all(tmp_path / "slots")
-
-    async def main() -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            await asyncio.wait_for(vm._take_boot_slot(stack), 5)
-            assert vm._boot_slot is None
-
-    asyncio.run(main())
+    takes_none(vm, 5)
     assert "boots without a boot slot: none came free" in caplog.text
     for fd in held:
         slots.give_back(fd)
@@ -102,12 +106,6 @@ def test_no_slot_is_taken_under_kvm_for_a_restore_or_without_a_directory(
     if case == "no slots":
         vm.spec = dataclasses.replace(vm.spec, boot_slots=None)
     held = hold_all(tmp_path / "slots")
-
-    async def main() -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            await asyncio.wait_for(vm._take_boot_slot(stack), 1)
-            assert vm._boot_slot is None
-
-    asyncio.run(main())
+    takes_none(vm, 1)
     for fd in held:
         slots.give_back(fd)
