@@ -33,8 +33,10 @@ def online_count(cpu_dir: str = CPU_DIR) -> int:
 
 
 def _online_entries(directory: str, pattern: re.Pattern[str], file: str, offline: str,
-                    online: str) -> None:
-    """Write ``online`` to each ``<directory>/<name>/<file>`` that reads ``offline``."""
+                    online: str) -> int:
+    """Write ``online`` to each ``<directory>/<name>/<file>`` that reads ``offline``; how
+    many are still offline (a write the kernel refused: the next round tries again)."""
+    left = 0
     for name in os.listdir(directory):
         path = os.path.join(directory, name, file)
         if not pattern.fullmatch(name) or not os.path.exists(path):
@@ -46,7 +48,8 @@ def _online_entries(directory: str, pattern: re.Pattern[str], file: str, offline
             with open(path, "w") as f:
                 f.write(online)
         except OSError:
-            pass  # not ready yet: the next round tries again
+            left += 1
+    return left
 
 
 async def _until(step: Callable[[], int], reached: Callable[[int], bool],
@@ -96,19 +99,24 @@ def online_memory_mib(memory_dir: str = MEMORY_DIR) -> int:
     return count * size >> 20
 
 
-def online_all_memory(memory_dir: str = MEMORY_DIR) -> None:
-    """Write "online" to every offline memory block."""
-    _online_entries(memory_dir, _BLOCK, "state", "offline", "online")
+def online_all_memory(memory_dir: str = MEMORY_DIR) -> int:
+    """Write "online" to every offline memory block; how many are still offline."""
+    return _online_entries(memory_dir, _BLOCK, "state", "offline", "online")
 
 
 async def bring_memory_online(wanted_mib: int, memory_dir: str = MEMORY_DIR,
                               timeout: float = WAIT_SECONDS) -> int:
     """Online every offline memory block until ``wanted_mib`` are online (within one
-    block: boot memory has holes) or ``timeout``; the MiB online."""
+    block: boot memory has holes) and no block is left offline, or ``timeout``; the MiB
+    online. (The slack alone once let a call return with one block of a new DIMM still
+    offline, its write refused: nothing would have onlined it later.)"""
     slack = _block_size(memory_dir) >> 20
+    left = 0
 
     def step() -> int:
-        online_all_memory(memory_dir)
+        nonlocal left
+        left = online_all_memory(memory_dir)
         return online_memory_mib(memory_dir)
 
-    return await _until(step, lambda online: online + slack >= wanted_mib, timeout)
+    return await _until(step, lambda online: online + slack >= wanted_mib and not left,
+                        timeout)

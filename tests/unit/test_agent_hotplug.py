@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent import hotplug
 
@@ -38,3 +42,24 @@ def test_offline_memory_blocks_are_brought_online(tmp_path: Path) -> None:
     assert asyncio.run(hotplug.bring_memory_online(256, str(tmp_path), timeout=1)) == 256
     assert (tmp_path / "memory1" / "state").read_text() == "online"
     assert (tmp_path / "memory2" / "state").read_text() == "going-offline\n"
+
+
+def test_a_block_whose_online_write_is_refused_is_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within one block of the target is not enough while a block is still offline: a
+    refused write once let the call return with a new DIMM's last block offline."""
+    write(tmp_path / "block_size_bytes", "8000000\n")  # 128 MiB
+    for index, state in enumerate(("online", "online", "offline", "offline")):
+        write(tmp_path / f"memory{index}" / "state", f"{state}\n")
+    refused: list[str] = []
+    real_open = open
+
+    def flaky_open(path: str, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        if "w" in mode and path.endswith("memory3/state") and not refused:
+            refused.append(path)
+            raise OSError(errno.EBUSY, "busy")
+        return real_open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(hotplug, "open", flaky_open, raising=False)
+    assert asyncio.run(hotplug.bring_memory_online(512, str(tmp_path), timeout=5)) == 512
+    assert refused and (tmp_path / "memory3" / "state").read_text() == "online"
