@@ -63,3 +63,21 @@ def test_a_block_whose_online_write_is_refused_is_tried_again(
     monkeypatch.setattr(hotplug, "open", flaky_open, raising=False)
     assert asyncio.run(hotplug.bring_memory_online(512, str(tmp_path), timeout=5)) == 512
     assert refused and (tmp_path / "memory3" / "state").read_text() == "online"
+
+
+def test_a_block_short_of_the_target_gets_one_more_look(tmp_path: Path) -> None:
+    """A block that appears after the scan that came within one block of the target is
+    still onlined; a target that stays a block short (a hole) is accepted then."""
+    write(tmp_path / "block_size_bytes", "8000000\n")  # 128 MiB
+    for index in range(3):
+        write(tmp_path / f"memory{index}" / "state", "online\n")
+
+    async def late_block() -> int:
+        call = asyncio.ensure_future(hotplug.bring_memory_online(512, str(tmp_path), 5))
+        await asyncio.sleep(0.05)  # after the first scan, before the next
+        write(tmp_path / "memory3" / "state", "offline\n")
+        return await call
+
+    assert asyncio.run(late_block()) == 512
+    assert (tmp_path / "memory3" / "state").read_text() == "online"
+    assert asyncio.run(hotplug.bring_memory_online(640, str(tmp_path), timeout=5)) == 512
