@@ -1,11 +1,15 @@
-"""``kata-runtime factory init|status|destroy``: the VM template pods are restored from.
+"""``kata-runtime factory init|status|destroy``: the VM template pods are restored from,
+and the VM cache pods take booted VMs from.
 
 ``init`` boots one VM as a pod's would be, waits for its agent and saves it at
 ``[factory] template_path`` (replacing one that is there), printing what it made; pods use
-it only when ``enable_template = true``. ``status`` says whether a pod's VM would be
-restored from it, and if not why (exit 1 then). ``destroy`` removes it (exit 0 also when
-there was none). ``--json`` prints the same as JSON. Run as root: the template is guest
-memory every pod would run, so its directory is root's, 0700.
+it only when ``enable_template = true``. With ``vm_cache_number`` > 0, ``init`` then runs
+the VM cache in the foreground (`sandbox.vmcache`; it makes no template unless
+``enable_template`` is on) until SIGTERM, SIGINT or ``destroy``, its log on stderr.
+``status`` says whether a pod's VM would be restored from the template, and if not why
+(exit 1 then), and how the cache is. ``destroy`` stops the cache and removes the template
+(exit 0 also when there was none). ``--json`` prints the same as JSON. Run as root: the
+template is guest memory every pod would run, so its directory is root's, 0700.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from typing import Any
 
-from sandbox import template
+from sandbox import template, vmcache
 from sandbox.config import RuntimeConfig
 from sandbox.errors import SandboxError
 
@@ -36,19 +41,35 @@ def run(config: RuntimeConfig, args: argparse.Namespace) -> int:
     """Do the action; the exit code."""
     try:
         if args.action == "init":
-            doc = asyncio.run(template.make(config))
-            return _print(doc, args.json, _made(doc))
+            return _init(config, args.json)
         if args.action == "status":
             doc = template.status(config)
+            if config.factory.vm_cache_number:
+                doc["vm_cache"] = vmcache.status(config)
             _print(doc, args.json, _status(doc))
-            return 0 if doc["usable"] else 1
+            return 0 if doc["usable"] or doc.get("vm_cache", {}).get("serving") else 1
+        stopped = vmcache.stop(config)
         removed = template.destroy(config)
-        doc = {"path": str(config.factory.template_path), "removed": removed}
-        return _print(doc, args.json, f"VM template {doc['path']} "
-                      f"{'removed' if removed else 'was not there'}")
+        doc = {"path": str(config.factory.template_path), "removed": removed,
+               "vm_cache_stopped": stopped}
+        text = f"VM template {doc['path']} {'removed' if removed else 'was not there'}"
+        if stopped:
+            text += "\nVM cache asked to stop: it exits once the pods it served have ended"
+        return _print(doc, args.json, text)
     except (SandboxError, OSError) as e:
         sys.stderr.write(f"{PROG}: factory {args.action}: {e}\n")
         return 1
+
+
+def _init(config: RuntimeConfig, as_json: bool) -> int:
+    if config.factory.enable_template or not config.factory.vm_cache_number:
+        doc = asyncio.run(template.make(config))
+        _print(doc, as_json, _made(doc))
+    if config.factory.vm_cache_number:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        asyncio.run(vmcache.serve(config))
+    return 0
 
 
 def _print(doc: dict[str, Any], as_json: bool, text: str) -> int:
@@ -67,4 +88,10 @@ def _made(doc: dict[str, Any]) -> str:
 def _status(doc: dict[str, Any]) -> str:
     state = "on" if doc["enabled"] else "off (enable_template = false)"
     usable = "usable" if doc["usable"] else f"not usable: {doc['reason']}"
-    return f"VM templates: {state}\ntemplate {doc['path']}: {usable}"
+    text = f"VM templates: {state}\ntemplate {doc['path']}: {usable}"
+    cache = doc.get("vm_cache")
+    if cache is not None:
+        how = (f"{cache['ready']} of {cache['vm_cache_number']} VMs ready, "
+               f"{cache['claimed']} in pods" if cache["serving"] else cache["reason"])
+        text += f"\nVM cache {cache['endpoint']}: {how}"
+    return text

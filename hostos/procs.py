@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:  # asyncio is imported where used: `shim delete` needs none of it
     import asyncio
 
+    from hostos.adopted import AdoptedProcess
+
 #: The exec wrapper and its arguments; the helper's argv follows.
 PDEATHSIG_WRAPPER = ("setpriv", "--pdeathsig", "KILL", "--")
 #: What a ``cpu_bound`` helper is exec'd through after the wrapper (util-linux too).
@@ -209,17 +211,25 @@ def set_cpu_bound(pid: int, cpu_bound: bool) -> None:
             os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
-def signal_child(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
+def signal_child(proc: asyncio.subprocess.Process | AdoptedProcess,
+                 sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to our child ``proc`` unless asyncio has seen it exit. ``os.kill``
     leaves a dead child's zombie, and its status, to asyncio's child watcher (module
     docstring). A zombie's pid is not reused; only between the watcher's reaping and its
-    callback setting ``returncode`` could the pid be free, for a few microseconds."""
+    callback setting ``returncode`` could the pid be free, for a few microseconds. An
+    adopted process (`hostos.adopted`) is signalled through its pidfd."""
+    from hostos import adopted  # loaded with asyncio, which ``proc`` needs
+
+    if isinstance(proc, adopted.AdoptedProcess):  # not ours to reap
+        proc.send_signal(sig)
+        return
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
 
 
-async def wait_process(proc: asyncio.subprocess.Process, timeout: float) -> int | None:
+async def wait_process(proc: asyncio.subprocess.Process | AdoptedProcess,
+                       timeout: float) -> int | None:
     """Wait up to ``timeout`` for ``proc`` to exit; its return code, or None if still running."""
     import asyncio
 

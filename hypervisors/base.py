@@ -28,9 +28,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hostos.procs import ProcessRecord
+
+if TYPE_CHECKING:  # the shim's start and delete load this module: no asyncio
+    import asyncio
 
 SharedFsKind = Literal["virtio-fs", "virtio-9p"]
 
@@ -61,6 +64,9 @@ class VmSpec:
     #: VMs booting at once do not share the cores between more guests than there are
     #: cores. None = no limit.
     boot_slots: Path | None = None
+    #: The VM cache's socket (``[factory] vm_cache_number``): take a VM booted ahead from
+    #: it when one fits this VM, boot otherwise (the driver logs why).
+    vm_cache: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +287,12 @@ class HypervisorDriver(Protocol):
 
     def remove_template(self, template_dir: Path) -> bool:
         """Remove the template's files and directory; False if there was none."""
+
+    async def serve_vm_cache(self, config: HypervisorConfig, vm: VmSpec, count: int,
+                             endpoint: Path, ready_mark: str, stop: asyncio.Event) -> None:
+        """Keep ``count`` VMs shaped like ``vm`` booted (until their console shows
+        ``ready_mark``) and hand them to pods over ``endpoint`` until ``stop`` is set
+        (``[factory] vm_cache_number``); `HypervisorUnsupported` if this driver cannot."""
 
 
 @dataclass

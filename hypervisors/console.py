@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,6 +39,7 @@ class ConsoleLog:
         self.max_bytes = max_bytes
         self._server: asyncio.Server | None = None
         self._copy: asyncio.Task[None] | None = None
+        self._connection: asyncio.StreamWriter | None = None
 
     async def start(self) -> None:
         """Listen (root-only socket) before QEMU is spawned: QEMU connects at start-up."""
@@ -52,6 +54,7 @@ class ConsoleLog:
             writer.close()
             return
         self._copy = asyncio.current_task()
+        self._connection = writer
         try:
             await self._copy_to_file(reader)
         finally:
@@ -60,12 +63,41 @@ class ConsoleLog:
     async def _copy_to_file(self, reader: asyncio.StreamReader) -> None:
         await copy_capped(reader, self.log_path, self.max_bytes)
 
+    async def adopt(self, fd: int) -> None:
+        """Copy from a console connection another process accepted (``fd``, now ours)
+        instead of listening: a VM taken from the VM cache."""
+        sock = socket.socket(fileno=fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        self._connection = writer
+        self._copy = asyncio.ensure_future(self._copy_to_file(reader))
+
+    async def detach(self) -> int | None:
+        """Stop listening and copying, and give the connection away: a new fd of it (the
+        caller's), None if the VMM never connected."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        connection, self._connection = self._connection, None
+        if connection is None or connection.is_closing():
+            return None
+        fd = os.dup(connection.get_extra_info("socket").fileno())
+        copy = self._copy  # kept: no second connection is copied
+        if copy is not None and not copy.done():
+            copy.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await copy
+        return fd
+
     async def stop(self) -> None:
         """Stop listening and copying (idempotent); the log files stay."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        copy = self._copy
+        copy, connection, self._connection = self._copy, self._connection, None
+        if connection is not None:
+            connection.close()
         if copy is not None and not copy.done():
             copy.cancel()
             with contextlib.suppress(asyncio.CancelledError):

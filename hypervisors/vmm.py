@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from common.constants import AGENT_VSOCK_PORT
+from hostos.adopted import AdoptedProcess
 from hostos.procs import (
     ProcessRecord,
     record,
@@ -112,7 +113,8 @@ class VmmVm(abc.ABC, Generic[C]):
         self._lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._accel: AccelChoice | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | AdoptedProcess | None = None
+        self._console: ConsoleLog | None = None
         self._virtiofsd: Virtiofsd | None = None
         self._vsock_backend: VsockBackend | None = None
         self._qmp: QmpClient | None = None
@@ -173,6 +175,7 @@ class VmmVm(abc.ABC, Generic[C]):
         """Default: we listen, the VMM's serial chardev connects at start-up."""
         console = ConsoleLog(self.paths.console_socket, self.paths.console_log)
         await console.start()
+        self._console = console
         stack.push_async_callback(console.stop)  # after the VMM is gone (LIFO)
 
     async def _console_after_spawn(self, stack: contextlib.AsyncExitStack) -> None:
@@ -445,6 +448,19 @@ class VmmVm(abc.ABC, Generic[C]):
                   self.sandbox_id, name, code, self.vmm_name)  # fmt: skip
         if self._proc is not None:
             signal_child(self._proc)
+
+    def kill(self) -> None:
+        """SIGKILL the VMM now (`stop` then only cleans up)."""
+        if self._proc is not None:
+            signal_child(self._proc)
+
+    async def release_for_adoption(self) -> int | None:
+        """Let another process run this VM (the VM cache hands it to a pod's shim): close
+        QMP and give away the guest console's connection (its fd, the caller's to close).
+        The VMM stays our child; `wait_exited`, `kill` and `stop` still work."""
+        async with self._lock:
+            await self._close_qmp()
+            return await self._console.detach() if self._console is not None else None
 
     async def wait_exited(self) -> int:
         """Wait (no deadline: this is a long poll) until the VMM exits; its return code."""

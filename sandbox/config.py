@@ -50,6 +50,11 @@ AGENT_KEYS = frozenset({"dial_timeout", "kernel_modules", "debug_console_enabled
 RUNTIME_KEYS = frozenset({"enable_debug", "state_dir", "internetworking_model",
                           "static_sandbox_resource_mgmt", "static_sandbox_base_memory",
                           "sandbox_cgroup_only"})
+#: The VM cache's socket in the state dir unless ``vm_cache_endpoint`` says otherwise.
+VM_CACHE_SOCKET = "vm-cache.sock"
+MAX_VM_CACHE = 64
+#: sun_path holds 107 bytes; the cache's VMs' sockets go in ``<endpoint>.d/vm-N/``.
+MAX_ENDPOINT = 80
 FACTORY_KEYS = frozenset({"enable_template", "template_path", "vm_cache_number",
                           "vm_cache_endpoint"})
 MIN_BASE_MEMORY_MIB = 64
@@ -77,11 +82,19 @@ class FactoryConfig:
 
     enable_template: bool = False
     template_path: Path = Path(DEFAULT_TEMPLATE_DIR)
+    #: VMs `kata-runtime factory init` keeps booted for pods (0: no VM cache).
+    vm_cache_number: int = 0
+    #: The VM cache's socket; None: ``<state_dir>/vm-cache.sock``.
+    vm_cache_endpoint: Path | None = None
 
     @property
     def template_dir(self) -> Path | None:
         """Where pods look for the template; None when templates are off."""
         return self.template_path if self.enable_template else None
+
+    def cache_endpoint(self, state_dir: Path) -> Path:
+        """The VM cache's socket, configured or under ``state_dir``."""
+        return self.vm_cache_endpoint or state_dir / VM_CACHE_SOCKET
 
 
 @dataclass(frozen=True)
@@ -197,9 +210,20 @@ def _factory(table: Mapping[str, Any], path: Path) -> FactoryConfig:
     if not os.path.isabs(template_path):
         raise InvalidArgumentError(f"template_path in {path} is {template_path!r}: give an "
                                    "absolute path (a directory only root can write)")
+    endpoint = table.get("vm_cache_endpoint")
+    if endpoint is not None and (not isinstance(endpoint, str) or not os.path.isabs(endpoint)
+                                 or len(endpoint) > MAX_ENDPOINT):
+        raise InvalidArgumentError(f"vm_cache_endpoint in {path} is {endpoint!r}: give an "
+                                   f"absolute path of at most {MAX_ENDPOINT} characters (a "
+                                   "unix socket, in a directory only root can write)")
+    count = int(_typed(table, "vm_cache_number", int, 0, path))
+    if not 0 <= count <= MAX_VM_CACHE:
+        raise InvalidArgumentError(f"vm_cache_number in {path} is {count}: give 0 (no VM "
+                                   f"cache) to {MAX_VM_CACHE}")
     return FactoryConfig(
         enable_template=bool(_typed(table, "enable_template", bool, False, path)),
-        template_path=Path(template_path))
+        template_path=Path(template_path), vm_cache_number=count,
+        vm_cache_endpoint=Path(endpoint) if endpoint else None)
 
 
 def _with_warnings(
@@ -216,10 +240,6 @@ def _with_warnings(
     unknown += [("factory", k) for k in sorted(factory.keys() - FACTORY_KEYS)]
     unsupported = [(section, k, "this version does not act on it, so it has no effect")
                    for k in config.hypervisor.unsupported_keys]  # fmt: skip
-    if factory.get("vm_cache_number"):
-        unsupported.append(("factory", "vm_cache_number", "this version has no VM cache; "
-                            "use enable_template, which restores a pod's VM in under a "
-                            "second"))  # fmt: skip
     if config.agent.kernel_modules:
         unsupported.append(("agent.kata", "kernel_modules", "the guest loads only the modules "
                             "built into its image"))  # fmt: skip

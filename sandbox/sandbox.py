@@ -180,7 +180,9 @@ def vm_spec(config: RuntimeConfig, sandbox_id: str, state_dir: Path, socket_dir:
                   socket_dir=socket_dir, debug_console=console,
                   kernel_params=(DEBUG_CONSOLE_KERNEL_PARAM,) if console else (),
                   template_dir=config.factory.template_dir,
-                  boot_slots=boot_slots_path(config.state_dir))
+                  boot_slots=boot_slots_path(config.state_dir),
+                  vm_cache=(config.factory.cache_endpoint(config.state_dir)
+                            if config.factory.vm_cache_number else None))
 
 
 def shared_storage(config: HypervisorConfig) -> tuple[SharedFsKind, StorageSpec]:
@@ -320,7 +322,7 @@ class Sandbox:
                 "agent ready: started in %.2fs, serving at guest uptime %.2fs, %.2fs after "
                 "the sandbox start began%s", guest.agent_init_seconds,
                 guest.agent_startup_seconds, time.monotonic() - started,
-                " (the first two are the VM template's)" if vm.from_template else "",
+                " (the first two are of the VM booted ahead)" if vm.from_template else "",
             )
             _kind, share = shared_storage(self.config.hypervisor)
             async with agent_errors("create the sandbox in the guest"):
@@ -530,8 +532,9 @@ class Sandbox:
         return vm
 
     async def _hand_over(self, agent: AgentApi) -> None:
-        """A VM restored from a template has the template's clock, RNG state and size until
-        now: set, reseed, and online what the driver hot-plugged for this pod's size."""
+        """A VM restored from a template (or taken from the VM cache) has the template's
+        (or the cached VM's) clock, RNG state and size until now: set, reseed, and online
+        what the driver hot-plugged for this pod's size."""
         guest = Guest(lambda: agent)  # self.guest waits for RUNNING
         # Independent calls, sent at once: each guest round trip is dear under TCG.
         steps = [asyncio.ensure_future(step) for step in (
@@ -544,8 +547,8 @@ class Sandbox:
                 step.cancel()
             await asyncio.gather(*steps, return_exceptions=True)
             raise
-        log.info("VM restored from the template %s: guest clock set, RNG reseeded, %d vCPUs "
-                 "and %d MiB online", self.config.factory.template_path, vcpus, memory)
+        log.info("VM booted ahead (VM template or VM cache) handed over: guest clock set, "
+                 "RNG reseeded, %d vCPUs and %d MiB online", vcpus, memory)
 
     async def _connect_agent(self, vm: Hypervisor, stack: AsyncExitStack) -> AgentApi:
         timeout = self.config.agent.dial_timeout

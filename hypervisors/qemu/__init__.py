@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from hypervisors.qemu.config import NAME, QemuConfig
 
 if TYPE_CHECKING:  # loaded by every `shim start`/`delete`: types only
+    import asyncio
+
     from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, TemplateInfo, VmSpec
 
 
@@ -57,6 +59,13 @@ class _QemuDriver:
         from hypervisors.qemu.template import remove_files
 
         return remove_files(template_dir)
+
+    async def serve_vm_cache(self, config: HypervisorConfig, vm: VmSpec, count: int,
+                             endpoint: Path, ready_mark: str, stop: asyncio.Event) -> None:
+        from hypervisors.qemu.vm import serve_vm_cache
+
+        assert isinstance(config, QemuConfig), type(config)
+        await serve_vm_cache(config, vm, count, endpoint, ready_mark, stop)
 
 
 DRIVER = _QemuDriver()

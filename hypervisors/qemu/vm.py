@@ -41,6 +41,7 @@ from hypervisors.base import (
     VsockDevice,
 )
 from hypervisors.channel import Channel, ChannelChoice, ChannelError, choose_channel
+from hypervisors.console import ConsoleLog
 from hypervisors.errors import (
     HypervisorError,
     HypervisorRefused,
@@ -48,6 +49,7 @@ from hypervisors.errors import (
     QmpError,
 )
 from hypervisors.qemu import template as tpl
+from hypervisors.qemu import vmcache
 from hypervisors.qemu.args import AgentChannel, VmParams, build_argv
 from hypervisors.qemu.config import MEMORY_BLOCK_MIB, QemuConfig, is_mmio
 from hypervisors.vmm import VHOST_VSOCK_DEVICE, VmmVm, host_has_vhost_vsock
@@ -70,12 +72,16 @@ class Qemu(VmmVm[QemuConfig]):
 
     vmm_name = "QEMU"
 
-    def __init__(self, config: QemuConfig, vm: VmSpec, *, saving: bool = False) -> None:
+    def __init__(self, config: QemuConfig, vm: VmSpec, *, saving: bool = False,
+                 caching: bool = False) -> None:
         """Describe the VM; nothing runs until `start`. ``saving``: boot the template view
-        of this VM, for `make_template` to save."""
+        of this VM, for `make_template` to save; ``caching``: boot it on a private memfd,
+        for the VM cache to hand out (`hypervisors.qemu.vmcache`)."""
         super().__init__(config, vm)
         self._dimms: list[int] = []  # MiB of each hot-plugged DIMM
         self._saving = saving
+        self._caching = caching
+        self._lease: vmcache.Lease | None = None  # a VM taken from the VM cache
         self._template: tpl.Template | None = None  # the one `start` restores from
         self._restored = False
         self._ram_fd: int | None = None  # a restored VM's RAM until QEMU has it
@@ -83,25 +89,67 @@ class Qemu(VmmVm[QemuConfig]):
 
     @property
     def from_template(self) -> bool:
-        """Whether `start` restored this VM from a template."""
+        """Whether `start` restored this VM from a template or took it from the VM cache:
+        either way it runs at its template's size with a clock and RNG not its own until
+        the sandbox hands it over."""
         return self._restored
 
     async def start(self) -> None:
-        """Boot the VM, or restore it from its template; a failed restore boots."""
+        """Boot the VM, restore it from its template, or take one from the VM cache; a
+        failed restore or take boots."""
         try:
             await super().start()
         except HypervisorError as e:
             if self._template is None:
                 raise
-            log.warning("VM %s: restoring from the VM template %s failed, booting instead: "
-                        "%s", self.sandbox_id, self.spec.template_dir, e)
+            source = ("taking a VM from the VM cache" if self._lease is not None else
+                      f"restoring from the VM template {self.spec.template_dir}")
+            log.warning("VM %s: %s failed, booting instead: %s", self.sandbox_id, source, e)
             self._forget_failed_start()
             self._restored = False
-            self.spec = dataclasses.replace(self.spec, template_dir=None)
+            self._lease = None
+            self.spec = dataclasses.replace(self.spec, template_dir=None, vm_cache=None)
             await super().start()
 
     def _restores(self) -> bool:
         return self._template is not None
+
+    async def _console_before_spawn(self, stack: contextlib.AsyncExitStack) -> None:
+        """Take a VM from the VM cache when it has one that fits (its console connection
+        comes with it); else listen for the console of the VM we spawn."""
+        if self.spec.vm_cache is not None and not (self._saving or self._caching):
+            lease = await vmcache.claim(self.spec.vm_cache, self.sandbox_id, self._cache_fit)
+            if lease is not None:
+                stack.push_async_callback(lease.close)  # last: the daemon kills the VM
+                self._lease, self._template = lease, lease.shape
+                vmcache.move_sockets(vmcache.vm_dirs(self.spec.vm_cache), lease.claimed,
+                                    self.paths)
+                console = ConsoleLog(self.paths.console_socket, self.paths.console_log)
+                fd, lease.console_fd = lease.console_fd, None
+                if fd is not None:
+                    await console.adopt(fd)
+                    stack.push_async_callback(console.stop)
+                return
+        await super()._console_before_spawn(stack)
+
+    def _cache_fit(self, shape: tpl.Template) -> str | None:
+        params = self._device_params()
+        return (tpl.refusal(params, self.config.machine_type)
+                or tpl.too_small(shape, *self.wanted_size()) or self._cannot_grow(shape)
+                or tpl.mismatch(shape, tpl.shape(self.config, self._at_template_size(
+                    params, shape)), tpl.file_ids(self.config)))
+
+    async def _spawn_vmm(self, stack: contextlib.AsyncExitStack) -> None:
+        lease = self._lease
+        if lease is None:
+            await super()._spawn_vmm(stack)
+            return
+        self._proc = lease.process
+        reason = lease.claimed.reason  # the accelerator is checked by the wire
+        self._accel = (AccelChoice("kvm", reason) if lease.claimed.accelerator == "kvm"
+                       else AccelChoice("tcg", reason))
+        stack.push_async_callback(self._kill_vmm)
+        self._add_record(lease.process.pid, "vmm")
 
     def _prepare(self) -> None:
         self._template = None
@@ -155,14 +203,22 @@ class Qemu(VmmVm[QemuConfig]):
             await self._grow_memory_locked(memory)
 
     def _spawn_fds(self) -> tuple[int, ...]:
+        if self._caching:
+            return (self._ram_fd,) if self._ram_fd is not None else ()
         if self._template is None:
             return super()._spawn_fds()
         return (self._ram_fd,) if self._ram_fd is not None else ()  # devices: by getfd
 
     async def _before_spawn(self, stack: contextlib.AsyncExitStack) -> None:
         """A restored VM's RAM: an empty memfd QEMU maps, filled from the template while
-        QEMU starts (`_after_connect` waits for it before the state loads)."""
-        if self._template is None or self.spec.template_dir is None:
+        QEMU starts (`_after_connect` waits for it before the state loads). A cached VM's:
+        an empty memfd of its size."""
+        if self._caching:
+            self._ram_fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            stack.push_async_callback(self._drop_ram)
+            os.ftruncate(self._ram_fd, self.wanted_size()[1] << 20)
+            return
+        if self._template is None or self.spec.template_dir is None or self._lease:
             return
         self._ram_fd = tpl.guest_ram(self._template)
         self._ram_fill = asyncio.ensure_future(asyncio.to_thread(
@@ -196,17 +252,18 @@ class Qemu(VmmVm[QemuConfig]):
                 raise HypervisorError(f"failed to fill VM {self.sandbox_id}'s RAM from its "
                                       f"template: {e}") from e
             await self._drop_ram()  # QEMU has it
+        if self._caching:
+            await self._drop_ram()
+        if self._lease is not None:
+            await self._adopted()
+            return
         if self._template is None or self.spec.template_dir is None:
             return
         started = time.monotonic()
         fd = tpl.open_state(self.spec.template_dir)
         try:
             await tpl.load_state(self.qmp, fd)
-            shares = self._devices.of(SharedFsDevice)
-            if shares:
-                await tpl.plug_share(self.qmp, self.paths.virtiofsd_socket, shares[0].tag, 0)
-            for port, nic in enumerate(self._devices.of(NetworkDevice), start=len(shares)):
-                await tpl.plug_nic(self.qmp, nic, port)
+            await self._plug_devices()
             self._restored = True  # from here on its size counts from the template's
             await self._grow_to_wanted_size()
         except QmpError as e:
@@ -217,6 +274,28 @@ class Qemu(VmmVm[QemuConfig]):
         log.info("VM %s restored from the VM template %s in %.2fs (saved %s)",
                  self.sandbox_id, self.spec.template_dir, time.monotonic() - started,
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._template.created)))
+
+    async def _adopted(self) -> None:
+        """A VM from the VM cache: plug the pod's devices, grow it to the pod's size."""
+        assert self._lease is not None
+        started = time.monotonic()
+        try:
+            await self._plug_devices()
+            self._restored = True  # from here on its size counts from the cache's
+            await self._grow_to_wanted_size()
+        except QmpError as e:
+            raise HypervisorError(f"failed to take VM {self.sandbox_id} from the VM cache: "
+                                  f"{e}") from e
+        log.info("VM %s taken from the VM cache (%s, pid %d) in %.2fs", self.sandbox_id,
+                 self._lease.claimed.dir, self._lease.claimed.pid, time.monotonic() - started)
+
+    async def _plug_devices(self) -> None:
+        """The pod's share and NICs, into the template's (or cached VM's) root ports."""
+        shares = self._devices.of(SharedFsDevice)
+        if shares:
+            await tpl.plug_share(self.qmp, self.paths.virtiofsd_socket, shares[0].tag, 0)
+        for port, nic in enumerate(self._devices.of(NetworkDevice), start=len(shares)):
+            await tpl.plug_nic(self.qmp, nic, port)
 
     async def _hotplug(self, device: Device) -> None:
         raise HypervisorUnsupported(
@@ -240,8 +319,12 @@ class Qemu(VmmVm[QemuConfig]):
         return choice
 
     def vm_params(self) -> VmParams:
-        """The per-VM half of the command line (a template's view when saving or restoring)."""
+        """The per-VM half of the command line (a template's view when saving, restoring
+        or caching)."""
         params = self._device_params()
+        if self._caching:
+            ram = f"/proc/self/fd/{self._ram_fd if self._ram_fd is not None else 'N'}"
+            return tpl.template_view(self.config, params, ram)
         if self._template is not None:
             # The fd QEMU inherits (`_spawn_fds`); no fd yet when only asked for the argv.
             ram = f"/proc/self/fd/{self._ram_fd if self._ram_fd is not None else 'N'}"
@@ -320,8 +403,8 @@ class Qemu(VmmVm[QemuConfig]):
         0 (no hot-plug) when memory_slots is 0, on microvm, or when the VM was not sized
         for a pod (``VmSpec.memory_mib`` unset) and is no template's: the headroom costs
         ~0.25 s of boot under TCG, so only VMs that may grow with their pod pay it."""
-        may_grow = (self.spec.memory_mib is not None or self._saving
-                    or self.spec.template_dir is not None)
+        may_grow = (self.spec.memory_mib is not None or self._saving or self._caching
+                    or self.spec.template_dir is not None or self.spec.vm_cache is not None)
         if not self.config.memory_slots or not may_grow or is_mmio(self.config.machine_type):
             return 0
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
@@ -378,7 +461,9 @@ class Qemu(VmmVm[QemuConfig]):
         try:
             return choose_channel(self.config.use_vsock, self.config.vsock_backend,
                                   host_has_vhost_vsock(),
-                                  self._saving or self.spec.template_dir is not None)
+                                  self._saving or self._caching
+                                  or self.spec.template_dir is not None
+                                  or self.spec.vm_cache is not None)
         except ChannelError as e:
             raise HypervisorError(f"failed to start VM {self.sandbox_id}: {e}") from e
 
@@ -466,3 +551,16 @@ def template_mismatch(config: QemuConfig, spec: VmSpec, template_dir: Path) -> s
     """Why a pod's VM like ``spec``'s would not be restored from ``template_dir``."""
     why, _template = _probe(config, spec).template_fit(template_dir)
     return why
+
+
+async def serve_vm_cache(config: QemuConfig, spec: VmSpec, count: int, endpoint: Path,
+                         ready_mark: str, stop: asyncio.Event) -> None:
+    """Run the VM cache (`hypervisors.qemu.vmcache`) until ``stop`` is set, then drain."""
+    why = tpl.refusal(_probe(config, spec)._device_params(), config.machine_type)
+    if why:
+        raise HypervisorUnsupported(f"failed to start a VM cache: {why}")
+    if not config.memory_slots:  # pods cannot grow from smaller VMs: the default size
+        spec = dataclasses.replace(spec, memory_mib=None)
+    cache = vmcache.VmCache(config, spec, count, endpoint, ready_mark,
+                            lambda c, s: Qemu(c, s, caching=True))
+    await cache.run(stop)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from hypervisors.stratovirt.config import NAME, StratovirtConfig
 
 if TYPE_CHECKING:  # loaded by every `shim start`/`delete`: types only
+    import asyncio
+
     from hypervisors.base import HostCheck, Hypervisor, HypervisorConfig, TemplateInfo, VmSpec
 
 
@@ -54,6 +56,12 @@ class _StratovirtDriver:
     def template_mismatch(self, config: HypervisorConfig, vm: VmSpec,
                           template_dir: Path) -> str | None:
         return NO_TEMPLATES
+
+    async def serve_vm_cache(self, config: HypervisorConfig, vm: VmSpec, count: int,
+                             endpoint: Path, ready_mark: str, stop: asyncio.Event) -> None:
+        from hypervisors.errors import HypervisorUnsupported
+
+        raise HypervisorUnsupported(f"failed to start a VM cache: {NO_TEMPLATES}")
 
     def remove_template(self, template_dir: Path) -> bool:
         # A template is QEMU's, but one left from a former configuration can go.

@@ -96,3 +96,12 @@ def wait_until(pred: Callable[[], T], timeout: float = 30.0, interval: float = 0
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])

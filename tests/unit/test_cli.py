@@ -686,7 +686,8 @@ def test_factory_status_destroy_and_a_refused_init(
     (template / "state").write_bytes(b"x")
     (template / "template.json").write_text("{}")
     code, out, _ = run(capsys, "--config", config, "factory", "destroy", "--json")
-    assert code == 0 and json.loads(out) == {"path": str(template), "removed": True}, out
+    assert code == 0 and json.loads(out) == {"path": str(template), "removed": True,
+                                         "vm_cache_stopped": False}, out
     assert not template.exists()
     (tmp_path / "m").mkdir()
     microvm = str(_with_factory(write_config(tmp_path / "m", machine_type="microvm"), template))

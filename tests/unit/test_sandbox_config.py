@@ -3,6 +3,7 @@ hypervisor chosen by its section, and the SandboxSpec read from an OCI spec."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -190,11 +191,35 @@ def test_factory_table_turns_templates_on(tmp_path: Path) -> None:
                     'template_path = "/run/tpl"\nvm_cache_number = 3\ncache_size = 1\n')
     config = load_config(str(path))
     assert config.factory.template_dir == Path("/run/tpl")
+    assert config.factory.vm_cache_number == 3
+    assert config.factory.cache_endpoint(config.state_dir) == config.state_dir / "vm-cache.sock"
     warnings = "\n".join(config.warnings)
-    assert f"factory.vm_cache_number in {path}:6 is set but not supported" in warnings
-    assert "use enable_template" in warnings
     assert f"unknown key factory.cache_size in {path}:7" in warnings
-    assert len(config.warnings) == 2
+    assert len(config.warnings) == 1
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ("vm_cache_number = -1", "give 0 (no VM cache) to 64"),
+    ("vm_cache_number = 65", "give 0 (no VM cache) to 64"),
+    ("vm_cache_number = true", "wrong type"),
+    ('vm_cache_endpoint = "cache.sock"', "give an absolute path"),
+    ('vm_cache_endpoint = "/run/' + "x" * 80 + '.sock"', "at most 80 characters"),
+])
+def test_a_bad_vm_cache_setting_is_refused_with_what_to_give(tmp_path: Path, line: str,
+                                                              words: str) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text(f"[hypervisor.qemu]\n\n[factory]\n{line}\n")
+    with pytest.raises(InvalidArgumentError, match=re.escape(words)):
+        load_config(str(path))
+
+
+def test_the_vm_cache_endpoint_may_be_set(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text('[hypervisor.qemu]\n\n[factory]\nvm_cache_number = 1\n'
+                    'vm_cache_endpoint = "/run/cache/c.sock"\n')
+    config = load_config(str(path))
+    assert config.factory.cache_endpoint(config.state_dir) == Path("/run/cache/c.sock")
+    assert not config.warnings
 
 
 def test_templates_are_off_by_default_and_need_an_absolute_path(tmp_path: Path) -> None:

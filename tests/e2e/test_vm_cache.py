@@ -1,0 +1,160 @@
+"""The VM cache (`[factory] vm_cache_number`): `kata-runtime factory init` keeps VMs booted,
+pods take one (their share hot-plugged, clock set, RNG reseeded), a replacement boots, a
+pod the cache's VMs do not fit (or with no cache running) boots as before, a shim killed
+with -9 takes its VM with it, and `factory destroy` stops the cache and leaves nothing.
+
+QEMU on q35 only (a cached VM's devices go into PCIe root ports, as a template's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import kataconfig, procs
+from tests.harness.containerd import RUNTIME_BIN
+from tests.harness.kata import Kata
+from tests.harness.scenarios import KATA, explain, run_detached, run_rm
+
+pytestmark = pytest.mark.skipif(not kataconfig.can_hotplug(),
+                                reason="the VM cache needs QEMU on q35 (PCIe root ports)")
+
+KATA_RUNTIME = RUNTIME_BIN / "kata-runtime"
+TAKEN = "taken from the VM cache"
+#: A cached VM's boot under TCG, with pods booting beside it.
+READY_TIMEOUT = 300.0
+
+
+def enable(kata: Kata, count: int, **hypervisor: object) -> None:
+    """The cache on; the agent on virtio-serial (as for templates), also in `make test-vsock`."""
+    kata.write_config({"factory": {"vm_cache_number": count}},
+                      {kataconfig.HYPERVISOR: {"use_vsock": False, **hypervisor}})
+
+
+def factory(kata: Kata, action: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(KATA_RUNTIME), "--config", str(kata.config_path), "factory",
+                           action], capture_output=True, text=True, timeout=60, check=False)
+
+
+def shim_log(kata: Kata) -> str:
+    return kata.cd.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def cache_daemon(kata: Kata, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`kata-runtime factory init` in the background until its first VM is ready; stopped
+    by `factory destroy` (and killed if it does not exit)."""
+    with log.open("wb") as out:
+        daemon = subprocess.Popen([str(KATA_RUNTIME), "--config", str(kata.config_path),
+                                   "factory", "init"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert procs.wait_until(lambda: ready_count(log) >= 1 or daemon.poll() is not None,
+                                READY_TIMEOUT, interval=0.5), log.read_text()[-3000:]
+        assert daemon.poll() is None, log.read_text()[-3000:]
+        yield daemon
+    finally:
+        with contextlib.suppress(Exception):
+            factory(kata, "destroy")
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
+def ready_count(log: Path) -> int:
+    return log.read_text(errors="replace").count(" ready (")
+
+
+def test_pods_take_booted_vms_from_the_cache(kata: Kata, tmp_path: Path) -> None:
+    enable(kata, 1)
+    # No cache running: the pod boots, and the shim says why.
+    res = run_rm(kata.cd, KATA, "nocache", "true")
+    assert res.returncode == 0, explain(res)
+    assert "no VM from the VM cache" in shim_log(kata) and TAKEN not in shim_log(kata)
+
+    log = tmp_path / "cache.log"
+    with cache_daemon(kata, log) as daemon:
+        status = factory(kata, "status")
+        assert "1 of 1 VMs ready, 0 in pods" in status.stdout, explain(status)
+        script = "date +%s; cat /proc/sys/kernel/random/uuid; ls /bin/busybox; nproc"
+        before = time.time()
+        res = run_rm(kata.cd, KATA, "cached1", "sh", "-c", script)
+        after = time.time()
+        assert res.returncode == 0, explain(res)
+        guest_now, _uuid, busybox, _nproc = res.stdout.split()
+        assert before - 2 <= int(guest_now) <= after + 2, (before, guest_now, after)
+        assert busybox == "/bin/busybox"  # the rootfs share, hot-plugged into the cached VM
+        assert shim_log(kata).count(TAKEN) == 1, shim_log(kata)[-3000:]
+        assert "guest clock set, RNG reseeded" in shim_log(kata)
+
+        # A replacement boots; the next pod's QEMU is the cache's child, and a shim killed
+        # with -9 takes it along (the cache kills it when the lease drops).
+        assert procs.wait_until(lambda: ready_count(log) >= 2, READY_TIMEOUT, 0.5), \
+            log.read_text()[-3000:]
+        run_detached(kata.cd, KATA, "cached2", "sleep", "300")
+        assert shim_log(kata).count(TAKEN) == 2, shim_log(kata)[-3000:]
+        taken = int(re.findall(rf"{TAKEN} \(\S+, pid (\d+)\)", shim_log(kata))[-1])
+        assert procs.parent_of(taken) == daemon.pid, kata.qemu_processes()
+        (sandbox,) = kata.sandbox_dirs()
+        assert (sandbox / "console.log").exists(), list(sandbox.iterdir())
+        (shim,) = kata.shim_daemons()
+        os.kill(shim.pid, signal.SIGKILL)
+        assert procs.wait_until(lambda: not procs.alive(taken), 30), log.read_text()[-3000:]
+        assert procs.wait_until(lambda: kata.cd.tasks().get("cached2") != "RUNNING", 30)
+        kata.cd.ctr("task", "delete", "cached2")
+        res = kata.cd.ctr("container", "delete", "cached2")
+        assert res.returncode == 0, explain(res)
+
+        # A pod the cache's VMs do not fit boots, and the shim says why.
+        hypervisor = tomllib.loads(kata.config_path.read_text())["hypervisor"]
+        params = next(iter(hypervisor.values())).get("kernel_params", "") + " loglevel=1"
+        enable(kata, 1, kernel_params=params)
+        res = run_rm(kata.cd, KATA, "nofit", "cat", "/proc/cmdline")
+        assert res.returncode == 0 and "loglevel=1" in res.stdout, explain(res)
+        assert "the VM cache's VMs do not fit it" in shim_log(kata), shim_log(kata)[-3000:]
+        assert shim_log(kata).count(TAKEN) == 2
+
+        stop = factory(kata, "destroy")
+        assert stop.returncode == 0 and "VM cache asked to stop" in stop.stdout, explain(stop)
+        assert daemon.wait(60) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "hung up: killing it" in text, text[-3000:]
+    assert not (kata.state_dir / "vm-cache.sock").exists()
+    assert not (kata.state_dir / "vm-cache.sock.d").exists()
+    assert not kata.qemu_processes()
+
+
+def test_a_killed_cache_ends_its_pods_and_the_next_one_cleans_up(kata: Kata,
+                                                                 tmp_path: Path) -> None:
+    """The cached VMs are the cache's children: killed with -9, it takes them along, the pod
+    it served stops like one whose VM died, and the next cache removes what it left."""
+    enable(kata, 1)
+    log = tmp_path / "cache.log"
+    with cache_daemon(kata, log) as daemon:
+        run_detached(kata.cd, KATA, "orphan", "sleep", "300")
+        assert TAKEN in shim_log(kata), shim_log(kata)[-3000:]
+        daemon.kill()
+        daemon.wait()
+        assert procs.wait_until(lambda: kata.cd.tasks().get("orphan") == "STOPPED", 30), \
+            kata.cd.tasks()
+        assert procs.wait_until(lambda: not kata.qemu_processes(), 30), kata.qemu_processes()
+    left = kata.state_dir / "vm-cache.sock.d"
+    assert any(p.name.startswith("vm-") for p in left.iterdir()), list(left.iterdir())
+    res = kata.cd.ctr("task", "delete", "orphan")
+    assert res.returncode == 0, explain(res)
+    res = kata.cd.ctr("container", "delete", "orphan")
+    assert res.returncode == 0, explain(res)
+    # The next cache starts over what the killed one left, then leaves nothing.
+    with cache_daemon(kata, tmp_path / "cache2.log"):
+        assert [p.name for p in left.iterdir() if p.name.startswith("vm-")] == ["vm-1"]
+    assert not left.exists() and not (kata.state_dir / "vm-cache.sock").exists()
