@@ -129,6 +129,10 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
 #: "restored, default-size template" has no hot-plug, so the template is the default size
 #: and only pods of exactly that size are restored from it.
 TEMPLATE_VARIANTS = (("restored", TEMPLATE_MEMORY_SLOTS), ("restored, default-size template", 0))
+#: The VM cache's variant of figure 2b: a VM booted ahead by `kata-runtime factory init`
+#: with ``vm_cache_number = 1``, taken by the pod (the same hot-plug settings as "restored").
+CACHE_VARIANT = "VM cache"
+CACHE_READY_TIMEOUT = 300.0
 
 
 def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None:
@@ -143,7 +147,9 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
         return
     fig = figs["VM template"]["kata"]
     configs = [(name, *template_config(kata, name, slots)) for name, slots in TEMPLATE_VARIANTS]
-    runs = []
+    cache_path, _ = template_config(kata, CACHE_VARIANT, TEMPLATE_MEMORY_SLOTS, cache=True)
+    runs, cache_log = [], kata.config_path.parent / "vm-cache.log"
+    cache = None
     try:
         for i, (_, config, _) in enumerate(configs):
             made = factory(config, "init")
@@ -151,17 +157,28 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
                 fig["template boot s"].append(made["boot_seconds"])
                 fig["template save s"].append(made["save_seconds"])
                 fig["template state MiB"].append(made["state_mib"])
+        cache = start_vm_cache(cache_path, cache_log)
+        taken = 0
         for i in range(plan.template):
-            order = [("cold", kata.config_path), *((name, path) for name, path, _ in configs)]
-            for j, (name, path) in enumerate(order[i % 3:] + order[:i % 3]):
+            order = [("cold", kata.config_path), *((name, path) for name, path, _ in configs),
+                     (CACHE_VARIANT, cache_path)]
+            k = i % len(order)
+            for j, (name, path) in enumerate(order[k:] + order[:k]):
+                # No run is timed while the cache boots a replacement beside it.
+                wait_for_cache(cache, cache_log, ready=taken + 1)
                 cid, started = f"tpl-{i}-{j}", time.time()
                 took, _ = timed_ctr(kata.cd, "run", "--rm", "--runtime", KATA,
                                     "--runtime-config-path", str(path), IMAGE_REF, cid, "true")
                 fig[f"{name}: wall s"].append(took)
                 runs.append((name, cid, started))
+                taken += name == CACHE_VARIANT
     finally:
         for _, config, _ in configs:
             factory(config, "destroy")
+        factory(cache_path, "destroy")
+        if cache is not None and cache.wait(60) != 0:
+            raise RuntimeError(f"the VM cache exited with {cache.returncode}: "
+                               f"{cache_log.read_text()[-2000:]}")
     time.sleep(0.5)  # the shim's last lines reach containerd's log asynchronously
     lines = kata.cd.log_path.read_text(errors="replace").splitlines()
     for name, cid, started in runs:  # the pod's start: until its container runs
@@ -175,6 +192,25 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
     if restored < plan.template * len(configs):
         raise RuntimeError(f"{restored} of {plan.template * len(configs)} pods were restored "
                            "from a template")
+    took_cached = kata.cd.log_path.read_text(errors="replace").count("taken from the VM cache")
+    if took_cached < plan.template:
+        raise RuntimeError(f"{took_cached} of {plan.template} pods took a VM from the VM cache")
+
+
+def start_vm_cache(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`kata-runtime factory init` with a VM cache, in the background (its log in ``log``)."""
+    with log.open("wb") as out:
+        return subprocess.Popen([str(RUNTIME_BIN / "kata-runtime"), "--config", str(config),
+                                 "factory", "init"], stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for_cache(cache: subprocess.Popen[bytes], log: Path, ready: int) -> None:
+    """Until the cache has had ``ready`` VMs ready in all (its log counts them)."""
+    deadline = time.monotonic() + CACHE_READY_TIMEOUT
+    while log.read_text(errors="replace").count(" ready (") < ready:
+        if cache.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the VM cache has no VM ready: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
 
 
 def template_refusal(kata: Kata) -> str | None:
@@ -186,16 +222,19 @@ def template_refusal(kata: Kata) -> str | None:
     return refusal(pod_vm, kataconfig.BASE_HYPERVISOR.get("machine_type", "q35"))
 
 
-def template_config(kata: Kata, name: str, memory_slots: int) -> tuple[Path, Path]:
-    """The bench's configuration with templates on and ``memory_slots``, beside it, and the
-    template's dir. With memory hot-plug (``memory_slots`` > 0, as configuration.toml
-    advises with templates) the template is the smallest VM (the base memory) and pods get
-    the rest as a DIMM; without, the template has the default size."""
-    tag = re.sub(r"[^a-z]+", "-", name).strip("-")
+def template_config(kata: Kata, name: str, memory_slots: int,
+                    cache: bool = False) -> tuple[Path, Path]:
+    """The bench's configuration with templates on (or with ``cache``, a VM cache of one)
+    and ``memory_slots``, beside it, and the template's dir. With memory hot-plug
+    (``memory_slots`` > 0, as configuration.toml advises with templates) the template is
+    the smallest VM (the base memory) and pods get the rest as a DIMM; without, the
+    template has the default size."""
+    tag = re.sub(r"[^a-z]+", "-", name.lower()).strip("-")
     template_dir = kata.config_path.parent / f"template-{tag}"
     path = kata.config_path.with_name(f"configuration-{tag}.toml")
     tables = tomllib.loads(kata.config_path.read_text())
-    tables["factory"] = {"enable_template": True, "template_path": str(template_dir)}
+    tables["factory"] = ({"vm_cache_number": 1} if cache else
+                         {"enable_template": True, "template_path": str(template_dir)})
     for section in tables["hypervisor"].values():
         section["memory_slots"] = memory_slots
         section["use_vsock"] = False  # templates keep the agent on virtio-serial
