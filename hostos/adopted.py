@@ -51,24 +51,22 @@ class AdoptedProcess:
         return cls(pid, os.pidfd_open(pid), status)
 
     async def _wait(self) -> int:
+        # One reader on the pidfd for the whole wait: a second registration of the same fd
+        # would replace the first, and the first's removal would then remove it.
         exited = asyncio.ensure_future(wait_readable(self._pidfd))
         either: set[asyncio.Future[Any]] = {exited, self._status}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not self._status.done():  # it exited: give the parent a moment to say how
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._status), 1.0)
+            status = self._status
+            ok = status.done() and not status.cancelled() and status.exception() is None
+            code = status.result() if ok else UNKNOWN_STATUS
+            await exited  # told before the exit: wait for the exit itself
+            return code
         finally:
             exited.cancel()
-        if not self._status.done():  # it exited: give the parent a moment to say how
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._status), 1.0)
-        if self._status.done() and not self._status.cancelled() and \
-                self._status.exception() is None:
-            code = self._status.result()
-        else:
-            code = UNKNOWN_STATUS
-        if not self._status.done():
-            self._status.set_result(code)
-        await wait_readable(self._pidfd)  # told before the exit: wait for the exit itself
-        return code
 
     @property
     def returncode(self) -> int | None:

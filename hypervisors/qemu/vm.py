@@ -132,6 +132,15 @@ class Qemu(VmmVm[QemuConfig]):
                 return
         await super()._console_before_spawn(stack)
 
+    def cache_shape(self, boot_seconds: float) -> tpl.Template:
+        """What a pod checks before it takes this cached VM (`_cache_fit`), as a template's
+        metadata: its command line's shape, the files it was booted from, its size."""
+        vcpus, memory = self.wanted_size()
+        return tpl.Template(argv=tpl.shape(self.config, self._device_params()),
+                            files=tpl.file_ids(self.config), vcpus=vcpus, memory_mib=memory,
+                            created=time.time(), boot_seconds=boot_seconds, save_seconds=0.0,
+                            state_bytes=0)
+
     def _cache_fit(self, shape: tpl.Template) -> str | None:
         params = self._device_params()
         return (tpl.refusal(params, self.config.machine_type)

@@ -230,7 +230,7 @@ def _close_all(fds: list[int]) -> None:
 class CachedVm:
     """A VM booted and waiting for a pod."""
 
-    vm: Any  # hypervisors.qemu.vm.Qemu (which imports this module)
+    vm: Any  # a caching hypervisors.qemu.vm.Qemu (which imports this module)
     directory: Path
     booted_at: float
     watch: asyncio.Task[None] | None = None
@@ -387,12 +387,7 @@ class VmCache:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         if self.shape is None:
-            vcpus, memory = vm.wanted_size()
-            self.shape = tpl.Template(
-                argv=tpl.shape(self.config, vm._device_params()),
-                files=tpl.file_ids(self.config), vcpus=vcpus, memory_mib=memory,
-                created=time.time(), boot_seconds=time.monotonic() - started,
-                save_seconds=0.0, state_bytes=0)
+            self.shape = vm.cache_shape(time.monotonic() - started)
         cached = CachedVm(vm, directory, time.time())
         cached.watch = asyncio.ensure_future(self._watch(cached))
         return cached

@@ -63,3 +63,46 @@ def test_a_flooding_stderr_is_capped_and_its_end_kept(tmp_path: Path) -> None:
     rotated = log_path.with_name("vmm.stderr.1")
     assert log_path.stat().st_size <= 1 << 20 and rotated.stat().st_size == 1 << 20
     assert log_path.read_text().endswith("LAST WORDS\n")
+
+
+async def _wait_for(path: Path, data: bytes) -> bytes:
+    for _ in range(200):
+        if path.exists() and data in path.read_bytes():
+            break
+        await asyncio.sleep(0.01)
+    return path.read_bytes()
+
+
+def test_a_console_handed_over_goes_on_in_the_new_owners_log(tmp_path: Path) -> None:
+    """The VM cache's daemon detaches a cached VM's console; the pod's shim adopts it."""
+    async def main() -> tuple[bytes, bytes, bool]:
+        cache = ConsoleLog(tmp_path / "c.sock", tmp_path / "cache.log")
+        await cache.start()
+        _, vmm = await asyncio.open_unix_connection(str(cache.socket_path))
+        vmm.write(b"booted\n")
+        await _wait_for(cache.log_path, b"booted\n")
+        fd = await cache.detach()
+        assert fd is not None
+        socket_gone = not cache.socket_path.exists()  # nothing else may connect
+        pod = ConsoleLog(tmp_path / "p.sock", tmp_path / "pod.log")
+        await pod.adopt(fd)
+        vmm.write(b"container output\n")
+        got = await _wait_for(pod.log_path, b"container output\n")
+        await cache.stop()
+        await pod.stop()
+        vmm.close()
+        return cache.log_path.read_bytes(), got, socket_gone
+
+    cache_log, pod_log, socket_gone = asyncio.run(main())
+    assert cache_log == b"booted\n" and pod_log == b"container output\n" and socket_gone
+
+
+def test_a_console_nobody_connected_to_gives_nothing_away(tmp_path: Path) -> None:
+    async def main() -> int | None:
+        console = ConsoleLog(tmp_path / "c.sock", tmp_path / "console.log")
+        await console.start()
+        fd = await console.detach()
+        await console.stop()
+        return fd
+
+    assert asyncio.run(main()) is None

@@ -1,0 +1,224 @@
+"""The VM cache's daemon and the shim's claim (`hypervisors.qemu.vmcache`), with fake VMs
+(sleeping processes) over the real socket: describe, claim, the lease's two endings, a
+replacement booting, refusals, stop, and what a killed cache leaves for the next."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostos.procs import start_time
+from hypervisors import vmcache_control
+from hypervisors.base import VmSpec
+from hypervisors.errors import HypervisorError
+from hypervisors.qemu import template as tpl
+from hypervisors.qemu import vmcache
+
+MARK = "agent serving"
+
+
+class FakeVm:
+    """What `VmCache` asks of a cached `Qemu`: a sleeping process and a console log."""
+
+    def __init__(self, spec: VmSpec, gate: asyncio.Event | None) -> None:
+        self.spec, self.gate = spec, gate
+        self.console_log = spec.state_dir / "console.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.killed = self.stopped = self.released = False
+        self.accelerator, self.accelerator_reason = "tcg", "no KVM here"
+        self._peer: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.proc = await asyncio.create_subprocess_exec("sleep", "60")
+        self.console_log.write_text(f"Linux\n{MARK}\n")
+
+    def booted(self) -> None:
+        pass
+
+    async def wait_exited(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    def cache_shape(self, boot_seconds: float) -> tpl.Template:
+        return tpl.Template(argv=["qemu", "-m", "256"], files={}, vcpus=1, memory_mib=256,
+                            created=0.0, boot_seconds=boot_seconds, save_seconds=0.0,
+                            state_bytes=0)
+
+    async def release_for_adoption(self) -> int:
+        self.released = True
+        ours, self._peer = socket.socketpair()
+        return ours.detach()
+
+    def kill(self) -> None:
+        self.killed = True
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._peer is not None:
+            self._peer.close()
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, count: int = 1) -> None:
+        self.endpoint = tmp_path / "cache.sock"
+        self.vms: list[FakeVm] = []
+        self.gates: list[asyncio.Event] = []  # the Nth VM's start waits for gates[N] if set
+        spec = VmSpec("vm-cache", tmp_path)
+        self.cache = vmcache.VmCache(Any, spec, count, self.endpoint, MARK, self._make)  # type: ignore[arg-type]
+        self.stop = asyncio.Event()
+
+    def _make(self, _config: object, spec: VmSpec) -> FakeVm:
+        gate = self.gates[len(self.vms)] if len(self.vms) < len(self.gates) else None
+        vm = FakeVm(spec, gate)
+        self.vms.append(vm)
+        return vm
+
+    async def until(self, what: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not what():
+                await asyncio.sleep(0.02)
+
+
+def run(tmp_path: Path, body: Callable[[Harness], Awaitable[None]], count: int = 1,
+        gates: int = 0) -> Harness:
+    async def main() -> Harness:
+        h = Harness(tmp_path, count)
+        h.gates = [asyncio.Event() for _ in range(gates)]
+        served = asyncio.ensure_future(h.cache.run(h.stop))
+        try:
+            await h.until(lambda: h.endpoint.exists() or served.done())
+            await body(h)
+        finally:
+            h.stop.set()
+            await asyncio.wait_for(served, 20)
+        return h
+
+    return asyncio.run(main())
+
+
+def fits(_shape: tpl.Template) -> str | None:
+    return None
+
+
+def test_a_pod_takes_a_ready_vm_learns_its_exit_and_a_replacement_boots(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.until(lambda: len(h.cache.ready) == 1)
+        lease = await vmcache.claim(h.endpoint, "pod1", fits)
+        assert lease is not None
+        first = h.vms[0]
+        assert first.released and lease.claimed.pid == first.pid
+        assert lease.claimed.start_time == start_time(lease.claimed.pid)
+        assert lease.claimed.dir == str(tmp_path / "cache.sock.d" / "vm-1")
+        assert lease.console_fd is not None and lease.shape.memory_mib == 256
+        await h.until(lambda: len(h.vms) == 2 and len(h.cache.ready) == 1)  # a replacement
+        assert first.proc is not None
+        first.proc.kill()  # the VM dies under the pod: its status reaches the shim
+        assert await asyncio.wait_for(lease.process.wait(), 5) == -9
+        await lease.close()
+        await h.until(lambda: first.stopped and not Path(lease.claimed.dir).exists())
+
+    h = run(tmp_path, body)
+    assert all(vm.stopped for vm in h.vms)  # the unclaimed one too, at stop
+    assert not h.endpoint.exists() and not (tmp_path / "cache.sock.d").exists()
+
+
+def test_a_shim_that_hangs_up_takes_its_vm_along(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.until(lambda: len(h.cache.ready) == 1)
+        lease = await vmcache.claim(h.endpoint, "pod1", fits)
+        assert lease is not None
+        await lease.close()  # as a shim killed with -9 does
+        await h.until(lambda: h.vms[0].killed and h.vms[0].stopped)
+
+    run(tmp_path, body)
+
+
+def test_a_pod_that_does_not_fit_or_finds_none_ready_gets_none(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+
+    async def body(h: Harness) -> None:
+        h.gates[0].set()
+        await h.until(lambda: len(h.cache.ready) == 1)
+        assert await vmcache.claim(h.endpoint, "big", lambda _: "the VM is too big") is None
+        assert len(h.cache.ready) == 1  # still there for the next pod
+        lease = await vmcache.claim(h.endpoint, "pod1", fits)
+        assert lease is not None  # the replacement now waits at its gate
+        assert await vmcache.claim(h.endpoint, "pod2", fits) is None
+        h.gates[1].set()
+        await lease.close()
+
+    run(tmp_path, body, gates=2)
+    assert "VM big boots: the VM cache's VMs do not fit it: the VM is too big" in caplog.text
+    assert "VM pod2 boots: the VM cache has no VM for it: all 1 VMs are taken" in caplog.text
+
+
+def test_no_cache_means_a_boot_and_a_stop_request_drains(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    missing = asyncio.run(vmcache.claim(tmp_path / "none.sock", "pod1", fits))
+    assert missing is None and "no VM from the VM cache" in caplog.text
+
+    async def body(h: Harness) -> None:
+        await h.until(lambda: len(h.cache.ready) == 2)
+        described = await asyncio.to_thread(vmcache_control.ask, h.endpoint, "describe")
+        assert (described["ok"], described["ready"], described["count"], described["claimed"]) \
+            == (True, 2, 2, 0)
+        assert (await asyncio.to_thread(vmcache_control.ask, h.endpoint, "stop"))["ok"]
+        await h.until(lambda: all(vm.stopped for vm in h.vms))
+
+    h = run(tmp_path, body, count=2)
+    assert len(h.vms) == 2
+
+
+def test_one_cache_per_endpoint_and_a_killed_ones_leftovers_go(tmp_path: Path) -> None:
+    stale = tmp_path / "cache.sock.d" / "vm-7"
+    stale.mkdir(parents=True)
+    (stale / "console.log").write_text("old")
+
+    async def body(h: Harness) -> None:
+        assert not stale.exists()
+        other = vmcache.VmCache(Any, VmSpec("x", tmp_path), 1, h.endpoint, MARK,  # type: ignore[arg-type]
+                                lambda *_: None)
+        with pytest.raises(HypervisorError, match="a VM cache already serves"):
+            await other.run(asyncio.Event())
+        assert os.stat(h.endpoint).st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "cache.sock.d").st_mode & 0o777 == 0o700
+
+    run(tmp_path, body)
+
+
+def test_the_shim_moves_only_the_sockets_of_the_caches_own_vm_dirs(tmp_path: Path) -> None:
+    from hypervisors.statepaths import StatePaths
+    from hypervisors.vmcache_wire import Claimed
+
+    cache_dir = tmp_path / "c.sock.d"
+    vm_dir = cache_dir / "vm-3"
+    vm_dir.mkdir(parents=True)
+    for name in ("qmp.sock", "agent.sock"):
+        (vm_dir / name).write_text("")
+    pod = StatePaths(tmp_path / "pod")
+    pod.state_dir.mkdir()
+    vmcache.move_sockets(cache_dir, Claimed(1, 1, str(vm_dir), "tcg", ""), pod)
+    assert pod.qmp_socket.exists() and pod.agent_socket.exists()
+    assert not (vm_dir / "qmp.sock").exists()
+    for bad in (tmp_path / "elsewhere", cache_dir / "vm-3" / "..", cache_dir / "x"):
+        with pytest.raises(HypervisorError, match="not one of its own directories"):
+            vmcache.move_sockets(cache_dir, Claimed(1, 1, str(bad), "tcg", ""), pod)
