@@ -129,9 +129,11 @@ def boot_floor(kata: Kata, plan: Plan, figs: Figures) -> None:
 #: "restored, default-size template" has no hot-plug, so the template is the default size
 #: and only pods of exactly that size are restored from it.
 TEMPLATE_VARIANTS = (("restored", TEMPLATE_MEMORY_SLOTS), ("restored, default-size template", 0))
-#: The VM cache's variant of figure 2b: a VM booted ahead by `kata-runtime factory init`
-#: with ``vm_cache_number = 1``, taken by the pod (the same hot-plug settings as "restored").
-CACHE_VARIANT = "VM cache"
+#: The VM cache's variants of figure 2b, (name, memory_slots): a VM booted ahead by
+#: `kata-runtime factory init` with ``vm_cache_number = 1``, taken by the pod. As for
+#: templates, with hot-plug the cached VM is the smallest a pod may get and the pod grows
+#: it; without, it has the default size.
+CACHE_VARIANTS = (("VM cache", TEMPLATE_MEMORY_SLOTS), ("VM cache, default size", 0))
 CACHE_READY_TIMEOUT = 300.0
 
 
@@ -147,9 +149,9 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
         return
     fig = figs["VM template"]["kata"]
     configs = [(name, *template_config(kata, name, slots)) for name, slots in TEMPLATE_VARIANTS]
-    cache_path, _ = template_config(kata, CACHE_VARIANT, TEMPLATE_MEMORY_SLOTS, cache=True)
-    runs, cache_log = [], kata.config_path.parent / "vm-cache.log"
-    cache = None
+    caches = [VmCacheRun(name, template_config(kata, name, slots, cache=True)[0])
+              for name, slots in CACHE_VARIANTS]
+    runs: list[tuple[str, str, float]] = []
     try:
         for i, (_, config, _) in enumerate(configs):
             made = factory(config, "init")
@@ -157,28 +159,27 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
                 fig["template boot s"].append(made["boot_seconds"])
                 fig["template save s"].append(made["save_seconds"])
                 fig["template state MiB"].append(made["state_mib"])
-        cache = start_vm_cache(cache_path, cache_log)
-        taken = 0
+        for cache in caches:
+            cache.start()
         for i in range(plan.template):
             order = [("cold", kata.config_path), *((name, path) for name, path, _ in configs),
-                     (CACHE_VARIANT, cache_path)]
+                     *((c.name, c.config) for c in caches)]
             k = i % len(order)
             for j, (name, path) in enumerate(order[k:] + order[:k]):
-                # No run is timed while the cache boots a replacement beside it.
-                wait_for_cache(cache, cache_log, ready=taken + 1)
+                for cache in caches:  # no run is timed while a cache boots a replacement
+                    cache.wait_until_full()
                 cid, started = f"tpl-{i}-{j}", time.time()
                 took, _ = timed_ctr(kata.cd, "run", "--rm", "--runtime", KATA,
                                     "--runtime-config-path", str(path), IMAGE_REF, cid, "true")
                 fig[f"{name}: wall s"].append(took)
                 runs.append((name, cid, started))
-                taken += name == CACHE_VARIANT
+                for cache in caches:
+                    cache.taken += name == cache.name
     finally:
         for _, config, _ in configs:
             factory(config, "destroy")
-        factory(cache_path, "destroy")
-        if cache is not None and cache.wait(60) != 0:
-            raise RuntimeError(f"the VM cache exited with {cache.returncode}: "
-                               f"{cache_log.read_text()[-2000:]}")
+        for cache in caches:
+            cache.stop()
     time.sleep(0.5)  # the shim's last lines reach containerd's log asynchronously
     lines = kata.cd.log_path.read_text(errors="replace").splitlines()
     for name, cid, started in runs:  # the pod's start: until its container runs
@@ -193,24 +194,47 @@ def vm_template(kata: Kata, plan: Plan, figs: Figures, notes: list[str]) -> None
         raise RuntimeError(f"{restored} of {plan.template * len(configs)} pods were restored "
                            "from a template")
     took_cached = kata.cd.log_path.read_text(errors="replace").count("taken from the VM cache")
-    if took_cached < plan.template:
-        raise RuntimeError(f"{took_cached} of {plan.template} pods took a VM from the VM cache")
+    if took_cached < plan.template * len(caches):
+        raise RuntimeError(f"{took_cached} of {plan.template * len(caches)} pods took a VM "
+                           "from a VM cache")
 
 
-def start_vm_cache(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`kata-runtime factory init` with a VM cache, in the background (its log in ``log``)."""
-    with log.open("wb") as out:
-        return subprocess.Popen([str(RUNTIME_BIN / "kata-runtime"), "--config", str(config),
-                                 "factory", "init"], stdout=out, stderr=subprocess.STDOUT)
+@dataclass
+class VmCacheRun:
+    """One `kata-runtime factory init` with a VM cache of one, in the background."""
 
+    name: str
+    config: Path
+    taken: int = 0
+    proc: subprocess.Popen[bytes] | None = None
 
-def wait_for_cache(cache: subprocess.Popen[bytes], log: Path, ready: int) -> None:
-    """Until the cache has had ``ready`` VMs ready in all (its log counts them)."""
-    deadline = time.monotonic() + CACHE_READY_TIMEOUT
-    while log.read_text(errors="replace").count(" ready (") < ready:
-        if cache.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the VM cache has no VM ready: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
+    @property
+    def log(self) -> Path:
+        return self.config.with_suffix(".log")
+
+    def start(self) -> None:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen([str(RUNTIME_BIN / "kata-runtime"), "--config",
+                                          str(self.config), "factory", "init"], stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    def wait_until_full(self) -> None:
+        """Until every VM pods took has been replaced (the cache's log counts them)."""
+        deadline = time.monotonic() + CACHE_READY_TIMEOUT
+        while self.log.read_text(errors="replace").count(" ready (") < self.taken + 1:
+            if self.proc is None or self.proc.poll() is not None or \
+                    time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no VM ready: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """`factory destroy`, and its exit."""
+        if self.proc is None:
+            return
+        factory(self.config, "destroy")
+        if self.proc.wait(60) != 0:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                               f"{self.log.read_text()[-2000:]}")
 
 
 def template_refusal(kata: Kata) -> str | None:
@@ -233,8 +257,9 @@ def template_config(kata: Kata, name: str, memory_slots: int,
     template_dir = kata.config_path.parent / f"template-{tag}"
     path = kata.config_path.with_name(f"configuration-{tag}.toml")
     tables = tomllib.loads(kata.config_path.read_text())
-    tables["factory"] = ({"vm_cache_number": 1} if cache else
-                         {"enable_template": True, "template_path": str(template_dir)})
+    endpoint = kata.state_dir / f"{tag}.sock"
+    tables["factory"] = ({"vm_cache_number": 1, "vm_cache_endpoint": str(endpoint)} if cache
+                         else {"enable_template": True, "template_path": str(template_dir)})
     for section in tables["hypervisor"].values():
         section["memory_slots"] = memory_slots
         section["use_vsock"] = False  # templates keep the agent on virtio-serial
