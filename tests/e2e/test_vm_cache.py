@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import kataconfig, procs
-from tests.harness.containerd import RUNTIME_BIN
-from tests.harness.kata import Kata
+from tests.harness.containerd import RUNTIME_BIN, cni_gateway
+from tests.harness.cri.client import Kubelet, PodOptions
+from tests.harness.images import IMAGE_REF
+from tests.harness.kata import CRI_HANDLER, Kata
 from tests.harness.scenarios import KATA, explain, run_detached, run_rm
 
 pytestmark = pytest.mark.skipif(not kataconfig.can_hotplug(),
@@ -158,3 +160,28 @@ def test_a_killed_cache_ends_its_pods_and_the_next_one_cleans_up(kata: Kata,
     with cache_daemon(kata, tmp_path / "cache2.log"):
         assert [p.name for p in left.iterdir() if p.name.startswith("vm-")] == ["vm-1"]
     assert not left.exists() and not (kata.state_dir / "vm-cache.sock").exists()
+
+
+def test_a_kubernetes_pod_with_limits_takes_a_cached_vm_with_its_cni_network(
+        cri: tuple[Kata, Kubelet], tmp_path: Path) -> None:
+    """Through CRI: RunPodSandbox on a VM from the cache, the pod's CNI veth hot-plugged as
+    its NIC and its limits' memory hot-plugged into the smallest VM, then the container."""
+    kata, kubelet = cri
+    enable(kata, 1, memory_slots=2)
+    with cache_daemon(kata, tmp_path / "cache.log"):
+        pod = kubelet.run_pod("cachepod", CRI_HANDLER, PodOptions(memory_limit_bytes=256 << 20))
+        ip = kubelet.pod_status(pod.id).network.ip
+        app = kubelet.start_container(pod, "app", IMAGE_REF, ["sleep", "300"])
+        res = kubelet.exec_sync(app, ["sh", "-c", "ip -o -4 addr show eth0; grep MemTotal "
+                                      "/proc/meminfo; ping -c 1 -W 5 "
+                                      + cni_gateway(kata.cd.dir / "cni")
+                                      + " >/dev/null && echo PING-OK"], timeout=90)
+        out = res.stdout.decode()
+        assert res.exit_code == 0 and f"inet {ip}/" in out and "PING-OK" in out, (res, out)
+        mem_kib = int(out.split("MemTotal:")[1].split()[0])
+        base = tomllib.loads(kata.config_path.read_text())["runtime"]["static_sandbox_base_memory"]
+        # Grown by the limit from the base memory, which alone shows less than the base.
+        assert base * 1024 < mem_kib <= (base + 256) * 1024, out
+        assert TAKEN in shim_log(kata), shim_log(kata)[-3000:]
+        kubelet.stop_pod(pod.id)
+        kubelet.remove_pod(pod.id)
