@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cli import containerd_config
-from sandbox import template
+from sandbox import template, vmcache
 from sandbox.config import ConfigNotFoundError, RuntimeConfig, load_config
 from sandbox.errors import SandboxError
 from sandbox.inspect import HostCheck, exec_wrapper, host_checks
@@ -58,6 +58,19 @@ def check_template(config: RuntimeConfig) -> HostCheck:
                          required=False)
     return HostCheck("VM template", False, f"{doc['path']}: not usable, pods boot: "
                      f"{doc['reason']}", required=False)
+
+
+def check_vm_cache(config: RuntimeConfig) -> HostCheck:
+    """With ``vm_cache_number``: does a cache serve pods? (Informational: pods boot without.)"""
+    doc = vmcache.status(config)
+    where = doc["endpoint"]
+    if doc["serving"] and not doc["reason"]:
+        return HostCheck("VM cache", True, f"{where}: {doc['ready']} of "
+                         f"{doc['vm_cache_number']} VMs ready, {doc['claimed']} in pods",
+                         required=False)
+    why = doc["reason"] or "no VM ready"
+    return HostCheck("VM cache", False, f"{where}: pods boot: {why} (run `kata-runtime "
+                     "factory init` as a service)", required=False)
 
 
 def check_exec_wrapper() -> HostCheck:
@@ -132,6 +145,8 @@ def run_checks(config_path: str | None,
         checks += host_checks(config)
         if config.factory.enable_template:
             checks.append(check_template(config))
+        if config.factory.vm_cache_number:
+            checks.append(check_vm_cache(config))
     checks += [check_exec_wrapper(), check_root(), check_containerd_version(),
                check_containerd_handler(containerd_file)]
     return checks

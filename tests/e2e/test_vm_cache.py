@@ -88,6 +88,10 @@ def test_pods_take_booted_vms_from_the_cache(kata: Kata, tmp_path: Path) -> None
     with cache_daemon(kata, log) as daemon:
         status = factory(kata, "status")
         assert "1 of 1 VMs ready, 0 in pods" in status.stdout, explain(status)
+        check = subprocess.run([str(KATA_RUNTIME), "--config", str(kata.config_path), "check"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert "VM cache: " in check.stdout and "1 of 1 VMs ready" in check.stdout, \
+            explain(check)
         script = "date +%s; cat /proc/sys/kernel/random/uuid; ls /bin/busybox; nproc"
         before = time.time()
         res = run_rm(kata.cd, KATA, "cached1", "sh", "-c", script)

@@ -696,6 +696,22 @@ def test_factory_status_destroy_and_a_refused_init(
     assert not template.exists()  # refused before anything was made
 
 
+def test_check_and_factory_status_say_when_no_vm_cache_serves(
+        tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path)
+    endpoint = tmp_path / "c.sock"
+    path.write_text(path.read_text() + f'[factory]\nvm_cache_number = 2\n'
+                    f'vm_cache_endpoint = "{endpoint}"\n')
+    code, out, _ = run(capsys, "--config", str(path), "check")
+    assert code == 0, out  # informational: pods boot without a cache
+    assert f"warn  VM cache: {endpoint}: pods boot: no VM cache answers: No such file" in out
+    code, out, _ = run(capsys, "--config", str(path), "factory", "status", "--json")
+    doc = json.loads(out)["vm_cache"]
+    assert code == 1 and (doc["serving"], doc["vm_cache_number"]) == (False, 2), out
+    code, out, _ = run(capsys, "--config", str(path), "factory", "destroy", "--json")
+    assert code == 0 and json.loads(out)["vm_cache_stopped"] is False, out
+
+
 def test_check_says_whether_pods_are_restored_from_the_template(
         tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(_with_factory(write_config(tmp_path), tmp_path / "tpl"))
