@@ -270,16 +270,14 @@ class Qemu(VmmVm[QemuConfig]):
             return
         started = time.monotonic()
         fd = tpl.open_state(self.spec.template_dir)
+        failure = f"failed to restore VM {self.sandbox_id} from its template"
         try:
             await tpl.load_state(self.qmp, fd)
-            await self._plug_devices()
-            self._restored = True  # from here on its size counts from the template's
-            await self._grow_to_wanted_size()
         except QmpError as e:
-            raise HypervisorError(f"failed to restore VM {self.sandbox_id} from its "
-                                  f"template: {e}") from e
+            raise HypervisorError(f"{failure}: {e}") from e
         finally:
             os.close(fd)
+        await self._make_own(failure)
         log.info("VM %s restored from the VM template %s in %.2fs (saved %s)",
                  self.sandbox_id, self.spec.template_dir, time.monotonic() - started,
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._template.created)))
@@ -288,23 +286,23 @@ class Qemu(VmmVm[QemuConfig]):
         """A VM from the VM cache: plug the pod's devices, grow it to the pod's size."""
         assert self._lease is not None
         started = time.monotonic()
-        try:
-            await self._plug_devices()
-            self._restored = True  # from here on its size counts from the cache's
-            await self._grow_to_wanted_size()
-        except QmpError as e:
-            raise HypervisorError(f"failed to take VM {self.sandbox_id} from the VM cache: "
-                                  f"{e}") from e
+        await self._make_own(f"failed to take VM {self.sandbox_id} from the VM cache")
         log.info("VM %s taken from the VM cache (%s, pid %d) in %.2fs", self.sandbox_id,
                  self._lease.claimed.dir, self._lease.claimed.pid, time.monotonic() - started)
 
-    async def _plug_devices(self) -> None:
-        """The pod's share and NICs, into the template's (or cached VM's) root ports."""
+    async def _make_own(self, failure: str) -> None:
+        """A VM booted ahead (restored or cached) made the pod's: its share and NICs into
+        the empty root ports, then its size from the template's grown to the pod's."""
         shares = self._devices.of(SharedFsDevice)
-        if shares:
-            await tpl.plug_share(self.qmp, self.paths.virtiofsd_socket, shares[0].tag, 0)
-        for port, nic in enumerate(self._devices.of(NetworkDevice), start=len(shares)):
-            await tpl.plug_nic(self.qmp, nic, port)
+        try:
+            if shares:
+                await tpl.plug_share(self.qmp, self.paths.virtiofsd_socket, shares[0].tag, 0)
+            for port, nic in enumerate(self._devices.of(NetworkDevice), start=len(shares)):
+                await tpl.plug_nic(self.qmp, nic, port)
+            self._restored = True  # from here on its size counts from the template's
+            await self._grow_to_wanted_size()
+        except QmpError as e:
+            raise HypervisorError(f"{failure}: {e}") from e
 
     async def _hotplug(self, device: Device) -> None:
         raise HypervisorUnsupported(
