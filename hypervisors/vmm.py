@@ -60,6 +60,7 @@ from hypervisors.accel import AccelChoice
 from hypervisors.base import Device, DeviceList, SharedFsDevice, VmSpec, VsockDevice
 from hypervisors.console import ConsoleLog, StderrLog
 from hypervisors.errors import HypervisorError, HypervisorUnsupported, QmpError
+from hypervisors.held import HeldVmm
 from hypervisors.qmp import QEMU_DIALECT, QmpClient, QmpDialect
 from hypervisors.statepaths import StatePaths
 from hypervisors.timeouts import TIMEOUTS
@@ -115,6 +116,8 @@ class VmmVm(abc.ABC, Generic[C]):
         self._accel: AccelChoice | None = None
         self._proc: asyncio.subprocess.Process | AdoptedProcess | None = None
         self._console: ConsoleLog | None = None
+        self._held: HeldVmm | None = None  # the VMM under a holder (`_spawn_held`)
+        self._released = False  # another process runs the VM now (`release_for_adoption`)
         self._virtiofsd: Virtiofsd | None = None
         self._vsock_backend: VsockBackend | None = None
         self._qmp: QmpClient | None = None
@@ -449,18 +452,37 @@ class VmmVm(abc.ABC, Generic[C]):
         if self._proc is not None:
             signal_child(self._proc)
 
-    def kill(self) -> None:
-        """SIGKILL the VMM now (`stop` then only cleans up)."""
-        if self._proc is not None:
-            signal_child(self._proc)
-
-    async def release_for_adoption(self) -> int | None:
-        """Let another process run this VM (the VM cache hands it to a pod's shim): close
-        QMP and give away the guest console's connection (its fd, the caller's to close).
-        The VMM stays our child; `wait_exited`, `kill` and `stop` still work."""
+    async def release_for_adoption(self) -> tuple[int, int | None]:
+        """Let another process own this VM (the VM cache hands it to a pod's shim): close
+        QMP, and give away the owner socket of its holder and the guest console's
+        connection (fds, the caller's to close; no console fd if it never connected).
+        From then on `wait_exited` still sees it exit, and `stop` only cleans up after us:
+        it never ends the VM."""
         async with self._lock:
+            if self._held is None or self._released:
+                raise HypervisorError(f"failed to hand VM {self.sandbox_id} over: it is not "
+                                      "under a holder, or was handed over already")
             await self._close_qmp()
-            return await self._console.detach() if self._console is not None else None
+            console = await self._console.detach() if self._console is not None else None
+            self._released = True
+            return self._held.give_away(), console
+
+    async def _spawn_held(self, stack: contextlib.AsyncExitStack) -> None:
+        """Spawn the VMM under a holder (`hypervisors.held`), so that it can be handed to
+        another process later and live as long as that one does."""
+        self._batch = self.accelerator == "tcg"
+        try:
+            held = await HeldVmm.start(self.build_argv(), self._spawn_fds(), self._batch,
+                                       self._vmm_env())
+        finally:
+            self._close_vhost_fds()
+        self._held = held
+        self._stderr = StderrLog(held.holder.stderr, self.paths.vmm_stderr)
+        stack.push_async_callback(self._stderr.stop)
+        stack.push_async_callback(held.close)
+        self._proc = held.process
+        stack.push_async_callback(self._kill_vmm)
+        self._add_record(held.process.pid, "vmm")
 
     async def wait_exited(self) -> int:
         """Wait (no deadline: this is a long poll) until the VMM exits; its return code."""
@@ -497,7 +519,7 @@ class VmmVm(abc.ABC, Generic[C]):
                 self._records.clear()
 
     async def _quit(self, timeout: float) -> None:
-        if self._proc is None or self._proc.returncode is not None:
+        if self._proc is None or self._proc.returncode is not None or self._released:
             return
         if self._qmp is not None and not self._qmp.closed:
             try:
@@ -510,7 +532,7 @@ class VmmVm(abc.ABC, Generic[C]):
 
     async def _kill_vmm(self) -> None:
         proc = self._proc
-        if proc is None:
+        if proc is None or self._released:
             return
         signal_child(proc)
         code = await wait_process(proc, TIMEOUTS.kill_wait)

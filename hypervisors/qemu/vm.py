@@ -150,6 +150,9 @@ class Qemu(VmmVm[QemuConfig]):
 
     async def _spawn_vmm(self, stack: contextlib.AsyncExitStack) -> None:
         lease = self._lease
+        if self._caching:  # handed to a pod later, whose shim then owns it
+            await self._spawn_held(stack)
+            return
         if lease is None:
             await super()._spawn_vmm(stack)
             return

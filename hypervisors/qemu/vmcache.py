@@ -44,6 +44,7 @@ from typing import Any
 
 from hostos.adopted import AdoptedProcess, wait_readable
 from hostos.procs import start_time
+from hypervisors import held
 from hypervisors import vmcache_wire as wire
 from hypervisors.base import VmSpec
 from hypervisors.errors import HypervisorError
@@ -74,21 +75,22 @@ def vm_dirs(endpoint: Path) -> Path:
 
 @dataclasses.dataclass
 class Lease:
-    """A VM claimed from the cache, until its QEMU exits or `close`."""
+    """A VM claimed from the cache: its holder's owner socket (the VM lives as long as we
+    hold it, `hostos.holder`), its QEMU by pidfd, its console connection."""
 
     claimed: wire.Claimed
     shape: tpl.Template
     console_fd: int | None
     process: AdoptedProcess
-    sock: socket.socket
+    owner: socket.socket
     reader: asyncio.Task[None]
 
     async def close(self) -> None:
-        """End the lease (the daemon kills the VM if it still runs)."""
+        """Let the VM go (its holder kills it if it still runs)."""
         self.reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.reader
-        self.sock.close()
+        self.owner.close()
         self.process.close()
         fd, self.console_fd = self.console_fd, None
         if fd is not None:
@@ -102,14 +104,13 @@ async def claim(endpoint: Path, sandbox_id: str,
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
     try:
-        lease = await _claim(sock, endpoint, sandbox_id, fits)
+        return await _claim(sock, endpoint, sandbox_id, fits)
     except (OSError, TimeoutError, wire.WireError) as e:
         log.info("VM %s boots: no VM from the VM cache at %s: %s", sandbox_id, endpoint,
                  e.strerror if isinstance(e, OSError) and e.strerror else e)
-        lease = None
-    if lease is None:
-        sock.close()
-    return lease
+        return None
+    finally:
+        sock.close()  # the VM's life hangs on its holder's socket, not on this one
 
 
 async def _claim(sock: socket.socket, endpoint: Path, sandbox_id: str,
@@ -132,21 +133,27 @@ async def _claim(sock: socket.socket, endpoint: Path, sandbox_id: str,
         _close_all(fds)
         log.info("VM %s boots: the VM cache has no VM for it: %s", sandbox_id, error)
         return None
+    owner: socket.socket | None = None
     try:
         claimed = wire.claimed(reply)
-        if len(fds) > 1:
-            raise wire.WireError("a VM cache claim reply carries more than one fd")
+        if not 1 <= len(fds) <= 2:
+            raise wire.WireError(f"a VM cache claim reply carries {len(fds)} fds, not the "
+                                 "holder's socket and the console")
+        owner = socket.socket(fileno=fds[0])
+        owner.setblocking(False)
         status: asyncio.Future[int] = loop.create_future()
         process = AdoptedProcess.open(claimed.pid, status)
+        if start_time(claimed.pid) != claimed.start_time:  # opened another process
+            process.close()
+            raise wire.WireError(f"the VM cache's VM pid {claimed.pid} is gone")
     except BaseException:
+        if owner is not None:
+            owner.close()  # its holder kills the VM
+            fds = fds[1:]
         _close_all(fds)
         raise
-    if start_time(claimed.pid) != claimed.start_time:  # opened another process: refuse
-        process.close()
-        _close_all(fds)
-        raise wire.WireError(f"the VM cache's VM pid {claimed.pid} is gone")
-    reader = asyncio.ensure_future(_read_exit(sock, rest, status))
-    return Lease(claimed, shape, fds[0] if fds else None, process, sock, reader)
+    reader = asyncio.ensure_future(held.watch(owner, status))
+    return Lease(claimed, shape, fds[1] if len(fds) > 1 else None, process, owner, reader)
 
 
 def _shape(reply: dict[str, Any]) -> tpl.Template:
@@ -179,23 +186,6 @@ async def _receive(sock: socket.socket, buffer: bytes) -> tuple[dict[str, Any], 
                 _close_all(fds)
                 raise ConnectionResetError(0, "the VM cache closed the connection")
             buffer += data
-
-
-async def _read_exit(sock: socket.socket, buffer: bytes, status: asyncio.Future[int]) -> None:
-    """The lease: the VM's exit status when the daemon reports it."""
-    try:
-        while True:
-            line, buffer = wire.split_line(buffer)
-            if line is not None:
-                if not status.done():
-                    status.set_result(wire.exit_status(wire.decode(line)))
-                return
-            data = await asyncio.get_running_loop().sock_recv(sock, 4096)
-            if not data:
-                return  # the daemon is gone: the VM exits with it (pidfd)
-            buffer += data
-    except (OSError, wire.WireError) as e:
-        log.warning("VM cache lease: %s", e)
 
 
 def move_sockets(cache_dir: Path, claimed: wire.Claimed, paths: StatePaths) -> None:
@@ -248,9 +238,10 @@ class VmCache:
         self.directory = vm_dirs(endpoint)
         self.ready: deque[CachedVm] = deque()
         self.shape: tpl.Template | None = None
-        self.leases: set[asyncio.Task[None]] = set()
+        self.sessions: set[asyncio.Task[None]] = set()
+        #: One task per VM handed to a pod, until it exits.
+        self.handed: set[asyncio.Task[None]] = set()
         self._booting = 0
-        self.claimed = 0
         self._serial = 0
         self._stopping = False
         self._changed = asyncio.Event()
@@ -324,8 +315,8 @@ class VmCache:
                     return
                 conn, _addr = accept.result()
                 task = asyncio.ensure_future(self._session(conn))
-                self.leases.add(task)
-                task.add_done_callback(self.leases.discard)
+                self.sessions.add(task)
+                task.add_done_callback(self.sessions.discard)
         finally:
             self._stopping = True
             self._changed.set()
@@ -336,12 +327,12 @@ class VmCache:
                 await filler
 
     async def _drain(self) -> None:
+        """Stop the VMs no pod took; those handed out live on with their pods."""
         while self.ready:
             await self._discard(self.ready.popleft(), "the VM cache stops")
-        if self.leases:
-            log.info("VM cache: waiting for %d claimed VMs (their pods) to end",
-                     len(self.leases))
-            await asyncio.gather(*self.leases, return_exceptions=True)
+        for task in list(self.handed):
+            task.cancel()  # their directories go, their VMs stay
+        await asyncio.gather(*self.handed, *self.sessions, return_exceptions=True)
 
     # -- keeping VMs ready
 
@@ -455,7 +446,7 @@ class VmCache:
 
     def _describe(self) -> bytes:
         counts = {"ready": len(self.ready), "count": self.count,
-                  "claimed": self.claimed}
+                  "claimed": len(self.handed)}
         if self.shape is None:
             return wire.encode({"ok": False, "error": "no VM has booted yet", **counts})
         return wire.encode({"ok": True, "vm": dataclasses.asdict(self.shape), **counts})
@@ -471,45 +462,32 @@ class VmCache:
             cached.watch.cancel()
         self._changed.set()  # boot a replacement
         vm = cached.vm
-        console = await vm.release_for_adoption()
-        pid = vm.pid
-        started = start_time(pid) if pid is not None else None
+        owner, console = await vm.release_for_adoption()
+        fds = [owner] if console is None else [owner, console]
         try:
+            pid = vm.pid
+            started = start_time(pid) if pid is not None else None
             if pid is None or started is None:
                 raise HypervisorError(f"{cached.directory.name} exited before it was claimed")
             reply = wire.encode({"ok": True, "pid": pid, "start_time": started,
                                  "dir": str(cached.directory), "accelerator": vm.accelerator,
                                  "reason": vm.accelerator_reason})
-            socket.send_fds(conn, [reply], [console] if console is not None else [])
+            socket.send_fds(conn, [reply], fds)
         except (OSError, HypervisorError) as e:
             log.warning("VM cache: handing %s to %s failed: %s", cached.directory.name,
                         sandbox, e)
-            await self._discard(cached, "")
-            return
+        else:
+            log.info("VM cache: %s handed to sandbox %s (ready %.1fs)", cached.directory.name,
+                     sandbox, time.time() - cached.booted_at)
         finally:
-            if console is not None:
-                os.close(console)
-        log.info("VM cache: %s handed to sandbox %s (ready %.1fs)", cached.directory.name,
-                 sandbox, time.time() - cached.booted_at)
-        await self._lease(conn, cached)
+            _close_all(fds)  # the shim holds the VM now (or nobody: its holder kills it)
+        task = asyncio.ensure_future(self._forget(cached))
+        self.handed.add(task)
+        task.add_done_callback(self.handed.discard)
 
-    async def _lease(self, conn: socket.socket, cached: CachedVm) -> None:
-        """Until the VM exits (its status goes to the shim) or the shim hangs up (the VM is
-        killed)."""
-        loop = asyncio.get_running_loop()
-        self.claimed += 1
-        exited = asyncio.ensure_future(cached.vm.wait_exited())
-        hung_up = asyncio.ensure_future(loop.sock_recv(conn, 1))
+    async def _forget(self, cached: CachedVm) -> None:
+        """A VM handed out is its pod's: once it exits, its directory here goes."""
         try:
-            await asyncio.wait({exited, hung_up}, return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(conn, wire.encode({"exited": exited.result()}))
-            else:
-                log.info("VM cache: the shim of %s hung up: killing it", cached.directory.name)
-                cached.vm.kill()
+            await cached.vm.wait_exited()
         finally:
-            hung_up.cancel()
-            exited.cancel()
-            self.claimed -= 1
             await self._discard(cached, "")

@@ -1,6 +1,8 @@
 """The VM cache's daemon and the shim's claim (`hypervisors.qemu.vmcache`), with fake VMs
-(sleeping processes) over the real socket: describe, claim, the lease's two endings, a
-replacement booting, refusals, stop, and what a killed cache leaves for the next."""
+(sleeping processes, and a stand-in for their holder's owner socket) over the real socket:
+describe, claim, the exit status reaching the shim, a replacement booting, a VM handed out
+outliving the cache, refusals, stop, and what a killed cache leaves for the next. The
+holder itself: tests/unit/test_hostos_holder.py."""
 
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ class FakeVm:
         self.spec, self.gate = spec, gate
         self.console_log = spec.state_dir / "console.log"
         self.proc: asyncio.subprocess.Process | None = None
-        self.killed = self.stopped = self.released = False
+        self.stopped = self.released = False
         self.accelerator, self.accelerator_reason = "tcg", "no KVM here"
-        self._peer: socket.socket | None = None
+        self._console_peer: socket.socket | None = None
+        self._holder: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -56,23 +59,32 @@ class FakeVm:
                             created=0.0, boot_seconds=boot_seconds, save_seconds=0.0,
                             state_bytes=0)
 
-    async def release_for_adoption(self) -> int:
+    async def release_for_adoption(self) -> tuple[int, int]:
+        """As `hostos.holder` does on its side: the VM's exit status to the owner."""
         self.released = True
-        ours, self._peer = socket.socketpair()
-        return ours.detach()
+        owner, holder_end = socket.socketpair()
+        console, self._console_peer = socket.socketpair()
+        self._holder = asyncio.ensure_future(self._hold(holder_end))
+        return owner.detach(), console.detach()
 
-    def kill(self) -> None:
-        self.killed = True
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+    async def _hold(self, end: socket.socket) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        end.sendall(f'{{"exited": {code}}}\n'.encode())
+        end.close()
 
     async def stop(self) -> None:
+        """A VM handed out is not ours to end (`VmmVm.stop` after the hand-over)."""
         self.stopped = True
-        if self.proc is not None and self.proc.returncode is None:
+        if not self.released and self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
-        if self._peer is not None:
-            self._peer.close()
+
+    def end(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        if self._console_peer is not None:
+            self._console_peer.close()
 
 
 class Harness:
@@ -83,6 +95,7 @@ class Harness:
         spec = VmSpec("vm-cache", tmp_path)
         self.cache = vmcache.VmCache(Any, spec, count, self.endpoint, MARK, self._make)  # type: ignore[arg-type]
         self.stop = asyncio.Event()
+        self.alive_after_stop: list[FakeVm] = []
 
     def _make(self, _config: object, spec: VmSpec) -> FakeVm:
         gate = self.gates[len(self.vms)] if len(self.vms) < len(self.gates) else None
@@ -108,6 +121,10 @@ def run(tmp_path: Path, body: Callable[[Harness], Awaitable[None]], count: int =
         finally:
             h.stop.set()
             await asyncio.wait_for(served, 20)
+            h.alive_after_stop = [vm for vm in h.vms
+                                  if vm.proc is not None and vm.proc.returncode is None]
+            for vm in h.vms:
+                vm.end()
         return h
 
     return asyncio.run(main())
@@ -139,15 +156,20 @@ def test_a_pod_takes_a_ready_vm_learns_its_exit_and_a_replacement_boots(tmp_path
     assert not h.endpoint.exists() and not (tmp_path / "cache.sock.d").exists()
 
 
-def test_a_shim_that_hangs_up_takes_its_vm_along(tmp_path: Path) -> None:
+def test_a_vm_handed_out_outlives_the_cache(tmp_path: Path) -> None:
+    """Its pod owns it now: the cache stopping stops only the VMs nobody took."""
     async def body(h: Harness) -> None:
         await h.until(lambda: len(h.cache.ready) == 1)
         lease = await vmcache.claim(h.endpoint, "pod1", fits)
         assert lease is not None
-        await lease.close()  # as a shim killed with -9 does
-        await h.until(lambda: h.vms[0].killed and h.vms[0].stopped)
+        await h.until(lambda: len(h.cache.ready) == 1)
+        described = await asyncio.to_thread(vmcache_control.ask, h.endpoint, "describe")
+        assert described["claimed"] == 1, described
+        await lease.close()  # the pod's shim lets go (the real holder would kill the VM)
 
-    run(tmp_path, body)
+    h = run(tmp_path, body)
+    assert h.alive_after_stop == [h.vms[0]]  # the replacement was stopped, not the pod's
+    assert h.vms[0].released and not (tmp_path / "cache.sock.d").exists()
 
 
 def test_a_pod_that_does_not_fit_or_finds_none_ready_gets_none(

@@ -1,0 +1,131 @@
+"""A VMM under a holder (`hostos.holder`): owned through a socket, so it can change hands.
+
+The VM cache spawns its VMs this way (`HeldVmm.start`): the holder is the VMM's parent and
+kills it when every copy of the owner socket is closed. The cache owns it first; at the
+hand-over it gives its end away (`HeldVmm.give_away`, the fd goes to the pod's shim by
+SCM_RIGHTS) and the shim owns it from then on (`watch` reads the exit status there). The
+VMM itself is run through a pidfd (`hostos.adopted.AdoptedProcess`) by whichever owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from hostos.adopted import AdoptedProcess
+from hostos.holder import holder_argv
+from hostos.procs import spawn, start_time
+from hypervisors.errors import HypervisorError
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+MAX_LINE = 4096
+
+
+async def _line(sock: socket.socket, buffer: bytearray) -> dict[str, Any] | None:
+    """The holder's next message (None at EOF)."""
+    loop = asyncio.get_running_loop()
+    while b"\n" not in buffer:
+        if len(buffer) > MAX_LINE:
+            raise HypervisorError("a VM holder sent a line that is too long")
+        data = await loop.sock_recv(sock, MAX_LINE)
+        if not data:
+            return None
+        buffer += data
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    try:
+        message = json.loads(line)
+    except ValueError as e:
+        raise HypervisorError(f"a VM holder sent {line[:80]!r}") from e
+    if not isinstance(message, dict):
+        raise HypervisorError(f"a VM holder sent {line[:80]!r}")
+    return message
+
+
+async def watch(owner: socket.socket, status: asyncio.Future[int]) -> None:
+    """Read the holder's messages until it reports the VMM's exit status (into ``status``)."""
+    buffer = bytearray()
+    try:
+        while (message := await _line(owner, buffer)) is not None:
+            code = message.get("exited")
+            if isinstance(code, int) and not isinstance(code, bool):
+                if not status.done():
+                    status.set_result(code)
+                return
+    except (OSError, HypervisorError) as e:
+        log.warning("VM holder: %s", e)
+
+
+@dataclasses.dataclass
+class HeldVmm:
+    """A holder process, our end of its owner socket, and the VMM it runs."""
+
+    holder: asyncio.subprocess.Process
+    owner: socket.socket | None
+    process: AdoptedProcess
+    reader: asyncio.Task[None] | None
+
+    @classmethod
+    async def start(cls, argv: list[str], pass_fds: tuple[int, ...], cpu_bound: bool,
+                    env: Mapping[str, str] | None) -> HeldVmm:
+        """Spawn the holder and learn the VMM's pid from it (`HypervisorError` if it fails;
+        its stderr is ``holder.stderr``, for the caller to copy)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        try:
+            holder = await spawn(holder_argv(theirs.fileno(), pass_fds, cpu_bound, argv),
+                                 asyncio.subprocess.PIPE, env=env, parent_death=False,
+                                 pass_fds=(theirs.fileno(), *pass_fds))
+        except OSError as e:
+            ours.close()
+            raise HypervisorError(f"failed to start a VM holder: {e}") from e
+        finally:
+            theirs.close()
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                hello = await _line(ours, bytearray())
+            pid = hello.get("pid") if hello else None
+            if not isinstance(pid, int) or start_time(pid) != hello.get("start_time"):  # type: ignore[union-attr]
+                raise HypervisorError("the VM holder started no VMM (see vmm.stderr)")
+            status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            process = AdoptedProcess.open(pid, status)
+        except (OSError, TimeoutError, HypervisorError) as e:
+            ours.close()  # the holder kills its VMM, if any, and exits
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(holder.wait(), 5)
+            raise HypervisorError(f"failed to start the VMM under its holder: {e}") from e
+        return cls(holder, ours, process, asyncio.ensure_future(watch(ours, status)))
+
+    def give_away(self) -> int:
+        """Our end of the owner socket, as a new fd for the next owner; ours is closed, so
+        from now on the VMM lives as long as the next owner holds it."""
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
+        owner, self.owner = self.owner, None
+        if owner is None:
+            raise HypervisorError("the VM was given away already")
+        fd = os.dup(owner.fileno())
+        owner.close()
+        return fd
+
+    async def close(self) -> None:
+        """Drop our ownership (the holder kills the VMM if nobody else owns it) and stop
+        watching; the holder is reaped by asyncio whenever it exits."""
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        if self.owner is not None:
+            self.owner.close()
+            self.owner = None
+        self.process.close()
