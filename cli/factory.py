@@ -54,7 +54,7 @@ def run(config: RuntimeConfig, args: argparse.Namespace) -> int:
                "vm_cache_stopped": stopped}
         text = f"VM template {doc['path']} {'removed' if removed else 'was not there'}"
         if stopped:
-            text += "\nVM cache asked to stop: it exits once the pods it served have ended"
+            text += "\nVM cache asked to stop (pods that took a VM from it run on)"
         return _print(doc, args.json, text)
     except (SandboxError, OSError) as e:
         sys.stderr.write(f"{PROG}: factory {args.action}: {e}\n")

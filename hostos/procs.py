@@ -89,16 +89,10 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 async def spawn(
     argv: Sequence[str], stderr: Path | int, *, pass_fds: Sequence[int] = (),
     env: Mapping[str, str] | None = None, cpu_bound: bool = False,
-    parent_death: bool = True,
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` as our child (see the module docstring); stderr to a file (truncated)
     or, with ``asyncio.subprocess.PIPE``, to ``proc.stderr`` for the caller to copy.
-    ``cpu_bound``: run it under ``SCHED_BATCH`` (module docstring). Without
-    ``parent_death`` it may outlive us: only for a process whose life is tied otherwise
-    (`hostos.holder`)."""
-    if not parent_death:
-        assert not isinstance(stderr, Path), "a holder's stderr is a pipe"
-        return await _exec(list(argv), stderr, pass_fds, env)
+    ``cpu_bound``: run it under ``SCHED_BATCH`` (module docstring)."""
     wrapped = wrapped_argv(argv, cpu_bound)
     if not isinstance(stderr, Path):
         proc = await _exec(wrapped, stderr, pass_fds, env)

@@ -5,6 +5,11 @@ kills it when every copy of the owner socket is closed. The cache owns it first;
 hand-over it gives its end away (`HeldVmm.give_away`, the fd goes to the pod's shim by
 SCM_RIGHTS) and the shim owns it from then on (`watch` reads the exit status there). The
 VMM itself is run through a pidfd (`hostos.adopted.AdoptedProcess`) by whichever owns it.
+
+The holder is started with `subprocess.Popen`, not asyncio's subprocess API: asyncio kills
+a child whose transport is collected while it runs (at the cache's exit, say), and a
+holder must outlive the cache when a pod owns it. We reap it ourselves once its pidfd
+says it exited (`_reap`); if we exit first, it is reparented and reaped by init.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import json
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Mapping
 from typing import Any
 
-from hostos.adopted import AdoptedProcess
+from hostos.adopted import AdoptedProcess, wait_readable
 from hostos.holder import holder_argv
-from hostos.procs import spawn, start_time
+from hostos.procs import clean_env, start_time
 from hypervisors.errors import HypervisorError
 
 log = logging.getLogger(__name__)
@@ -65,11 +71,32 @@ async def watch(owner: socket.socket, status: asyncio.Future[int]) -> None:
         log.warning("VM holder: %s", e)
 
 
+async def _reap(holder: subprocess.Popen[bytes]) -> int:
+    """Wait for the holder (not asyncio's child) to exit, and reap it."""
+    pidfd = os.pidfd_open(holder.pid)
+    try:
+        await wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return holder.wait()
+
+
+async def _stderr_reader(fd: int) -> asyncio.StreamReader:
+    """An asyncio reader on the read end ``fd`` of the holder's stderr pipe (ours now)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 os.fdopen(fd, "rb", buffering=0))
+    return reader
+
+
 @dataclasses.dataclass
 class HeldVmm:
     """A holder process, our end of its owner socket, and the VMM it runs."""
 
-    holder: asyncio.subprocess.Process
+    holder: subprocess.Popen[bytes]
+    reaped: asyncio.Task[int]
+    stderr: asyncio.StreamReader
     owner: socket.socket | None
     process: AdoptedProcess
     reader: asyncio.Task[None] | None
@@ -78,18 +105,24 @@ class HeldVmm:
     async def start(cls, argv: list[str], pass_fds: tuple[int, ...], cpu_bound: bool,
                     env: Mapping[str, str] | None) -> HeldVmm:
         """Spawn the holder and learn the VMM's pid from it (`HypervisorError` if it fails;
-        its stderr is ``holder.stderr``, for the caller to copy)."""
+        its stderr, and the VMM's, is `stderr`, for the caller to copy)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            holder = await spawn(holder_argv(theirs.fileno(), pass_fds, cpu_bound, argv),
-                                 asyncio.subprocess.PIPE, env=env, parent_death=False,
-                                 pass_fds=(theirs.fileno(), *pass_fds))
+            holder = subprocess.Popen(
+                holder_argv(theirs.fileno(), pass_fds, cpu_bound, argv),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_w,
+                pass_fds=(theirs.fileno(), *pass_fds), close_fds=True, env=clean_env(env))
         except OSError as e:
             ours.close()
+            os.close(err_r)
             raise HypervisorError(f"failed to start a VM holder: {e}") from e
         finally:
             theirs.close()
+            os.close(err_w)
+        reaped = asyncio.ensure_future(_reap(holder))
+        stderr = await _stderr_reader(err_r)
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
                 hello = await _line(ours, bytearray())
@@ -101,9 +134,10 @@ class HeldVmm:
         except (OSError, TimeoutError, HypervisorError) as e:
             ours.close()  # the holder kills its VMM, if any, and exits
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(holder.wait(), 5)
+                await asyncio.wait_for(asyncio.shield(reaped), 5)
             raise HypervisorError(f"failed to start the VMM under its holder: {e}") from e
-        return cls(holder, ours, process, asyncio.ensure_future(watch(ours, status)))
+        return cls(holder, reaped, stderr, ours, process,
+                   asyncio.ensure_future(watch(ours, status)))
 
     def give_away(self) -> int:
         """Our end of the owner socket, as a new fd for the next owner; ours is closed, so
@@ -120,7 +154,7 @@ class HeldVmm:
 
     async def close(self) -> None:
         """Drop our ownership (the holder kills the VMM if nobody else owns it) and stop
-        watching; the holder is reaped by asyncio whenever it exits."""
+        watching; the holder is reaped whenever it exits (`reaped`)."""
         if self.reader is not None:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,11 +8,10 @@ One connection per claim, root-only unix socket, one JSON object per line:
    cached VM has (`hypervisors.qemu.template.Template`'s fields), for the shim to check
    that its pod fits, or ``{"ok": false, "error": "..."}``;
 2. shim -> ``{"op": "claim", "sandbox": "<id>"}``; cache -> ``{"ok": true, "pid": ...,
-   "start_time": ..., "dir": ..., "accelerator": ..., "reason": ...}`` with the guest
-   console's connected socket as the one fd (SCM_RIGHTS), or an error when no VM is ready;
-3. from then on the connection is the lease: the cache sends ``{"exited": <status>}`` when
-   the VM's QEMU (its child) exits, and kills the VM if the shim closes the connection
-   first (a shim killed with -9 leaves no VM behind).
+   "start_time": ..., "dir": ..., "accelerator": ..., "reason": ...}`` with, as fds
+   (SCM_RIGHTS), the owner socket of the VM's holder (`hostos.holder`: the VM lives as
+   long as the shim holds it, and its exit status arrives on it) and the guest console's
+   connection; or an error when no VM is ready. The connection then ends.
 
 ``kata-runtime factory status`` sends ``describe`` alone (the reply also has ``ready``,
 ``count`` and ``claimed``); ``factory destroy`` sends ``{"op": "stop"}``, answered
@@ -79,7 +78,7 @@ def decode(line: bytes) -> dict[str, Any]:
 
 def request_op(message: dict[str, Any]) -> tuple[str, str]:
     """(op, sandbox id) of a request; the id is '' but for ``claim``. ``stop`` (from
-    ``kata-runtime factory destroy``) makes the cache drain and exit."""
+    ``kata-runtime factory destroy``) makes the cache stop its idle VMs and exit."""
     op = message.get("op")
     if op in ("describe", "stop"):
         return op, ""
@@ -113,11 +112,3 @@ def claimed(message: dict[str, Any]) -> Claimed:
     if not ints_ok or not strs_ok or result.accelerator not in ("kvm", "tcg"):
         raise WireError("a VM cache claim reply has a field of the wrong type")
     return result
-
-
-def exit_status(message: dict[str, Any]) -> int:
-    """The status a lease's last message carries."""
-    status = message.get("exited")
-    if not isinstance(status, int) or isinstance(status, bool):
-        raise WireError("a VM cache lease message is not an exit status")
-    return status

@@ -477,7 +477,7 @@ class VmmVm(abc.ABC, Generic[C]):
         finally:
             self._close_vhost_fds()
         self._held = held
-        self._stderr = StderrLog(held.holder.stderr, self.paths.vmm_stderr)
+        self._stderr = StderrLog(held.stderr, self.paths.vmm_stderr)
         stack.push_async_callback(self._stderr.stop)
         stack.push_async_callback(held.close)
         self._proc = held.process

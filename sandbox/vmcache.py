@@ -5,8 +5,9 @@ foreground: it keeps ``vm_cache_number`` VMs booted, each shaped as a pod's VM a
 smallest size a pod may get (as a template is, `sandbox.template.template_size`), and hands
 them to pods' shims, which plug the pod's share and NICs, grow it, and hand the guest over
 as after a template restore (`Sandbox._hand_over`). It stops on SIGTERM, SIGINT or
-`stop` (``factory destroy``): the VMs nobody took are stopped, and it exits once the pods
-it handed VMs to have ended (their VMs are its children: killing it kills them).
+`stop` (``factory destroy``): the VMs nobody took are stopped; those it handed out are
+their pods' (each under a holder the pod's shim owns, `hostos.holder`) and run on, also
+when the daemon is killed.
 
 Unlike templates' clones, cached VMs share nothing: each booted on its own, with its own
 kernel layout and RNG state.
@@ -32,7 +33,7 @@ CACHE_ID = "vm-cache"
 
 
 async def serve(config: RuntimeConfig) -> None:
-    """Run the cache until SIGTERM or SIGINT (or ``factory destroy``), then drain."""
+    """Run the cache until SIGTERM or SIGINT (or ``factory destroy``)."""
     endpoint = config.factory.cache_endpoint(config.state_dir)
     spec = vm_spec(config, CACHE_ID, config.state_dir, None, template_size(config))
     stop = asyncio.Event()

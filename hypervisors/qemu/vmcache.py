@@ -12,17 +12,18 @@ talks to a cached guest's agent: it waits for the agent's mark on the console.
 A pod's shim (`hypervisors.qemu.vm.Qemu` with ``VmSpec.vm_cache``) asks for the cache's
 shape, checks that its pod fits (as for a template), and claims a VM
 (`hypervisors.vmcache_wire` has the exchange). The daemon closes its QMP connection and
-hands over the guest console's connection; the shim moves the VM's sockets (QMP, agent,
-debug console) into its own socket directory, opens the QEMU by pidfd
-(`hostos.adopted`), plugs the pod's share and NICs, grows it, and the sandbox hands the
-guest over as after a template restore (clock, RNG reseed, vCPUs and memory online). The
-daemon boots a replacement.
+hands over the owner socket of the VM's holder and the guest console's connection; the
+shim moves the VM's sockets (QMP, agent, debug console) into its own socket directory,
+opens the QEMU by pidfd (`hostos.adopted`), plugs the pod's share and NICs, grows it, and
+the sandbox hands the guest over as after a template restore (clock, RNG reseed, vCPUs and
+memory online). The daemon boots a replacement.
 
-Lifetimes: QEMU stays the daemon's child (the parent-death signal of `hostos.procs`), so
-nothing outlives the daemon. The claim's connection is a lease: the daemon reports the
-VM's exit status on it, and kills the VM when the shim closes it first (a shim killed with
-``-9``). Killing the daemon kills the VMs it handed out too: their pods see their VM exit.
-On SIGTERM it kills the VMs nobody claimed and waits until the claimed ones end.
+Lifetimes: each QEMU runs under a holder (`hostos.holder`, spawned through
+`hypervisors.held`), its parent, which kills it when nobody holds the holder's owner
+socket any more. The daemon holds it until the hand-over, the pod's shim from then on: a
+daemon killed with ``-9`` takes the VMs nobody took along and leaves the pods' VMs
+running, and a shim killed with ``-9`` takes its VM along. On SIGTERM (or a ``stop``
+request) the daemon stops the VMs nobody took and exits.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def vm_dirs(endpoint: Path) -> Path:
 
 @dataclasses.dataclass
 class Lease:
-    """A VM claimed from the cache: its holder's owner socket (the VM lives as long as we
-    hold it, `hostos.holder`), its QEMU by pidfd, its console connection."""
+    """A VM claimed from the cache, ours while we hold its holder's owner socket
+    (`hostos.holder`); its QEMU by pidfd, its console connection."""
 
     claimed: wire.Claimed
     shape: tpl.Template
@@ -227,7 +228,7 @@ class CachedVm:
 
 
 class VmCache:
-    """The daemon's state: the VMs ready, the leases out (see the module docstring)."""
+    """The daemon's state: the VMs ready, those handed out (see the module docstring)."""
 
     def __init__(self, config: QemuConfig, spec: VmSpec, count: int, endpoint: Path,
                  ready_mark: str, make_vm: Callable[[QemuConfig, VmSpec], Any]) -> None:
@@ -249,7 +250,8 @@ class VmCache:
         self.stop_requested = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then drain (module docstring)."""
+        """Serve until ``stop`` is set (or a ``stop`` request), then stop the VMs nobody
+        took."""
         lock = self._lock()
         try:
             self._remove_stale()

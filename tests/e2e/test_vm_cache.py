@@ -141,31 +141,39 @@ def test_pods_take_booted_vms_from_the_cache(kata: Kata, tmp_path: Path) -> None
     assert not kata.qemu_processes()
 
 
-def test_a_pod_outlives_a_killed_cache_and_the_next_cache_cleans_up(kata: Kata,
-                                                                    tmp_path: Path) -> None:
-    """The VMs a cache boots live under holders owned through sockets: killed with -9, the
-    cache takes the VMs no pod took along, the pod that took one runs on and ends as usual,
-    and the next cache removes what the killed one left."""
+def test_pods_outlive_a_stopped_or_killed_cache_and_the_next_cache_cleans_up(
+        kata: Kata, tmp_path: Path) -> None:
+    """The VMs a cache boots live under holders owned through sockets: stopped (`factory
+    destroy`) or killed with -9, the cache takes the VMs no pod took along, the pods that
+    took one run on and end as usual, and the next cache removes what a killed one left."""
     enable(kata, 1)
-    log = tmp_path / "cache.log"
+    left = kata.state_dir / "vm-cache.sock.d"
+    with cache_daemon(kata, tmp_path / "cache.log") as daemon:
+        run_detached(kata.cd, KATA, "calm", "sleep", "300")
+        stop = factory(kata, "destroy")
+        assert stop.returncode == 0 and "VM cache asked to stop" in stop.stdout, explain(stop)
+        assert daemon.wait(60) == 0
+    assert not left.exists()
+    log = tmp_path / "cache2.log"
     with cache_daemon(kata, log) as daemon:
         run_detached(kata.cd, KATA, "survivor", "sleep", "300")
-        assert TAKEN in shim_log(kata), shim_log(kata)[-3000:]
+        assert shim_log(kata).count(TAKEN) == 2, shim_log(kata)[-3000:]
         assert procs.wait_until(lambda: ready_count(log) >= 2, READY_TIMEOUT, 0.5)
-        assert len(kata.qemu_processes()) == 4  # two QEMUs, each under its holder
+        assert len(kata.qemu_processes()) == 6  # three QEMUs, each under its holder
         daemon.kill()
         daemon.wait()
-        # The idle VM goes with the cache; the pod's stays.
-        assert procs.wait_until(lambda: len(kata.qemu_processes()) == 2, 30), \
+        # The idle VM goes with the cache; the pods' stay.
+        assert procs.wait_until(lambda: len(kata.qemu_processes()) == 4, 30), \
             kata.qemu_processes()
-        res = kata.cd.ctr("task", "exec", "--exec-id", "e1", "survivor", "echo", "alive")
-        assert res.returncode == 0 and res.stdout.strip() == "alive", explain(res)
-    left = kata.state_dir / "vm-cache.sock.d"
+        for cid in ("calm", "survivor"):
+            res = kata.cd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
+            assert res.returncode == 0 and res.stdout.strip() == "alive", explain(res)
     assert any(p.name.startswith("vm-") for p in left.iterdir()), list(left.iterdir())
+    remove(kata.cd, "calm")
     remove(kata.cd, "survivor")
     assert procs.wait_until(lambda: not kata.qemu_processes(), 30), kata.qemu_processes()
     # The next cache starts over what the killed one left, then leaves nothing.
-    with cache_daemon(kata, tmp_path / "cache2.log"):
+    with cache_daemon(kata, tmp_path / "cache3.log"):
         assert [p.name for p in left.iterdir() if p.name.startswith("vm-")] == ["vm-1"]
     assert not left.exists() and not (kata.state_dir / "vm-cache.sock").exists()
 

@@ -62,12 +62,8 @@ def test_a_claim_reply_is_checked_field_by_field() -> None:
             wire.claimed({**CLAIMED, key: bad})
 
 
-def test_errors_and_exit_statuses() -> None:
+def test_errors() -> None:
     assert wire.reply_error({"ok": True}) is None
     assert wire.reply_error({"ok": False, "error": "all taken"}) == "all taken"
     assert "without saying why" in (wire.reply_error({"ok": "yes"}) or "")
     assert len(wire.reply_error({"error": "x" * 10_000}) or "") == 500
-    assert wire.exit_status({"exited": -9}) == -9
-    for bad in ({}, {"exited": "0"}, {"exited": False}):
-        with pytest.raises(wire.WireError):
-            wire.exit_status(bad)
