@@ -284,7 +284,8 @@ class VmCache:
         return fd
 
     def _remove_stale(self) -> None:
-        """VM directories a killed daemon left (their VMs died with it)."""
+        """VM directories a killed daemon left: the VMs no pod took died with it, those
+        pods took run on without them (their sockets are in the pods' directories)."""
         for entry in os.scandir(self.directory):
             if VM_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
