@@ -167,7 +167,8 @@ class VmmVm(abc.ABC, Generic[C]):
     def _forget_failed_start(self) -> None:
         """After a `start` that failed (and undid everything): as if never started."""
         self._proc = self._virtiofsd = self._qmp = self._stderr = None
-        self._vsock_backend = None
+        self._vsock_backend = self._console = self._held = None
+        self._released = False
         self._records.clear()
 
     def _vmm_env(self) -> Mapping[str, str] | None:

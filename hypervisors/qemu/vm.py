@@ -120,7 +120,7 @@ class Qemu(VmmVm[QemuConfig]):
         if self.spec.vm_cache is not None and not (self._saving or self._caching):
             lease = await vmcache.claim(self.spec.vm_cache, self.sandbox_id, self._cache_fit)
             if lease is not None:
-                stack.push_async_callback(lease.close)  # last: the daemon kills the VM
+                stack.push_async_callback(lease.close)  # last: its holder ends the VM
                 self._lease, self._template = lease, lease.shape
                 vmcache.move_sockets(vmcache.vm_dirs(self.spec.vm_cache), lease.claimed,
                                     self.paths)
@@ -565,7 +565,8 @@ def template_mismatch(config: QemuConfig, spec: VmSpec, template_dir: Path) -> s
 
 async def serve_vm_cache(config: QemuConfig, spec: VmSpec, count: int, endpoint: Path,
                          ready_mark: str, stop: asyncio.Event) -> None:
-    """Run the VM cache (`hypervisors.qemu.vmcache`) until ``stop`` is set, then drain."""
+    """Run the VM cache (`hypervisors.qemu.vmcache`) until ``stop`` is set, then stop the
+    VMs no pod took."""
     why = tpl.refusal(_probe(config, spec)._device_params(), config.machine_type)
     if why:
         raise HypervisorUnsupported(f"failed to start a VM cache: {why}")
