@@ -23,12 +23,15 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hostos.adopted import AdoptedProcess, wait_readable
 from hostos.holder import holder_argv
 from hostos.procs import clean_env, start_time
+from hypervisors.console import StderrLog
 from hypervisors.errors import HypervisorError
+from hypervisors.virtiofsd import tail
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +99,17 @@ class HeldVmm:
 
     holder: subprocess.Popen[bytes]
     reaped: asyncio.Task[int]
-    stderr: asyncio.StreamReader
+    stderr: StderrLog
     owner: socket.socket | None
     process: AdoptedProcess
     reader: asyncio.Task[None] | None
 
     @classmethod
     async def start(cls, argv: list[str], pass_fds: tuple[int, ...], cpu_bound: bool,
-                    env: Mapping[str, str] | None) -> HeldVmm:
-        """Spawn the holder and learn the VMM's pid from it (`HypervisorError` if it fails;
-        its stderr, and the VMM's, is `stderr`, for the caller to copy)."""
+                    env: Mapping[str, str] | None, stderr_log: Path) -> HeldVmm:
+        """Spawn the holder and learn the VMM's pid from it; its stderr and the VMM's go
+        to ``stderr_log`` (size-capped, `StderrLog`; the caller stops it). A
+        `HypervisorError` quoting that log if it fails."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -122,20 +126,26 @@ class HeldVmm:
             theirs.close()
             os.close(err_w)
         reaped = asyncio.ensure_future(_reap(holder))
-        stderr = await _stderr_reader(err_r)
+        stderr = StderrLog(await _stderr_reader(err_r), stderr_log)
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                hello = await _line(ours, bytearray())
-            pid = hello.get("pid") if hello else None
-            if not isinstance(pid, int) or start_time(pid) != hello.get("start_time"):  # type: ignore[union-attr]
-                raise HypervisorError("the VM holder started no VMM (see vmm.stderr)")
+                hello = await _line(ours, bytearray()) or {}
+            pid = hello.get("pid")
+            if not isinstance(pid, int):
+                raise HypervisorError("its holder started no VMM")
             status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             process = AdoptedProcess.open(pid, status)
+            if start_time(pid) != hello.get("start_time"):  # gone before we opened it
+                process.close()
+                raise HypervisorError("it exited as it started")
         except (OSError, TimeoutError, HypervisorError) as e:
             ours.close()  # the holder kills its VMM, if any, and exits
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reaped), 5)
-            raise HypervisorError(f"failed to start the VMM under its holder: {e}") from e
+            await stderr.finished(1.0)
+            await stderr.stop()
+            raise HypervisorError(f"failed to start the VMM under its holder: "
+                                  f"{e or type(e).__name__}; stderr:\n{tail(stderr_log)}") from e
         return cls(holder, reaped, stderr, ours, process,
                    asyncio.ensure_future(watch(ours, status)))
 

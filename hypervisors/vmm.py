@@ -474,11 +474,11 @@ class VmmVm(abc.ABC, Generic[C]):
         self._batch = self.accelerator == "tcg"
         try:
             held = await HeldVmm.start(self.build_argv(), self._spawn_fds(), self._batch,
-                                       self._vmm_env())
+                                       self._vmm_env(), self.paths.vmm_stderr)
         finally:
             self._close_vhost_fds()
         self._held = held
-        self._stderr = StderrLog(held.stderr, self.paths.vmm_stderr)
+        self._stderr = held.stderr
         stack.push_async_callback(self._stderr.stop)
         stack.push_async_callback(held.close)
         self._proc = held.process
