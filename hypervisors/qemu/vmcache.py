@@ -45,6 +45,7 @@ from typing import Any
 
 from hostos.adopted import AdoptedProcess, wait_readable
 from hostos.procs import start_time
+from hostos.slots import host_cpus
 from hypervisors import held
 from hypervisors import vmcache_wire as wire
 from hypervisors.base import VmSpec
@@ -231,10 +232,13 @@ class VmCache:
     """The daemon's state: the VMs ready, those handed out (see the module docstring)."""
 
     def __init__(self, config: QemuConfig, spec: VmSpec, count: int, endpoint: Path,
-                 ready_mark: str, make_vm: Callable[[QemuConfig, VmSpec], Any]) -> None:
+                 ready_mark: str, make_vm: Callable[[QemuConfig, VmSpec], Any],
+                 parallel: int | None = None) -> None:
         """``spec``: a pod's VM at the smallest size (as a template's); ``make_vm``:
-        a cached-mode `Qemu` for a spec."""
+        a cached-mode `Qemu` for a spec; ``parallel``: VMs booting at once at most (the
+        CPUs we may run on by default)."""
         self.config, self.spec, self.count = config, spec, count
+        self.parallel = parallel or host_cpus()
         self.endpoint, self.ready_mark, self._make_vm = endpoint, ready_mark, make_vm
         self.directory = vm_dirs(endpoint)
         self.ready: deque[CachedVm] = deque()
@@ -242,7 +246,6 @@ class VmCache:
         self.sessions: set[asyncio.Task[None]] = set()
         #: One task per VM handed to a pod, until it exits.
         self.handed: set[asyncio.Task[None]] = set()
-        self._booting = 0
         self._serial = 0
         self._stopping = False
         self._changed = asyncio.Event()
@@ -340,24 +343,34 @@ class VmCache:
     # -- keeping VMs ready
 
     async def _fill(self) -> None:
-        while not self._stopping:
-            if len(self.ready) + self._booting < self.count:
-                self._booting += 1
-                try:
-                    cached = await self._boot()
-                except (HypervisorError, OSError) as e:
-                    log.error("VM cache: a VM failed to boot, retrying in %.0fs: %s",
-                              RETRY_AFTER, e)
-                    await asyncio.sleep(RETRY_AFTER)
-                    continue
-                finally:
-                    self._booting -= 1
-                self.ready.append(cached)
-                log.info("VM cache: %s ready (%d of %d)", cached.directory.name,
-                         len(self.ready), self.count)
-                continue
-            self._changed.clear()
-            await self._changed.wait()
+        """Keep ``count`` VMs ready or booting, up to ``parallel`` booting at once (under
+        TCG the boot slots, `hostos.slots`, bound that further)."""
+        boots: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping:
+                while len(self.ready) + len(boots) < self.count and len(boots) < self.parallel:
+                    boots.add(asyncio.ensure_future(self._boot_one()))
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                done, _ = await asyncio.wait({changed, *boots},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                boots -= done
+        finally:
+            for boot in boots:
+                boot.cancel()
+            await asyncio.gather(*boots, return_exceptions=True)
+
+    async def _boot_one(self) -> None:
+        try:
+            cached = await self._boot()
+        except (HypervisorError, OSError) as e:
+            log.error("VM cache: a VM failed to boot, retrying in %.0fs: %s", RETRY_AFTER, e)
+            await asyncio.sleep(RETRY_AFTER)
+            return
+        self.ready.append(cached)
+        log.info("VM cache: %s ready (%d of %d)", cached.directory.name, len(self.ready),
+                 self.count)
 
     async def _boot(self) -> CachedVm:
         self._serial += 1

@@ -93,7 +93,8 @@ class Harness:
         self.vms: list[FakeVm] = []
         self.gates: list[asyncio.Event] = []  # the Nth VM's start waits for gates[N] if set
         spec = VmSpec("vm-cache", tmp_path)
-        self.cache = vmcache.VmCache(Any, spec, count, self.endpoint, MARK, self._make)  # type: ignore[arg-type]
+        self.cache = vmcache.VmCache(Any, spec, count, self.endpoint, MARK, self._make,  # type: ignore[arg-type]
+                                     parallel=2)
         self.stop = asyncio.Event()
         self.alive_after_stop: list[FakeVm] = []
 
@@ -190,6 +191,19 @@ def test_a_pod_that_does_not_fit_or_finds_none_ready_gets_none(
     run(tmp_path, body, gates=2)
     assert "VM big boots: the VM cache's VMs do not fit it: the VM is too big" in caplog.text
     assert "VM pod2 boots: the VM cache has no VM for it: all 1 VMs are taken" in caplog.text
+
+
+def test_replacements_boot_side_by_side(tmp_path: Path) -> None:
+    """A cache of two fills both places at once (``parallel``), not one after the other."""
+    async def body(h: Harness) -> None:
+        await h.until(lambda: len(h.vms) == 2)  # both started while neither has booted
+        assert not h.cache.ready
+        for gate in h.gates:
+            gate.set()
+        await h.until(lambda: len(h.cache.ready) == 2)
+
+    h = run(tmp_path, body, count=2, gates=2)
+    assert len(h.vms) == 2
 
 
 def test_no_cache_means_a_boot_and_a_stop_request_drains(tmp_path: Path,
