@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from hostos.procs import start_time, wrapped_argv, wrapper_path
+from hostos.procs import start_time, wrapped_argv, wrapper_exec_done
 
 MODULE = "hostos.holder"
 WRAPPER_EXEC_WAIT = 2.0
@@ -53,14 +53,8 @@ def _send(owner: socket.socket, message: dict[str, int]) -> None:
 
 def _wait_for_exec(pid: int) -> None:
     """Until the wrapper has exec'd the VMM (its parent-death signal is armed then)."""
-    wrapper = os.path.realpath(wrapper_path())
     deadline = time.monotonic() + WRAPPER_EXEC_WAIT
-    while time.monotonic() < deadline:
-        try:
-            if os.readlink(f"/proc/{pid}/exe") != wrapper:
-                return
-        except OSError:
-            return
+    while time.monotonic() < deadline and not wrapper_exec_done(pid):
         time.sleep(0.001)
 
 

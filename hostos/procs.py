@@ -103,19 +103,23 @@ async def spawn(
     return proc
 
 
+def wrapper_exec_done(pid: int) -> bool:
+    """Whether the wrapper has exec'd the helper (its death signal is armed from then on:
+    the wrapper sets it just before that exec), or the process is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe") != os.path.realpath(wrapper_path())
+    except OSError:
+        return True  # exited (or a zombie): nothing left to arm
+
+
 async def _wrapper_done(pid: int, timeout: float = WRAPPER_EXEC_WAIT) -> None:
-    """Wait until the wrapper has exec'd the helper: its death signal is armed from then on
-    (the wrapper sets it just before that exec)."""
+    """Wait until `wrapper_exec_done`."""
     import asyncio
 
-    wrapper = os.path.realpath(wrapper_path())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if os.readlink(f"/proc/{pid}/exe") != wrapper:
-                return
-        except OSError:
-            return  # exited (or a zombie): nothing left to arm
+        if wrapper_exec_done(pid):
+            return
         await asyncio.sleep(0.001)
 
 
