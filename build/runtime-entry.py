@@ -18,10 +18,9 @@ import os
 import sys
 
 #: What ``-m`` may run: the processes the runtime spawns from ``sys.executable`` (the netlink
-#: worker; the vsock back-end; a cached VM's holder; the shim daemon when the name the shim
+#: worker; the vsock back-end; the shim daemon when the name the shim
 #: was run by is unknown, shim/manager.py).
-INTERNAL_MODULES = frozenset({"network.worker", "shim.main", "hypervisors.vsock.backend",
-                              "hostos.holder"})
+INTERNAL_MODULES = frozenset({"network.worker", "shim.main", "hypervisors.vsock.backend"})
 SHIM_PREFIX = "containerd-shim-kata"
 
 

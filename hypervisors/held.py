@@ -1,4 +1,4 @@
-"""A VMM under a holder (`hostos.holder`): owned through a socket, so it can change hands.
+"""A VMM under a holder (`hostos/holder.c`): owned through a socket, so it can change hands.
 
 The VM cache spawns its VMs this way (`HeldVmm.start`): the holder is the VMM's parent and
 kills it when every copy of the owner socket is closed. The cache owns it first; at the
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hostos.adopted import AdoptedProcess, wait_readable
-from hostos.holder import holder_argv
+from hostos.holder import HolderMissing, holder_argv
 from hostos.procs import clean_env, start_time
 from hypervisors.console import StderrLog
 from hypervisors.errors import HypervisorError
@@ -118,7 +118,7 @@ class HeldVmm:
                 holder_argv(theirs.fileno(), pass_fds, cpu_bound, argv),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_w,
                 pass_fds=(theirs.fileno(), *pass_fds), close_fds=True, env=clean_env(env))
-        except OSError as e:
+        except (OSError, HolderMissing) as e:
             ours.close()
             os.close(err_r)
             raise HypervisorError(f"failed to start a VM holder: {e}") from e

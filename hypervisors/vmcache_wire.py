@@ -9,9 +9,9 @@ One connection per claim, root-only unix socket, one JSON object per line:
    that its pod fits, or ``{"ok": false, "error": "..."}``;
 2. shim -> ``{"op": "claim", "sandbox": "<id>"}``; cache -> ``{"ok": true, "pid": ...,
    "start_time": ..., "dir": ..., "accelerator": ..., "reason": ...}`` with, as fds
-   (SCM_RIGHTS), the owner socket of the VM's holder (`hostos.holder`: the VM lives as
-   long as the shim holds it, and its exit status arrives on it) and the guest console's
-   connection; or an error when no VM is ready. The connection then ends.
+   (SCM_RIGHTS), the owner socket of the VM's holder (`kata-vm-holder`, hostos/holder.c:
+   the VM lives as long as the shim holds it, and its exit status arrives on it) and the
+   guest console's connection; or an error when no VM is ready. The connection then ends.
 
 ``kata-runtime factory status`` sends ``describe`` alone (the reply also has ``ready``,
 ``count`` and ``claimed``); ``factory destroy`` sends ``{"op": "stop"}``, answered

@@ -6,8 +6,8 @@ smallest size a pod may get (as a template is, `sandbox.template.template_size`)
 them to pods' shims, which plug the pod's share and NICs, grow it, and hand the guest over
 as after a template restore (`Sandbox._hand_over`). It stops on SIGTERM, SIGINT or
 `stop` (``factory destroy``): the VMs nobody took are stopped; those it handed out are
-their pods' (each under a holder the pod's shim owns, `hostos.holder`) and run on, also
-when the daemon is killed.
+their pods' (each under a holder the pod's shim owns: `kata-vm-holder`, hostos/holder.c)
+and run on, also when the daemon is killed.
 
 Unlike templates' clones, cached VMs share nothing: each booted on its own, with its own
 kernel layout and RNG state.

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from common.constants import SHARED_FS_TAG
+from hostos.holder import HolderMissing, holder_path
 from hypervisors.accel import AccelChoice, choose_accelerator, host_tsc_khz
 from hypervisors.base import (
     BlockDevice,
@@ -570,6 +571,10 @@ async def serve_vm_cache(config: QemuConfig, spec: VmSpec, count: int, endpoint:
     why = tpl.refusal(_probe(config, spec)._device_params(), config.machine_type)
     if why:
         raise HypervisorUnsupported(f"failed to start a VM cache: {why}")
+    try:
+        holder_path()  # every cached VM runs under one: say so now, not at every boot
+    except HolderMissing as e:
+        raise HypervisorError(f"failed to start a VM cache: {e}") from e
     if not config.memory_slots:  # pods cannot grow from smaller VMs: the default size
         spec = dataclasses.replace(spec, memory_mib=None)
     cache = vmcache.VmCache(config, spec, count, endpoint, ready_mark,

@@ -18,7 +18,7 @@ opens the QEMU by pidfd (`hostos.adopted`), plugs the pod's share and NICs, grow
 the sandbox hands the guest over as after a template restore (clock, RNG reseed, vCPUs and
 memory online). The daemon boots a replacement.
 
-Lifetimes: each QEMU runs under a holder (`hostos.holder`, spawned through
+Lifetimes: each QEMU runs under a holder (`kata-vm-holder`, hostos/holder.c, spawned through
 `hypervisors.held`), its parent, which kills it when nobody holds the holder's owner
 socket any more. The daemon holds it until the hand-over, the pod's shim from then on: a
 daemon killed with ``-9`` takes the VMs nobody took along and leaves the pods' VMs
@@ -78,7 +78,7 @@ def vm_dirs(endpoint: Path) -> Path:
 @dataclasses.dataclass
 class Lease:
     """A VM claimed from the cache, ours while we hold its holder's owner socket
-    (`hostos.holder`); its QEMU by pidfd, its console connection."""
+    (`kata-vm-holder`, hostos/holder.c); its QEMU by pidfd, its console connection."""
 
     claimed: wire.Claimed
     shape: tpl.Template

@@ -1,5 +1,6 @@
-"""`hostos.holder`: a VMM (here `sleep`) lives as long as its owner socket is held, by
-whichever process holds it, and its exit status reaches that owner."""
+"""`kata-vm-holder` (hostos/holder.c, the venv's build): a VMM (here `sleep`) lives as long
+as its owner socket is held, by whichever process holds it, and its exit status reaches
+that owner."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import sys
 import time
 from pathlib import Path
 
-from hostos.holder import holder_argv
+import pytest
+
+from hostos.holder import PROGRAM, HolderMissing, holder_argv, holder_path
 from hostos.procs import start_time
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start(cmd: list[str]) -> tuple[subprocess.Popen[bytes], socket.socket, dict[str, int]]:
+def _start(cmd: list[str], pass_fds: tuple[int, ...] = (), cpu_bound: bool = False,
+           ) -> tuple[subprocess.Popen[bytes], socket.socket, dict[str, int]]:
     ours, theirs = socket.socketpair()
-    holder = subprocess.Popen(holder_argv(theirs.fileno(), (), False, cmd),
-                              pass_fds=(theirs.fileno(),), cwd=REPO)
+    holder = subprocess.Popen(holder_argv(theirs.fileno(), pass_fds, cpu_bound, cmd),
+                              pass_fds=(theirs.fileno(), *pass_fds), cwd=REPO)
     theirs.close()
     ours.settimeout(10)
     hello = json.loads(ours.recv(4096))
@@ -78,8 +82,63 @@ def test_sigterm_kills_the_vmm_and_the_owner_hears_of_it() -> None:
     owner.close()
 
 
-def test_the_holder_runs_as_python_dash_m() -> None:
+def test_the_vmm_holds_no_copy_of_the_owner_socket_and_gets_only_the_passed_fds() -> None:
+    """Else the VMM would keep its own VM alive, and inherit what it should not."""
+    r, w = os.pipe()
+    stray = os.open("/dev/null", os.O_RDONLY)  # inheritable, not passed
+    try:
+        holder, owner, hello = _start(["sleep", "60"], pass_fds=(r,))
+        fds = {int(n): os.readlink(f"/proc/{hello['pid']}/fd/{n}")
+               for n in os.listdir(f"/proc/{hello['pid']}/fd")}
+        assert fds[0] == fds[1] == "/dev/null"
+        assert fds[r].startswith("pipe:") and stray not in fds
+        assert not any(target.startswith("socket:") for target in fds.values())
+        owner.close()
+        assert _gone(hello["pid"]) and holder.wait(10) == 0
+    finally:
+        for fd in (r, w, stray):
+            os.close(fd)
+
+
+def test_cpu_bound_runs_the_vmm_under_sched_batch() -> None:
+    holder, owner, hello = _start(["sleep", "60"], cpu_bound=True)
+    assert os.sched_getscheduler(hello["pid"]) == os.SCHED_BATCH
+    owner.close()
+    assert _gone(hello["pid"]) and holder.wait(10) == 0
+
+
+def test_a_vmm_that_cannot_be_run_is_reported_without_a_hello() -> None:
+    ours, theirs = socket.socketpair()
+    holder = subprocess.run(holder_argv(theirs.fileno(), (), False, ["/nonexistent/qemu"]),
+                            pass_fds=(theirs.fileno(),), capture_output=True, timeout=10)
+    theirs.close()
+    assert holder.returncode == 1
+    assert b"failed to start /nonexistent/qemu: No such file" in holder.stderr
+    ours.settimeout(5)
+    assert ours.recv(4096) == b""  # no hello: the owner sees EOF
+    ours.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], b"--owner-fd is required"),
+    (["--owner-fd", "x", "--", "sleep"], b"--owner-fd takes a file descriptor"),
+    (["--owner-fd", "99", "--", "sleep"], b"not an open file descriptor"),
+    (["--owner-fd", "0"], b"no VMM command given"),
+    (["--owner-fd", "0", "--pass-fd", "-1", "--", "sleep"], b"--pass-fd takes"),
+    (["--bogus"], b"unknown argument"),
+])
+def test_bad_arguments_are_refused(args: list[str], message: bytes) -> None:
+    res = subprocess.run([str(holder_path()), *args], capture_output=True, timeout=10,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and message in res.stderr
+
+
+def test_the_holder_is_the_program_beside_the_interpreter(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
     argv = holder_argv(5, (7,), True, ["qemu", "-m", "1"])
-    assert argv[:3] == [sys.executable, "-m", "hostos.holder"]
-    assert argv[3:] == ["--owner-fd", "5", "--pass-fd", "7", "--cpu-bound", "--", "qemu",
+    assert argv[0] == str(Path(sys.executable).parent / PROGRAM)
+    assert argv[1:] == ["--owner-fd", "5", "--pass-fd", "7", "--cpu-bound", "--", "qemu",
                         "-m", "1"]
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))
+    with pytest.raises(HolderMissing, match="make venv"):
+        holder_argv(5, (), False, ["qemu"])

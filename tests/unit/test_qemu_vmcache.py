@@ -60,7 +60,7 @@ class FakeVm:
                             state_bytes=0)
 
     async def release_for_adoption(self) -> tuple[int, int]:
-        """As `hostos.holder` does on its side: the VM's exit status to the owner."""
+        """As the holder (hostos/holder.c) does on its side: the VM's exit status to the owner."""
         self.released = True
         owner, holder_end = socket.socketpair()
         console, self._console_peer = socket.socketpair()
@@ -258,3 +258,23 @@ def test_the_shim_moves_only_the_sockets_of_the_caches_own_vm_dirs(tmp_path: Pat
     for bad in (tmp_path / "elsewhere", cache_dir / "vm-3" / "..", cache_dir / "x"):
         with pytest.raises(HypervisorError, match="not one of its own directories"):
             vmcache.move_sockets(cache_dir, Claimed(1, 1, str(bad), "tcg", ""), pod)
+
+
+def test_a_cache_without_its_holder_program_refuses_to_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Said once at the start, not at every VM's boot."""
+    import sys
+
+    from hypervisors.qemu.config import QemuConfig
+    from hypervisors.qemu.vm import serve_vm_cache
+
+    for name in ("vmlinuz", "initrd.img"):
+        (tmp_path / name).write_bytes(b"guest")
+    config = QemuConfig(kernel=str(tmp_path / "vmlinuz"), initrd=str(tmp_path / "initrd.img"),
+                        path="/bin/true", memory_slots=2)
+    spec = VmSpec("cache", tmp_path / "vm", vcpus=1, memory_mib=256)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))
+    with pytest.raises(HypervisorError, match=r"kata-vm-holder is missing.*make venv"):
+        asyncio.run(asyncio.wait_for(serve_vm_cache(
+            config, spec, 1, tmp_path / "c.sock", "mark", asyncio.Event()), 10))
+    assert not (tmp_path / "c.sock").exists()
