@@ -7,9 +7,10 @@ it only when ``enable_template = true``. With ``vm_cache_number`` > 0, ``init`` 
 the VM cache in the foreground (`sandbox.vmcache`; it makes no template unless
 ``enable_template`` is on) until SIGTERM, SIGINT or ``destroy``, its log on stderr.
 ``status`` says whether a pod's VM would be restored from the template, and if not why
-(exit 1 then), and how the cache is. ``destroy`` stops the cache and removes the template
-(exit 0 also when there was none). ``--json`` prints the same as JSON. Run as root: the
-template is guest memory every pod would run, so its directory is root's, 0700.
+(exit 1 then), and how the cache is. ``destroy`` stops the cache (or, if none serves,
+removes what a killed one left) and removes the template (exit 0 also when there was
+none). ``--json`` prints the same as JSON. Run as root: the template is guest memory every
+pod would run, so its directory is root's, 0700.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ def run(config: RuntimeConfig, args: argparse.Namespace) -> int:
             _print(doc, args.json, _status(doc))
             return 0 if doc["usable"] or doc.get("vm_cache", {}).get("serving") else 1
         stopped = vmcache.stop(config)
+        cleaned = not stopped and vmcache.remove_leftovers(config)
         removed = template.destroy(config)
         doc = {"path": str(config.factory.template_path), "removed": removed,
-               "vm_cache_stopped": stopped}
+               "vm_cache_stopped": stopped, "vm_cache_leftovers_removed": cleaned}
         text = f"VM template {doc['path']} {'removed' if removed else 'was not there'}"
         if stopped:
             text += "\nVM cache asked to stop (pods that took a VM from it run on)"
+        if cleaned:
+            text += "\nwhat a killed VM cache left was removed (pods that took a VM run on)"
         return _print(doc, args.json, text)
     except (SandboxError, OSError) as e:
         sys.stderr.write(f"{PROG}: factory {args.action}: {e}\n")

@@ -294,6 +294,10 @@ class HypervisorDriver(Protocol):
         ``ready_mark``) and hand them to pods over ``endpoint`` until ``stop`` is set
         (``[factory] vm_cache_number``); `HypervisorUnsupported` if this driver cannot."""
 
+    def remove_vm_cache_leftovers(self, endpoint: Path) -> bool:
+        """Remove what a VM cache killed at ``endpoint`` left, unless one serves there;
+        False if nothing was left."""
+
 
 @dataclass
 class DeviceList:

@@ -69,9 +69,7 @@ def stop(config: RuntimeConfig) -> bool:
     endpoint = config.factory.cache_endpoint(config.state_dir)
     try:
         reply = vmcache_control.ask(endpoint, "stop")
-    except FileNotFoundError:
-        return False
-    except ConnectionRefusedError:
+    except (FileNotFoundError, ConnectionRefusedError):
         return False
     except (OSError, WireError) as e:
         raise FailedPreconditionError(f"failed to stop the VM cache at {endpoint}: {e}") from e
@@ -79,3 +77,10 @@ def stop(config: RuntimeConfig) -> bool:
     if error:
         raise FailedPreconditionError(f"the VM cache at {endpoint} did not stop: {error}")
     return True
+
+
+def remove_leftovers(config: RuntimeConfig) -> bool:
+    """Remove what a VM cache killed with -9 left at the configured endpoint (its socket,
+    its VMs' directories), unless one serves there; False if nothing was left."""
+    endpoint = config.factory.cache_endpoint(config.state_dir)
+    return driver(config.hypervisor.name).remove_vm_cache_leftovers(endpoint)

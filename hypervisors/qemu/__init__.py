@@ -67,5 +67,10 @@ class _QemuDriver:
         assert isinstance(config, QemuConfig), type(config)
         await serve_vm_cache(config, vm, count, endpoint, ready_mark, stop)
 
+    def remove_vm_cache_leftovers(self, endpoint: Path) -> bool:
+        from hypervisors.qemu.vmcache import remove_leftovers
+
+        return remove_leftovers(endpoint)
+
 
 DRIVER = _QemuDriver()

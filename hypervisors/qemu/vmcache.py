@@ -72,6 +72,54 @@ def vm_dirs(endpoint: Path) -> Path:
     return Path(f"{endpoint}.d")
 
 
+def _try_lock(directory: Path) -> int | None:
+    """The cache's lock in ``directory`` (an fd to keep), None while a cache holds it."""
+    fd = os.open(directory / LOCK_FILE,
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_vm_dirs(directory: Path) -> int:
+    """VM directories a killed daemon left: the VMs no pod took died with it, those pods
+    took run on without them (their sockets are in the pods' directories). How many."""
+    removed = 0
+    for entry in os.scandir(directory):
+        if VM_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def remove_leftovers(endpoint: Path) -> bool:
+    """What a cache killed at ``endpoint`` left (its socket, its VMs' directories, its lock
+    and directory), unless a cache serves there; False if nothing was left."""
+    directory = vm_dirs(endpoint)
+    if not directory.is_dir() or directory.is_symlink():
+        if not endpoint.is_socket():
+            return False
+        endpoint.unlink()
+        return True
+    fd = _try_lock(directory)
+    if fd is None:
+        return False  # a cache serves (or is stopping): its own to clean
+    try:
+        _remove_vm_dirs(directory)
+        with contextlib.suppress(FileNotFoundError):
+            if endpoint.is_socket():
+                endpoint.unlink()
+        with contextlib.suppress(OSError):  # anything else in it stays, and so does it
+            (directory / LOCK_FILE).unlink()
+            directory.rmdir()
+    finally:
+        os.close(fd)
+    return True
+
+
 # -- the shim's side ----------------------------------------------------------------------
 
 
@@ -276,22 +324,14 @@ class VmCache:
     def _lock(self) -> int:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        fd = os.open(self.directory / LOCK_FILE,
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(fd)
+        fd = _try_lock(self.directory)
+        if fd is None:
             raise HypervisorError(f"a VM cache already serves {self.endpoint}: stop it "
-                                  "first (`kata-runtime factory destroy`)") from e
+                                  "first (`kata-runtime factory destroy`)")
         return fd
 
     def _remove_stale(self) -> None:
-        """VM directories a killed daemon left: the VMs no pod took died with it, those
-        pods took run on without them (their sockets are in the pods' directories)."""
-        for entry in os.scandir(self.directory):
-            if VM_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+        _remove_vm_dirs(self.directory)
 
     def _listen(self) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):

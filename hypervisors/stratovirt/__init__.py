@@ -63,6 +63,12 @@ class _StratovirtDriver:
 
         raise HypervisorUnsupported(f"failed to start a VM cache: {NO_TEMPLATES}")
 
+    def remove_vm_cache_leftovers(self, endpoint: Path) -> bool:
+        # A cache is QEMU's, but one left from a former configuration can go.
+        from hypervisors.qemu.vmcache import remove_leftovers
+
+        return remove_leftovers(endpoint)
+
     def remove_template(self, template_dir: Path) -> bool:
         # A template is QEMU's, but one left from a former configuration can go.
         from hypervisors.qemu.template import remove_files

@@ -687,7 +687,8 @@ def test_factory_status_destroy_and_a_refused_init(
     (template / "template.json").write_text("{}")
     code, out, _ = run(capsys, "--config", config, "factory", "destroy", "--json")
     assert code == 0 and json.loads(out) == {"path": str(template), "removed": True,
-                                         "vm_cache_stopped": False}, out
+                                         "vm_cache_stopped": False,
+                                         "vm_cache_leftovers_removed": False}, out
     assert not template.exists()
     (tmp_path / "m").mkdir()
     microvm = str(_with_factory(write_config(tmp_path / "m", machine_type="microvm"), template))
@@ -710,6 +711,11 @@ def test_check_and_factory_status_say_when_no_vm_cache_serves(
     assert code == 1 and (doc["serving"], doc["vm_cache_number"]) == (False, 2), out
     code, out, _ = run(capsys, "--config", str(path), "factory", "destroy", "--json")
     assert code == 0 and json.loads(out)["vm_cache_stopped"] is False, out
+    assert json.loads(out)["vm_cache_leftovers_removed"] is False, out
+    (tmp_path / "c.sock.d" / "vm-1").mkdir(parents=True)  # as a cache killed with -9 left
+    code, out, _ = run(capsys, "--config", str(path), "factory", "destroy")
+    assert code == 0 and "what a killed VM cache left was removed" in out, out
+    assert not (tmp_path / "c.sock.d").exists()
 
 
 def test_check_says_whether_pods_are_restored_from_the_template(

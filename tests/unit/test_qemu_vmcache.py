@@ -278,3 +278,35 @@ def test_a_cache_without_its_holder_program_refuses_to_start(
         asyncio.run(asyncio.wait_for(serve_vm_cache(
             config, spec, 1, tmp_path / "c.sock", "mark", asyncio.Event()), 10))
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_a_killed_caches_leftovers_are_removed_unless_a_cache_serves(tmp_path: Path) -> None:
+    """`kata-runtime factory destroy` with no cache serving: its socket, VM directories,
+    lock and directory go; a link among them is removed, never followed."""
+    endpoint = tmp_path / "cache.sock"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("host file")
+
+    def leave_a_killed_cache() -> None:
+        (vmcache.vm_dirs(endpoint) / "vm-3").mkdir(parents=True)
+        (vmcache.vm_dirs(endpoint) / "vm-3" / "console.log").write_text("old")
+        (vmcache.vm_dirs(endpoint) / vmcache.LOCK_FILE).write_text("")
+        with socket.socket(socket.AF_UNIX) as dead:  # bound, nobody listens any more
+            dead.bind(str(endpoint))
+
+    leave_a_killed_cache()
+    (vmcache.vm_dirs(endpoint) / "vm-9").symlink_to(outside)
+    assert vmcache.remove_leftovers(endpoint) is True
+    assert not endpoint.exists() and (outside / "keep").read_text() == "host file"
+    assert os.listdir(vmcache.vm_dirs(endpoint)) == ["vm-9"]  # the link stays, and its dir
+    (vmcache.vm_dirs(endpoint) / "vm-9").unlink()
+    assert vmcache.remove_leftovers(endpoint) is True
+    assert not vmcache.vm_dirs(endpoint).exists()
+    assert vmcache.remove_leftovers(endpoint) is False  # nothing left
+
+    async def body(h: Harness) -> None:
+        assert vmcache.remove_leftovers(h.endpoint) is False  # a cache serves: its own
+        assert h.endpoint.is_socket() and vmcache.vm_dirs(h.endpoint).is_dir()
+
+    run(tmp_path, body)
