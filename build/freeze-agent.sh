@@ -20,24 +20,6 @@ out=$(cd "$out" && pwd)
 # shellcheck source=build/pyinstaller-onedir.sh
 . "$here/pyinstaller-onedir.sh"
 
-# protobuf's upb extension lists libstdc++ as needed but calls none of it (linked with g++
-# without --as-needed). Loading it anyway costs every agent start ~2,700 relocations and the
-# C++ runtime's initialisers, ~20x dearer under TCG, and the initrd 2.2 MiB. Remove the entry
-# from objects that import no C++ symbol, then the library if nothing else needs it.
-drop_unused_libstdcxx() {
-    local bundle=$1 f users=0
-    while IFS= read -r -d '' f; do
-        readelf -d "$f" 2>/dev/null | grep -q 'NEEDED.*\[libstdc++\.so\.6\]' || continue
-        if nm -D --undefined-only "$f" | grep -qE '@(GLIBCXX|CXXABI)_| _Z'; then
-            users=$((users + 1))
-        else
-            patchelf --remove-needed libstdc++.so.6 "$f"
-            echo "freeze-agent: ${f#"$bundle"/}: unused libstdc++ dependency removed"
-        fi
-    done < <(find "$bundle/_internal" -type f -name '*.so*' ! -name 'libstdc++.so.6' -print0)
-    if [ "$users" -eq 0 ]; then rm -f "$bundle/_internal/libstdc++.so.6"; fi
-}
-
 # Submodules the agent may import lazily (importlib / inside functions) are collected too.
 args=()
 add_each args --collect-submodules agent ttrpc protocols common

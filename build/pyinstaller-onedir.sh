@@ -39,13 +39,18 @@ pyinstaller_onedir() {
     # ~0.4 s under TCG. A user hook directory's rthooks.dat takes precedence over the
     # built-in one per module, so a no-op hook for `inspect` replaces it.
     mkdir -p "$tmp/hooks/rthooks"
-    echo "{'inspect': ['pyi_rth_kata_noop.py']}" >"$tmp/hooks/rthooks.dat"
-    echo "# replaces PyInstaller's pyi_rth_inspect (see build/pyinstaller-onedir.sh)" \
+    # Likewise pyi_rth_multiprocessing (pyroute2 puts multiprocessing in the graph): it
+    # imports multiprocessing and its spawn support (pickle, ...) at every start, for
+    # children started by multiprocessing's spawn or forkserver methods, which we never use.
+    echo "{'inspect': ['pyi_rth_kata_noop.py'], 'multiprocessing': ['pyi_rth_kata_noop.py']}" \
+        >"$tmp/hooks/rthooks.dat"
+    echo "# replaces PyInstaller's pyi_rth_inspect and pyi_rth_multiprocessing" \
         >"$tmp/hooks/rthooks/pyi_rth_kata_noop.py"
     (
         cd "$root"
         # PYTHONPATH: PyInstaller's analysis imports hooks in a subprocess; the repo root
-        # must resolve there too. -O level 1 keeps docstrings (some code reads __doc__).
+        # must resolve there too. -O level: PYI_OPTIMIZE, 1 (no asserts) unless the caller
+        # says 2 (no docstrings either).
         # --debug noarchive: modules are plain .pyc files under _internal/ loaded by the
         # standard path finder, instead of zlib-compressed entries of the PYZ archive (and
         # base_library.zip via zipimport) unpacked by PyInstaller's pure-Python importer:
@@ -55,7 +60,7 @@ pyinstaller_onedir() {
             --onedir --noconfirm --clean --log-level WARN \
             --name "$name" --paths "$root" \
             --distpath "$tmp/dist" --workpath "$tmp/build" --specpath "$tmp" \
-            --strip --optimize 1 --debug noarchive \
+            --strip --optimize "${PYI_OPTIMIZE:-1}" --debug noarchive \
             --additional-hooks-dir "$tmp/hooks" \
             "$@" "$entry"
     )
@@ -63,4 +68,23 @@ pyinstaller_onedir() {
         echo "PyInstaller produced no $tmp/dist/$name/$name" >&2
         return 1
     fi
+}
+
+# protobuf's upb extension lists libstdc++ as needed but calls none of it (linked with g++
+# without --as-needed). Loading it anyway costs every process start ~2,700 relocations and
+# the C++ runtime's initialisers (~20x dearer in the guest, under TCG), the initrd 2.2 MiB,
+# and each shim process 0.86 MiB of PSS. Remove the entry from objects that import no C++
+# symbol, then the library if nothing else needs it.
+drop_unused_libstdcxx() {
+    local bundle=$1 f users=0
+    while IFS= read -r -d '' f; do
+        readelf -d "$f" 2>/dev/null | grep -q 'NEEDED.*\[libstdc++\.so\.6\]' || continue
+        if nm -D --undefined-only "$f" | grep -qE '@(GLIBCXX|CXXABI)_| _Z'; then
+            users=$((users + 1))
+        else
+            patchelf --remove-needed libstdc++.so.6 "$f"
+            echo "${f#"$bundle"/}: unused libstdc++ dependency removed"
+        fi
+    done < <(find "$bundle/_internal" -type f -name '*.so*' ! -name 'libstdc++.so.6' -print0)
+    if [ "$users" -eq 0 ]; then rm -f "$bundle/_internal/libstdc++.so.6"; fi
 }
