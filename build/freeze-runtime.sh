@@ -61,9 +61,10 @@ from common import buildinfo
 commit = buildinfo.git_commit() or buildinfo.UNKNOWN
 print(json.dumps({"version": buildinfo.RUNTIME_VERSION, "commit": commit}))' >"$bundle/BUILD_INFO"
 
-# A cached VM's holder, beside kata-py (hostos/holder.py looks there).
-${CC:-cc} -O2 -s -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong \
-    -Wl,-z,relro,-z,now -o "$bundle/kata-vm-holder" "$root/hostos/holder.c"
+# A cached VM's holder (hostos/holder.c, built by `make venv`), beside kata-py
+# (hostos/holder.py looks there).
+[ -x "$venv/bin/kata-vm-holder" ] || die "$venv/bin/kata-vm-holder not found (make venv)"
+install -m 0755 "$venv/bin/kata-vm-holder" "$bundle/kata-vm-holder"
 mkdir -p "$bundle/bin"
 for e in containerd-shim-kata-v2 containerd-shim-kata-qemu-v2 \
          containerd-shim-kata-qemu-microvm-v2 containerd-shim-kata-stratovirt-v2 kata-runtime; do

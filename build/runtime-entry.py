@@ -18,8 +18,8 @@ import os
 import sys
 
 #: What ``-m`` may run: the processes the runtime spawns from ``sys.executable`` (the netlink
-#: worker; the vsock back-end; the shim daemon when the name the shim
-#: was run by is unknown, shim/manager.py).
+#: worker; the vsock back-end; the shim daemon when the name the shim was run by is unknown,
+#: shim/manager.py).
 INTERNAL_MODULES = frozenset({"network.worker", "shim.main", "hypervisors.vsock.backend"})
 SHIM_PREFIX = "containerd-shim-kata"
 

@@ -15,7 +15,7 @@ HOST_PACKAGES := cli common hostos shim sandbox hypervisors agent_client network
 RUNTIME_SRCS := $(sort \
     $(shell cd $(ROOT) && find $(HOST_PACKAGES) -name '*.py' -not -path '*/__pycache__/*' \
             2>/dev/null | sed 's|^|$(ROOT)/|') \
-    $(B)/runtime-entry.py $(ROOT)/hostos/holder.c)
+    $(B)/runtime-entry.py $(VENV)/bin/kata-vm-holder)
 VENV_STAMP := $(wildcard $(VENV)/.installed)
 BUNDLE := $(RUNTIME_DIR)/kata-py
 

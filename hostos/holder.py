@@ -1,9 +1,9 @@
 """A VM's holder: the parent of one VMM, alive as long as someone holds its owner socket.
 
 The holder is a small C program, `hostos/holder.c` (``kata-vm-holder``); its comment says
-what it does and says. This module only finds it and builds its command line. It is
-built next to the interpreter the runtime runs on: ``make venv`` puts it in the venv's
-``bin``, ``make runtime`` beside the frozen bundle's ``kata-py``
+what it does and says. This module only finds it and builds its command line. It sits
+next to the interpreter the runtime runs on: ``make venv`` builds it into the venv's
+``bin``, ``make runtime`` copies it beside the frozen bundle's ``kata-py``
 (build/freeze-runtime.sh). C rather than Python because a holder lives as long as its VM:
 one per cached VM, and per pod that took one (10-14 MiB of PSS as a Python process,
 docs/performance.md).

@@ -84,15 +84,12 @@ def _try_lock(directory: Path) -> int | None:
     return fd
 
 
-def _remove_vm_dirs(directory: Path) -> int:
+def _remove_vm_dirs(directory: Path) -> None:
     """VM directories a killed daemon left: the VMs no pod took died with it, those pods
-    took run on without them (their sockets are in the pods' directories). How many."""
-    removed = 0
+    took run on without them (their sockets are in the pods' directories)."""
     for entry in os.scandir(directory):
         if VM_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
-    return removed
 
 
 def remove_leftovers(endpoint: Path) -> bool:
@@ -100,18 +97,14 @@ def remove_leftovers(endpoint: Path) -> bool:
     and directory), unless a cache serves there; False if nothing was left."""
     directory = vm_dirs(endpoint)
     if not directory.is_dir() or directory.is_symlink():
-        if not endpoint.is_socket():
-            return False
-        endpoint.unlink()
-        return True
+        return False  # a cache makes it first, and it goes last
     fd = _try_lock(directory)
     if fd is None:
         return False  # a cache serves (or is stopping): its own to clean
     try:
         _remove_vm_dirs(directory)
-        with contextlib.suppress(FileNotFoundError):
-            if endpoint.is_socket():
-                endpoint.unlink()
+        if endpoint.is_socket():  # no cache listens on it: we hold the lock
+            endpoint.unlink()
         with contextlib.suppress(OSError):  # anything else in it stays, and so does it
             (directory / LOCK_FILE).unlink()
             directory.rmdir()
