@@ -172,7 +172,7 @@ static int hold(int owner, pid_t pid) {
     }
     if (owner_gone)  /* every owner is gone */
         kill(pid, SIGKILL);
-    int status;
+    int status = 0;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
         ;
     vmm_pid = 0;
@@ -210,6 +210,12 @@ int main(int argc, char **argv) {
         usage("no VMM command given");
     if (fcntl(owner, F_SETFD, FD_CLOEXEC) != 0)  /* the VMM must not hold the VM alive */
         usage("--owner-fd is not an open file descriptor");
+    /* What a parent may pass down through exec: an ignored SIGCHLD (children would be
+     * reaped unseen, and their status lost) or blocked signals (the VMM would inherit them). */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGCHLD, SIG_DFL);
     signal(SIGPIPE, SIG_IGN);
     pid_t pid = spawn(argv + i, pass, npass, cpu_bound);
     if (pid < 0) {

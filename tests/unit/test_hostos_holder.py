@@ -82,6 +82,25 @@ def test_sigterm_kills_the_vmm_and_the_owner_hears_of_it() -> None:
     owner.close()
 
 
+def test_the_exit_status_is_kept_when_the_parent_ignored_sigchld() -> None:
+    """An ignored SIGCHLD survives exec; the holder must still see its VMM's status."""
+    ours, theirs = socket.socketpair()
+    holder = subprocess.Popen(
+        holder_argv(theirs.fileno(), (), False, ["sh", "-c", "sleep 0.2; exit 3"]),
+        pass_fds=(theirs.fileno(),),
+        preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    theirs.close()
+    ours.settimeout(10)
+    lines = b""
+    while lines.count(b"\n") < 2:
+        data = ours.recv(4096)
+        assert data, lines
+        lines += data
+    assert json.loads(lines.splitlines()[1]) == {"exited": 3}
+    assert holder.wait(10) == 0
+    ours.close()
+
+
 def test_the_vmm_holds_no_copy_of_the_owner_socket_and_gets_only_the_passed_fds() -> None:
     """Else the VMM would keep its own VM alive, and inherit what it should not."""
     r, w = os.pipe()
