@@ -106,8 +106,13 @@ static pid_t spawn(char **argv, const int *pass, int npass, int cpu_bound) {
         return -1;
     pid_t parent = getpid();
     pid_t pid = fork();
-    if (pid < 0)
+    if (pid < 0) {
+        int err = errno;
+        close(report[0]);
+        close(report[1]);
+        errno = err;
         return -1;
+    }
     if (pid == 0) {
         int err;
         close(report[0]);
