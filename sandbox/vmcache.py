@@ -20,6 +20,7 @@ import signal
 from typing import Any
 
 from common.constants import AGENT_SERVING_MARK
+from hostos.holder import HolderMissing, holder_path
 from hypervisors import vmcache_control
 from hypervisors.errors import HypervisorError
 from hypervisors.factory import driver
@@ -58,6 +59,10 @@ def status(config: RuntimeConfig) -> dict[str, Any]:
         reply = vmcache_control.ask(endpoint, "describe")
     except (OSError, WireError) as e:
         doc["reason"] = f"no VM cache answers: {getattr(e, 'strerror', None) or e}"
+        try:
+            holder_path()
+        except HolderMissing as missing:  # and none could start here
+            doc["reason"] += f"; {missing}"
         return doc
     doc.update(serving=True, ready=int(reply.get("ready", 0)),
                claimed=int(reply.get("claimed", 0)), reason=reply_error(reply) or "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -698,7 +699,8 @@ def test_factory_status_destroy_and_a_refused_init(
 
 
 def test_check_and_factory_status_say_when_no_vm_cache_serves(
-        tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, as_root: None, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(tmp_path)
     endpoint = tmp_path / "c.sock"
     path.write_text(path.read_text() + f'[factory]\nvm_cache_number = 2\n'
@@ -706,6 +708,11 @@ def test_check_and_factory_status_say_when_no_vm_cache_serves(
     code, out, _ = run(capsys, "--config", str(path), "check")
     assert code == 0, out  # informational: pods boot without a cache
     assert f"warn  VM cache: {endpoint}: pods boot: no VM cache answers: No such file" in out
+    assert "kata-vm-holder is missing" not in out
+    with monkeypatch.context() as patch:  # an install without the holder: said too
+        patch.setattr(sys, "executable", str(tmp_path / "python3"))
+        code, out, _ = run(capsys, "--config", str(path), "check")
+    assert code == 0 and "kata-vm-holder is missing" in out and "make venv" in out, out
     code, out, _ = run(capsys, "--config", str(path), "factory", "status", "--json")
     doc = json.loads(out)["vm_cache"]
     assert code == 1 and (doc["serving"], doc["vm_cache_number"]) == (False, 2), out
