@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _start(cmd: list[str], pass_fds: tuple[int, ...] = (), cpu_bound: bool = False,
+           preexec: Callable[[], object] | None = None,
            ) -> tuple[subprocess.Popen[bytes], socket.socket, dict[str, int]]:
     ours, theirs = socket.socketpair()
     holder = subprocess.Popen(holder_argv(theirs.fileno(), pass_fds, cpu_bound, cmd),
-                              pass_fds=(theirs.fileno(), *pass_fds), cwd=REPO)
+                              pass_fds=(theirs.fileno(), *pass_fds), cwd=REPO,
+                              preexec_fn=preexec)
     theirs.close()
     ours.settimeout(10)
     hello = json.loads(ours.recv(4096))
@@ -84,21 +87,11 @@ def test_sigterm_kills_the_vmm_and_the_owner_hears_of_it() -> None:
 
 def test_the_exit_status_is_kept_when_the_parent_ignored_sigchld() -> None:
     """An ignored SIGCHLD survives exec; the holder must still see its VMM's status."""
-    ours, theirs = socket.socketpair()
-    holder = subprocess.Popen(
-        holder_argv(theirs.fileno(), (), False, ["sh", "-c", "sleep 0.2; exit 3"]),
-        pass_fds=(theirs.fileno(),),
-        preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
-    theirs.close()
-    ours.settimeout(10)
-    lines = b""
-    while lines.count(b"\n") < 2:
-        data = ours.recv(4096)
-        assert data, lines
-        lines += data
-    assert json.loads(lines.splitlines()[1]) == {"exited": 3}
+    holder, owner, _hello = _start(["sh", "-c", "sleep 0.3; exit 3"],
+                                   preexec=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert json.loads(owner.recv(4096)) == {"exited": 3}
     assert holder.wait(10) == 0
-    ours.close()
+    owner.close()
 
 
 def test_the_vmm_holds_no_copy_of_the_owner_socket_and_gets_only_the_passed_fds() -> None:
